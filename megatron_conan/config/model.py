@@ -1,0 +1,257 @@
+"""Model and parallel-layout configuration, and the recipes of DESIGN.md section 2.
+
+``ConanModelConfig`` says what the network is; ``ParallelConfig`` says how it is split over
+processes. :func:`build_transformer_config` combines them into megatron-core's
+``TransformerConfig``, which the rest of the stack holds (its fields are not re-declared here beyond
+the architecture a recipe fixes; anything else goes through ``transformer_overrides``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class ConanModelConfig:
+    """Architecture of a Conan decoder (GQA, SwiGLU, RMSNorm, RoPE, no biases, tied embeddings)."""
+
+    num_layers: int
+    """Transformer layers."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """Key/value heads (GQA groups); equal to num_attention_heads for plain multi-head attention."""
+    ffn_hidden_size: int
+    """Inner width of the SwiGLU feed-forward (each of the gate and up projections)."""
+    vocab_size: int
+    """Tokenizer vocabulary; padded up for tensor parallelism by `padded_vocab_size`."""
+    max_sequence_length: int
+    """Longest context the model is built for (RoPE tables)."""
+    head_dim: Optional[int] = None
+    """Per-head width; defaults to hidden_size // num_attention_heads."""
+    rotary_base: float = 1_000_000.0
+    """RoPE base frequency."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocabulary padding unit (times the tensor-parallel size), as in Megatron-LM."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size", "max_sequence_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_query_groups ({self.num_query_groups})"
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        """Vocabulary rounded up so that every tensor-parallel shard has the same aligned size."""
+        unit = self.make_vocab_size_divisible_by * tensor_parallel
+        return int(math.ceil(self.vocab_size / unit) * unit)
+
+    def num_parameters(self, tensor_parallel: int = 1, include_embedding: bool = True) -> int:
+        """Closed-form parameter count (embeddings counted once when tied)."""
+        h, d = self.hidden_size, self.head_dim
+        qkv = h * d * (self.num_attention_heads + 2 * self.num_query_groups)
+        proj = self.num_attention_heads * d * h
+        mlp = h * 2 * self.ffn_hidden_size + self.ffn_hidden_size * h
+        norms = 2 * h
+        per_layer = qkv + proj + mlp + norms
+        total = self.num_layers * per_layer + h  # + final norm
+        if include_embedding:
+            embedding = self.padded_vocab_size(tensor_parallel) * h
+            total += embedding if self.tie_embeddings else 2 * embedding
+        return total
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (splits heads, KV groups, FFN and vocabulary)."""
+    pipeline_parallel: int = 1
+    """Pipeline stages (splits layers)."""
+    virtual_pipeline_parallel: Optional[int] = None
+    """Model chunks per pipeline stage (interleaved 1F1B); None for plain 1F1B."""
+    sequence_parallel: bool = False
+    """Split layer norms and dropout along the sequence over the TP group (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self):
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.virtual_pipeline_parallel is not None and self.pipeline_parallel < 2:
+            raise ConfigError("parallel.virtual_pipeline_parallel needs parallel.pipeline_parallel > 1")
+
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel size for a world size; raises if the layout does not divide it."""
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if world_size % model_parallel != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_parallel * "
+                f"parallel.pipeline_parallel = {self.tensor_parallel} * {self.pipeline_parallel}"
+            )
+        return world_size // model_parallel
+
+    def validate_for_model(self, model: ConanModelConfig) -> None:
+        """Check that this layout can split `model`; the error names the offending field."""
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        if model.num_attention_heads % tp != 0:
+            raise ConfigError(
+                f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by "
+                f"parallel.tensor_parallel ({tp})"
+            )
+        if model.num_query_groups % tp != 0:
+            raise ConfigError(
+                f"model.num_query_groups ({model.num_query_groups}) is not divisible by "
+                f"parallel.tensor_parallel ({tp}): each TP rank must hold whole KV groups"
+            )
+        if model.ffn_hidden_size % tp != 0:
+            raise ConfigError(
+                f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by "
+                f"parallel.tensor_parallel ({tp})"
+            )
+        chunks = pp * (self.virtual_pipeline_parallel or 1)
+        if model.num_layers % chunks != 0:
+            raise ConfigError(
+                f"model.num_layers ({model.num_layers}) is not divisible by "
+                f"parallel.pipeline_parallel ({pp})"
+                + (f" * parallel.virtual_pipeline_parallel ({self.virtual_pipeline_parallel})"
+                   if self.virtual_pipeline_parallel else "")
+            )
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def build_transformer_config(
+    model: ConanModelConfig,
+    parallel: ParallelConfig,
+    precision: str = "fp32",
+    use_cpu_initialization: Optional[bool] = None,
+    transformer_overrides: Optional[Dict[str, Any]] = None,
+):
+    """megatron-core ``TransformerConfig`` for this model and layout.
+
+    Fusions that need CUDA kernels (bias/activation, masked softmax, RoPE, gradient-accumulation)
+    are enabled only when CUDA is present; on CPU they would cost ~20 s of torch.compile per run.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    parallel.validate_for_model(model)
+    on_gpu = torch.cuda.is_available()
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not on_gpu
+    kwargs: Dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=use_cpu_initialization,
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        pipeline_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_comm=True,
+        batch_p2p_sync=on_gpu,  # the sync is a torch.cuda.synchronize()
+        deallocate_pipeline_outputs=on_gpu,
+    )
+    overrides = dict(transformer_overrides or {})
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TransformerConfig)}
+    if unknown:
+        raise ConfigError(f"model.transformer_overrides has unknown TransformerConfig fields: {sorted(unknown)}")
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def conan_1p4b() -> ConanModelConfig:
+    """The paper's Conan-1.4B: 8 layers, 3584 wide, 32 heads over 8 KV groups (~1.50B parameters)."""
+    return ConanModelConfig(
+        num_layers=8,
+        hidden_size=3584,
+        num_attention_heads=32,
+        num_query_groups=8,
+        head_dim=112,
+        ffn_hidden_size=8192,
+        vocab_size=150_000,
+        max_sequence_length=32_768,
+        rotary_base=1_000_000.0,
+    )
+
+
+def tiny() -> ConanModelConfig:
+    """Same family, small enough for CPU tests: splits over TP 1/2/4 and PP 1/2/4."""
+    return ConanModelConfig(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=8,
+        num_query_groups=4,
+        head_dim=8,
+        ffn_hidden_size=160,
+        vocab_size=512,
+        max_sequence_length=256,
+        rotary_base=1_000_000.0,
+    )
+
+
+MODEL_RECIPES = {"conan_1p4b": conan_1p4b, "tiny": tiny}
+
+
+def model_recipe(name: str) -> ConanModelConfig:
+    """A named model recipe (``conan_1p4b`` or ``tiny``)."""
+    if name not in MODEL_RECIPES:
+        raise ConfigError(f"unknown model recipe {name!r}; known: {sorted(MODEL_RECIPES)}")
+    return MODEL_RECIPES[name]()

@@ -1,0 +1,87 @@
+"""Process-group set-up for every entry point and test: torch.distributed, then megatron-core's
+model-parallel groups, then the model-parallel RNG seeds.
+
+On a CPU-only machine the backend is gloo and :mod:`megatron_conan.distributed.cpu_compat` is
+enabled first; with GPUs it is NCCL and each process binds to its LOCAL_RANK device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_conan.config.model import ParallelConfig
+from megatron_conan.distributed.cpu_compat import enable_cpu_compat
+
+logger = logging.getLogger(__name__)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, srun).
+
+    With none of them set, starts a world of one on a free local port.
+    """
+    if dist.is_initialized():
+        return
+    enable_cpu_compat()
+    if "RANK" not in os.environ:
+        from megatron_conan.testing.ports import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend or default_backend(),
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> int:
+    """Create megatron-core's TP/PP/DP groups for `parallel` and seed the RNGs; returns DP size."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        init_process_group_from_env()
+    enable_cpu_compat()
+    data_parallel = parallel.data_parallel(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return data_parallel
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def describe_layout() -> str:
+    """One line with this rank's coordinates in the parallel layout."""
+    from megatron.core import parallel_state as ps
+
+    return (
+        f"rank {dist.get_rank()}/{dist.get_world_size()}: "
+        f"tp {ps.get_tensor_model_parallel_rank()}/{ps.get_tensor_model_parallel_world_size()} "
+        f"pp {ps.get_pipeline_model_parallel_rank()}/{ps.get_pipeline_model_parallel_world_size()} "
+        f"dp {ps.get_data_parallel_rank()}/{ps.get_data_parallel_world_size()}"
+    )
