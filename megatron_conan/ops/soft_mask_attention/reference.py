@@ -1,0 +1,131 @@
+"""The soft-mask attention specification in plain PyTorch (DESIGN.md section 3).
+
+Canonical layout shared by every backend:
+    q        [b, hq, s, d]     query heads; head h reads KV group h // (hq // hkv) (megatron GQA)
+    k, v     [b, hkv, s, d]
+    m        float32 [b, s]    per-row weight of the future keys, in [0, 1]
+    lengths  int32 [b]         true lengths; positions >= length are right padding
+    out      [b, hq, s, d]     zero on padded rows; lse float32 [b, hq, s] (natural log)
+
+    logit[i, j] = scale * q_i . k_j + log M[i, j]
+    M[i, j] = 1 (j <= i),  m_i (j > i),  0 (j >= length: padding keys are always masked)
+
+M = 0 is -inf, so m_i = 0 gives causal attention exactly and m_i = 1 bidirectional attention.
+Padded query rows output zero and receive zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
+                 lengths: torch.Tensor) -> None:
+    """Shape checks shared by all backends; raises ValueError naming the argument."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [b, heads, s, d]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, s, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
+        raise ValueError(f"k and v must be [b={b}, hkv, s={s}, d={d}]; got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if hq % k.shape[1] != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV groups ({k.shape[1]})")
+    if m.shape != (b, s):
+        raise ValueError(f"m must be [b={b}, s={s}]; got {tuple(m.shape)}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [b={b}]; got {tuple(lengths.shape)}")
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def soft_mask_log_weights(m: torch.Tensor, lengths: torch.Tensor, seq_len: int,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log M as an additive bias, [b, 1, s, s]; rows of padded queries get 0 (no -inf rows)."""
+    device = m.device
+    i = torch.arange(seq_len, device=device).view(1, seq_len, 1)  # query position
+    j = torch.arange(seq_len, device=device).view(1, 1, seq_len)  # key position
+    length = lengths.to(device=device, dtype=torch.long).view(-1, 1, 1)  # [b, 1, 1]
+    log_m = torch.log(m.to(dtype)).unsqueeze(-1)  # [b, s, 1], -inf where m = 0
+    zero = torch.zeros((), dtype=dtype, device=device)
+    minus_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
+    bias = torch.where(j <= i, zero, log_m)  # [b, s, s]
+    bias = torch.where(j < length, bias, minus_inf)
+    bias = torch.where(i < length, bias, zero)  # padded rows: finite, zeroed after
+    return bias.unsqueeze(1)  # [b, 1, s, s]
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
+
+
+def _valid_rows(lengths: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    pos = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
+    return pos < lengths.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)  # [b, 1, s, 1]
+
+
+def soft_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  m: torch.Tensor, lengths: torch.Tensor,
+                                  softmax_scale: Optional[float] = None,
+                                  return_lse: bool = False):
+    """Soft-mask attention computed the obvious way, in the dtype of q (softmax in float32 for
+    16-bit inputs, as a PyTorch user would write it). Differentiable; any dtype."""
+    check_inputs(q, k, v, m, lengths)
+    b, hq, s, d = q.shape
+    scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
+    softmax_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    k = _expand_kv(k, hq)  # [b, hq, s, d]
+    v = _expand_kv(v, hq)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(softmax_dtype) * scale  # [b, hq, s, s]
+    scores = scores + soft_mask_log_weights(m, lengths, s, softmax_dtype)
+    lse = torch.logsumexp(scores, dim=-1)  # [b, hq, s]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v)  # [b, hq, s, d]
+    valid = _valid_rows(lengths, s, q.device)
+    out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if return_lse:
+        return out, lse.float()
+    return out
+
+
+def _attention_with_lse(q, k, v, scale, mask):
+    """Plain masked attention; mask [b or 1, 1, s, s] bool, True = keep."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [b, h, s, 1]
+    return torch.matmul(torch.exp(scores - lse), v), lse
+
+
+def soft_mask_attention_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 m: torch.Tensor, lengths: torch.Tensor,
+                                 softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The two-call identity of DESIGN.md section 3, an independent check of the reference:
+
+        O_i = ((1 - m_i) e^{lse_c} O_c + m_i e^{lse_f} O_f) / ((1 - m_i) e^{lse_c} + m_i e^{lse_f})
+
+    with (O_c, lse_c) from causal and (O_f, lse_f) from full attention (padding keys masked in both).
+    """
+    check_inputs(q, k, v, m, lengths)
+    b, hq, s, d = q.shape
+    scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
+    k = _expand_kv(k, hq)
+    v = _expand_kv(v, hq)
+    pos = torch.arange(s, device=q.device)
+    key_valid = (pos.view(1, 1, 1, s) < lengths.to(q.device).long().view(-1, 1, 1, 1))  # [b,1,1,s]
+    row_valid = _valid_rows(lengths, s, q.device)  # [b, 1, s, 1]
+    # padded rows see one key so that nothing is NaN; their output is zeroed below
+    key_valid = key_valid | (~row_valid & (pos.view(1, 1, 1, s) == 0))
+    causal = (pos.view(1, 1, s, 1) >= pos.view(1, 1, 1, s)) & key_valid
+    out_c, lse_c = _attention_with_lse(q, k, v, scale, causal)
+    out_f, lse_f = _attention_with_lse(q, k, v, scale, key_valid)
+    mi = m.to(q.dtype).view(b, 1, s, 1)
+    top = torch.maximum(lse_c, lse_f)  # subtracted for stability; cancels in the ratio
+    w_c = (1 - mi) * torch.exp(lse_c - top)
+    w_f = mi * torch.exp(lse_f - top)
+    out = (w_c * out_c + w_f * out_f) / (w_c + w_f)
+    return torch.where(row_valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
