@@ -1,0 +1,168 @@
+"""Soft-mask attention as megatron-core's `core_attention` (the slot DotProductAttention fills).
+
+    spec.submodules.self_attention.submodules.core_attention = soft_mask_core_attention_spec(cfg)
+
+megatron-core hands this module q [sq, b, np, hn] and k, v [sk, b, ng, hn] with np, ng the heads of
+this tensor-parallel rank (heads are independent, so TP needs nothing else), and expects
+[sq, b, np * hn] back. The trainer moves a(t) with `set_soft_mask_step(model, step)`; the progress
+is checkpointed with `get_soft_mask_state` / `load_soft_mask_state`.
+
+attention_mask: None (every sequence has full length) or a bool key-padding mask broadcastable as
+[b, 1, 1, s] with True = padded key, right padding only. Anything else raises.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, Optional, Union
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from .function import soft_mask_attention
+from .schedule import SoftMaskConfig, SoftMaskSchedule
+
+
+def lengths_from_key_padding_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int,
+                                  device: torch.device) -> torch.Tensor:
+    """True lengths, int32 [b], from a right-padding key mask (True = padded) or None."""
+    if attention_mask is None:
+        return torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(f"soft-mask attention takes a bool key-padding mask (True = padded), got "
+                         f"dtype {attention_mask.dtype}")
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() == 2:
+        key_pad = attention_mask  # [b, s]
+    elif attention_mask.dim() == 4 and shape[1] == 1 and shape[2] == 1:
+        key_pad = attention_mask[:, 0, 0, :]  # [b, s]
+    else:
+        raise ValueError(f"soft-mask attention takes a key-padding mask [b, 1, 1, s] (or [b, s]); "
+                         f"got shape {shape}: a full [b, 1, sq, sk] mask is not supported, the "
+                         "causal/soft structure comes from the schedule")
+    if key_pad.shape[-1] != seq_len or key_pad.shape[0] not in (1, batch):
+        raise ValueError(f"key-padding mask of shape {shape} does not match batch {batch} and "
+                         f"sequence {seq_len}")
+    key_pad = key_pad.expand(batch, seq_len).to(device)
+    lengths = (~key_pad).sum(dim=-1, dtype=torch.int32)  # [b]
+    expected = torch.arange(seq_len, device=device).view(1, -1) >= lengths.view(-1, 1)
+    if not torch.equal(key_pad, expected):
+        raise ValueError("soft-mask attention needs right padding: every padded key must come "
+                         "after every real one in each sequence")
+    return lengths
+
+
+class SoftMaskCoreAttention(MegatronModule):
+    """Core attention with the soft mask of DESIGN.md section 3 (a = 0: causal, a = 1: full)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        soft_mask: Optional[SoftMaskConfig] = None,
+    ):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"SoftMaskCoreAttention has no attention dropout: set "
+                             f"attention_dropout=0 (got {dropout})")
+        if config.context_parallel_size != 1:
+            raise ValueError("SoftMaskCoreAttention does not support context parallelism "
+                             f"(context_parallel_size={config.context_parallel_size})")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"SoftMaskCoreAttention supports softmax_type='vanilla' only, got "
+                             f"{config.softmax_type!r}")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError("SoftMaskCoreAttention does not support sliding-window attention")
+        if attention_type != "self":
+            raise ValueError(f"SoftMaskCoreAttention is self-attention only, got {attention_type!r}")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.head_dim = config.kv_channels
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.num_groups_per_partition = divide(config.num_query_groups, tp_size)
+        # query-key layer scaling cancels inside DotProductAttention's softmax: the net scale is this
+        self.softmax_scale = (1.0 / math.sqrt(self.head_dim) if softmax_scale is None
+                              else softmax_scale)
+        self.schedule = SoftMaskSchedule(soft_mask if soft_mask is not None else SoftMaskConfig())
+
+    @property
+    def a(self) -> float:
+        return self.schedule.a
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("SoftMaskCoreAttention does not take packed sequences; pad "
+                                      "on the right and pass a key-padding mask")
+        if attention_bias is not None:
+            raise NotImplementedError("SoftMaskCoreAttention does not take an attention bias")
+        sq, batch, heads, head_dim = query.shape  # [sq, b, np, hn]
+        if key.shape[0] != sq:
+            raise ValueError(f"SoftMaskCoreAttention is self-attention over one sequence: "
+                             f"sq={sq} but sk={key.shape[0]} (no KV-cache inference)")
+        lengths = lengths_from_key_padding_mask(attention_mask, batch, sq, query.device)
+        m = self.schedule.row_weights(lengths, sq)  # [b, s] float32
+        config = self.schedule.config
+        out = soft_mask_attention(
+            query.permute(1, 2, 0, 3),  # [b, np, s, hn]
+            key.permute(1, 2, 0, 3),  # [b, ng, s, hn]
+            value.permute(1, 2, 0, 3),
+            m, lengths, softmax_scale=self.softmax_scale, backend=config.backend,
+            deterministic=config.deterministic)
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)  # [sq, b, np * hn]
+
+
+def soft_mask_core_attention_spec(soft_mask: Optional[SoftMaskConfig] = None) -> ModuleSpec:
+    """The ModuleSpec to put in the layer spec's `core_attention` slot."""
+    return ModuleSpec(module=SoftMaskCoreAttention, params={"soft_mask": soft_mask or SoftMaskConfig()})
+
+
+def _soft_mask_modules(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]):
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, SoftMaskCoreAttention)]
+
+
+def set_soft_mask_step(model, step: int) -> int:
+    """Sets training step t in every SoftMaskCoreAttention of `model` (a module or a list of model
+    chunks); returns how many were updated."""
+    modules = _soft_mask_modules(model)
+    for module in modules:
+        module.schedule.set_step(step)
+    return len(modules)
+
+
+def get_soft_mask_state(model) -> Optional[Dict[str, Any]]:
+    """The schedule progress to checkpoint ({"step", "config"}), or None without soft-mask layers."""
+    modules = _soft_mask_modules(model)
+    if not modules:
+        return None
+    states = [module.schedule.state_dict() for module in modules]
+    if any(state != states[0] for state in states[1:]):
+        raise RuntimeError("soft-mask layers of one model disagree on their schedule state")
+    return states[0]
+
+
+def load_soft_mask_state(model, state: Optional[Dict[str, Any]]) -> int:
+    """Restores `get_soft_mask_state` output into every soft-mask layer; returns how many."""
+    modules = _soft_mask_modules(model)
+    if state is None:
+        return 0
+    for module in modules:
+        module.schedule.load_state_dict(state)
+    return len(modules)
