@@ -69,6 +69,11 @@ def _route_device(fn):
 
 
 def _patch_factories() -> None:
+    # `with torch.device("meta")` recognises factories by identity from a cached set: fill the
+    # cache with the original functions before they are replaced.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORY_NAMES:
         original = getattr(torch, name)
         if not getattr(original, "__conan_cpu_routed__", False):

@@ -36,7 +36,7 @@ class ConanRMSNorm(torch.nn.Module):
         if zero_centered_gamma or config.layernorm_zero_centered_gamma:
             raise ValueError("ConanRMSNorm does not implement layernorm_zero_centered_gamma")
         self.eps = eps
-        device = "cpu" if config.use_cpu_initialization else None
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device=device)
         )

@@ -14,11 +14,13 @@ killed and reported the same way, so a hung collective fails a test instead of h
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing as mp
 import os
 import queue
 import time
+import warnings
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -35,6 +37,8 @@ def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: C
     )
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s",
                         force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-rank config dumps drown the output
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|Megatron-FSDP).*")
     try:
         import torch
         import torch.distributed as dist
@@ -52,7 +56,11 @@ def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: C
             value = fn(rank, world_size, *args, **kwargs)
         finally:
             destroy_parallel()
-        results.put((rank, "ok", value))
+        # Tensors in a Queue travel as shared-memory handles that die with this process:
+        # send plain bytes instead.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, tagged
         results.put((rank, "error", traceback.format_exc()))
 
@@ -117,5 +125,7 @@ def run_distributed(
     if errors:
         report = "\n".join(f"----- rank {rank} -----\n{text}" for rank, text in sorted(errors.items()))
         raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{report}")
-    return [values[rank] for rank in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(values[rank]), weights_only=False) for rank in range(world_size)]
 

@@ -1,0 +1,186 @@
+"""One optimizer step on megatron-core's pieces, shared by every stage.
+
+``wrap_model`` puts each model chunk in megatron-core's DistributedDataParallel (and Float16Module
+for bf16/fp16), ``build_optimizer`` returns ``get_megatron_optimizer``'s optimizer, and
+``train_step`` runs the pipeline schedule from ``get_forward_backward_func`` over the micro-batches
+of one global batch, reduces gradients (``finalize_model_grads``: DP all-reduce or reduce-scatter,
+sequence-parallel norms over TP, tied embeddings over PP) and steps the optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def wrap_model(
+    chunks: List[torch.nn.Module],
+    transformer_config: TransformerConfig,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    bucket_size: Optional[int] = None,
+) -> List[DistributedDataParallel]:
+    """Float16Module (bf16/fp16) and megatron-core DDP around each chunk; grads reduce in fp32."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
+    )
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        if transformer_config.bf16 or transformer_config.fp16:
+            chunk = Float16Module(transformer_config, chunk)
+        wrapped.append(DistributedDataParallel(
+            config=transformer_config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk gets bucketing when interleaving, as in Megatron-LM.
+            disable_bucketing=index > 0,
+        ))
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        transformer_config.no_sync_func = [m.no_sync for m in wrapped]
+        if len(wrapped) == 1:
+            transformer_config.no_sync_func = transformer_config.no_sync_func[0]
+    return wrapped
+
+
+def build_optimizer(
+    chunks: List[DistributedDataParallel],
+    transformer_config: TransformerConfig,
+    lr: float,
+    weight_decay: float = 0.0,
+    clip_grad: float = 1.0,
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.95,
+    adam_eps: float = 1e-8,
+    use_distributed_optimizer: bool = False,
+):
+    """AdamW through ``get_megatron_optimizer`` (mixed precision follows the model's config)."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        adam_eps=adam_eps,
+        clip_grad=clip_grad,
+        bf16=transformer_config.bf16,
+        fp16=transformer_config.fp16,
+        params_dtype=transformer_config.params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+        loss_scale=None if transformer_config.fp16 else 1.0,
+        initial_loss_scale=2.0 ** 16,
+    )
+    optimizer = get_megatron_optimizer(config, chunks)
+    transformer_config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    loss: float
+    """Mean loss over the global batch (micro-batches and DP ranks)."""
+    grad_norm: Optional[float]
+    """Global gradient norm before clipping (None when the step was skipped)."""
+    update_successful: bool
+    """False when the optimizer skipped the update (fp16 overflow, non-finite gradients)."""
+    extras: Dict[str, float]
+    """Other values the loss function reported, averaged like the loss."""
+
+
+def _average_over_microbatches(losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Mean of each reported value over micro-batches, then over DP; broadcast from the last stage."""
+    names = sorted(losses_reduced[0]) if losses_reduced else []
+    values = torch.zeros(len(names) + 1, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses_reduced:
+        for i, name in enumerate(names):
+            values[i] = torch.stack([d[name].double().reshape(()) for d in losses_reduced]).mean()
+        values[-1] = 1.0
+    # Names are known only on the last stage: ship them with the values.
+    holder = [names]
+    last_stage_global_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last_stage_global_rank,
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    names = holder[0]
+    if values.numel() != len(names) + 1:
+        values = torch.zeros(len(names) + 1, dtype=torch.float64)
+    dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    values /= parallel_state.get_data_parallel_world_size()
+    return {name: float(values[i]) for i, name in enumerate(names)}
+
+
+def _per_chunk_iterators(data_iterator, num_chunks: int):
+    """Interleaved schedules read every micro-batch once per model chunk: one iterator each."""
+    if num_chunks == 1:
+        return data_iterator[0] if isinstance(data_iterator, list) else data_iterator
+    if not isinstance(data_iterator, list) or len(data_iterator) != num_chunks:
+        raise ValueError(
+            f"{num_chunks} model chunks (virtual pipeline) need a list of {num_chunks} data "
+            "iterators over the same micro-batches"
+        )
+    return data_iterator
+
+
+def train_step(
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    chunks: List[DistributedDataParallel],
+    optimizer,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    loss_key: str = "lm loss",
+) -> StepResult:
+    """Forward/backward over `num_microbatches`, gradient reduction, one optimizer update."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    iterator = _per_chunk_iterators(data_iterator, len(chunks))
+    losses_reduced = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=iterator,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    reported = _average_over_microbatches(losses_reduced)
+    loss = reported.pop(loss_key, float("nan"))
+    return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
+                      update_successful=bool(update_successful), extras=reported)
+
+
+def evaluate_loss(
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    chunks: List[torch.nn.Module],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    loss_key: str = "lm loss",
+) -> float:
+    """Mean loss over `num_microbatches` without gradients (evaluation, parity checks)."""
+    forward_backward = get_forward_backward_func()
+    iterator = _per_chunk_iterators(data_iterator, len(chunks))
+    with torch.no_grad():
+        losses_reduced = forward_backward(
+            forward_step_func=forward_step_func, data_iterator=iterator,
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=num_microbatches,
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True,
+        )
+    return _average_over_microbatches(losses_reduced).get(loss_key, float("nan"))
