@@ -1,10 +1,12 @@
 """Loads the CUDA extension built from csrc/ (`megatron_conan_soft_mask_cuda`), if it was built.
 
 Its contract is the Triton kernel's (see `triton_kernel.py` and `reference.py`):
-    forward(q, k, v, m, lengths, softmax_scale, block_counter or None) -> (out, lse)
-    backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale) -> (dq, dk, dv)
+    forward(q, k, v, m, lengths, softmax_scale, block_counter or None, cuda_stream) -> (out, lse)
+    backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale, cuda_stream) -> (dq, dk, dv)
 with q [b, hq, s, d], k/v [b, hkv, s, d] on the GPU (fp16, bf16 or fp32; d <= 128, stride 1 on d),
-m float32 [b, s], lengths int32 [b]. The backward is always deterministic.
+m float32 [b, s], lengths int32 [b]. The backward is always deterministic. The extension does not
+include c10/cuda headers (see csrc/soft_mask_attention.cu): the wrappers here make the tensors'
+device current and pass the current stream.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 EXTENSION_NAME = "megatron_conan_soft_mask_cuda"
+MAX_HEAD_DIM = 128  # kMaxHeadDim in csrc/soft_mask_attention.cu
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,13 +47,19 @@ def _require():
 def soft_mask_attention_cuda_forward(q, k, v, m, lengths, softmax_scale: float,
                                      block_counter: Optional[torch.Tensor] = None
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _require().forward(q, k, v, m.float().contiguous(), lengths.int().contiguous(),
-                                  float(softmax_scale), block_counter)
+    ext = _require()
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        out, lse = ext.forward(q, k, v, m.float().contiguous(), lengths.int().contiguous(),
+                               float(softmax_scale), block_counter, stream)
     return out, lse
 
 
 def soft_mask_attention_cuda_backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale: float
                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _require().backward(grad_out, q, k, v, out, lse, m.float().contiguous(),
-                                     lengths.int().contiguous(), float(softmax_scale))
+    ext = _require()
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        dq, dk, dv = ext.backward(grad_out, q, k, v, out, lse, m.float().contiguous(),
+                                  lengths.int().contiguous(), float(softmax_scale), stream)
     return dq, dk, dv

@@ -99,6 +99,8 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: to
     check_inputs(q, k, v, m, lengths)
     scale = default_softmax_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     chosen = resolve_backend(backend, q.device)
+    if backend == "auto" and chosen == "cuda" and q.shape[-1] > cuda_binding.MAX_HEAD_DIM:
+        chosen = "triton"
     lengths = lengths.to(device=q.device, dtype=torch.int32)
     m = m.to(device=q.device, dtype=torch.float32)
     if chosen == "reference":

@@ -1,0 +1,19 @@
+// pybind11 binding of the CUDA soft-mask attention as the torch extension
+// `megatron_conan_soft_mask_cuda` (built by setup.py only where CUDA is present).
+#include <torch/extension.h>
+
+#include "soft_mask_attention.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Soft-mask attention (causal -> bidirectional), fused CUDA forward/backward";
+  module.def("forward", &megatron_conan::soft_mask_attention_forward,
+             "forward(q, k, v, m, lengths, softmax_scale, block_counter, cuda_stream) -> [out, lse]",
+             pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("m"),
+             pybind11::arg("lengths"), pybind11::arg("softmax_scale"),
+             pybind11::arg("block_counter"), pybind11::arg("cuda_stream"));
+  module.def("backward", &megatron_conan::soft_mask_attention_backward,
+             "backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale, cuda_stream) -> [dq, dk, dv]",
+             pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+             pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("m"),
+             pybind11::arg("lengths"), pybind11::arg("softmax_scale"), pybind11::arg("cuda_stream"));
+}
