@@ -9,6 +9,7 @@ sequence-parallel norms over TP, tied embeddings over PP) and steps the optimize
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -57,6 +58,7 @@ def build_optimizer(
     chunks: List[DistributedDataParallel],
     transformer_config: TransformerConfig,
     lr: float,
+    min_lr: float = 0.0,
     weight_decay: float = 0.0,
     clip_grad: float = 1.0,
     adam_beta1: float = 0.9,
@@ -68,6 +70,7 @@ def build_optimizer(
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
+        min_lr=min_lr,
         weight_decay=weight_decay,
         adam_beta1=adam_beta1,
         adam_beta2=adam_beta2,
@@ -158,9 +161,13 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
     reported = _average_over_microbatches(losses_reduced)
     loss = reported.pop(loss_key, float("nan"))
+    if not math.isfinite(loss):
+        # A non-finite loss means non-finite gradients somewhere: skip the update entirely.
+        optimizer.zero_grad()
+        return StepResult(loss=loss, grad_norm=None, update_successful=False, extras=reported)
+    update_successful, grad_norm, _ = optimizer.step()
     return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
                       update_successful=bool(update_successful), extras=reported)
 

@@ -1,0 +1,213 @@
+"""Resumable training checkpoints on megatron-core ``dist_checkpointing``.
+
+Layout of ``<save_dir>``::
+
+    latest                    text: name of the newest *complete* checkpoint, e.g. "iter_0000040"
+    iter_0000040/
+        model_optim/          dist_checkpointing: {"model": …, "optimizer": …} sharded by layout
+        common.pt             rank 0: step, consumed samples, scheduler, model config, extra state
+        rng/rank_00003.pt     each rank's Python / NumPy / torch / megatron-tracker RNG states
+        layout.json           the TP/PP/DP layout that wrote it
+    iter_0000050.partial/     a save in progress (or killed): never read, removed by the next save
+
+A save writes everything into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N``
+and only then rewrites ``latest`` (write to a temp file, fsync, rename). A kill at any point leaves
+``latest`` pointing at the previous complete checkpoint. After ``latest`` moves, checkpoints beyond
+``keep_last`` are deleted, oldest first.
+
+Loading under another TP/PP layout works for the model and optimizer (dist_checkpointing reshards);
+per-rank RNG states are then not restorable and are re-seeded, with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.training.model_checkpoint import model_sharded_state_dict
+from megatron_conan.models.sharding import unwrap
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint was written for a different model shape."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def read_latest(save_dir: str) -> Optional[str]:
+    """Path of the newest complete checkpoint, or None."""
+    marker = os.path.join(save_dir, LATEST)
+    if not os.path.exists(marker):
+        return None
+    with open(marker, encoding="utf-8") as handle:
+        name = handle.read().strip()
+    path = os.path.join(save_dir, name)
+    if not _ITER_RE.match(name) or not os.path.isdir(path):
+        raise RuntimeError(f"{marker} names {name!r}, which is not a complete checkpoint in {save_dir}")
+    return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> Dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _sharded(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(
+    save_dir: str,
+    step: int,
+    chunks: List[torch.nn.Module],
+    optimizer,
+    scheduler,
+    model_config: ConanModelConfig,
+    consumed_samples: int,
+    extra_state: Optional[Dict[str, Any]] = None,
+    keep_last: int = 2,
+) -> str:
+    """Collective. Write a complete checkpoint for `step`, then move `latest` to it."""
+    rank = dist.get_rank()
+    final = os.path.join(save_dir, checkpoint_name(step))
+    partial = final + ".partial"
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        for stale in os.listdir(save_dir):
+            if stale.endswith(".partial"):
+                shutil.rmtree(os.path.join(save_dir, stale), ignore_errors=True)
+        if os.path.exists(final):  # re-saving a step (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.makedirs(os.path.join(partial, "model_optim"))
+        os.makedirs(os.path.join(partial, "rng"))
+    dist.barrier()
+    dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False), os.path.join(partial, "model_optim"))
+    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+    if rank == 0:
+        torch.save({
+            "step": step,
+            "consumed_samples": consumed_samples,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "model_config": dataclasses.asdict(model_config),
+            "extra": extra_state or {},
+        }, os.path.join(partial, "common.pt"))
+        with open(os.path.join(partial, "layout.json"), "w", encoding="utf-8") as handle:
+            json.dump(_layout(), handle)
+    dist.barrier()
+    if rank == 0:
+        os.replace(partial, final)
+        _write_atomically(os.path.join(save_dir, LATEST), checkpoint_name(step) + "\n")
+        _prune(save_dir, keep_last)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(save_dir: str, keep_last: int) -> None:
+    steps = sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(save_dir)) if m)
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(os.path.join(save_dir, checkpoint_name(old)), ignore_errors=True)
+
+
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+                 "ffn_hidden_size", "vocab_size", "tie_embeddings")
+
+
+def check_model_config(saved: Dict[str, Any], current: ConanModelConfig, path: str) -> None:
+    """Raise CheckpointMismatchError naming every shape field that differs."""
+    differences = [
+        f"{name}: checkpoint {saved.get(name)!r} vs model {getattr(current, name)!r}"
+        for name in _SHAPE_FIELDS if saved.get(name) != getattr(current, name)
+    ]
+    if differences:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written for a different model shape: " + "; ".join(differences)
+        )
+
+
+def load_checkpoint(
+    path: str,
+    chunks: List[torch.nn.Module],
+    optimizer,
+    scheduler,
+    model_config: ConanModelConfig,
+    weights_only: bool = False,
+) -> Dict[str, Any]:
+    """Collective. Restore a checkpoint (any layout); returns its common state (step, consumed…)."""
+    common = torch.load(os.path.join(path, "common.pt"), weights_only=False)
+    check_model_config(common["model_config"], model_config, path)
+    with open(os.path.join(path, "layout.json"), encoding="utf-8") as handle:
+        saved_layout = json.load(handle)
+    state = _sharded(chunks, None if weights_only else optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(state, os.path.join(path, "model_optim"))
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    if weights_only:
+        return {"step": 0, "consumed_samples": 0, "extra": {}}
+    optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and common["scheduler"] is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if saved_layout == _layout():
+        _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt"),
+                                  weights_only=False))
+    elif dist.get_rank() == 0:
+        logger.warning("checkpoint layout %s differs from this run's %s: RNG states re-seeded, "
+                       "not restored", saved_layout, _layout())
+    return common

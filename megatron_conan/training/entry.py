@@ -1,0 +1,58 @@
+"""What every stage entry point does: parse ``--config recipe.yaml`` + ``key=value`` overrides,
+then either print the ``--dry-run`` report or train. Entry modules stay a few lines long."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+from megatron_conan.config.loader import load_config
+from megatron_conan.training.config import RunConfig
+
+
+def parse_run_config(description: str, argv: Optional[Sequence[str]]):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML recipe (see examples/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print layout, batch, token budget, parameters and memory per GPU; no training")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="GPUs to plan for with --dry-run (default: WORLD_SIZE or 1)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    return args, cfg
+
+
+def dry_run_text(cfg: RunConfig, world_size: int) -> str:
+    """The --dry-run report: pure arithmetic, nothing is allocated."""
+    from megatron_conan.training.estimate import dry_run_report, format_dry_run
+
+    return format_dry_run(dry_run_report(
+        cfg.model.build(), cfg.parallel, world_size,
+        global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.train.seq_length, precision=cfg.train.precision, recompute=cfg.train.recompute,
+        token_budget=cfg.train.token_budget, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    ))
+
+
+def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None,
+              forward_step_func: Optional[Callable] = None) -> int:
+    args, cfg = parse_run_config(description, argv)
+    if args.dry_run:
+        print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        return 0
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
+    from megatron_conan.training.loop import train
+    from megatron_conan.training.lm_step import lm_forward_step
+
+    init_process_group_from_env()
+    try:
+        result = train(cfg, forward_step_func or lm_forward_step, stage=stage)
+    finally:
+        destroy_parallel()
+    logging.getLogger(stage).info("done: %d steps%s", result.steps_done, " (preempted, checkpoint saved)" if result.preempted else "")
+    return 0
