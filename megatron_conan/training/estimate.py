@@ -1,0 +1,383 @@
+"""What a run will cost before it starts: the ``--dry-run`` report of the training entry points.
+
+Pure arithmetic on the configs (no tensors, no process groups), so it runs on a login node:
+
+* :func:`model_flops_per_token`: the model FLOPs of GPU_CHECKS.md B.3, the numerator of MFU.
+* :func:`estimate_memory_per_gpu`: weights, gradients, optimizer state and activations of the most
+  loaded pipeline stage, as megatron-core keeps them (mixed precision, fp32 gradient buffers,
+  optional distributed optimizer, 1F1B schedule).
+* :func:`dry_run_report` / :func:`format_dry_run`: the layout (which rank holds which TP/PP/DP
+  coordinates), batch arithmetic, steps for a token budget, parameters, memory and FLOPs.
+
+The memory figures are an estimate of what the model, optimizer and autograd hold; the CUDA
+context, NCCL buffers, allocator fragmentation and temporary workspaces come on top (typically a few
+GiB per GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ConfigError, ParallelConfig
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+MEGATRON_RANK_ORDER = "tp-cp-ep-dp-pp"
+"""megatron-core's default rank order (``initialize_model_parallel(order=...)``): TP varies fastest."""
+
+_GIB = float(1 << 30)
+_MAX_RANKS_SHOWN = 16
+
+
+def _param_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def _check_precision_and_recompute(precision: str, recompute: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+
+
+def model_flops_per_token(model_cfg: ConanModelConfig, seq_length: int) -> float:
+    """Model FLOPs (forward + backward) per trained token, GPU_CHECKS.md B.3.
+
+    ``6 * N_non_embedding + 6 * vocab * hidden + 12 * layers * hidden * seq_length``: the matmuls of
+    the transformer layers, the tied output layer, and the attention scores and weighted sum
+    (counted in full, not halved for the causal mask, as in the PaLM/Megatron convention).
+
+    Uses the **true** vocabulary (``model_cfg.vocab_size``), not the TP-padded one: the padding rows
+    are computed but are not model FLOPs, and the figure then does not change with the layout.
+    """
+    if seq_length <= 0:
+        raise ConfigError(f"seq_length must be positive, got {seq_length}")
+    non_embedding = model_cfg.num_parameters(include_embedding=False)
+    h, layers = model_cfg.hidden_size, model_cfg.num_layers
+    return float(6 * non_embedding + 6 * model_cfg.vocab_size * h + 12 * layers * h * seq_length)
+
+
+def stage_parameters(model_cfg: ConanModelConfig, parallel: ParallelConfig) -> List[int]:
+    """Parameters held by one GPU of each pipeline stage (one TP shard).
+
+    Linear weights and the (padded) vocabulary are split over TP; RMSNorm weights are replicated.
+    The first stage holds the word embedding. The last stage holds the final norm and the output
+    layer: with tied embeddings and PP > 1 megatron-core keeps a copy of the embedding there (its
+    gradient is all-reduced with the first stage's), with PP = 1 the one matrix serves both.
+    """
+    parallel.validate_for_model(model_cfg)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    h, d = model_cfg.hidden_size, model_cfg.head_dim
+    sharded_per_layer = (
+        h * d * (model_cfg.num_attention_heads + 2 * model_cfg.num_query_groups)  # fused QKV
+        + model_cfg.num_attention_heads * d * h  # attention output projection
+        + 3 * h * model_cfg.ffn_hidden_size  # SwiGLU gate, up, down
+    ) // tp
+    per_layer = sharded_per_layer + 2 * h  # + the two RMSNorm weights
+    embedding = model_cfg.padded_vocab_size(tp) * h // tp
+    layers_per_stage = model_cfg.num_layers // pp
+    stages = [layers_per_stage * per_layer for _ in range(pp)]
+    stages[0] += embedding
+    stages[-1] += h  # final norm
+    if pp > 1 or not model_cfg.tie_embeddings:
+        stages[-1] += embedding  # output layer (a tied copy when PP > 1)
+    return stages
+
+
+def activation_bytes_per_layer(
+    model_cfg: ConanModelConfig,
+    micro_batch_size: int,
+    seq_length: int,
+    tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
+    precision: str = "bf16",
+    recompute: str = "none",
+) -> int:
+    """Bytes one transformer layer keeps for backward, for one micro-batch.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") give
+    ``s*b*h*(34 + 5*a*s/h)`` bytes for a GPT layer with 16-bit activations. For the Conan block
+    (pre-RMSNorm, GQA with ``a`` query heads and ``g`` KV groups of width ``d``, SwiGLU of width
+    ``f``, no dropout, flash-style attention that keeps no ``s x s`` matrix) the same accounting,
+    in elements of the activation dtype (``p`` bytes: 2 for bf16/fp16, 4 for fp32), is::
+
+        norm-1 input h + QKV input h + norm-2 input h + FC1 input h     = 4h   (replicated over TP
+                                                                                unless SP: then /t)
+        Q, K, V after RoPE  d*(a + 2g),  attention output  a*d          = 2d(a + g)        (/t)
+        SwiGLU: gate and up outputs 2f, FC2 input f                     = 3f               (/t)
+
+        bytes = s*b * p * (4h / t_sp + (2d(a + g) + 3f) / t)  +  4*b*a*s / t  (fp32 softmax LSE)
+
+    with ``t_sp = t`` under sequence parallelism, else 1. For MHA with a 4h GeLU MLP this is
+    Korthikanti's ``34 sbh`` less the two dropout masks and the ``s^2`` terms. ``selective``
+    recomputes the core attention (megatron-core's default ``recompute_modules``), which with a
+    flash-style kernel only drops the LSE term. ``full`` keeps just the layer input,
+    ``s*b*h*p / t_sp``; the one layer being recomputed is added by the caller.
+    """
+    _check_precision_and_recompute(precision, recompute)
+    t = tensor_parallel
+    t_sp = t if sequence_parallel else 1
+    p = _param_bytes(precision)
+    s, b = seq_length, micro_batch_size
+    h, d, f = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.ffn_hidden_size
+    a, g = model_cfg.num_attention_heads, model_cfg.num_query_groups
+    if recompute == "full":
+        return s * b * p * h // t_sp
+    layer = s * b * p * (4 * h * (t // t_sp) + 2 * d * (a + g) + 3 * f) // t
+    if recompute == "none":
+        layer += 4 * b * a * s // t
+    return layer
+
+
+def _memory_per_stage(
+    model_cfg: ConanModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    precision: str,
+    use_distributed_optimizer: bool,
+    recompute: str,
+    num_microbatches: Optional[int],
+) -> List[Dict[str, int]]:
+    _check_precision_and_recompute(precision, recompute)
+    if micro_batch_size <= 0:
+        raise ConfigError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    if seq_length <= 0:
+        raise ConfigError(f"seq_length must be positive, got {seq_length}")
+    dp = parallel.data_parallel(world_size)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    sp = parallel.sequence_parallel
+    t_sp = tp if sp else 1
+    act = _param_bytes(precision)
+    s, b, h = seq_length, micro_batch_size, model_cfg.hidden_size
+    layers_per_stage = model_cfg.num_layers // pp
+
+    stored = activation_bytes_per_layer(model_cfg, b, s, tp, sp, precision, recompute)
+    # Under full recompute the layer whose backward runs holds its whole activations again.
+    working_layer = (activation_bytes_per_layer(model_cfg, b, s, tp, sp, precision, "none")
+                     if recompute == "full" else 0)
+    # Last stage: final-norm and output-layer inputs, and the fp32 softmax that megatron-core's
+    # vocab-parallel cross-entropy saves ([s, b, V/t] in float32).
+    head = 2 * s * b * act * h // t_sp + 4 * s * b * model_cfg.padded_vocab_size(tp) // tp
+
+    # fp32 main copy for bf16/fp16 (fp32 training updates the weights themselves), Adam m and v.
+    optimizer_bytes_per_param = 8 if precision == "fp32" else 12
+    stages = []
+    for stage, params in enumerate(stage_parameters(model_cfg, parallel)):
+        # 1F1B: stage k runs pp - k warm-up forwards before its first backward.
+        in_flight = pp - stage if num_microbatches is None else min(pp - stage, num_microbatches)
+        activations = in_flight * layers_per_stage * stored + working_layer
+        if stage == pp - 1:
+            activations += head
+        optimizer = params * optimizer_bytes_per_param
+        if use_distributed_optimizer:
+            optimizer = -(-optimizer // dp)
+        breakdown = {
+            "weights": params * _param_bytes(precision),
+            "gradients": params * 4,  # megatron-core DDP main_grad buffer, grad_reduce_in_fp32
+            "optimizer": optimizer,
+            "activations": activations,
+        }
+        breakdown["total"] = sum(breakdown.values())
+        stages.append(breakdown)
+    return stages
+
+
+def estimate_memory_per_gpu(
+    model_cfg: ConanModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    precision: str = "bf16",
+    use_distributed_optimizer: Optional[bool] = None,
+    recompute: str = "none",
+    num_microbatches: Optional[int] = None,
+) -> Dict[str, int]:
+    """Bytes on the most loaded GPU: ``weights``, ``gradients``, ``optimizer``, ``activations``, ``total``.
+
+    * weights: the largest pipeline stage's TP shard (:func:`stage_parameters`) in the parameter
+      dtype (bf16/fp16 2 bytes, fp32 4).
+    * gradients: 4 bytes per parameter, megatron-core DDP's fp32 ``main_grad`` buffer
+      (``grad_reduce_in_fp32``); the distributed optimizer reduce-scatters in place, so it stays whole.
+    * optimizer: fp32 master weights (bf16/fp16 only) + Adam m and v, 12 (8 for fp32) bytes per
+      parameter, divided by the data-parallel size with the distributed optimizer.
+    * activations: :func:`activation_bytes_per_layer` times the layers of a stage times the
+      micro-batches in flight (1F1B: stage k holds ``pp - k``, so the first stage holds ``pp``;
+      capped by ``num_microbatches`` when given), plus on the last stage the final-norm and
+      output-layer inputs and the fp32 cross-entropy softmax ``4*s*b*V_padded/t``.
+
+    ``use_distributed_optimizer`` defaults to ``parallel.use_distributed_optimizer``. The stage with
+    the largest total is reported. Not included: CUDA context, NCCL and allocator overhead.
+    """
+    if use_distributed_optimizer is None:
+        use_distributed_optimizer = parallel.use_distributed_optimizer
+    stages = _memory_per_stage(model_cfg, parallel, world_size, micro_batch_size, seq_length,
+                               precision, use_distributed_optimizer, recompute, num_microbatches)
+    return stages[_most_loaded(stages)]
+
+
+def _most_loaded(stages: List[Dict[str, int]]) -> int:
+    return max(range(len(stages)), key=lambda stage: stages[stage]["total"])
+
+
+def rank_coordinates(rank: int, parallel: ParallelConfig, world_size: int) -> Tuple[int, int, int]:
+    """``(tp, pp, dp)`` coordinates of a global rank in megatron-core's default order
+    ``tp-cp-ep-dp-pp`` (context and expert parallel size 1): TP fastest, then DP, then PP."""
+    dp = parallel.data_parallel(world_size)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside a world of {world_size}")
+    tp = parallel.tensor_parallel
+    return rank % tp, rank // (tp * dp), (rank // tp) % dp
+
+
+@dataclass
+class DryRunReport:
+    """Everything ``--dry-run`` prints; :func:`format_dry_run` renders it."""
+
+    model_cfg: ConanModelConfig
+    parallel: ParallelConfig
+    world_size: int
+    data_parallel: int
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step on each DP rank: global / (micro * DP)."""
+    seq_length: int
+    tokens_per_step: int
+    token_budget: Optional[float]
+    steps_for_budget: Optional[int]
+    """ceil(token_budget / tokens_per_step), or None without a budget."""
+    parameters: int
+    """Whole model, embeddings counted once (TP-padded vocabulary)."""
+    parameters_per_gpu: int
+    """Largest pipeline stage's TP shard."""
+    precision: str
+    recompute: str
+    use_distributed_optimizer: bool
+    memory: Dict[str, int]
+    """Bytes per GPU by category on the most loaded stage, see :func:`estimate_memory_per_gpu`."""
+    memory_stage: int
+    """Pipeline stage whose GPUs need the most memory."""
+    flops_per_token: float
+    flops_per_step: float
+
+    def __str__(self) -> str:
+        return format_dry_run(self)
+
+
+def dry_run_report(
+    model_cfg: ConanModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    precision: str = "bf16",
+    recompute: str = "none",
+    token_budget: Optional[float] = None,
+    use_distributed_optimizer: Optional[bool] = None,
+) -> DryRunReport:
+    """Check the batch and layout arithmetic and compute the dry-run figures.
+
+    Raises :class:`ConfigError` when the layout does not divide the world or cannot split the
+    model, when ``global_batch_size`` is not a multiple of ``micro_batch_size * DP``, or when
+    ``seq_length`` exceeds the model's context.
+    """
+    if world_size <= 0:
+        raise ConfigError(f"world size must be positive, got {world_size}")
+    data_parallel = parallel.data_parallel(world_size)
+    parallel.validate_for_model(model_cfg)
+    if global_batch_size <= 0 or micro_batch_size <= 0:
+        raise ConfigError(
+            f"global_batch_size ({global_batch_size}) and micro_batch_size ({micro_batch_size}) "
+            "must be positive")
+    if global_batch_size % (micro_batch_size * data_parallel) != 0:
+        raise ConfigError(
+            f"global_batch_size ({global_batch_size}) is not divisible by micro_batch_size * "
+            f"data-parallel size ({micro_batch_size} * {data_parallel} = "
+            f"{micro_batch_size * data_parallel}; DP = world {world_size} / (TP "
+            f"{parallel.tensor_parallel} * PP {parallel.pipeline_parallel}))")
+    if seq_length > model_cfg.max_sequence_length:
+        raise ConfigError(
+            f"seq_length ({seq_length}) exceeds model.max_sequence_length "
+            f"({model_cfg.max_sequence_length})")
+    if token_budget is not None and token_budget <= 0:
+        raise ConfigError(f"token budget must be positive, got {token_budget}")
+    if use_distributed_optimizer is None:
+        use_distributed_optimizer = parallel.use_distributed_optimizer
+    accumulation = global_batch_size // (micro_batch_size * data_parallel)
+    tokens_per_step = global_batch_size * seq_length
+    flops_per_token = model_flops_per_token(model_cfg, seq_length)
+    stages = _memory_per_stage(model_cfg, parallel, world_size, micro_batch_size, seq_length,
+                               precision, use_distributed_optimizer, recompute, accumulation)
+    most_loaded = _most_loaded(stages)
+    return DryRunReport(
+        model_cfg=model_cfg,
+        parallel=parallel,
+        world_size=world_size,
+        data_parallel=data_parallel,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        seq_length=seq_length,
+        tokens_per_step=tokens_per_step,
+        token_budget=token_budget,
+        steps_for_budget=None if token_budget is None else math.ceil(token_budget / tokens_per_step),
+        parameters=model_cfg.num_parameters(parallel.tensor_parallel),
+        parameters_per_gpu=max(stage_parameters(model_cfg, parallel)),
+        precision=precision,
+        recompute=recompute,
+        use_distributed_optimizer=use_distributed_optimizer,
+        memory=stages[most_loaded],
+        memory_stage=most_loaded,
+        flops_per_token=flops_per_token,
+        flops_per_step=flops_per_token * tokens_per_step,
+    )
+
+
+def format_dry_run(report: DryRunReport) -> str:
+    """The dry-run report as text (one fact per line, rank table capped at 16 rows)."""
+    model, par = report.model_cfg, report.parallel
+    tp, pp, dp = par.tensor_parallel, par.pipeline_parallel, report.data_parallel
+    padded = model.padded_vocab_size(tp)
+    non_embedding = model.num_parameters(include_embedding=False)
+    on_off = {True: "on", False: "off"}
+    lines = [
+        "megatron_conan dry run",
+        f"model: {report.parameters:,} parameters ({non_embedding:,} non-embedding; vocab "
+        f"{model.vocab_size:,} padded to {padded:,}); {model.num_layers} layers, hidden "
+        f"{model.hidden_size}",
+        f"parallel layout: world {report.world_size} = TP {tp} x PP {pp} x DP {dp}",
+        f"  sequence parallel: {on_off[par.sequence_parallel]} (SP size {tp if par.sequence_parallel else 1}); "
+        f"distributed optimizer: {on_off[report.use_distributed_optimizer]}; "
+        f"layers per pipeline stage: {model.num_layers // pp}",
+        f"  rank -> (tp, pp, dp), megatron-core order {MEGATRON_RANK_ORDER} (TP fastest):",
+    ]
+    for rank in range(min(report.world_size, _MAX_RANKS_SHOWN)):
+        coords = rank_coordinates(rank, par, report.world_size)
+        lines.append(f"    rank {rank:>4} -> tp {coords[0]}, pp {coords[1]}, dp {coords[2]}")
+    if report.world_size > _MAX_RANKS_SHOWN:
+        lines.append("    ...")
+    lines += [
+        f"batch: global {report.global_batch_size} sequences, micro {report.micro_batch_size}, "
+        f"DP {dp} -> gradient-accumulation steps {report.gradient_accumulation_steps}",
+        f"tokens per step: {report.tokens_per_step:,} ({report.global_batch_size} x "
+        f"{report.seq_length})",
+    ]
+    if report.token_budget is not None:
+        lines.append(f"steps for {report.token_budget:.3g} tokens: {report.steps_for_budget:,}")
+    lines += [
+        f"model FLOPs: {report.flops_per_token:.4g} per token, {report.flops_per_step:.4g} per "
+        f"step ({report.flops_per_step / report.world_size:.4g} per GPU)",
+        f"parameters per GPU (largest stage): {report.parameters_per_gpu:,}",
+        "memory per GPU (estimate"
+        + (f" for the most loaded pipeline stage, {report.memory_stage} of 0..{pp - 1}" if pp > 1 else "")
+        + f"; {report.precision}, recompute {report.recompute}; excludes CUDA context, NCCL and "
+        "allocator overhead):",
+    ]
+    for name in ("weights", "gradients", "optimizer", "activations", "total"):
+        lines.append(f"  {name:<12} {report.memory[name] / _GIB:8.2f} GiB")
+    return "\n".join(lines)
