@@ -119,6 +119,37 @@ __device__ __forceinline__ void store_row(scalar_t* base, int64_t stride_s, int 
   }
 }
 
+// Both tiles of one step of a tile loop; the leading barrier lets the previous step finish reading.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_tile_pair(float (*tile_a)[kMaxHeadDim], float (*tile_b)[kMaxHeadDim],
+                                                const scalar_t* base_a, const scalar_t* base_b, int64_t stride_a,
+                                                int64_t stride_b, int first, int L, int head_dim) {
+  __syncthreads();
+  stage_tile(tile_a, base_a, stride_a, first, L, head_dim);
+  stage_tile(tile_b, base_b, stride_b, first, L, head_dim);
+  __syncthreads();
+}
+
+// A thread block owning query rows [start_m, start_m + kBlockRows) of head h of sequence bz
+// (grid (ceil(s / kBlockRows), b * hq)).
+struct QueryBlock {
+  int bh, bz, h, kvh, L, start_m;
+
+  __device__ QueryBlock(const int* lengths, int heads, int group)
+      : bh(blockIdx.y),
+        bz(blockIdx.y / heads),
+        h(blockIdx.y % heads),
+        kvh(blockIdx.y % heads / group),
+        L(lengths[blockIdx.y / heads]),
+        start_m(blockIdx.x * kBlockRows) {}
+
+  // End of the keys to visit: up to the diagonal, or up to L when a valid row has m_i > 0.
+  __device__ int key_end(bool block_open) const {
+    if (start_m >= L) return 0;
+    return block_open ? L : min(start_m + kBlockRows, L);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Forward: grid (ceil(s / kBlockRows), b * hq).
 
@@ -133,15 +164,11 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float v_tile[kTile][kMaxHeadDim];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int bh = blockIdx.y;
-  const int bz = bh / heads;
-  const int h = bh % heads;
-  const int kvh = h / group;
-  const int L = lengths[bz];
-  const int start_m = blockIdx.x * kBlockRows;
+  const QueryBlock blk(lengths, heads, group);
+  const int bh = blk.bh, bz = blk.bz, h = blk.h, L = blk.L, start_m = blk.start_m;
+  const scalar_t* k_base = k + bz * sk.b + blk.kvh * sk.h;
+  const scalar_t* v_base = v + bz * sv.b + blk.kvh * sv.h;
   const scalar_t* q_base = q + bz * sq.b + h * sq.h;
-  const scalar_t* k_base = k + bz * sk.b + kvh * sk.h;
-  const scalar_t* v_base = v + bz * sv.b + kvh * sv.h;
 
   float q_row[kRowsPerWarp][kDPL];
   float acc[kRowsPerWarp][kDPL];
@@ -161,15 +188,9 @@ __global__ void __launch_bounds__(kThreads)
     row_max[r] = -CUDART_INF_F;
     row_sum[r] = 0.f;
   }
-  const bool block_open = __syncthreads_or(any_open);
-  const int causal_end = min(start_m + kBlockRows, L);
-  const int key_end = start_m >= L ? 0 : (block_open ? L : causal_end);
-
+  const int key_end = blk.key_end(__syncthreads_or(any_open));
   for (int first = 0; first < key_end; first += kTile) {
-    __syncthreads();  // the previous tile is consumed
-    stage_tile(k_tile, k_base, sk.s, first, L, head_dim);
-    stage_tile(v_tile, v_base, sv.s, first, L, head_dim);
-    __syncthreads();
+    stage_tile_pair(k_tile, v_tile, k_base, v_base, sk.s, sv.s, first, L, head_dim);
     if (block_counter != nullptr && threadIdx.x == 0) atomicAdd(block_counter, 1);
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -247,14 +268,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float v_tile[kTile][kMaxHeadDim];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int bh = blockIdx.y;
-  const int bz = bh / heads;
-  const int h = bh % heads;
-  const int kvh = h / group;
-  const int L = lengths[bz];
-  const int start_m = blockIdx.x * kBlockRows;
-  const scalar_t* k_base = k + bz * sk.b + kvh * sk.h;
-  const scalar_t* v_base = v + bz * sv.b + kvh * sv.h;
+  const QueryBlock blk(lengths, heads, group);
+  const int bh = blk.bh, bz = blk.bz, h = blk.h, L = blk.L, start_m = blk.start_m;
+  const scalar_t* k_base = k + bz * sk.b + blk.kvh * sk.h;
+  const scalar_t* v_base = v + bz * sv.b + blk.kvh * sv.h;
 
   float q_row[kRowsPerWarp][kDPL];
   float do_row[kRowsPerWarp][kDPL];
@@ -277,15 +294,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < kDPL; ++e) dq_acc[r][e] = 0.f;
   }
-  const bool block_open = __syncthreads_or(any_open);
-  const int causal_end = min(start_m + kBlockRows, L);
-  const int key_end = start_m >= L ? 0 : (block_open ? L : causal_end);
-
+  const int key_end = blk.key_end(__syncthreads_or(any_open));
   for (int first = 0; first < key_end; first += kTile) {
-    __syncthreads();
-    stage_tile(k_tile, k_base, sk.s, first, L, head_dim);
-    stage_tile(v_tile, v_base, sv.s, first, L, head_dim);
-    __syncthreads();
+    stage_tile_pair(k_tile, v_tile, k_base, v_base, sk.s, sv.s, first, L, head_dim);
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int i = start_m + warp * kRowsPerWarp + r;
@@ -361,9 +372,7 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* q_base = q + bz * sq.b + h * sq.h;
     const scalar_t* do_base = grad_out + bz * sdo.b + h * sdo.h;
     for (int first = 0; first < query_end; first += kTile) {
-      __syncthreads();
-      stage_tile(q_tile, q_base, sq.s, first, L, head_dim);
-      stage_tile(do_tile, do_base, sdo.s, first, L, head_dim);
+      stage_tile_pair(q_tile, do_tile, q_base, do_base, sq.s, sdo.s, first, L, head_dim);
       bool open = false;
       if (threadIdx.x < kTile) {
         const int i = first + threadIdx.x;
@@ -374,7 +383,8 @@ __global__ void __launch_bounds__(kThreads)
         lse_tile[threadIdx.x] = valid ? lse[bh * seq + i] : CUDART_INF_F;
         delta_tile[threadIdx.x] = valid ? delta[bh * seq + i] : 0.f;
       }
-      // Rows of a tile that ends before this key block see its keys only through m_i.
+      // Rows of a tile that ends before this key block see its keys only through m_i. (The barrier
+      // also publishes the per-row values written above.)
       const bool tile_open = __syncthreads_or(open);
       if (first + kTile <= start_n && !tile_open) continue;  // block-uniform
 #pragma unroll
