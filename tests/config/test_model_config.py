@@ -77,6 +77,7 @@ def test_unknown_transformer_override_is_named():
         build_transformer_config(tiny(), ParallelConfig(), transformer_overrides={"not_a_field": 1})
 
 
-def test_interleaved_pipeline_is_refused_until_validated():
+
+def test_virtual_pipeline_needs_a_pipeline():
     with pytest.raises(ConfigError, match="virtual_pipeline_parallel"):
-        ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2)
+        ParallelConfig(pipeline_parallel=1, virtual_pipeline_parallel=2)

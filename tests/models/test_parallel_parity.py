@@ -66,6 +66,7 @@ def test_two_process_layouts_equal_single_process(single_process):
     layouts = [
         Layout(tensor_parallel=2),
         Layout(pipeline_parallel=2),
+        Layout(pipeline_parallel=2, virtual_pipeline_parallel=2),  # interleaved 1F1B
         Layout(tensor_parallel=2, sequence_parallel=True),
     ]
     per_rank = run_distributed(layouts_body, 2, args=(layouts, reference["initial"]))
