@@ -63,7 +63,10 @@ setup(
         "dev": ["pytest", "pytest-timeout", "triton==3.9.0"],
         "triton": ["triton"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "conan-pretrain=megatron_conan.training.pretrain:main",
+        "conan-sft=megatron_conan.training.sft:main",
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

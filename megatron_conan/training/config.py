@@ -87,6 +87,8 @@ class TrainSection:
     """Stop after this many non-finite losses in a row."""
     exit_after_steps: Optional[int] = None
     """Stop (after a checkpoint) once this step is reached: for tests and time-sliced jobs."""
+    wandb_project: Optional[str] = None
+    """Also log to this W&B project when the `wandb` package is installed (TensorBoard always)."""
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp16", "fp32"):

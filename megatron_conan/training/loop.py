@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_conan.config.loader import dump_config
+from megatron_conan.config.loader import dump_config, to_dict
 from megatron_conan.config.model import build_transformer_config
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
@@ -199,8 +199,9 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
     from megatron_conan.training.estimate import model_flops_per_token
     from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, TrainingLogger, memory_metrics
 
-    is_writer = (rank == dist.get_world_size() - 1)  # last PP stage, and a DP/TP rank of it
-    metrics = TrainingLogger(os.path.join(cfg.run_dir, "tensorboard"), is_writer=is_writer)
+    metrics = TrainingLogger(os.path.join(cfg.run_dir, "tensorboard"),
+                             use_wandb=cfg.train.wandb_project is not None, wandb_project=cfg.train.wandb_project,
+                             run_config=to_dict(cfg))
     meter = ThroughputMeter(model_flops_per_token(model_config, cfg.train.seq_length), dist.get_world_size())
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
     if latest is not None and "nonfinite" in common.get("extra", {}):
