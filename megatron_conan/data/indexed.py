@@ -1,0 +1,237 @@
+"""Writing megatron-core indexed datasets (.bin/.idx) atomically, and merging shards.
+
+The format is megatron-core's (`megatron.core.datasets.indexed_dataset`, read with its
+`IndexedDataset`): `.bin` holds the token ids of every sequence back to back in one dtype; `.idx`
+holds a header (magic, version 1, dtype code), the sequence and document counts, then int32
+sequence lengths, int64 byte offsets and int64 document boundaries (sequence indices, starting at
+0). We write it with numpy in chunks instead of megatron's `IndexedDatasetBuilder`, whose per-item
+Python loop and per-sequence pointer loop dominate preprocessing time at scale.
+
+Atomicity: every output is written under a temporary name (`<final>.tmp-<pid>`) and renamed into
+place only when all of it is complete; the `.idx` is renamed last and is the marker of a complete
+dataset. An exception (strict-mode stop, SIGTERM, Ctrl-C) removes the temporaries; a SIGKILL can
+leave `*.tmp-<pid>` files but never a final `.bin`/`.idx` pair that looks complete.
+"""
+
+import contextlib
+import os
+import signal
+import struct
+from typing import Dict, Iterator, List, Optional, Sequence, Type
+
+import numpy
+
+from megatron.core.datasets.indexed_dataset import (
+    _INDEX_HEADER,
+    DType,
+    IndexedDataset,
+    get_bin_path,
+    get_idx_path,
+)
+
+_INDEX_VERSION = 1
+_COPY_CHUNK_BYTES = 64 << 20
+
+
+def token_dtype_for_vocab(vocab_size: int) -> Type[numpy.number]:
+    """uint16 when every id fits (megatron-core's rule: vocab < 65500), else int32."""
+    return DType.optimal_dtype(vocab_size)
+
+
+def parse_dtype(name: str, vocab_size: int) -> Type[numpy.number]:
+    """`auto` picks from the vocab size; `uint16`/`int32` force a dtype (checked against it)."""
+    if name == "auto":
+        return token_dtype_for_vocab(vocab_size)
+    dtype = {"uint16": numpy.uint16, "int32": numpy.int32}.get(name)
+    if dtype is None:
+        raise ValueError(f"dtype must be auto, uint16 or int32, got {name!r}")
+    if vocab_size - 1 > numpy.iinfo(dtype).max:
+        raise ValueError(f"dtype {name} cannot hold ids of a vocab of {vocab_size}")
+    return dtype
+
+
+class AtomicFiles:
+    """Temporary names for a set of output files, renamed into place together by `commit()`.
+
+    Paths are renamed in the order given, so the last one marks completeness. Existing final files
+    are removed marker-first before anything is renamed, so a crash during commit never pairs a new
+    file with an old marker.
+    """
+
+    def __init__(self, final_paths: Sequence[str]):
+        self.final_paths = list(final_paths)
+        self.temporary: Dict[str, str] = {
+            path: f"{path}.tmp-{os.getpid()}" for path in self.final_paths}
+
+    def tmp(self, final_path: str) -> str:
+        return self.temporary[final_path]
+
+    def commit(self) -> None:
+        for path in self.final_paths:
+            with open(self.temporary[path], "rb+") as stream:
+                os.fsync(stream.fileno())
+        for path in reversed(self.final_paths):
+            if os.path.lexists(path):
+                os.remove(path)
+        for path in self.final_paths:
+            os.replace(self.temporary[path], path)
+
+    def abort(self) -> None:
+        for path in self.temporary.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def write_index(stream, dtype: Type[numpy.number], sequence_lengths: numpy.ndarray,
+                document_indices: numpy.ndarray) -> None:
+    """Writes megatron-core's .idx layout (see the module docstring) to an open binary stream."""
+    sequence_lengths = numpy.ascontiguousarray(sequence_lengths, dtype=numpy.int32)
+    pointers = numpy.zeros(len(sequence_lengths), dtype=numpy.int64)
+    if len(sequence_lengths) > 1:
+        numpy.cumsum(sequence_lengths[:-1], dtype=numpy.int64, out=pointers[1:])
+    pointers *= numpy.dtype(dtype).itemsize
+    stream.write(_INDEX_HEADER)
+    stream.write(struct.pack("<Q", _INDEX_VERSION))
+    stream.write(struct.pack("<B", DType.code_from_dtype(dtype)))
+    stream.write(struct.pack("<Q", len(sequence_lengths)))
+    stream.write(struct.pack("<Q", len(document_indices)))
+    stream.write(sequence_lengths.tobytes(order="C"))
+    stream.write(pointers.tobytes(order="C"))
+    stream.write(numpy.ascontiguousarray(document_indices, dtype=numpy.int64).tobytes(order="C"))
+
+
+class IndexedDatasetWriter:
+    """Appends batches of sequences to `<prefix>.bin` and writes `<prefix>.idx` on `commit()`.
+
+    `extra_suffixes` name further files (`<prefix><suffix>`) that belong to the same atomic output;
+    write them at `writer.tmp_path(suffix)` before `commit()`. Use as a context manager: leaving the
+    block with an exception aborts, leaving it normally without `commit()` aborts too.
+    """
+
+    def __init__(self, prefix: str, dtype: Type[numpy.number], extra_suffixes: Sequence[str] = ()):
+        self.prefix = prefix
+        self.dtype = numpy.dtype(dtype).type
+        directory = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(directory, exist_ok=True)
+        self._files = AtomicFiles([get_bin_path(prefix)]
+                                  + [prefix + suffix for suffix in extra_suffixes]
+                                  + [get_idx_path(prefix)])
+        self._bin = open(self._files.tmp(get_bin_path(prefix)), "wb")
+        self._length_chunks: List[numpy.ndarray] = []
+        self._document_end_chunks: List[numpy.ndarray] = [numpy.zeros(1, dtype=numpy.int64)]
+        self.num_sequences = 0
+        self.num_documents = 0
+        self.num_tokens = 0
+        self._done = False
+
+    def tmp_path(self, suffix: str) -> str:
+        return self._files.tmp(self.prefix + suffix)
+
+    def add_batch(self, tokens: numpy.ndarray, sequence_lengths: numpy.ndarray,
+                  sequences_per_document: numpy.ndarray) -> None:
+        """tokens: all sequences back to back; sequence_lengths: [num_sequences];
+        sequences_per_document: [num_documents], summing to num_sequences."""
+        tokens = numpy.ascontiguousarray(tokens, dtype=self.dtype)
+        sequence_lengths = numpy.asarray(sequence_lengths, dtype=numpy.int32)
+        sequences_per_document = numpy.asarray(sequences_per_document, dtype=numpy.int64)
+        if int(sequence_lengths.sum()) != len(tokens):
+            raise ValueError("sequence lengths do not add up to the number of tokens")
+        if int(sequences_per_document.sum()) != len(sequence_lengths):
+            raise ValueError("sequences per document do not add up to the number of sequences")
+        self._bin.write(tokens.tobytes(order="C"))
+        self._length_chunks.append(sequence_lengths)
+        self._document_end_chunks.append(self.num_sequences + numpy.cumsum(sequences_per_document))
+        self.num_sequences += len(sequence_lengths)
+        self.num_documents += len(sequences_per_document)
+        self.num_tokens += len(tokens)
+
+    def add_document(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Convenience for small writers: one document made of `sequences`."""
+        lengths = numpy.array([len(sequence) for sequence in sequences], dtype=numpy.int32)
+        flat = numpy.fromiter((token for sequence in sequences for token in sequence),
+                              dtype=self.dtype, count=int(lengths.sum()))
+        self.add_batch(flat, lengths, numpy.array([len(sequences)]))
+
+    def append_indexed(self, prefix: str) -> None:
+        """Appends a whole existing indexed dataset (used to merge shards)."""
+        source = IndexedDataset(prefix, mmap=True)
+        if numpy.dtype(source.index.dtype) != numpy.dtype(self.dtype):
+            raise ValueError(f"{prefix}: dtype {numpy.dtype(source.index.dtype).name} differs "
+                             f"from the output's {numpy.dtype(self.dtype).name}")
+        lengths = numpy.array(source.sequence_lengths, dtype=numpy.int32)
+        per_document = numpy.diff(numpy.array(source.document_indices, dtype=numpy.int64))
+        del source
+        with open(get_bin_path(prefix), "rb") as stream:
+            copied = 0
+            while chunk := stream.read(_COPY_CHUNK_BYTES):
+                self._bin.write(chunk)
+                copied += len(chunk)
+        itemsize = numpy.dtype(self.dtype).itemsize
+        if copied != int(lengths.sum()) * itemsize:
+            raise ValueError(f"{prefix}: .bin has {copied} bytes, .idx describes "
+                             f"{int(lengths.sum()) * itemsize}")
+        self._length_chunks.append(lengths)
+        self._document_end_chunks.append(self.num_sequences + numpy.cumsum(per_document))
+        self.num_sequences += len(lengths)
+        self.num_documents += len(per_document)
+        self.num_tokens += int(lengths.sum())
+
+    def commit(self) -> None:
+        """Writes the .idx and renames every output into place (the .idx last)."""
+        self._bin.close()
+        lengths = (numpy.concatenate(self._length_chunks) if self._length_chunks
+                   else numpy.zeros(0, dtype=numpy.int32))
+        with open(self._files.tmp(get_idx_path(self.prefix)), "wb") as stream:
+            write_index(stream, self.dtype, lengths, numpy.concatenate(self._document_end_chunks))
+        self._files.commit()
+        self._done = True
+
+    def abort(self) -> None:
+        self._bin.close()
+        self._files.abort()
+        self._done = True
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if not self._done:
+            self.abort()
+
+
+def merge_indexed_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatasetWriter:
+    """Concatenates indexed datasets written in parallel into one, atomically. All inputs must
+    share one dtype. Returns the (committed) writer, whose counters describe the result."""
+    if not prefixes:
+        raise ValueError("nothing to merge")
+    for prefix in prefixes:
+        if not IndexedDataset.exists(prefix):
+            raise FileNotFoundError(f"no complete indexed dataset at {prefix} (.bin + .idx)")
+    first = IndexedDataset(prefixes[0], mmap=True)
+    dtype = first.index.dtype
+    del first
+    with IndexedDatasetWriter(output_prefix, dtype) as writer:
+        for prefix in prefixes:
+            writer.append_indexed(prefix)
+        writer.commit()
+    return writer
+
+
+@contextlib.contextmanager
+def sigterm_raises_system_exit() -> Iterator[None]:
+    """Turns SIGTERM (what SLURM and `kill` send) into SystemExit, so that `finally` blocks and
+    context managers remove partial outputs. Only in the main thread; restored afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous: Optional[object] = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

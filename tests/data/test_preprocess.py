@@ -1,0 +1,221 @@
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+import zstandard
+
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron_conan.data.indexed import merge_indexed_datasets, token_dtype_for_vocab
+from megatron_conan.data.jsonl import BadLineKind, StrictModeError
+from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
+
+
+def _texts(path):
+    return [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
+
+
+def _expected(tokenizer, texts):
+    return [tokenizer.encode(text) + [tokenizer.eod] for text in texts]
+
+
+def _read_back(prefix):
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[index].tolist() for index in range(len(dataset))], dataset
+
+
+def _run(inputs, prefix, tokenizer_model, **options):
+    options.setdefault("progress", False)
+    return preprocess_jsonl(PreprocessConfig([str(path) for path in inputs], str(prefix),
+                                             tokenizer_model, **options))
+
+
+def test_dtype_follows_vocab_size():
+    assert token_dtype_for_vocab(1000) == numpy.uint16
+    assert token_dtype_for_vocab(150_000) == numpy.int32
+
+
+@pytest.mark.parametrize("workers,dtype", [(1, "auto"), (2, "auto"), (1, "int32"), (2, "int32")])
+def test_round_trip(corpus_dir, tokenizer, tokenizer_model, tmp_path, workers, dtype):
+    source = corpus_dir / "mixed.jsonl"
+    result = _run([source], tmp_path / "out", tokenizer_model, workers=workers, dtype=dtype,
+                  batch_lines=37)  # many small work items, so the order across workers matters
+    expected = _expected(tokenizer, _texts(source))
+    stored, dataset = _read_back(tmp_path / "out")
+    assert stored == expected
+    assert dataset.index.dtype == (numpy.uint16 if dtype == "auto" else numpy.int32)
+    assert list(dataset.document_indices) == list(range(len(expected) + 1))
+    assert (result.documents, result.tokens) == (len(expected), sum(map(len, expected)))
+    assert result.bad_lines.total == 0
+
+
+def test_compressed_inputs_and_merge(corpus_dir, tokenizer, tokenizer_model, tmp_path):
+    texts = _texts(corpus_dir / "mixed.jsonl")
+    lines = [json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts]
+    halves = [tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.zst"]
+    with gzip.open(halves[0], "wt", encoding="utf-8") as stream:
+        stream.writelines(lines[:150])
+    with zstandard.open(halves[1], "wt", encoding="utf-8") as stream:
+        stream.writelines(lines[150:])
+    for index, half in enumerate(halves):
+        _run([half], tmp_path / f"shard{index}", tokenizer_model)
+    merged = merge_indexed_datasets([str(tmp_path / "shard0"), str(tmp_path / "shard1")],
+                                    str(tmp_path / "merged"))
+    stored, dataset = _read_back(tmp_path / "merged")
+    assert stored == _expected(tokenizer, texts)
+    assert merged.num_documents == len(texts)
+    assert list(dataset.document_indices) == list(range(len(texts) + 1))
+    # one run over both inputs gives the same files as the merge of the two shards
+    _run(halves, tmp_path / "together", tokenizer_model)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"together{suffix}").read_bytes() == (
+            tmp_path / f"merged{suffix}").read_bytes()
+
+
+def test_merge_refuses_mixed_dtypes(corpus_dir, tokenizer_model, tmp_path):
+    _run([corpus_dir / "mixed.jsonl"], tmp_path / "small", tokenizer_model)
+    _run([corpus_dir / "mixed.jsonl"], tmp_path / "wide", tokenizer_model, dtype="int32")
+    with pytest.raises(ValueError, match="dtype"):
+        merge_indexed_datasets([str(tmp_path / "small"), str(tmp_path / "wide")],
+                               str(tmp_path / "merged"))
+    assert not IndexedDataset.exists(str(tmp_path / "merged"))
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+BAD_LINES = [
+    (b'{"text": "good one"}', None),
+    (b'{"text": "bad \xff\xfe bytes"}', BadLineKind.INVALID_UTF8),
+    (b'{"text": "lone \\ud800 surrogate"}', BadLineKind.INVALID_UTF8),
+    (b'{"text": "unterminated', BadLineKind.MALFORMED_JSON),
+    (b'["a", "list"]', BadLineKind.MALFORMED_JSON),
+    (b'{"body": "no text field"}', BadLineKind.MISSING_FIELD),
+    (b'{"text": null}', BadLineKind.MISSING_FIELD),
+    (b'{"text": 42}', BadLineKind.NON_STRING_FIELD),
+    (b'{"text": ["a"]}', BadLineKind.NON_STRING_FIELD),
+    (b'{"text": ""}', BadLineKind.EMPTY_TEXT),
+    (b'{"text": "   \\n "}', BadLineKind.EMPTY_TEXT),
+    (b'{"text": "' + b"x" * 300 + b'"}', BadLineKind.TOO_LONG),
+    (b"   ", BadLineKind.BLANK_LINE),
+    (b'{"text": "good two"}', None),
+]
+
+
+def _write_bad_input(path):
+    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_bad_kind_is_counted_and_located(tokenizer, tokenizer_model, tmp_path, workers):
+    source = tmp_path / "bad.jsonl"
+    _write_bad_input(source)
+    result = _run([source], tmp_path / "out", tokenizer_model, workers=workers,
+                  max_line_bytes=200, max_bad_line_examples=1)
+    expected_kinds = [kind for _, kind in BAD_LINES if kind is not None]
+    for kind in set(expected_kinds):
+        assert result.bad_lines.count(kind) == expected_kinds.count(kind), kind
+        first_line = 1 + next(number for number, (_, line_kind) in enumerate(BAD_LINES)
+                              if line_kind == kind)
+        [example] = result.bad_lines.examples[kind]  # only the first is kept (max 1)
+        assert (example.path, example.line_number) == (str(source), first_line)
+    assert result.lines == len(BAD_LINES)
+    assert result.documents + result.bad_lines.total == result.lines  # nothing dropped silently
+    stored, _ = _read_back(tmp_path / "out")
+    assert stored == _expected(tokenizer, ["good one", "good two"])
+    report = result.format()
+    assert f"{source}:2: invalid_utf8" in report and "... 1 more" in report
+
+
+def test_strict_stops_with_nonzero_exit_and_no_output(tokenizer_model, tmp_path, scripts, capsys):
+    source = tmp_path / "bad.jsonl"
+    _write_bad_input(source)
+    with pytest.raises(StrictModeError, match=r"bad\.jsonl:2: invalid_utf8"):
+        _run([source], tmp_path / "lib", tokenizer_model, strict=True)
+    tool = scripts("tools/preprocess_data.py")
+    code = tool.main(["--input", str(source), "--output-prefix", str(tmp_path / "cli"),
+                      "--tokenizer-model", tokenizer_model, "--strict", "--no-progress",
+                      "--workers", "2"])
+    assert code == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_all_bad_input_is_an_error_without_output(tokenizer_model, tmp_path, scripts, capsys):
+    source = tmp_path / "bad.jsonl"
+    source.write_bytes(b'{"text": ""}\n{oops\n')
+    tool = scripts("tools/preprocess_data.py")
+    assert tool.main(["--input", str(source), "--output-prefix", str(tmp_path / "out"),
+                      "--tokenizer-model", tokenizer_model, "--no-progress"]) == 1
+    assert "empty_text: 1" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_failure_midway_leaves_nothing_and_keeps_old_output(corpus_dir, tokenizer_model,
+                                                             tmp_path):
+    prefix = tmp_path / "out"
+    _run([corpus_dir / "mixed.jsonl"], prefix, tokenizer_model)
+    before = (prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes())
+    bad = tmp_path / "late_error.jsonl"
+    bad.write_text(open(corpus_dir / "mixed.jsonl", encoding="utf-8").read() + "{oops\n",
+                   encoding="utf-8")
+    with pytest.raises(StrictModeError):
+        _run([bad], prefix, tokenizer_model, strict=True, batch_lines=50)
+    assert (prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes()) == before
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir, repo_root):
+    """Starts the tool on a named pipe and feeds it half the corpus, leaving the pipe open so the
+    tool is stuck mid-way; returns (process, pipe writer, output prefix)."""
+    fifo = tmp_path / "input.jsonl"
+    os.mkfifo(fifo)
+    prefix = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(repo_root, "tools", "preprocess_data.py"), "--input",
+         str(fifo), "--output-prefix", str(prefix), "--tokenizer-model", tokenizer_model,
+         "--batch-lines", "10", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer = open(fifo, "w", encoding="utf-8")
+    lines = open(corpus_dir / "mixed.jsonl", encoding="utf-8").readlines()
+    writer.writelines(lines[:200])
+    writer.flush()
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("out.bin.tmp-*")):  # the tool has started writing
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the tool never started writing"
+        time.sleep(0.05)
+    return process, writer, prefix
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_leaves_no_complete_looking_output(corpus_dir, tokenizer_model, tmp_path, sig,
+                                                      repo_root):
+    process, writer, prefix = _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir,
+                                                  repo_root)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    writer.close()
+    assert process.returncode != 0
+    assert not IndexedDataset.exists(str(prefix))
+    assert not os.path.exists(f"{prefix}.bin") and not os.path.exists(f"{prefix}.idx")
+    if sig == signal.SIGTERM:  # a catchable signal also removes the temporaries
+        assert not list(tmp_path.glob("out*.tmp-*"))
+
+
+def test_tool_reports_and_writes_json(corpus_dir, tokenizer_model, tmp_path, scripts, capsys):
+    tool = scripts("tools/preprocess_data.py")
+    report = tmp_path / "report.json"
+    assert tool.main(["--input", str(corpus_dir / "mixed.jsonl"), "--output-prefix",
+                      str(tmp_path / "out"), "--tokenizer-model", tokenizer_model,
+                      "--no-progress", "--report-json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "documents" in out and "tokens/s" in out and "MB/s" in out
+    summary = json.loads(report.read_text())
+    assert summary["documents"] == 400 and summary["bad_lines"]["total"] == 0
+    assert tool.main(["--merge", str(tmp_path / "out"), str(tmp_path / "out"),
+                      "--output-prefix", str(tmp_path / "twice")]) == 0
+    assert len(IndexedDataset(str(tmp_path / "twice"))) == 800
