@@ -1,0 +1,50 @@
+"""Contrastive JSONL (pair, retrieval, clr, classification, sts) -> tokenized contrastive store.
+
+    python tools/tokenize_contrastive.py --input pairs.jsonl.zst --output-prefix data/pairs \
+        --tokenizer-model tok/conan.model --workers 16
+
+Writes <prefix>.bin/.idx/.examples.npy/.meta.json (see megatron_conan/data/README.md). Exit
+status 2 when --strict stopped at a bad line, 1 when no line was usable; no output is left on
+failure.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as `python tools/tokenize_contrastive.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True)
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--tokenizer-model", required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto")
+    parser.add_argument("--max-line-bytes", type=int, default=16 << 20)
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad line")
+    parser.add_argument("--max-bad-line-examples", type=int, default=10)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-json", help="also write the final report as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from megatron_conan.data.preprocess import PreprocessConfig, run_and_report
+
+    config = PreprocessConfig(
+        inputs=args.input, output_prefix=args.output_prefix,
+        tokenizer_model=args.tokenizer_model, format="contrastive", workers=args.workers,
+        dtype=args.dtype, max_line_bytes=args.max_line_bytes, strict=args.strict,
+        max_bad_line_examples=args.max_bad_line_examples, progress=not args.no_progress)
+    return run_and_report(config, args.report_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
