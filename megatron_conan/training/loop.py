@@ -191,9 +191,12 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
         logger.info("initialised weights from %s", source)
 
     global_batch = cfg.train.global_batch_size
+    # Every evaluation reads the same first `eval_steps` global batches of the validation split.
     eval_batches = cfg.train.eval_steps if cfg.train.eval_interval else 0
-    train_ds, valid_ds = build_datasets(cfg, model_config, total_steps * global_batch,
-                                        eval_batches * global_batch * max(1, total_steps // max(cfg.train.eval_interval, 1)))
+    train_ds, valid_ds = build_datasets(cfg, model_config, total_steps * global_batch, eval_batches * global_batch)
+    if eval_batches and (valid_ds is None or len(valid_ds) == 0):
+        raise ValueError("train.eval_interval is set but the data has no validation split "
+                         "(data.split / data.blend.split gives it no share)")
     dp_rank = parallel_state.get_data_parallel_rank()
 
     from megatron_conan.training.estimate import model_flops_per_token
