@@ -106,7 +106,12 @@ def _layout() -> Dict[str, int]:
 def _sharded(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # fully_reshardable: the distributed optimizer's state in a layout-free form, so a
+        # checkpoint loads under any TP/PP/DP (its default format is refused by dist_checkpointing).
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True},
+        )
     return state
 
 
@@ -179,6 +184,41 @@ def check_model_config(saved: Dict[str, Any], current: ConanModelConfig, path: s
         )
 
 
+def _materialise_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state (torch Adam creates it lazily) and cannot
+    describe its sharded state for loading: give it placeholder state, overwritten by the load."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _keep_torch_adam_step_on_load(optimizer) -> None:
+    """megatron-core 0.16.1, distributed optimizer over torch's Adam (no Apex / TE), two load bugs:
+    the fully-reshardable load copies every per-parameter state entry from the checkpoint, but
+    torch's per-parameter ``step`` is kept elsewhere in that format (KeyError 'step'); and the step
+    that ``load_state_dict`` restores is one tensor shared by all parameters, so Adam's in-place
+    increments corrupt the bias correction after a resume. Each parameter keeps its own copy of the
+    restored step."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(inner, "_set_main_param_and_optimizer_states") or inner.config.use_precision_aware_optimizer:
+            continue
+        original = inner._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, inner=inner, original=original):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            state = inner.optimizer.state[main_param]
+            if "step" in state:
+                # load_state_dict gives every parameter the *same* step tensor, which torch's Adam
+                # then increments in place once per parameter: each needs its own.
+                state["step"] = state["step"].clone()
+                if "step" not in tensors:
+                    tensors = {**tensors, "step": state["step"]}
+            return original(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = set_states
+
+
 def load_checkpoint(
     path: str,
     chunks: List[torch.nn.Module],
@@ -192,6 +232,8 @@ def load_checkpoint(
     check_model_config(common["model_config"], model_config, path)
     with open(os.path.join(path, "layout.json"), encoding="utf-8") as handle:
         saved_layout = json.load(handle)
+    if not weights_only:
+        _materialise_optimizer_state(optimizer)
     state = _sharded(chunks, None if weights_only else optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, os.path.join(path, "model_optim"))
     if len(chunks) == 1:
@@ -201,6 +243,7 @@ def load_checkpoint(
             unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
     if weights_only:
         return {"step": 0, "consumed_samples": 0, "extra": {}}
+    _keep_torch_adam_step_on_load(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])

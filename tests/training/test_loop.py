@@ -222,3 +222,30 @@ def test_non_finite_losses_skip_steps_then_stop_without_checkpointing(tmp_path):
                 "train.max_consecutive_nonfinite=2"), (3, 4, 5)))[0]
     assert message is not None and "NonFiniteLossError" in message, message
     assert (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+
+
+def _precisions_body(rank, world_size, base_dir):
+    results = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        cfg = _config(os.path.join(base_dir, precision), "train.train_steps=4", f"train.precision={precision}",
+                      "parallel.use_distributed_optimizer=true", "train.recompute=selective")
+        results[precision] = _train_body(rank, world_size, cfg)["losses"]
+    return results
+
+
+def test_bf16_and_fp16_with_the_distributed_optimizer_track_fp32(tmp_path):
+    results = run_distributed(_precisions_body, 2, args=(str(tmp_path),))[0]
+    for precision in ("bf16", "fp16"):
+        for step in range(1, 5):
+            assert abs(results[precision][step] - results["fp32"][step]) < 0.05, (precision, step, results)
+
+
+def test_distributed_optimizer_state_resumes_under_another_layout(tmp_path):
+    base = ["checkpoint.save_interval=3", "checkpoint.keep_last=5", "parallel.use_distributed_optimizer=true",
+            "train.train_steps=6"]
+    full = run_distributed(_train_body, 2, args=(_config(tmp_path / "full", *base),))[0]
+    first = run_distributed(_train_body, 2, args=(_config(tmp_path / "moved", "train.exit_after_steps=3", *base),))[0]
+    assert first["steps"] == 3
+    second = run_distributed(_train_body, 4, args=(_config(tmp_path / "moved", "parallel.tensor_parallel=2", *base),))[0]
+    for step in (4, 5, 6):
+        assert abs(second["losses"][step] - full["losses"][step]) < 1e-5, (step, second, full)
