@@ -19,6 +19,22 @@ class ModelSection:
     """ConanModelConfig fields to change (e.g. vocab_size to match a tokenizer)."""
     transformer_overrides: Dict[str, Any] = field(default_factory=dict)
     """Extra megatron-core TransformerConfig fields (e.g. recompute_granularity)."""
+    soft_mask: Optional[Dict[str, Any]] = None
+    """SoftMaskConfig fields: use the soft-mask attention kernel as core attention (stages 3-4;
+    the loop moves a(t) with the step and checkpoints the schedule). None: megatron-core's."""
+
+    def core_attention(self):
+        """The core-attention spec for the model builder (None: the builder's default)."""
+        if self.soft_mask is None:
+            return None
+        from megatron_conan.ops.soft_mask_attention.core_attention import soft_mask_core_attention_spec
+        from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
+
+        try:
+            config = SoftMaskConfig(**self.soft_mask)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.soft_mask: {error}") from None
+        return soft_mask_core_attention_spec(config)
 
     def build(self) -> ConanModelConfig:
         cfg = model_recipe(self.recipe)

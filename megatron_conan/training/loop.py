@@ -29,6 +29,11 @@ from megatron_conan.config.loader import dump_config, to_dict
 from megatron_conan.config.model import build_transformer_config
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
+from megatron_conan.ops.soft_mask_attention.core_attention import (
+    get_soft_mask_state,
+    load_soft_mask_state,
+    set_soft_mask_step,
+)
 from megatron_conan.training import checkpointing
 from megatron_conan.training.config import RunConfig
 from megatron_conan.training.lm_step import lm_forward_step
@@ -168,7 +173,8 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     logger.info("%s", describe_layout())
 
-    chunks = wrap_model(build_model_chunks(model_config, transformer_config), transformer_config,
+    chunks = wrap_model(build_model_chunks(model_config, transformer_config, core_attention=cfg.model.core_attention()),
+                        transformer_config,
                         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     optimizer = build_optimizer(
         chunks, transformer_config, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, weight_decay=cfg.optimizer.weight_decay,
@@ -209,6 +215,8 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
     if latest is not None and "nonfinite" in common.get("extra", {}):
         guard.load_state_dict(common["extra"]["nonfinite"])
+    if latest is not None and common.get("extra", {}).get("soft_mask") is not None:
+        load_soft_mask_state(chunks, common["extra"]["soft_mask"])  # refuses a changed schedule
     losses: Dict[int, float] = {}
     preemption = PreemptionFlag()
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
@@ -217,11 +225,13 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
 
     def save():
         checkpointing.save_checkpoint(save_dir, step, chunks, optimizer, scheduler, model_config, consumed,
-                                      extra_state={"nonfinite": guard.state_dict()},
+                                      extra_state={"nonfinite": guard.state_dict(),
+                                                   "soft_mask": get_soft_mask_state(chunks)},
                                       keep_last=cfg.checkpoint.keep_last)
 
     while step < stop_at:
         started = time.perf_counter()
+        set_soft_mask_step(chunks, step)  # a(t) of this step (no-op without soft-mask layers)
         microbatches = step_microbatches(train_ds, consumed, global_batch, cfg.train.micro_batch_size,
                                          dp_rank, data_parallel)
         result = train_step(forward_step_func, [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
