@@ -95,8 +95,11 @@ def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], se
                         micro_batch_size=MICRO_BATCH)
     grads = gather_full_state_dict(wrapped, model_config, source="grad")
     updated = gather_full_state_dict(wrapped, model_config)
+    attention = chunks[0].decoder.layers[0].self_attention
     return {"layout": str(layout), "loss": result.loss, "grad_norm": result.grad_norm,
-            "initial": initial, "grads": grads, "updated": updated}
+            "initial": initial, "grads": grads, "updated": updated,
+            "kv_groups_per_rank": attention.num_query_groups_per_partition,
+            "qkv_rows_per_rank": attention.linear_qkv.weight.shape[0]}
 
 
 def layouts_body(rank: int, world_size: int, layouts: List[Layout], full_weights) -> List[dict]:

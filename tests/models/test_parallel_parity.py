@@ -87,6 +87,13 @@ def test_four_process_layouts_equal_single_process(single_process):
         Layout(tensor_parallel=2, pipeline_parallel=2, sequence_parallel=True),
     ]
     per_rank = run_distributed(layouts_body, 4, args=(layouts, reference["initial"]))
+    # GQA under TP: each rank holds whole KV groups (tiny: 8 heads over 4 groups, head dim 8), i.e.
+    # groups/TP groups of (2 queries + 1 key + 1 value) heads in its QKV shard.
+    tp4 = per_rank[0][2]
+    assert tp4["layout"] == "TP4xPP1" and tp4["kv_groups_per_rank"] == 1
+    assert tp4["qkv_rows_per_rank"] == 1 * (2 + 2) * 8
+    tp2 = per_rank[0][1]
+    assert tp2["kv_groups_per_rank"] == 2 and tp2["qkv_rows_per_rank"] == 2 * (2 + 2) * 8
     for outcome in per_rank[0]:
         # The distributed optimizer reduce-scatters: each DP rank keeps only its shard of the
         # reduced gradient, so the check there is the update itself.
