@@ -1,0 +1,140 @@
+"""InfoNCE over embeddings, with candidates gathered across the data-parallel group.
+
+Anchors (queries) stay local; the candidates (every rank's positives, and with hard negatives
+every rank's hard negatives) are all-gathered with autograd, and the label of local anchor i is
+its positive's row in the gathered candidates, ``offset(rank) + i``. With
+``in_batch_negatives=False`` (the classification stage: text, positive label, negative labels)
+each query is scored against its own positive and its own negatives only, and nothing is gathered.
+
+Scaling: with N anchors over the k ranks of the group, rank r returns
+``(k / N) * sum_{i on r} l_i``, so megatron DDP's 1/k gradient averaging gives the gradient of the
+single-process mean over the concatenated batch (gather.py states the contract), and the mean of
+the returned losses over the ranks is that global mean. Every rank of the group must call this
+(and run backward) with the same arguments' structure: hard negatives present or not, the same K.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_conan.losses.gather import (all_gather_with_grad, all_gather_with_sizes, gather_sizes,
+                                          group_rank, group_size)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` holds; 0 when nothing does."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _check_shapes(queries, positives, hard_negatives, negative_mask) -> None:
+    if queries.dim() != 2 or positives.shape != queries.shape:
+        raise ValueError(f"queries and positives must both be [b, d], got {tuple(queries.shape)} "
+                         f"and {tuple(positives.shape)}")
+    if hard_negatives is not None:
+        if hard_negatives.dim() != 3 or hard_negatives.shape[0] != queries.shape[0] \
+                or hard_negatives.shape[2] != queries.shape[1]:
+            raise ValueError(f"hard_negatives must be [b, k, d] = [{queries.shape[0]}, k, "
+                             f"{queries.shape[1]}], got {tuple(hard_negatives.shape)}")
+    if negative_mask is not None:
+        if hard_negatives is None:
+            raise ValueError("negative_mask given without hard_negatives")
+        if negative_mask.dtype != torch.bool or negative_mask.shape != hard_negatives.shape[:2]:
+            raise ValueError(f"negative_mask must be bool [b, k] = "
+                             f"{tuple(hard_negatives.shape[:2])}, got {negative_mask.dtype} "
+                             f"{tuple(negative_mask.shape)}")
+
+
+def infonce_loss(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    hard_negatives: Optional[torch.Tensor] = None,
+    temperature: float = 0.02,
+    gather_group: Optional[dist.ProcessGroup] = None,
+    in_batch_negatives: bool = True,
+    negative_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """InfoNCE loss of the local anchors and its statistics.
+
+    queries, positives: [b, d]; hard_negatives: [b, k, d] or None; negative_mask: [b, k] bool,
+    False for padding slots (never scored; ContrastiveBatch.negative_mask). The inputs are
+    L2-normalised here (a no-op in value and gradient for unit vectors such as ``pool``'s output,
+    and what makes truncated Matryoshka prefixes or raw vectors safe). Logits are cosines divided
+    by `temperature`, computed in at least float32.
+
+    gather_group: the data-parallel group to gather candidates over; None (or torch.distributed not
+    initialised) scores against the local batch only. Ignored for the gather when
+    ``in_batch_negatives=False``, but still used to count the global anchors for the scaling.
+
+    Returns ``(loss, stats)``; stats are detached: ``loss``, ``accuracy`` (share of local anchors
+    whose own positive scores highest), ``positive_cosine`` (mean), ``hard_negative_cosine`` (mean
+    over the valid hard negatives of the local anchors; 0 without any), ``hard_negative_cosines``
+    ([b, k] cos(query_i, own negative j), padding slots included: mask them with negative_mask;
+    the S_i that DHNM reuses) and ``num_anchors``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_shapes(queries, positives, hard_negatives, negative_mask)
+    if not in_batch_negatives and hard_negatives is None:
+        raise ValueError("in_batch_negatives=False scores each query against its own negatives: "
+                         "hard_negatives are required")
+    compute_dtype = torch.promote_types(queries.dtype, torch.float32)
+    queries = F.normalize(queries.to(compute_dtype), dim=-1)  # [b, d]
+    positives = F.normalize(positives.to(compute_dtype), dim=-1)  # [b, d]
+    local = queries.shape[0]
+    if hard_negatives is not None:
+        hard_negatives = F.normalize(hard_negatives.to(compute_dtype), dim=-1)  # [b, k, d]
+        if negative_mask is None:
+            negative_mask = torch.ones(hard_negatives.shape[:2], dtype=torch.bool,
+                                       device=hard_negatives.device)
+        # the loss of the classification variant; statistics only in the in-batch variant
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not in_batch_negatives):
+            own_negative_cosines = torch.einsum("bd,bkd->bk", queries, hard_negatives)  # [b, k]
+
+    gathering = gather_group is not None and group_size(gather_group) > 1
+    ranks = group_size(gather_group) if gathering else 1
+    if in_batch_negatives:
+        if gathering:
+            candidates, sizes = all_gather_with_sizes(positives, gather_group)  # [N, d]
+            offset = sum(sizes[:group_rank(gather_group)])
+        else:
+            candidates, sizes, offset = positives, [local], 0
+        labels = offset + torch.arange(local, device=queries.device)
+        logits = queries @ candidates.T  # [b, N]
+        if hard_negatives is not None:
+            all_negatives, all_mask = hard_negatives, negative_mask
+            if gathering:
+                all_negatives = all_gather_with_grad(hard_negatives, gather_group)  # [N, k, d]
+                # gloo cannot gather bool
+                all_mask = all_gather_with_grad(negative_mask.to(torch.uint8), gather_group).bool()
+            negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
+            negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
+            logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
+        global_anchors = sum(sizes)
+    else:
+        positive_logits = (queries * positives).sum(-1, keepdim=True)  # [b, 1]
+        negative_logits = own_negative_cosines.masked_fill(~negative_mask, float("-inf"))
+        logits = torch.cat([positive_logits, negative_logits], dim=1)  # [b, 1 + k]
+        labels = torch.zeros(local, dtype=torch.int64, device=queries.device)
+        global_anchors = sum(gather_sizes(queries, gather_group)) if gathering else local
+
+    per_anchor = F.cross_entropy(logits / temperature, labels, reduction="none")  # [b]
+    loss = per_anchor.sum() * (ranks / max(global_anchors, 1))
+
+    with torch.no_grad():
+        anchors = torch.ones(local, dtype=torch.bool, device=queries.device)
+        hits = logits.argmax(dim=1) == labels if logits.numel() else anchors
+        stats = {
+            "loss": loss.detach().clone(),
+            "accuracy": _masked_mean(hits.to(compute_dtype), anchors),
+            "positive_cosine": _masked_mean((queries * positives).sum(-1), anchors),
+            "num_anchors": torch.tensor(local, device=queries.device),
+        }
+        if hard_negatives is not None:
+            stats["hard_negative_cosines"] = own_negative_cosines.detach().clone()
+            stats["hard_negative_cosine"] = _masked_mean(own_negative_cosines, negative_mask)
+    return loss, stats
