@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, Optional, Sequence, Type, TypeVar
 
 import yaml
 
@@ -103,7 +103,3 @@ def dump_config(cfg, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
 
-
-def split_overrides(argv: List[str]) -> List[str]:
-    """The ``key=value`` items of an argument list (entry points pass the rest to argparse)."""
-    return [a for a in argv if "=" in a and not a.startswith("-")]

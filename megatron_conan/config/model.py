@@ -172,6 +172,7 @@ def build_transformer_config(
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     parallel.validate_for_model(model)
     on_gpu = torch.cuda.is_available()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if use_cpu_initialization is None:
         use_cpu_initialization = not on_gpu
     kwargs: Dict[str, Any] = dict(
@@ -195,10 +196,10 @@ def build_transformer_config(
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=use_cpu_initialization,
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        params_dtype=dtype,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        pipeline_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        pipeline_dtype=dtype,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,

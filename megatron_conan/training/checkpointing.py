@@ -36,8 +36,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from megatron_conan.config.model import ConanModelConfig
-from megatron_conan.training.model_checkpoint import model_sharded_state_dict
-from megatron_conan.models.sharding import unwrap
+from megatron_conan.training.model_checkpoint import load_model_state, model_sharded_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -236,11 +235,7 @@ def load_checkpoint(
         _materialise_optimizer_state(optimizer)
     state = _sharded(chunks, None if weights_only else optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, os.path.join(path, "model_optim"))
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    load_model_state(chunks, loaded)
     if weights_only:
         return {"step": 0, "consumed_samples": 0, "extra": {}}
     _keep_torch_adam_step_on_load(optimizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -182,6 +183,4 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
 
     def checkpoint_dir(self) -> str:
-        import os
-
         return self.checkpoint.save_dir or os.path.join(self.run_dir, "checkpoints")

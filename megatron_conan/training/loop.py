@@ -234,7 +234,7 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
         set_soft_mask_step(chunks, step)  # a(t) of this step (no-op without soft-mask layers)
         microbatches = step_microbatches(train_ds, consumed, global_batch, cfg.train.micro_batch_size,
                                          dp_rank, data_parallel)
-        result = train_step(forward_step_func, [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+        result = train_step(forward_step_func, [iter(microbatches) for _ in chunks],
                             chunks, optimizer, num_microbatches, cfg.train.seq_length, cfg.train.micro_batch_size)
         step += 1
         skip = guard.update(result.loss, step)  # raises after too many in a row: no checkpoint then
@@ -264,7 +264,7 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
             for i in range(cfg.train.eval_steps):
                 mbs = step_microbatches(valid_ds, i * global_batch, global_batch, cfg.train.micro_batch_size,
                                         dp_rank, data_parallel)
-                eval_losses.append(evaluate_loss(forward_step_func, [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs),
+                eval_losses.append(evaluate_loss(forward_step_func, [iter(mbs) for _ in chunks],
                                                  chunks, num_microbatches, cfg.train.seq_length, cfg.train.micro_batch_size))
             metrics.log_scalars(step, {"eval_loss": sum(eval_losses) / len(eval_losses)})
         if preemption.any_rank_received():

@@ -17,11 +17,20 @@ from megatron.core import dist_checkpointing
 from megatron_conan.models.sharding import unwrap
 
 
+def _chunk_keys(chunks: List[torch.nn.Module]) -> List[str]:
+    """``["model"]`` for one chunk, ``["model0", "model1", …]`` for interleaved chunks."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
-    """``{"model": …}`` for one chunk, ``{"model0": …, "model1": …}`` for interleaved chunks."""
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    """The chunks' sharded state dicts under their checkpoint keys (see `_chunk_keys`)."""
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_chunk_keys(chunks), chunks)}
+
+
+def load_model_state(chunks: List[torch.nn.Module], loaded: Dict[str, dict]) -> None:
+    """Copy the model entries of a loaded dist checkpoint into the chunks (strict)."""
+    for key, chunk in zip(_chunk_keys(chunks), chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
 
 
 def save_model(chunks: List[torch.nn.Module], checkpoint_dir: str) -> None:
@@ -32,9 +41,4 @@ def save_model(chunks: List[torch.nn.Module], checkpoint_dir: str) -> None:
 
 def load_model(chunks: List[torch.nn.Module], checkpoint_dir: str) -> None:
     """Collective: read the weights from `checkpoint_dir`, resharding to this layout."""
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir)
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir))

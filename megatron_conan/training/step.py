@@ -136,6 +136,20 @@ def _per_chunk_iterators(data_iterator, num_chunks: int):
     return data_iterator
 
 
+def _run_schedule(forward_step_func, data_iterator, chunks, num_microbatches: int, seq_length: int,
+                  micro_batch_size: int, forward_only: bool):
+    """megatron-core's pipeline schedule over one global batch; returns the per-micro-batch reports."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=_per_chunk_iterators(data_iterator, len(chunks)),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def train_step(
     forward_step_func: Callable,
     data_iterator: Iterator,
@@ -150,17 +164,8 @@ def train_step(
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    iterator = _per_chunk_iterators(data_iterator, len(chunks))
-    losses_reduced = forward_backward(
-        forward_step_func=forward_step_func,
-        data_iterator=iterator,
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses_reduced = _run_schedule(forward_step_func, data_iterator, chunks, num_microbatches, seq_length,
+                                   micro_batch_size, forward_only=False)
     reported = _average_over_microbatches(losses_reduced)
     loss = reported.pop(loss_key, float("nan"))
     if not math.isfinite(loss):
@@ -182,12 +187,7 @@ def evaluate_loss(
     loss_key: str = "lm loss",
 ) -> float:
     """Mean loss over `num_microbatches` without gradients (evaluation, parity checks)."""
-    forward_backward = get_forward_backward_func()
-    iterator = _per_chunk_iterators(data_iterator, len(chunks))
     with torch.no_grad():
-        losses_reduced = forward_backward(
-            forward_step_func=forward_step_func, data_iterator=iterator,
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=num_microbatches,
-            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True,
-        )
+        losses_reduced = _run_schedule(forward_step_func, data_iterator, chunks, num_microbatches, seq_length,
+                                       micro_batch_size, forward_only=True)
     return _average_over_microbatches(losses_reduced).get(loss_key, float("nan"))
