@@ -58,6 +58,15 @@ setup(
         "tqdm",
         "zstandard",
         "tensorboard",
+        # export and evaluation (DESIGN.md 7b): transformers >= 5.2 reads "is_causal": false, so an
+        # exported LlamaModel attends bidirectionally with no custom code
+        "transformers>=5.2",
+        "sentence-transformers>=6.2",
+        "safetensors",
+        "mteb>=2.0",
+        "pytrec-eval-terrier",  # the metrics MTEB itself computes
+        "bm25s",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "triton==3.9.0"],
@@ -66,6 +75,10 @@ setup(
     entry_points={"console_scripts": [
         "conan-pretrain=megatron_conan.training.pretrain:main",
         "conan-sft=megatron_conan.training.sft:main",
+        "conan-embed-weak=megatron_conan.training.embed_weak:main",
+        "conan-embed-sup=megatron_conan.training.embed_sup:main",
+        "conan-encode=megatron_conan.eval.encode:main",
+        "conan-eval=megatron_conan.eval.retrieval_cli:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
