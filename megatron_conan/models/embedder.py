@@ -1,0 +1,94 @@
+"""The Conan embedder: the decoder without its output layer, pooled and L2-normalised.
+
+The embedding stages keep the model a megatron-core ``GPTModel`` (so a stage-3 run loads the SFT
+checkpoint, and conversion sees one set of keys); embedding is a way of *calling* it::
+
+    emb = embed(model, input_ids, lengths, pooling="mean")     # [b, h] float32, unit norm
+
+Inputs are right-padded token ids [b, s] with their true lengths [b]. The attention layers see a
+key-padding mask ([b, 1, 1, s], True = padded key): the soft-mask core attention
+(``ops/soft_mask_attention``) turns it into lengths, so padded keys are never attended to whatever
+a(t) is, and a = 0 is exactly causal, a = 1 exactly bidirectional. The default ``DotProductAttention``
+would take the same mask *instead of* its causal mask, which is why embedding models are always built
+with the soft-mask core attention (``SoftMaskConfig.causal()`` for a causal embedder).
+
+Parallelism: under tensor parallelism every TP rank computes the same hidden states (the row-parallel
+layers all-reduce), so every TP rank returns the same embedding. With sequence parallelism the
+decoder's output is split along the sequence over the TP group; it is gathered here with a backward
+that keeps each rank's own slice (not megatron's default reduce-scatter): the pooled loss is computed
+identically on every TP rank, so summing their gradients would count it TP times. Pipeline
+parallelism is not supported for embedding: a contrastive loss couples the whole batch, which the
+pipeline schedule's per-micro-batch losses cannot express (the stages refuse it in their config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from megatron_conan.models.pooling import POOLING_MODES, pool
+from megatron_conan.models.sharding import unwrap
+
+
+def key_padding_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[b, 1, 1, s] bool, True where position >= length (a padded key)."""
+    positions = torch.arange(seq_len, device=lengths.device)
+    return (positions[None, :] >= lengths[:, None])[:, None, None, :]
+
+
+@contextlib.contextmanager
+def _without_output_layer(model: torch.nn.Module) -> Iterator[None]:
+    """Make ``GPTModel.forward`` return the decoder output (final norm applied) instead of logits.
+
+    megatron-core's GPTModel returns the decoder's hidden states when ``post_process`` is False; the
+    final norm belongs to the decoder block, which keeps its own flag, so flipping the model's flag
+    for the call skips only the output layer. (megatron-core 0.16 has no public switch for this.)
+    """
+    gpt = unwrap(model)
+    if not hasattr(gpt, "post_process") or not hasattr(gpt, "decoder"):
+        raise TypeError(f"expected a megatron-core GPTModel (possibly wrapped), got {type(gpt).__name__}")
+    if not gpt.post_process:
+        raise ValueError("embedding needs the last pipeline stage's model (with the final norm): "
+                         "pipeline parallelism is not supported for embedding")
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = True
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states [s, b, h] of right-padded `input_ids` [b, s], full sequence on every
+    TP rank. `model` is a GPTModel or its DDP / Float16Module wrapper (called through the wrapper, so
+    mixed precision and gradient hooks apply)."""
+    if input_ids.dim() != 2 or lengths.shape != input_ids.shape[:1]:
+        raise ValueError(f"input_ids must be [b, s] and lengths [b]; got {tuple(input_ids.shape)} "
+                         f"and {tuple(lengths.shape)}")
+    config = unwrap(model).config
+    batch, seq_len = input_ids.shape
+    padded_len = seq_len
+    if config.sequence_parallel:
+        # the sequence is split over the TP ranks: pad it to a multiple of TP (masked keys, and
+        # rows that pooling never reads)
+        tp = config.tensor_model_parallel_size
+        padded_len = -(-seq_len // tp) * tp
+        input_ids = torch.nn.functional.pad(input_ids, (0, padded_len - seq_len))
+    position_ids = torch.arange(padded_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+    with _without_output_layer(model):
+        hidden = model(input_ids=input_ids, position_ids=position_ids,
+                       attention_mask=key_padding_mask(lengths, padded_len))  # [s(/tp), b, h]
+    if config.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return hidden[:seq_len]  # [s, b, h]
+
+
+def embed(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor, pooling: str = "mean",
+          normalize: bool = True) -> torch.Tensor:
+    """Embeddings [b, h] (float32 or wider, L2-normalised unless asked not to be)."""
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    return pool(hidden_states(model, input_ids, lengths), lengths, pooling, normalize=normalize)
