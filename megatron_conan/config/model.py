@@ -211,10 +211,6 @@ def build_transformer_config(
         batch_p2p_comm=on_gpu,
         batch_p2p_sync=on_gpu,  # the sync is a torch.cuda.synchronize()
         deallocate_pipeline_outputs=on_gpu,
-        # the LM loss is a mean over every loss token of the global batch, whatever the micro-batch
-        # split and DP size (losses/lm.py); the embedding stages turn this off (their loss is a mean
-        # over anchors and DDP averages over DP ranks)
-        calculate_per_token_loss=True,
     )
     overrides = dict(transformer_overrides or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TransformerConfig)}
