@@ -35,6 +35,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_conan.distributed.device import current_placement
+
 _MAX_DIMS = 8
 """Shapes travel as a fixed-size descriptor [ndim, size_0, ..., size_7]: ranks can compare them."""
 
@@ -63,11 +65,12 @@ def gather_sizes(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
     if not 1 <= tensor.dim() <= _MAX_DIMS:
         raise ValueError(f"can only gather tensors of 1 to {_MAX_DIMS} dimensions, "
                          f"got shape {tuple(tensor.shape)}")
-    descriptor = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64, device=tensor.device)
+    placement = current_placement()
+    descriptor = placement.zeros(_MAX_DIMS + 1, dtype=torch.int64)
     descriptor[0] = tensor.dim()
-    descriptor[1:tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64)
+    descriptor[1:tensor.dim() + 1] = placement.tensor(tensor.shape, dtype=torch.int64)
     descriptors = [torch.empty_like(descriptor) for _ in range(group_size(group))]
-    dist.all_gather(descriptors, descriptor, group=group)
+    placement.all_gather(descriptors, descriptor, group=group)
     shapes = [tuple(int(v) for v in d[1:int(d[0]) + 1].tolist()) for d in descriptors]
     if len({shape[1:] for shape in shapes}) != 1:
         raise ValueError(f"all_gather_with_grad: the ranks' tensors differ beyond dim 0 "
@@ -87,7 +90,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
         pieces = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(pieces, padded, group=group)
+        current_placement().all_gather(pieces, padded, group=group)
         return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
 
     @staticmethod
@@ -98,7 +101,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
             return grad_output[start:start + local], None, None
         # all_reduce works in place and grad_output may be shared with other graph branches
         grad = grad_output.contiguous().clone()  # [N, ...]
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        current_placement().all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[start:start + local], None, None
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.distributed.device import current_placement
 
 _EMBEDDING_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -64,7 +64,7 @@ def _gather_tp(name: str, model: GPTModel, param: torch.nn.Parameter, local: tor
         return local.clone()
     group = parallel_state.get_tensor_model_parallel_group()
     shards = [torch.empty_like(local) for _ in range(tp_size)]
-    dist.all_gather(shards, local.contiguous(), group=group)
+    current_placement().all_gather(shards, local.contiguous(), group=group)
     dim = param.partition_dim
     if _is_gated_fc1(name, model):
         gates = [s.chunk(2, dim=0)[0] for s in shards]
@@ -102,7 +102,7 @@ def gather_full_state_dict(
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return local_full
     stages: List[Dict[str, torch.Tensor]] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(stages, local_full, group=parallel_state.get_pipeline_model_parallel_group())
+    current_placement().all_gather_object(stages, local_full, group=parallel_state.get_pipeline_model_parallel_group())
     merged: Dict[str, torch.Tensor] = {}
     for stage in stages:
         merged.update(stage)

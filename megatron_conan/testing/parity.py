@@ -18,7 +18,8 @@ from megatron_conan.config.model import ConanModelConfig, ParallelConfig, build_
 from megatron_conan.distributed.parallel import initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
-from megatron_conan.training.lm_step import lm_forward_step
+from megatron_conan.distributed.device import current_placement
+from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
 from megatron_conan.training.step import build_optimizer, train_step, wrap_model
 
 GLOBAL_BATCH = 8
@@ -48,12 +49,19 @@ class Layout:
         return text
 
 
-def synthetic_lm_batch(model_config: ConanModelConfig, seed: int = 7) -> Dict[str, torch.Tensor]:
-    """A fixed global batch of random tokens, [GLOBAL_BATCH, SEQ_LENGTH] each."""
+def synthetic_lm_batch(model_config: ConanModelConfig, seed: int = 7, ragged_loss: bool = False) -> Dict[str, torch.Tensor]:
+    """A fixed global batch of random tokens, [GLOBAL_BATCH, SEQ_LENGTH] each.
+
+    `ragged_loss`: every sequence has a different number of loss tokens (as SFT outputs do), so a
+    mean of per-micro-batch means would differ from the mean over the batch's loss tokens.
+    """
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model_config.vocab_size, (GLOBAL_BATCH, SEQ_LENGTH + 1), generator=generator)
     loss_mask = torch.ones(GLOBAL_BATCH, SEQ_LENGTH)
     loss_mask[:, :3] = 0.0  # a partly masked loss exercises the mask path
+    if ragged_loss:
+        for row in range(GLOBAL_BATCH):
+            loss_mask[row, : 3 + (row * 7) % (SEQ_LENGTH - 4)] = 0.0
     return {
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
@@ -62,19 +70,21 @@ def synthetic_lm_batch(model_config: ConanModelConfig, seed: int = 7) -> Dict[st
     }
 
 
-def data_parallel_microbatches(batch: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+def data_parallel_microbatches(batch: Dict[str, torch.Tensor], micro_batch: int = MICRO_BATCH
+                               ) -> List[Dict[str, torch.Tensor]]:
     """This DP rank's contiguous share of the global batch, cut into micro-batches."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     per_rank = GLOBAL_BATCH // dp_size
     start = dp_rank * per_rank
     return [
-        {k: v[i:i + MICRO_BATCH] for k, v in batch.items()}
-        for i in range(start, start + per_rank, MICRO_BATCH)
+        {k: v[i:i + micro_batch] for k, v in batch.items()}
+        for i in range(start, start + per_rank, micro_batch)
     ]
 
 
-def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], seed: int = 1234) -> dict:
+def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], seed: int = 1234,
+             micro_batch: int = MICRO_BATCH, ragged_loss: bool = False) -> dict:
     """Build, load `full_weights` (or keep the seeded init), train one step; see module doc."""
     model_config = tiny()
     parallel = layout.parallel_config()
@@ -89,10 +99,11 @@ def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], se
     # of near-zero entries into lr-sized update differences, which says nothing about the layout.
     optimizer = build_optimizer(wrapped, transformer_config, lr=1e-2, weight_decay=0.01, clip_grad=1e9, adam_eps=1e-3,
                                 use_distributed_optimizer=layout.use_distributed_optimizer)
-    microbatches = data_parallel_microbatches(synthetic_lm_batch(model_config))
+    microbatches = data_parallel_microbatches(synthetic_lm_batch(model_config, ragged_loss=ragged_loss), micro_batch)
+    attach_loss_normalizer(microbatches, current_placement())
     result = train_step(lm_forward_step, [iter(microbatches) for _ in wrapped], wrapped, optimizer,
                         num_microbatches=len(microbatches), seq_length=SEQ_LENGTH,
-                        micro_batch_size=MICRO_BATCH)
+                        micro_batch_size=micro_batch)
     grads = gather_full_state_dict(wrapped, model_config, source="grad")
     updated = gather_full_state_dict(wrapped, model_config)
     attention = chunks[0].decoder.layers[0].self_attention

@@ -47,11 +47,10 @@ def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
     from megatron_conan.training.loop import train
-    from megatron_conan.training.lm_step import lm_forward_step
 
     init_process_group_from_env()
     try:
-        result = train(cfg, forward_step_func or lm_forward_step, stage=stage)
+        result = train(cfg, forward_step_func, stage=stage)
     finally:
         destroy_parallel()
     logging.getLogger(stage).info("done: %d steps%s", result.steps_done, " (preempted, checkpoint saved)" if result.preempted else "")

@@ -1,112 +1,62 @@
-"""The training loop shared by the stage entry points.
+"""The training loop shared by every stage.
 
-One call, :func:`train`, runs a whole (possibly resumed) run on megatron-core's pieces:
-process groups -> model chunks (our spec) -> DDP -> megatron optimizer + LR schedule -> for each
-step: this DP rank's micro-batches, pipeline schedule, gradient reduction, update, logging,
-periodic evaluation and checkpoints. SIGTERM / SIGUSR1 (SLURM preemption) trigger a checkpoint at
-the end of the current step and a clean exit; a killed run resumes from ``latest`` and reproduces
-the losses of an uninterrupted run exactly, because the data position is the only data state
-(``consumed_samples``) and everything else is in the checkpoint.
+One call, :func:`train`, runs a whole (possibly resumed) run: process groups -> model chunks (our
+spec, with the stage's core attention) -> DDP -> megatron optimizer + LR schedule -> the stage's data
+-> for each step: the stage's forward/backward (``Stage.train_step``), the non-finite guard, the
+optimizer update, logging, periodic evaluation and checkpoints. What differs between stages lives in
+the stage object (``training/stage.py``); this file never looks at a batch.
+
+SIGTERM / SIGUSR1 (SLURM preemption) trigger a checkpoint at the end of the current step and a clean
+exit; a killed run resumes from ``latest`` and reproduces the losses of an uninterrupted run exactly:
+model, optimizer, LR schedule, RNG states, the soft-mask schedule and the stage's own state (its data
+position and anything else it keeps) are all in the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional, Union
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_conan.config.loader import dump_config, to_dict
 from megatron_conan.config.model import build_transformer_config
+from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
-from megatron_conan.ops.soft_mask_attention.core_attention import (
-    get_soft_mask_state,
-    load_soft_mask_state,
-    set_soft_mask_step,
-)
+from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
 from megatron_conan.training import checkpointing
 from megatron_conan.training.config import RunConfig
-from megatron_conan.training.lm_step import lm_forward_step
-from megatron_conan.training.step import build_optimizer, evaluate_loss, train_step, wrap_model
+from megatron_conan.training.stage import Stage, StageContext
+from megatron_conan.training.step import build_optimizer, optimizer_step, wrap_model, zero_grads
 
 logger = logging.getLogger(__name__)
 
 
-class SyntheticLMDataset(torch.utils.data.Dataset):
-    """Deterministic random-token sequences: smoke tests and throughput runs with no files."""
+def build_stage(name: str, forward_step_func: Optional[Callable] = None) -> Stage:
+    """The stage plug-in called `name` (the entry points' names)."""
+    if name in ("pretrain", "sft"):
+        from megatron_conan.training.lm_stage import LanguageModelStage
 
-    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int):
-        self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
+        return LanguageModelStage(name, forward_step_func)
+    if forward_step_func is not None:
+        raise ValueError(f"the {name} stage takes no forward_step_func")
+    if name == "embed-weak":
+        from megatron_conan.training.embedding_stage import WeaklySupervisedStage
 
-    def __len__(self) -> int:
-        return self.num_samples
+        return WeaklySupervisedStage()
+    if name == "embed-sup":
+        from megatron_conan.training.embedding_stage import SupervisedStage
 
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
-        # A learnable signal: each sequence repeats a short random motif.
-        motif = torch.randint(0, self.vocab_size, (8,), generator=generator)
-        tokens = motif.repeat(self.seq_length // 8 + 2)[: self.seq_length + 1]
-        return {
-            "tokens": tokens[:-1].clone(),
-            "labels": tokens[1:].clone(),
-            "loss_mask": torch.ones(self.seq_length),
-            "position_ids": torch.arange(self.seq_length),
-        }
-
-
-def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]
-            if key in ("tokens", "labels", "loss_mask", "position_ids")}
-
-
-def step_microbatches(dataset, consumed_samples: int, global_batch: int, micro_batch: int,
-                      dp_rank: int, dp_size: int) -> List[Dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch starting at `consumed_samples`.
-
-    Global batch b covers dataset indices [consumed, consumed + global_batch) (wrapping around
-    epochs); DP rank r takes the r-th contiguous slice. Datasets shuffle internally (GPTDataset).
-    """
-    per_rank = global_batch // dp_size
-    start = consumed_samples + dp_rank * per_rank
-    indices = [(start + i) % len(dataset) for i in range(per_rank)]
-    return [collate([dataset[j] for j in indices[i:i + micro_batch]]) for i in range(0, per_rank, micro_batch)]
-
-
-def build_datasets(cfg: RunConfig, model_config, num_train_samples: int, num_valid_samples: int):
-    """(train, valid) datasets of the run's data section."""
-    data = cfg.data
-    if data.kind == "synthetic":
-        return (SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_train_samples, 1), cfg.train.seed),
-                SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_valid_samples, 1), cfg.train.seed + 1))
-    from megatron_conan.data.tokenizer import ConanTokenizer
-
-    if not data.tokenizer:
-        raise ValueError(f"data.tokenizer is required for data.kind={data.kind}")
-    tokenizer = ConanTokenizer(data.tokenizer)
-    if data.kind == "blended":
-        from megatron_conan.data.pretraining import BlendedDataConfig, build_pretrain_datasets
-
-        blend = BlendedDataConfig.from_dict(dict(data.blend))
-        train, valid, _ = build_pretrain_datasets(blend, tokenizer, cfg.train.seq_length,
-                                                  (num_train_samples, num_valid_samples, 0))
-        return train, valid
-    from megatron_conan.data.sft import build_sft_datasets
-
-    if not data.sft_prefix:
-        raise ValueError("data.sft_prefix is required for data.kind=sft")
-    train, valid, _ = build_sft_datasets(data.sft_prefix, tokenizer, cfg.train.seq_length, split=data.split,
-                                         seed=cfg.train.seed)
-    return train, valid
+        return SupervisedStage()
+    raise ValueError(f"unknown stage {name!r}; known: pretrain, sft, embed-weak, embed-sup")
 
 
 class PreemptionFlag:
@@ -121,13 +71,15 @@ class PreemptionFlag:
         self.received = signum
 
     def any_rank_received(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        placement = current_placement()
+        flag = placement.tensor([1.0 if self.received is not None else 0.0])
+        placement.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
 
-def _transformer_overrides(cfg: RunConfig) -> Dict:
-    overrides = dict(cfg.model.transformer_overrides)
+def _transformer_overrides(cfg: RunConfig, stage: Stage) -> Dict:
+    overrides = dict(stage.transformer_overrides())
+    overrides.update(cfg.model.transformer_overrides)
     if cfg.train.recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif cfg.train.recompute == "selective":
@@ -156,16 +108,23 @@ class RunResult:
     skipped_steps: int
 
 
-def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: str = "pretrain") -> RunResult:
-    """Run (or resume) a training run; collective over the torch.distributed world."""
+def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
+          stage: Union[str, Stage] = "pretrain") -> RunResult:
+    """Run (or resume) a training run of `stage`; collective over the torch.distributed world.
+
+    `stage` is a Stage object or a stage name; `forward_step_func` replaces the language-model
+    stages' forward step (tests inject failures through it).
+    """
+    if isinstance(stage, str):
+        stage = build_stage(stage, forward_step_func)
+    stage.check_config(cfg)
     model_config = cfg.model.build()
     data_parallel = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
     rank = dist.get_rank()
     transformer_config = build_transformer_config(
         model_config, cfg.parallel, precision=cfg.train.precision,
-        transformer_overrides=_transformer_overrides(cfg),
+        transformer_overrides=_transformer_overrides(cfg, stage),
     )
-    num_microbatches = cfg.train.num_microbatches(data_parallel)
     total_steps = cfg.train.steps()
     save_dir = cfg.checkpoint_dir()
     if rank == 0:
@@ -173,7 +132,7 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     logger.info("%s", describe_layout())
 
-    chunks = wrap_model(build_model_chunks(model_config, transformer_config, core_attention=cfg.model.core_attention()),
+    chunks = wrap_model(build_model_chunks(model_config, transformer_config, core_attention=stage.core_attention(cfg)),
                         transformer_config,
                         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     optimizer = build_optimizer(
@@ -183,27 +142,34 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    ctx = StageContext(cfg=cfg, model_config=model_config, transformer_config=transformer_config, chunks=chunks,
+                       placement=current_placement(),
+                       data_parallel_rank=parallel_state.get_data_parallel_rank(),
+                       data_parallel_size=data_parallel,
+                       data_parallel_group=parallel_state.get_data_parallel_group(),
+                       total_steps=total_steps)
+    if cfg.train.eval_interval and not stage.supports_evaluation():
+        from megatron_conan.config.model import ConfigError
+
+        raise ConfigError(f"train.eval_interval: the {stage.name} stage has no in-loop evaluation "
+                          "(evaluate its checkpoints with conan-eval); set train.eval_interval=0")
+    stage.setup(ctx)
 
     step, consumed, common = 0, 0, {}
     latest = checkpointing.read_latest(save_dir)
     if latest is not None:
         common = checkpointing.load_checkpoint(latest, chunks, optimizer, scheduler, model_config)
         step, consumed = common["step"], common["consumed_samples"]
+        extra = common.get("extra", {})
+        # checkpoints written before the stage seam kept only the LM data position
+        stage.load_state_dict(extra.get("stage", {"consumed_samples": consumed}))
+        stage.read_checkpoint_files(latest)
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, step, consumed)
     elif cfg.checkpoint.load_dir:
         source = checkpointing.read_latest(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
         checkpointing.load_checkpoint(source, chunks, optimizer, scheduler, model_config,
                                       weights_only=cfg.checkpoint.load_weights_only)
         logger.info("initialised weights from %s", source)
-
-    global_batch = cfg.train.global_batch_size
-    # Every evaluation reads the same first `eval_steps` global batches of the validation split.
-    eval_batches = cfg.train.eval_steps if cfg.train.eval_interval else 0
-    train_ds, valid_ds = build_datasets(cfg, model_config, total_steps * global_batch, eval_batches * global_batch)
-    if eval_batches and (valid_ds is None or len(valid_ds) == 0):
-        raise ValueError("train.eval_interval is set but the data has no validation split "
-                         "(data.split / data.blend.split gives it no share)")
-    dp_rank = parallel_state.get_data_parallel_rank()
 
     from megatron_conan.training.estimate import model_flops_per_token
     from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, TrainingLogger, memory_metrics
@@ -213,10 +179,11 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
                              run_config=to_dict(cfg))
     meter = ThroughputMeter(model_flops_per_token(model_config, cfg.train.seq_length), dist.get_world_size())
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
-    if latest is not None and "nonfinite" in common.get("extra", {}):
-        guard.load_state_dict(common["extra"]["nonfinite"])
-    if latest is not None and common.get("extra", {}).get("soft_mask") is not None:
-        load_soft_mask_state(chunks, common["extra"]["soft_mask"])  # refuses a changed schedule
+    extra = common.get("extra", {})
+    if "nonfinite" in extra:
+        guard.load_state_dict(extra["nonfinite"])
+    if extra.get("soft_mask") is not None:
+        load_soft_mask_state(chunks, extra["soft_mask"])  # refuses a changed schedule
     losses: Dict[int, float] = {}
     preemption = PreemptionFlag()
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
@@ -226,56 +193,67 @@ def train(cfg: RunConfig, forward_step_func: Callable = lm_forward_step, stage: 
     def save():
         checkpointing.save_checkpoint(save_dir, step, chunks, optimizer, scheduler, model_config, consumed,
                                       extra_state={"nonfinite": guard.state_dict(),
-                                                   "soft_mask": get_soft_mask_state(chunks)},
-                                      keep_last=cfg.checkpoint.keep_last)
+                                                   "soft_mask": get_soft_mask_state(chunks),
+                                                   "stage": stage.state_dict(),
+                                                   "stage_name": stage.name,
+                                                   "run_config": to_dict(cfg)},
+                                      keep_last=cfg.checkpoint.keep_last,
+                                      **_stage_file_hook(stage))
 
-    while step < stop_at:
-        started = time.perf_counter()
-        set_soft_mask_step(chunks, step)  # a(t) of this step (no-op without soft-mask layers)
-        microbatches = step_microbatches(train_ds, consumed, global_batch, cfg.train.micro_batch_size,
-                                         dp_rank, data_parallel)
-        result = train_step(forward_step_func, [iter(microbatches) for _ in chunks],
-                            chunks, optimizer, num_microbatches, cfg.train.seq_length, cfg.train.micro_batch_size)
-        step += 1
-        skip = guard.update(result.loss, step)  # raises after too many in a row: no checkpoint then
-        consumed += global_batch
-        if result.update_successful and not skip:
-            scheduler.step(increment=1)  # the schedule counts optimizer steps
-        elapsed = time.perf_counter() - started
-        losses[step] = result.loss
-        throughput = meter.update(global_batch * cfg.train.seq_length, elapsed)
-        record = {"step": step, "loss": result.loss, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": result.grad_norm, "skipped_steps": guard.total_skipped,
-                  "consumed_samples": consumed, "tokens_per_s": throughput.tokens_per_second,
-                  "model_tflops_per_gpu": throughput.model_tflops_per_gpu, "mfu": throughput.mfu,
-                  **memory_metrics(), **result.extras}
-        if rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if step % cfg.train.log_interval == 0:
-            metrics.log_scalars(step, {k: v for k, v in record.items()
-                                       if k != "step" and isinstance(v, (int, float)) and v is not None})
+    try:
+        while step < stop_at:
+            started = time.perf_counter()
+            zero_grads(chunks, optimizer)
+            output = stage.train_step(ctx, step)
+            step += 1
+            skip = guard.update(output.loss, step)  # raises after too many in a row: no checkpoint then
+            consumed += output.samples
+            grad_norm = None
+            if skip:
+                optimizer.zero_grad()  # non-finite loss: non-finite gradients somewhere, no update
+            else:
+                update_successful, grad_norm = optimizer_step(optimizer)
+                if update_successful:
+                    scheduler.step(increment=1)  # the schedule counts optimizer steps
+            elapsed = time.perf_counter() - started
+            losses[step] = output.loss
+            throughput = meter.update(output.tokens, elapsed)
+            record = {"step": step, "loss": output.loss, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm, "skipped_steps": guard.total_skipped,
+                      "consumed_samples": consumed, "samples_per_s": output.samples / elapsed,
+                      "tokens_per_s": throughput.tokens_per_second,
+                      "model_tflops_per_gpu": throughput.model_tflops_per_gpu, "mfu": throughput.mfu,
+                      **memory_metrics(), **output.metrics}
             if rank == 0:
-                logger.info("%s step %d/%d loss %.5f lr %.3g grad norm %s tokens/s %.0f", stage, step, total_steps,
-                            result.loss, record["lr"], "skipped" if result.grad_norm is None else f"{result.grad_norm:.3f}",
-                            throughput.tokens_per_second)
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-            eval_losses = []
-            for i in range(cfg.train.eval_steps):
-                mbs = step_microbatches(valid_ds, i * global_batch, global_batch, cfg.train.micro_batch_size,
-                                        dp_rank, data_parallel)
-                eval_losses.append(evaluate_loss(forward_step_func, [iter(mbs) for _ in chunks],
-                                                 chunks, num_microbatches, cfg.train.seq_length, cfg.train.micro_batch_size))
-            metrics.log_scalars(step, {"eval_loss": sum(eval_losses) / len(eval_losses)})
-        if preemption.any_rank_received():
-            logger.info("preemption signal received: saving at step %d and exiting", step)
-            save()
-            preempted = True
-            break
-        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and not skip:
-            save()  # never inside a run of non-finite losses
-    else:
-        if not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step > 0):
-            save()
-    metrics.close()
+                with open(metrics_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if step % cfg.train.log_interval == 0:
+                metrics.log_scalars(step, {k: v for k, v in record.items()
+                                           if k != "step" and isinstance(v, (int, float)) and v is not None})
+                if rank == 0:
+                    logger.info("%s step %d/%d loss %.5f lr %.3g grad norm %s samples/s %.1f", stage.name, step,
+                                total_steps, output.loss, record["lr"],
+                                "skipped" if grad_norm is None else f"{grad_norm:.3f}", record["samples_per_s"])
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                metrics.log_scalars(step, stage.evaluate(ctx, step))
+            if preemption.any_rank_received():
+                logger.info("preemption signal received: saving at step %d and exiting", step)
+                save()
+                preempted = True
+                break
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and not skip:
+                save()  # never inside a run of non-finite losses
+        else:
+            if not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step > 0):
+                save()
+    finally:
+        metrics.close()
+        stage.close()
     return RunResult(steps_done=step, losses=losses, preempted=preempted, skipped_steps=guard.total_skipped)
+
+
+def _stage_file_hook(stage: Stage) -> Dict:
+    """Per-rank stage files go inside the checkpoint (stages that write none pass nothing)."""
+    if type(stage).write_checkpoint_files is Stage.write_checkpoint_files:
+        return {}
+    return {"write_extra_files": stage.write_checkpoint_files}

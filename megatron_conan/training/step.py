@@ -1,26 +1,30 @@
-"""One optimizer step on megatron-core's pieces, shared by every stage.
+"""The pieces of one optimizer step on megatron-core, shared by every stage.
 
 ``wrap_model`` puts each model chunk in megatron-core's DistributedDataParallel (and Float16Module
-for bf16/fp16), ``build_optimizer`` returns ``get_megatron_optimizer``'s optimizer, and
-``train_step`` runs the pipeline schedule from ``get_forward_backward_func`` over the micro-batches
-of one global batch, reduces gradients (``finalize_model_grads``: DP all-reduce or reduce-scatter,
-sequence-parallel norms over TP, tied embeddings over PP) and steps the optimizer.
+for bf16/fp16), ``build_optimizer`` returns ``get_megatron_optimizer``'s optimizer,
+``run_schedule`` runs the pipeline schedule from ``get_forward_backward_func`` over the micro-batches
+of one global batch (forward, backward and ``finalize_model_grads``: DP all-reduce or
+reduce-scatter, sequence-parallel norms over TP, tied embeddings over PP), ``reduce_reports`` turns
+the per-micro-batch reports into global numbers, and ``optimizer_step`` applies the update.
+``train_step`` / ``evaluate_loss`` chain them for one language-model batch (the parity harness and
+the LM stage use them).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_conan.distributed.device import current_placement
 
 
 def wrap_model(
@@ -88,6 +92,19 @@ def build_optimizer(
     return optimizer
 
 
+def zero_grads(chunks: List[DistributedDataParallel], optimizer) -> None:
+    """Clear the DDP gradient buffers and the optimizer's gradients before a step's backward."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def optimizer_step(optimizer) -> Tuple[bool, Optional[float]]:
+    """Apply the update from the reduced gradients: (update_successful, grad norm before clipping)."""
+    update_successful, grad_norm, _ = optimizer.step()
+    return bool(update_successful), None if grad_norm is None else float(grad_norm)
+
+
 @dataclass
 class StepResult:
     """What one optimizer step reports (identical on every rank)."""
@@ -99,29 +116,48 @@ class StepResult:
     update_successful: bool
     """False when the optimizer skipped the update (fp16 overflow, non-finite gradients)."""
     extras: Dict[str, float]
-    """Other values the loss function reported, averaged like the loss."""
+    """Other values the loss function reported, reduced like the loss."""
 
 
-def _average_over_microbatches(losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-    """Mean of each reported value over micro-batches, then over DP; broadcast from the last stage."""
-    names = sorted(losses_reduced[0]) if losses_reduced else []
-    values = torch.zeros(len(names) + 1, dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses_reduced:
+def reduce_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Global values from a schedule's per-micro-batch reports (computed on the last PP stage).
+
+    A report value of two numbers ``[sum, count]`` is a ratio: sums and counts add up over
+    micro-batches and DP ranks before dividing (``{"lm loss": [loss sum, tokens]}`` gives the mean
+    over every loss token of the global batch; the count is also returned as ``<name> count``). A
+    one-number value is a mean: averaged over micro-batches, then over DP ranks. Broadcast to the
+    other pipeline stages, so every rank returns the same dict.
+    """
+    placement = current_placement()
+    names = sorted(reports[0]) if reports else []
+    values = placement.zeros(2 * len(names), dtype=torch.float64)  # per name: [sum or mean, count]
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and reports:
         for i, name in enumerate(names):
-            values[i] = torch.stack([d[name].double().reshape(()) for d in losses_reduced]).mean()
-        values[-1] = 1.0
+            stacked = torch.stack([report[name].double().reshape(-1) for report in reports])  # [m, 1 or 2]
+            if stacked.shape[1] == 2:
+                values[2 * i:2 * i + 2] = stacked.sum(dim=0).to(values.device)
+            else:
+                values[2 * i] = stacked[:, 0].mean().to(values.device)
+                values[2 * i + 1] = -1.0  # marks a mean
     # Names are known only on the last stage: ship them with the values.
     holder = [names]
-    last_stage_global_rank = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(holder, src=last_stage_global_rank,
-                               group=parallel_state.get_pipeline_model_parallel_group())
-    names = holder[0]
-    if values.numel() != len(names) + 1:
-        values = torch.zeros(len(names) + 1, dtype=torch.float64)
-    dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
-    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-    values /= parallel_state.get_data_parallel_world_size()
-    return {name: float(values[i]) for i, name in enumerate(names)}
+    placement.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    if holder[0] != names:
+        names = holder[0]
+        values = placement.zeros(2 * len(names), dtype=torch.float64)
+    placement.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    placement.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    dp_size = parallel_state.get_data_parallel_world_size()
+    reduced: Dict[str, float] = {}
+    for i, name in enumerate(names):
+        total, count = float(values[2 * i]), float(values[2 * i + 1])
+        if count < 0:  # a mean on every DP rank: -dp_size after the all-reduce
+            reduced[name] = total / dp_size
+        else:
+            reduced[name] = total / count if count > 0 else float("nan")
+            reduced[f"{name} count"] = count
+    return reduced
 
 
 def _per_chunk_iterators(data_iterator, num_chunks: int):
@@ -136,8 +172,8 @@ def _per_chunk_iterators(data_iterator, num_chunks: int):
     return data_iterator
 
 
-def _run_schedule(forward_step_func, data_iterator, chunks, num_microbatches: int, seq_length: int,
-                  micro_batch_size: int, forward_only: bool):
+def run_schedule(forward_step_func, data_iterator, chunks, num_microbatches: int, seq_length: int,
+                 micro_batch_size: int, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
     """megatron-core's pipeline schedule over one global batch; returns the per-micro-batch reports."""
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
@@ -161,20 +197,16 @@ def train_step(
     loss_key: str = "lm loss",
 ) -> StepResult:
     """Forward/backward over `num_microbatches`, gradient reduction, one optimizer update."""
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses_reduced = _run_schedule(forward_step_func, data_iterator, chunks, num_microbatches, seq_length,
-                                   micro_batch_size, forward_only=False)
-    reported = _average_over_microbatches(losses_reduced)
+    zero_grads(chunks, optimizer)
+    reported = reduce_reports(run_schedule(forward_step_func, data_iterator, chunks, num_microbatches,
+                                           seq_length, micro_batch_size, forward_only=False))
     loss = reported.pop(loss_key, float("nan"))
     if not math.isfinite(loss):
         # A non-finite loss means non-finite gradients somewhere: skip the update entirely.
         optimizer.zero_grad()
         return StepResult(loss=loss, grad_norm=None, update_successful=False, extras=reported)
-    update_successful, grad_norm, _ = optimizer.step()
-    return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
-                      update_successful=bool(update_successful), extras=reported)
+    update_successful, grad_norm = optimizer_step(optimizer)
+    return StepResult(loss=loss, grad_norm=grad_norm, update_successful=update_successful, extras=reported)
 
 
 def evaluate_loss(
@@ -188,6 +220,6 @@ def evaluate_loss(
 ) -> float:
     """Mean loss over `num_microbatches` without gradients (evaluation, parity checks)."""
     with torch.no_grad():
-        losses_reduced = _run_schedule(forward_step_func, data_iterator, chunks, num_microbatches, seq_length,
-                                       micro_batch_size, forward_only=True)
-    return _average_over_microbatches(losses_reduced).get(loss_key, float("nan"))
+        reports = run_schedule(forward_step_func, data_iterator, chunks, num_microbatches, seq_length,
+                               micro_batch_size, forward_only=True)
+    return reduce_reports(reports).get(loss_key, float("nan"))

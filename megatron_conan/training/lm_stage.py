@@ -1,0 +1,153 @@
+"""The language-model stages (1 pretrain, 2 SFT) as a plug-in of the shared loop.
+
+Data: ``data.kind`` ``blended`` (megatron-core GPTDataset over weighted indexed sources), ``sft``
+(our SFT dataset: loss on output tokens only) or ``synthetic`` (random motifs, no files). The data
+position is one number, ``consumed_samples``: global batch ``b`` covers dataset indices
+``[b*G, (b+1)*G)`` (wrapping around), DP rank ``r`` takes the r-th contiguous slice, cut into
+micro-batches. The step runs megatron-core's pipeline schedule (any TP/PP/VPP/SP layout) with the
+per-token loss of ``losses/lm.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from megatron_conan.config.model import ConfigError
+from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
+from megatron_conan.training.stage import Stage, StageContext, StageStepOutput, check_no_soft_mask
+from megatron_conan.training.step import evaluate_loss, reduce_reports, run_schedule
+
+logger = logging.getLogger(__name__)
+
+
+class SyntheticLMDataset(torch.utils.data.Dataset):
+    """Deterministic random-token sequences: smoke tests and throughput runs with no files."""
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int):
+        self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        # A learnable signal: each sequence repeats a short random motif.
+        motif = torch.randint(0, self.vocab_size, (8,), generator=generator)
+        tokens = motif.repeat(self.seq_length // 8 + 2)[: self.seq_length + 1]
+        return {
+            "tokens": tokens[:-1].clone(),
+            "labels": tokens[1:].clone(),
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+        }
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]
+            if key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def step_microbatches(dataset, consumed_samples: int, global_batch: int, micro_batch: int,
+                      dp_rank: int, dp_size: int) -> List[Dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch starting at `consumed_samples` (CPU tensors).
+
+    Global batch b covers dataset indices [consumed, consumed + global_batch) (wrapping around
+    epochs); DP rank r takes the r-th contiguous slice. Datasets shuffle internally (GPTDataset).
+    """
+    per_rank = global_batch // dp_size
+    start = consumed_samples + dp_rank * per_rank
+    indices = [(start + i) % len(dataset) for i in range(per_rank)]
+    return [collate([dataset[j] for j in indices[i:i + micro_batch]]) for i in range(0, per_rank, micro_batch)]
+
+
+def build_lm_datasets(cfg, model_config, num_train_samples: int, num_valid_samples: int):
+    """(train, valid) datasets of the run's data section; checks the tokenizer against the model."""
+    data = cfg.data
+    if data.kind == "synthetic":
+        return (SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_train_samples, 1), cfg.train.seed),
+                SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_valid_samples, 1), cfg.train.seed + 1))
+    from megatron_conan.training.data_checks import load_checked_tokenizer
+
+    tokenizer = load_checked_tokenizer(cfg, model_config)
+    if data.kind == "blended":
+        from megatron_conan.data.pretraining import BlendedDataConfig, build_pretrain_datasets
+
+        blend = BlendedDataConfig.from_dict(dict(data.blend))
+        train, valid, _ = build_pretrain_datasets(blend, tokenizer, cfg.train.seq_length,
+                                                  (num_train_samples, num_valid_samples, 0))
+        return train, valid
+    if data.kind != "sft":
+        raise ConfigError(f"data.kind={data.kind!r} is not language-model data (blended, sft or synthetic)")
+    from megatron_conan.data.sft import build_sft_datasets
+
+    if not data.sft_prefix:
+        raise ConfigError("data.sft_prefix is required for data.kind=sft")
+    train, valid, _ = build_sft_datasets(data.sft_prefix, tokenizer, cfg.train.seq_length, split=data.split,
+                                         seed=cfg.train.seed)
+    return train, valid
+
+
+class LanguageModelStage(Stage):
+    """Next-token cross-entropy over fixed-length sequences (pretrain, SFT)."""
+
+    def __init__(self, name: str = "pretrain", forward_step_func: Optional[Callable] = None):
+        self.name = name
+        self.forward_step_func = forward_step_func or lm_forward_step
+        self.consumed_samples = 0
+        self.train_ds = self.valid_ds = None
+
+    def check_config(self, cfg) -> None:
+        check_no_soft_mask(cfg, self.name)
+        if cfg.data.kind not in ("blended", "sft", "synthetic"):
+            raise ConfigError(f"data.kind={cfg.data.kind!r}: the {self.name} stage reads blended, sft or "
+                              "synthetic data")
+
+    def setup(self, ctx: StageContext) -> None:
+        cfg = ctx.cfg
+        self.global_batch = cfg.train.global_batch_size
+        self.micro_batch = cfg.train.micro_batch_size
+        self.num_microbatches = cfg.train.num_microbatches(ctx.data_parallel_size)
+        # Every evaluation reads the same first `eval_steps` global batches of the validation split.
+        eval_batches = cfg.train.eval_steps if cfg.train.eval_interval else 0
+        self.train_ds, self.valid_ds = build_lm_datasets(cfg, ctx.model_config, ctx.total_steps * self.global_batch,
+                                                         eval_batches * self.global_batch)
+        if eval_batches and (self.valid_ds is None or len(self.valid_ds) == 0):
+            raise ConfigError("train.eval_interval is set but the data has no validation split "
+                              "(data.split / data.blend.split gives it no share)")
+
+    def _microbatches(self, ctx: StageContext, dataset, consumed: int) -> List[Dict[str, torch.Tensor]]:
+        batches = step_microbatches(dataset, consumed, self.global_batch, self.micro_batch,
+                                    ctx.data_parallel_rank, ctx.data_parallel_size)
+        return [ctx.placement.to_device(batch) for batch in batches]
+
+    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
+        microbatches = self._microbatches(ctx, self.train_ds, self.consumed_samples)
+        attach_loss_normalizer(microbatches, ctx.placement)
+        reported = reduce_reports(run_schedule(
+            self.forward_step_func, [iter(microbatches) for _ in ctx.chunks], ctx.chunks,
+            self.num_microbatches, ctx.cfg.train.seq_length, self.micro_batch, forward_only=False))
+        self.consumed_samples += self.global_batch
+        loss = reported.pop("lm loss", float("nan"))
+        loss_tokens = reported.pop("lm loss count", float("nan"))
+        return StageStepOutput(loss=loss, samples=self.global_batch,
+                               tokens=self.global_batch * ctx.cfg.train.seq_length,
+                               metrics={"loss_tokens": loss_tokens, **reported})
+
+    def evaluate(self, ctx: StageContext, step: int) -> Dict[str, float]:
+        cfg = ctx.cfg
+        losses = []
+        for index in range(cfg.train.eval_steps):
+            microbatches = self._microbatches(ctx, self.valid_ds, index * self.global_batch)
+            losses.append(evaluate_loss(self.forward_step_func, [iter(microbatches) for _ in ctx.chunks], ctx.chunks,
+                                        self.num_microbatches, cfg.train.seq_length, self.micro_batch))
+        return {"eval_loss": sum(losses) / len(losses) if losses else math.nan}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.consumed_samples = int(state["consumed_samples"])

@@ -1,0 +1,128 @@
+"""The seam between the shared training loop and a stage (pretrain, SFT, embed-weak, embed-sup).
+
+The loop (``training/loop.py``) owns what every stage needs alike: process groups, the model and its
+wrappers, optimizer and LR schedule, checkpoints, preemption, the non-finite guard, metrics files and
+the device placement. A stage plugs in what differs:
+
+    check_config(cfg)        refuse options the stage cannot honour, before anything is built
+    core_attention(cfg)      the attention kernel slot of the model (soft mask for embedding stages)
+    transformer_overrides()  megatron-core TransformerConfig fields the stage needs
+    setup(ctx)               build its data from the run config, once the model exists
+    train_step(ctx, step)    this step's forward + loss + backward over the global batch; gradients
+                             reduced over DP (finalize_model_grads), no optimizer update
+    evaluate(ctx, step)      optional held-out numbers
+    state_dict()             its position and extra state (data cursor, DHNM, ...), checkpointed
+    load_state_dict(state)   the same, restored before the first step of a resumed run
+
+A stage moves its batches to ``ctx.placement.device`` (``ctx.placement.to_device``) and issues its
+collectives through the placement. The loop persists the soft-mask schedule with the model (it lives
+in the attention modules); a stage that moves a(t) does so in ``train_step``.
+(torchtitan's trainer and OLMo-core's ``TrainModule`` follow the same split.)
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+
+from megatron_conan.distributed.device import Placement
+
+
+@dataclass
+class StageContext:
+    """What the loop hands a stage: the run, the model and where tensors go."""
+
+    cfg: Any
+    """The RunConfig of the run."""
+    model_config: Any
+    """The ConanModelConfig (vocab size, shape)."""
+    transformer_config: Any
+    """megatron-core's TransformerConfig of the built model."""
+    chunks: List[torch.nn.Module]
+    """The DDP-wrapped model chunks of this rank (one unless interleaving)."""
+    placement: Placement
+    """Device of the batches and collective buffers."""
+    data_parallel_rank: int
+    data_parallel_size: int
+    data_parallel_group: Any
+    """The process group of the data-parallel replicas (gathers of contrastive candidates)."""
+    total_steps: int
+    """Optimizer steps of the whole run."""
+
+
+@dataclass
+class StageStepOutput:
+    """What a stage's ``train_step`` reports; identical on every rank."""
+
+    loss: float
+    """The step's loss over the global batch (NaN/inf makes the loop skip the update)."""
+    samples: int
+    """Examples of the global batch (all DP ranks)."""
+    tokens: int
+    """Tokens the model processed for the global batch (for tokens/s and MFU)."""
+    metrics: Dict[str, float] = field(default_factory=dict)
+    """Anything else to log (accuracy, a(t), DHNM activity, ...)."""
+
+
+class Stage(abc.ABC):
+    """A training stage plugged into :func:`megatron_conan.training.loop.train`."""
+
+    name: str = "stage"
+
+    def check_config(self, cfg) -> None:
+        """Raise ConfigError for options this stage cannot honour (called before anything is built)."""
+
+    def core_attention(self, cfg):
+        """The model's core-attention spec (None: the builder's default attention)."""
+        return None
+
+    def transformer_overrides(self) -> Dict[str, Any]:
+        """megatron-core TransformerConfig fields this stage sets."""
+        return {}
+
+    @abc.abstractmethod
+    def setup(self, ctx: StageContext) -> None:
+        """Build the stage's data (and anything else) once the model exists."""
+
+    @abc.abstractmethod
+    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
+        """Forward, loss and backward of step `step` (0-based) over the global batch; gradients are
+        reduced over DP when this returns; the loop applies the optimizer update."""
+
+    def evaluate(self, ctx: StageContext, step: int) -> Dict[str, float]:
+        """Held-out metrics after step `step`; the default stage has none."""
+        return {}
+
+    def supports_evaluation(self) -> bool:
+        return type(self).evaluate is not Stage.evaluate
+
+    @abc.abstractmethod
+    def state_dict(self) -> Dict[str, Any]:
+        """The stage's resumable state (rank-0 copy; identical on every rank unless stated)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output before the first step of a resumed run."""
+
+    def write_checkpoint_files(self, directory: str) -> None:
+        """Collective: write per-rank state into the in-progress checkpoint `directory` (optional)."""
+
+    def read_checkpoint_files(self, directory: str) -> None:
+        """Collective: read what :meth:`write_checkpoint_files` wrote, on resume (optional)."""
+
+    def close(self) -> None:
+        """Release resources at the end of the run."""
+
+
+def check_no_soft_mask(cfg, stage_name: str) -> None:
+    """LM stages train next-token prediction: any a > 0 lets a position see the tokens it predicts."""
+    from megatron_conan.config.model import ConfigError
+
+    if cfg.model.soft_mask is not None:
+        raise ConfigError(f"model.soft_mask is for the embedding stages; the {stage_name} stage trains "
+                          "next-token prediction, where any bidirectional attention leaks the future "
+                          "tokens into the loss: remove model.soft_mask")
+
