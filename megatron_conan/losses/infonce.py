@@ -57,6 +57,7 @@ def infonce_loss(
     gather_group: Optional[dist.ProcessGroup] = None,
     in_batch_negatives: bool = True,
     negative_mask: Optional[torch.Tensor] = None,
+    positive_keys: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """InfoNCE loss of the local anchors and its statistics.
 
@@ -69,6 +70,11 @@ def infonce_loss(
     gather_group: the data-parallel group to gather candidates over; None (or torch.distributed not
     initialised) scores against the local batch only. Ignored for the gather when
     ``in_batch_negatives=False``, but still used to count the global anchors for the scaling.
+
+    positive_keys: int64 [b] content keys of the positives (equal texts, equal keys), gathered with
+    them: an in-batch candidate with the key of anchor i's own positive, other than that positive,
+    is left out of anchor i's denominator (a duplicate text in the global batch is a false
+    negative). None: every in-batch candidate counts.
 
     Returns ``(loss, stats)``; stats are detached: ``loss``, ``accuracy`` (share of local anchors
     whose own positive scores highest), ``positive_cosine`` (mean), ``hard_negative_cosine`` (mean
@@ -105,6 +111,13 @@ def infonce_loss(
             candidates, sizes, offset = positives, [local], 0
         labels = offset + torch.arange(local, device=queries.device)
         logits = queries @ candidates.T  # [b, N]
+        if positive_keys is not None:
+            if positive_keys.shape != (local,):
+                raise ValueError(f"positive_keys must be [b] = [{local}], got {tuple(positive_keys.shape)}")
+            all_keys = all_gather_with_grad(positive_keys, gather_group) if gathering else positive_keys  # [N]
+            duplicate = all_keys[None, :] == positive_keys[:, None]  # [b, N]
+            duplicate[torch.arange(local, device=queries.device), labels] = False
+            logits = logits.masked_fill(duplicate, float("-inf"))
         if hard_negatives is not None:
             all_negatives, all_mask = hard_negatives, negative_mask
             if gathering:

@@ -127,3 +127,22 @@ def test_bad_arguments_are_refused(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         infonce_loss(**arguments)
+
+
+def test_duplicate_positives_are_not_negatives():
+    """Anchors 0 and 2 share a positive text: with keys, each one's denominator leaves out the
+    other's copy (a false negative), and nothing else changes."""
+    queries, positives = _unit(4, 8, seed=21), _unit(4, 8, seed=22)
+    positives[2] = positives[0]
+    keys = torch.tensor([7, 8, 7, 9])
+    loss, _ = infonce_loss(queries, positives, temperature=0.05, positive_keys=keys)
+    expected = 0.0
+    for i in range(4):
+        logits = [(_cos(queries[i], positives[j]) / 0.05) for j in range(4) if j == i or keys[j] != keys[i]]
+        own = _cos(queries[i], positives[i]) / 0.05
+        expected += -own + math.log(sum(math.exp(v) for v in logits))
+    assert abs(float(loss) - expected / 4) < 1e-10
+    plain, _ = infonce_loss(queries, positives, temperature=0.05)
+    assert float(plain) > float(loss)
+    unique, _ = infonce_loss(queries, positives, temperature=0.05, positive_keys=torch.arange(4))
+    assert float(unique) == float(plain)
