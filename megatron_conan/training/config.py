@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_conan.config.model import ConanModelConfig, ConfigError, ParallelConfig, model_recipe
 
@@ -21,21 +21,9 @@ class ModelSection:
     transformer_overrides: Dict[str, Any] = field(default_factory=dict)
     """Extra megatron-core TransformerConfig fields (e.g. recompute_granularity)."""
     soft_mask: Optional[Dict[str, Any]] = None
-    """SoftMaskConfig fields: use the soft-mask attention kernel as core attention (stages 3-4;
-    the loop moves a(t) with the step and checkpoints the schedule). None: megatron-core's."""
-
-    def core_attention(self):
-        """The core-attention spec for the model builder (None: the builder's default)."""
-        if self.soft_mask is None:
-            return None
-        from megatron_conan.ops.soft_mask_attention.core_attention import soft_mask_core_attention_spec
-        from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
-
-        try:
-            config = SoftMaskConfig(**self.soft_mask)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model.soft_mask: {error}") from None
-        return soft_mask_core_attention_spec(config)
+    """SoftMaskConfig fields of the embedding stages' attention (stage 3: the causal ->
+    bidirectional schedule, `total_steps` defaulting to the stage's steps; stage 4: bidirectional
+    unless set). Pretrain and SFT refuse it."""
 
     def build(self) -> ConanModelConfig:
         cfg = model_recipe(self.recipe)
@@ -151,10 +139,12 @@ class CheckpointSection:
 
 @dataclass
 class DataSection:
-    """Stage data: blended indexed prefixes (pretrain) or an SFT prefix; `synthetic` for smoke runs."""
+    """Stage data: blended indexed prefixes (pretrain), an SFT prefix, a contrastive store (embedding
+    stages); `synthetic` for smoke runs."""
 
     kind: str = "synthetic"
-    """`blended` (pretraining), `sft`, or `synthetic` (random tokens, no files)."""
+    """`blended` (pretraining), `sft`, `contrastive` (embedding stages), or `synthetic` (random
+    tokens, no files)."""
     tokenizer: Optional[str] = None
     """SentencePiece model path (vocab_size of the model follows it when set)."""
     blend: Dict[str, Any] = field(default_factory=dict)
@@ -163,10 +153,75 @@ class DataSection:
     """Indexed SFT data prefix for kind=sft."""
     split: str = "98,2,0"
     """train,valid,test split for kind=sft."""
+    contrastive_prefix: Optional[str] = None
+    """Contrastive store prefix for kind=contrastive (tools/tokenize_contrastive.py)."""
 
     def __post_init__(self):
-        if self.kind not in ("blended", "sft", "synthetic"):
-            raise ConfigError(f"data.kind must be blended, sft or synthetic, got {self.kind!r}")
+        if self.kind not in ("blended", "sft", "contrastive", "synthetic"):
+            raise ConfigError(f"data.kind must be blended, sft, contrastive or synthetic, got {self.kind!r}")
+
+
+@dataclass
+class EmbeddingSection:
+    """Contrastive training of the embedder (stages 3 and 4; DESIGN.md sections 4-5)."""
+
+    pooling: str = "mean"
+    """How token states become one embedding: `mean`, `last` or `first` (over true lengths)."""
+    temperature: float = 0.02
+    """InfoNCE temperature (logits are cosines / temperature)."""
+    symmetric: bool = False
+    """Add the passage -> query term (each positive against every gathered query); the loss is then
+    the mean of the two directions."""
+    mask_duplicate_positives: bool = True
+    """Leave in-batch candidates whose text equals a query's own positive out of its denominator
+    (a duplicate in the global batch is a false negative)."""
+    mini_batch_size: int = 0
+    """GradCache: embed the local batch in chunks of this many sequences, without activations, then
+    replay each chunk with the cached embedding gradient; the batch is then limited by embedding
+    memory, not activation memory. 0: one forward per role with activations."""
+    max_query_length: int = 128
+    """Query tokens (instruction included, EOD included); longer queries are cut."""
+    max_passage_length: int = 256
+    """Passage tokens (EOD included); longer passages are cut."""
+    query_instruction: Optional[str] = None
+    """The instruction of retrieval queries at inference, exported as the sentence-transformers
+    `query` prompt (training data carries its own instructions)."""
+    matryoshka_dims: List[int] = field(default_factory=list)
+    """Matryoshka truncations summed in the loss (empty: the full width only); dims above the width
+    are dropped and the full width is always included."""
+    matryoshka_weights: Dict[int, float] = field(default_factory=dict)
+    """Per-dim loss weights (a dim not listed weighs 1)."""
+    num_negatives: int = 7
+    """Hard-negative slots per retrieval / cross-lingual query (stage 4)."""
+    task_weights: Dict[str, float] = field(default_factory=dict)
+    """Stage 4: how often each task's batch is drawn (empty: the paper's mix)."""
+    task_batch_sizes: Dict[str, int] = field(default_factory=dict)
+    """Stage 4: per-rank batch size per task (paper: retrieval 4, sts 32); a task not listed uses
+    train.global_batch_size / data-parallel size."""
+    cosent_scale: float = 20.0
+    """CoSENT scale (1 / tau) for the sts task."""
+
+    def __post_init__(self):
+        from megatron_conan.models.pooling import POOLING_MODES
+
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"embedding.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"embedding.temperature must be > 0, got {self.temperature}")
+        if self.mini_batch_size < 0:
+            raise ConfigError(f"embedding.mini_batch_size must be >= 0, got {self.mini_batch_size}")
+        if self.max_query_length < 2 or self.max_passage_length < 2:
+            raise ConfigError("embedding.max_query_length and embedding.max_passage_length must be >= 2")
+        if any(dim <= 0 for dim in self.matryoshka_dims):
+            raise ConfigError(f"embedding.matryoshka_dims must be positive, got {self.matryoshka_dims}")
+        if self.num_negatives < 0:
+            raise ConfigError(f"embedding.num_negatives must be >= 0, got {self.num_negatives}")
+        if any(size < 1 for size in self.task_batch_sizes.values()):
+            raise ConfigError(f"embedding.task_batch_sizes must be >= 1, got {self.task_batch_sizes}")
+        if any(weight < 0 for weight in self.task_weights.values()):
+            raise ConfigError(f"embedding.task_weights must be >= 0, got {self.task_weights}")
+        if self.cosent_scale <= 0:
+            raise ConfigError(f"embedding.cosent_scale must be > 0, got {self.cosent_scale}")
 
 
 @dataclass
@@ -181,6 +236,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     data: DataSection = field(default_factory=DataSection)
+    embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
 
     def checkpoint_dir(self) -> str:
         return self.checkpoint.save_dir or os.path.join(self.run_dir, "checkpoints")

@@ -25,23 +25,40 @@ def parse_run_config(description: str, argv: Optional[Sequence[str]]):
     return args, cfg
 
 
-def dry_run_text(cfg: RunConfig, world_size: int) -> str:
-    """The --dry-run report: pure arithmetic, nothing is allocated."""
+def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> str:
+    """The --dry-run report: pure arithmetic, nothing is allocated; the stage's config checks run."""
     from megatron_conan.training.estimate import dry_run_report, format_dry_run
+    from megatron_conan.training.loop import build_stage
 
-    return format_dry_run(dry_run_report(
-        cfg.model.build(), cfg.parallel, world_size,
-        global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+    build_stage(stage).check_config(cfg)
+    model_config = cfg.model.build()
+    micro_batch = cfg.train.micro_batch_size
+    contrastive = None
+    if stage.startswith("embed"):
+        # one contrastive batch per step: no micro-batches; GradCache chunks bound the activations
+        data_parallel = cfg.parallel.data_parallel(world_size)
+        per_rank = cfg.train.global_batch_size // data_parallel
+        micro_batch = cfg.embedding.mini_batch_size or per_rank
+        contrastive = (f"contrastive batch: {cfg.train.global_batch_size} queries ({per_rank} per DP rank), each "
+                       f"scored against {cfg.train.global_batch_size} gathered positives; "
+                       + (f"GradCache chunks of {micro_batch} sequences" if cfg.embedding.mini_batch_size
+                          else "no GradCache (activations of the whole per-rank batch)")
+                       + f"; queries <= {cfg.embedding.max_query_length}, passages <= "
+                       f"{cfg.embedding.max_passage_length} tokens")
+    text = format_dry_run(dry_run_report(
+        model_config, cfg.parallel, world_size,
+        global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro_batch,
         seq_length=cfg.train.seq_length, precision=cfg.train.precision, recompute=cfg.train.recompute,
         token_budget=cfg.train.token_budget, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     ))
+    return text if contrastive is None else f"{text}\n{contrastive}"
 
 
 def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None,
               forward_step_func: Optional[Callable] = None) -> int:
     args, cfg = parse_run_config(description, argv)
     if args.dry_run:
-        print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))
         return 0
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)

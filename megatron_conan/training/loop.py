@@ -108,30 +108,30 @@ class RunResult:
     skipped_steps: int
 
 
-def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
-          stage: Union[str, Stage] = "pretrain") -> RunResult:
-    """Run (or resume) a training run of `stage`; collective over the torch.distributed world.
+@dataclass
+class Trainer:
+    """What :func:`build_trainer` assembles: the stage's context, optimizer and LR schedule."""
 
-    `stage` is a Stage object or a stage name; `forward_step_func` replaces the language-model
-    stages' forward step (tests inject failures through it).
-    """
-    if isinstance(stage, str):
-        stage = build_stage(stage, forward_step_func)
+    ctx: StageContext
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def build_trainer(cfg: RunConfig, stage: Stage) -> Trainer:
+    """Process groups, the model with the stage's attention, DDP, optimizer, LR schedule and the
+    stage's data; collective. (The loop's set-up, also what tests and benchmarks of a stage use.)"""
     stage.check_config(cfg)
     model_config = cfg.model.build()
     data_parallel = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
-    rank = dist.get_rank()
     transformer_config = build_transformer_config(
         model_config, cfg.parallel, precision=cfg.train.precision,
         transformer_overrides=_transformer_overrides(cfg, stage),
     )
     total_steps = cfg.train.steps()
-    save_dir = cfg.checkpoint_dir()
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     logger.info("%s", describe_layout())
-
     chunks = wrap_model(build_model_chunks(model_config, transformer_config, core_attention=stage.core_attention(cfg)),
                         transformer_config,
                         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
@@ -154,6 +154,23 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
         raise ConfigError(f"train.eval_interval: the {stage.name} stage has no in-loop evaluation "
                           "(evaluate its checkpoints with conan-eval); set train.eval_interval=0")
     stage.setup(ctx)
+    return Trainer(ctx, optimizer, scheduler)
+
+
+def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
+          stage: Union[str, Stage] = "pretrain") -> RunResult:
+    """Run (or resume) a training run of `stage`; collective over the torch.distributed world.
+
+    `stage` is a Stage object or a stage name; `forward_step_func` replaces the language-model
+    stages' forward step (tests inject failures through it).
+    """
+    if isinstance(stage, str):
+        stage = build_stage(stage, forward_step_func)
+    trainer = build_trainer(cfg, stage)
+    ctx, optimizer, scheduler = trainer.ctx, trainer.optimizer, trainer.scheduler
+    chunks, model_config, total_steps = ctx.chunks, ctx.model_config, ctx.total_steps
+    rank = dist.get_rank()
+    save_dir = cfg.checkpoint_dir()
 
     step, consumed, common = 0, 0, {}
     latest = checkpointing.read_latest(save_dir)

@@ -166,3 +166,9 @@ def load_soft_mask_state(model, state: Optional[Dict[str, Any]]) -> int:
     for module in modules:
         module.schedule.load_state_dict(state)
     return len(modules)
+
+
+def soft_mask_a(model) -> Optional[float]:
+    """a(t) the soft-mask layers of `model` use now, or None without soft-mask layers."""
+    modules = _soft_mask_modules(model)
+    return modules[0].a if modules else None

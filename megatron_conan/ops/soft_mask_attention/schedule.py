@@ -39,8 +39,9 @@ class SoftMaskConfig:
     position_scale: str = "len_over_pos"
     """How m_i depends on the row: `len_over_pos` (default), `pos_over_len` or `none`."""
 
-    total_steps: int = 1
-    """T: the number of training steps over which a(t) goes from 0 to 1 (a stays 1 after T)."""
+    total_steps: Optional[int] = None
+    """T: the number of training steps over which a(t) goes from 0 to 1 (a stays 1 after T). None:
+    the training stage's own number of steps (the embed-weak stage fills it in)."""
 
     fixed_a: Optional[float] = None
     """If set, a is this constant whatever the step: 0.0 is causal, 1.0 bidirectional (stage 4)."""
@@ -57,9 +58,9 @@ class SoftMaskConfig:
         if self.position_scale not in POSITION_SCALES:
             raise ValueError(f"SoftMaskConfig.position_scale must be one of {POSITION_SCALES}, "
                              f"got {self.position_scale!r}")
-        if not isinstance(self.total_steps, int) or isinstance(self.total_steps, bool) \
-                or self.total_steps < 1:
-            raise ValueError(f"SoftMaskConfig.total_steps must be an int >= 1, got {self.total_steps!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int)
+                                             or isinstance(self.total_steps, bool) or self.total_steps < 1):
+            raise ValueError(f"SoftMaskConfig.total_steps must be None or an int >= 1, got {self.total_steps!r}")
         if self.fixed_a is not None and not 0.0 <= float(self.fixed_a) <= 1.0:
             raise ValueError(f"SoftMaskConfig.fixed_a must be None or in [0, 1], got {self.fixed_a!r}")
         if self.backend not in BACKENDS:
@@ -130,6 +131,8 @@ class SoftMaskSchedule:
     def a(self) -> float:
         if self.config.fixed_a is not None:
             return float(self.config.fixed_a)
+        if self.config.total_steps is None:
+            raise ValueError("SoftMaskConfig.total_steps is unset: give it, or fixed_a")
         return schedule_progress(self.config.schedule, self.step, self.config.total_steps)
 
     def set_step(self, step: int) -> None:

@@ -1,0 +1,123 @@
+"""Forward and backward of one contrastive batch, plain or with GradCache.
+
+The loss of a contrastive batch couples every sequence in it (in-batch negatives are gathered over
+the data-parallel group), so it cannot be cut into independent micro-batches the way a language-model
+loss is. Two ways to run it:
+
+* plain (``mini_batch_size=0``): embed each role (queries, positives, negatives, ...) in one forward
+  with activations kept, compute the loss, back-propagate;
+* GradCache (Gao et al. 2021; sentence-transformers' ``CachedMultipleNegativesRankingLoss``): embed
+  every role in chunks of ``mini_batch_size`` sequences *without* activations, compute the loss on the
+  cached embeddings and its gradient with respect to them (the gathers and their backward run here,
+  once), then replay each chunk with activations and back-propagate its slice of the cached gradient.
+  The RNG state is captured before each chunk's first pass and restored for its replay, so dropout
+  (if any) draws the same masks. Peak activation memory is one chunk's; the batch is limited by the
+  embeddings only. The parameter gradients equal the plain step's (tested to 1e-6 in fp32).
+
+Roles are embedded separately (a query batch and a passage batch have different lengths); each chunk
+is cut to its own longest sequence. Every rank must call this once per step with the same roles,
+because the loss gathers over the DP group; a rank may hold zero sequences of a role.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy
+import torch
+from megatron.core import tensor_parallel
+
+from megatron_conan.models.embedder import embed
+
+LossFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+"""embeddings by role ([n, h] each) -> (loss to back-propagate, detached statistics)."""
+
+
+@dataclass
+class Sequences:
+    """Right-padded token ids [n, L] and their true lengths [n], on the model's device."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def rows(self, start: int, stop: int) -> "Sequences":
+        """Rows [start, stop), cut to their longest sequence."""
+        lengths = self.lengths[start:stop]
+        width = max(int(lengths.max()), 1) if len(lengths) else 1
+        return Sequences(self.ids[start:stop, :width], lengths)
+
+
+def _chunks(count: int, size: int) -> List[Tuple[int, int]]:
+    size = size if size > 0 else max(count, 1)
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _capture_rng() -> dict:
+    return {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _embed_role(model, sequences: Sequences, pooling: str, width: int, chunk_size: int,
+                rng_states: Optional[List[dict]] = None) -> torch.Tensor:
+    """Embeddings [n, h] of `sequences`, chunk by chunk (recording each chunk's RNG state if asked)."""
+    if len(sequences) == 0:
+        # still a leaf of the graph: the loss's gathers run their backward collectives on every rank
+        return torch.zeros(0, width, device=sequences.ids.device, requires_grad=torch.is_grad_enabled())
+    pieces = []
+    for start, stop in _chunks(len(sequences), chunk_size):
+        if rng_states is not None:
+            rng_states.append(_capture_rng())
+        chunk = sequences.rows(start, stop)
+        pieces.append(embed(model, chunk.ids, chunk.lengths, pooling))  # [c, h]
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: LossFn, pooling: str,
+                                 hidden_size: int, mini_batch_size: int = 0,
+                                 grad_scale_func: Optional[Callable] = None
+                                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Embed `roles`, compute ``loss_fn``, back-propagate into the model's gradients.
+
+    Returns the (unscaled, detached) loss and the statistics. ``grad_scale_func`` is the optimizer's
+    loss scaler (fp16); gradients are left un-reduced over DP (the caller runs finalize_model_grads).
+    """
+    scale = grad_scale_func or (lambda loss: loss)
+    if mini_batch_size <= 0:
+        embeddings = {role: _embed_role(model, sequences, pooling, hidden_size, 0)
+                      for role, sequences in roles.items()}
+        loss, stats = loss_fn(embeddings)
+        scale(loss).backward()
+        return loss.detach(), stats
+
+    rng_states: Dict[str, List[dict]] = {role: [] for role in roles}
+    with torch.no_grad():
+        cached = {role: _embed_role(model, sequences, pooling, hidden_size, mini_batch_size, rng_states[role])
+                  for role, sequences in roles.items()}
+    cached = {role: tensor.detach().requires_grad_(True) for role, tensor in cached.items()}
+    loss, stats = loss_fn(cached)
+    scale(loss).backward()  # d(loss)/d(embeddings), through the gathers, for every role at once
+    for role, sequences in roles.items():
+        gradient = cached[role].grad
+        if gradient is None or len(sequences) == 0:
+            continue
+        for (start, stop), state in zip(_chunks(len(sequences), mini_batch_size), rng_states[role]):
+            _restore_rng(state)
+            chunk = sequences.rows(start, stop)
+            replayed = embed(model, chunk.ids, chunk.lengths, pooling)  # [c, h], with activations
+            replayed.backward(gradient[start:stop])
+    return loss.detach(), stats

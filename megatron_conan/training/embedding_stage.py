@@ -1,0 +1,211 @@
+"""The embedding stages (3 embed-weak, 4 embed-sup) as plug-ins of the shared loop.
+
+Both train the decoder as an embedder (``models/embedder.py``: no output layer, pooled, L2-normalised)
+on batches of a contrastive store (``data/contrastive.py``) with InfoNCE over candidates gathered
+across the data-parallel group (``losses/infonce.py``), plain or with GradCache
+(``training/contrastive_step.py``).
+
+Stage 3 (weakly supervised, ``pair`` data): attention moves from causal to bidirectional with the soft
+mask; a(t) follows the step (``model.soft_mask``; its ``total_steps`` defaults to the stage's steps),
+is logged every step as ``soft_mask_a`` and is checkpointed with the model. Stage 4 (supervised,
+multi-task with hard negatives) builds on the same pieces; it attends bidirectionally unless
+``model.soft_mask`` says otherwise.
+
+Parallelism: TP (every TP rank computes the same embeddings), SP, DP (the contrastive batch is the
+global batch: candidates are gathered over DP). Pipeline parallelism is refused: the loss couples the
+whole batch, which a pipeline schedule's independent per-micro-batch losses cannot express, and a
+1.5B model fits one GPU (GradCache bounds activation memory instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import partial
+from typing import Any, Dict, Optional
+
+import torch
+from megatron.core.distributed import finalize_model_grads
+
+from megatron_conan.config.model import ConfigError
+from megatron_conan.losses.infonce import infonce_loss
+from megatron_conan.losses.matryoshka import matryoshka_loss
+from megatron_conan.ops.soft_mask_attention.core_attention import (
+    set_soft_mask_step,
+    soft_mask_a,
+    soft_mask_core_attention_spec,
+)
+from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
+from megatron_conan.training.contrastive_step import Sequences, contrastive_forward_backward
+from megatron_conan.training.stage import Stage, StageContext, StageStepOutput
+
+logger = logging.getLogger(__name__)
+
+
+def content_keys(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """int64 [n]: a key per sequence, equal for equal token ids (the same on every rank and run)."""
+    keys = []
+    for row, length in zip(ids.tolist(), lengths.tolist()):
+        digest = hashlib.blake2b(repr(row[:length]).encode(), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(keys, dtype=torch.int64)
+
+
+class EmbeddingStage(Stage):
+    """What stages 3 and 4 share: config checks, soft-mask attention, the loader, the step."""
+
+    name = "embedding"
+    default_soft_mask: Dict[str, Any] = {}
+    tasks: Optional[tuple] = None
+
+    def __init__(self):
+        self.loader = None
+        self._iterator = None
+        self._loader_state: Optional[Dict[str, Any]] = None
+
+    # -- configuration --
+    def check_config(self, cfg) -> None:
+        if cfg.parallel.pipeline_parallel > 1:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={cfg.parallel.pipeline_parallel}: the {self.name} stage does not "
+                "support pipeline parallelism (the contrastive loss couples the whole batch); use tensor and "
+                "data parallelism, and embedding.mini_batch_size (GradCache) to bound activation memory")
+        if cfg.data.kind != "contrastive":
+            raise ConfigError(f"data.kind={cfg.data.kind!r}: the {self.name} stage reads a contrastive store "
+                              "(data.kind=contrastive, data.contrastive_prefix=...)")
+        if not cfg.data.contrastive_prefix:
+            raise ConfigError("data.contrastive_prefix is required for data.kind=contrastive")
+        self.soft_mask_config(cfg)
+
+    def soft_mask_config(self, cfg) -> SoftMaskConfig:
+        values = {**self.default_soft_mask, **(cfg.model.soft_mask or {})}
+        if values.get("fixed_a") is None and values.get("total_steps") is None:
+            values["total_steps"] = max(cfg.train.steps(), 1)
+        try:
+            return SoftMaskConfig(**values)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.soft_mask: {error}") from None
+
+    def core_attention(self, cfg):
+        # embedding needs key-padding masks, which only the soft-mask attention takes with any a
+        return soft_mask_core_attention_spec(self.soft_mask_config(cfg))
+
+    def transformer_overrides(self) -> Dict[str, Any]:
+        # a mean over anchors; DDP averages over DP ranks (losses/gather.py states the contract)
+        return {"calculate_per_token_loss": False}
+
+    # -- data --
+    def per_rank_batch_size(self, ctx: StageContext) -> int:
+        global_batch = ctx.cfg.train.global_batch_size
+        if global_batch % ctx.data_parallel_size:
+            raise ConfigError(f"train.global_batch_size ({global_batch}) is not divisible by the data-parallel "
+                              f"size ({ctx.data_parallel_size})")
+        return global_batch // ctx.data_parallel_size
+
+    def loader_batch_size(self, ctx: StageContext):
+        return self.per_rank_batch_size(ctx)
+
+    def setup(self, ctx: StageContext) -> None:
+        from megatron_conan.data.contrastive import ContrastiveLoader
+        from megatron_conan.training.data_checks import load_checked_tokenizer
+
+        cfg, embedding = ctx.cfg, ctx.cfg.embedding
+        tokenizer = load_checked_tokenizer(cfg, ctx.model_config)
+        self.loader = ContrastiveLoader(
+            cfg.data.contrastive_prefix, tokenizer, self.loader_batch_size(ctx),
+            dp_rank=ctx.data_parallel_rank, dp_world_size=ctx.data_parallel_size, seed=cfg.train.seed,
+            max_query_length=embedding.max_query_length, max_passage_length=embedding.max_passage_length,
+            num_negatives=embedding.num_negatives, tasks=self.tasks)
+
+    def _next_batch(self):
+        if self._iterator is None:
+            if self._loader_state is not None:
+                self.loader.load_state_dict(self._loader_state)
+            self._iterator = iter(self.loader)
+        return next(self._iterator)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "loader" not in state:
+            raise ConfigError(f"the checkpoint was not written by an embedding stage (its stage state is "
+                              f"{sorted(state)}): start the {self.name} stage from it with checkpoint.load_dir")
+        self._loader_state = state["loader"]
+        self._iterator = None
+
+    # -- the step --
+    def pair_loss(self, ctx: StageContext, positive_keys, query_keys, queries, positives):
+        """InfoNCE of queries against the gathered positives (and, symmetric, the reverse)."""
+        embedding = ctx.cfg.embedding
+        loss, stats = infonce_loss(queries, positives, temperature=embedding.temperature,
+                                   gather_group=ctx.data_parallel_group, positive_keys=positive_keys)
+        if embedding.symmetric:
+            reverse, _ = infonce_loss(positives, queries, temperature=embedding.temperature,
+                                      gather_group=ctx.data_parallel_group, positive_keys=query_keys)
+            loss = (loss + reverse) / 2
+        return loss, stats
+
+    def with_matryoshka(self, ctx: StageContext, loss_fn, embeddings: Dict[str, torch.Tensor]):
+        """The loss over the configured Matryoshka dims (just the full width when none are set);
+        statistics are those of the full width."""
+        embedding = ctx.cfg.embedding
+        if not embedding.matryoshka_dims:
+            return loss_fn(**embeddings)
+        result = matryoshka_loss(loss_fn, embeddings, embedding.matryoshka_dims,
+                                 {int(dim): float(w) for dim, w in embedding.matryoshka_weights.items()} or None)
+        stats = dict(result.stats[max(result.stats)])
+        for dim, value in result.per_dim.items():
+            stats[f"loss_dim_{dim}"] = value.detach()
+        return result.total, stats
+
+    def reduce_step_stats(self, ctx: StageContext, loss: torch.Tensor, stats: Dict[str, torch.Tensor],
+                          samples: int, tokens: int) -> Dict[str, float]:
+        """Global numbers: the loss (mean of the ranks' losses = the global mean), anchor-weighted
+        means of accuracy and cosines, summed samples and tokens."""
+        anchors = float(stats.get("num_anchors", torch.tensor(samples)))
+        names = [name for name in ("accuracy", "positive_cosine", "hard_negative_cosine") if name in stats]
+        values = ctx.placement.tensor([float(loss), samples, tokens, anchors]
+                                      + [float(stats[name]) * anchors for name in names], dtype=torch.float64)
+        ctx.placement.all_reduce(values, group=ctx.data_parallel_group)
+        total_anchors = max(float(values[3]), 1.0)
+        reduced = {"loss": float(values[0]) / ctx.data_parallel_size, "samples": int(values[1]),
+                   "tokens": int(values[2])}
+        reduced.update({name: float(values[4 + i]) / total_anchors for i, name in enumerate(names)})
+        return reduced
+
+    def run_contrastive(self, ctx: StageContext, roles: Dict[str, Sequences], loss_fn):
+        model = ctx.chunks[0]
+        return contrastive_forward_backward(
+            model, roles, loss_fn, ctx.cfg.embedding.pooling, ctx.model_config.hidden_size,
+            mini_batch_size=ctx.cfg.embedding.mini_batch_size,
+            grad_scale_func=ctx.transformer_config.grad_scale_func)
+
+
+class WeaklySupervisedStage(EmbeddingStage):
+    """Stage 3: (query, positive) pairs, in-batch negatives gathered over DP, the soft mask moving."""
+
+    name = "embed-weak"
+    tasks = ("pair",)
+
+    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
+        return self.step_on_batch(ctx, step, self._next_batch())
+
+    def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
+        """The step on a given (CPU) ContrastiveBatch of this rank: tests feed batches here."""
+        set_soft_mask_step(ctx.chunks, step)  # a(t) of this step
+        embedding = ctx.cfg.embedding
+        keys = {}
+        if embedding.mask_duplicate_positives:
+            keys = {"positive_keys": content_keys(batch.positive_ids, batch.positive_lengths),
+                    "query_keys": content_keys(batch.query_ids, batch.query_lengths)}
+        batch, keys = ctx.placement.to_device((batch, keys))
+        roles = {"queries": Sequences(batch.query_ids, batch.query_lengths),
+                 "positives": Sequences(batch.positive_ids, batch.positive_lengths)}
+        pair_loss = partial(self.pair_loss, ctx, keys.get("positive_keys"), keys.get("query_keys"))
+        loss, stats = self.run_contrastive(ctx, roles, lambda embeddings: self.with_matryoshka(ctx, pair_loss, embeddings))
+        finalize_model_grads(ctx.chunks)  # DP all-reduce (DDP averages), SP norms over TP
+        tokens = int(batch.query_lengths.sum()) + int(batch.positive_lengths.sum())
+        reduced = self.reduce_step_stats(ctx, loss, stats, batch.size, tokens)
+        return StageStepOutput(loss=reduced.pop("loss"), samples=reduced.pop("samples"), tokens=reduced.pop("tokens"),
+                               metrics={"soft_mask_a": soft_mask_a(ctx.chunks), **reduced})

@@ -1,0 +1,312 @@
+"""Stage 3 (embed-weak): the contrastive step under DP / TP / SP equals the single process, GradCache
+equals the plain step, the soft mask's ends equal megatron-core's causal and bidirectional attention,
+runs resume exactly, and bad input gets one clear error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megatron_conan.testing.distributed import run_distributed
+from megatron_conan.training.embedding_stage import WeaklySupervisedStage
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "examples", "tiny", "embed_weak.yaml")
+GLOBAL_BATCH = 8
+TOL = 1e-6
+SOFT_MASK_STEPS = 4  # the parity step runs at t = 2: a = 0.5, a genuinely soft mask
+
+
+class FedStage(WeaklySupervisedStage):
+    """Stage 3 fed by the test (step_on_batch) instead of a store."""
+
+    def setup(self, ctx):
+        pass
+
+
+def _cfg(run_dir, tensor_parallel=1, sequence_parallel=False, **embedding):
+    from megatron_conan.config.loader import from_dict
+    from megatron_conan.training.config import RunConfig
+
+    return from_dict(RunConfig, {
+        "run_dir": str(run_dir), "model": {"recipe": "tiny", "soft_mask": {
+            "total_steps": SOFT_MASK_STEPS, "backend": "reference"}},
+        "parallel": {"tensor_parallel": tensor_parallel, "sequence_parallel": sequence_parallel},
+        "train": {"train_steps": SOFT_MASK_STEPS, "global_batch_size": GLOBAL_BATCH, "eval_interval": 0},
+        "data": {"kind": "contrastive", "contrastive_prefix": "unused-fed-by-the-test"},
+        "embedding": {"temperature": 0.05, **embedding}})
+
+
+def _global_batch():
+    """8 ragged (query, positive) pairs; positive 5 is a copy of positive 1 (a false negative)."""
+    from megatron_conan.data.contrastive import ContrastiveBatch, pad_sequences
+
+    generator = torch.Generator().manual_seed(5)
+    queries = [torch.randint(4, 512, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 12, 7, 4, 11, 6)]
+    positives = [torch.randint(4, 512, (int(n),), generator=generator).tolist() for n in (14, 5, 20, 9, 16, 8, 6, 18)]
+    positives[5] = list(positives[1])
+    query_ids, query_lengths = pad_sequences(queries, 0)
+    positive_ids, positive_lengths = pad_sequences(positives, 0)
+    return ContrastiveBatch("pair", torch.arange(GLOBAL_BATCH), query_ids, query_lengths, positive_ids, positive_lengths)
+
+
+def _slice(batch, rank, size):
+    from megatron_conan.data.contrastive import ContrastiveBatch
+
+    rows = slice(rank * GLOBAL_BATCH // size, (rank + 1) * GLOBAL_BATCH // size)
+    return ContrastiveBatch("pair", batch.example_ids[rows], batch.query_ids[rows], batch.query_lengths[rows],
+                            batch.positive_ids[rows], batch.positive_lengths[rows])
+
+
+def _parity_body(rank, world_size, layout, full_weights, mini_batch_sizes, run_dir):
+    from megatron.core import parallel_state
+
+    from megatron_conan.models.embedder import embed
+    from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
+    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.step import zero_grads
+
+    cfg = _cfg(run_dir, **layout)
+    stage = FedStage()
+    trainer = build_trainer(cfg, stage)
+    ctx = trainer.ctx
+    if full_weights is None:
+        full_weights = gather_full_state_dict(ctx.chunks, ctx.model_config)
+    load_full_state_dict(ctx.chunks, full_weights, ctx.model_config)
+    batch = _global_batch()
+    local = _slice(batch, parallel_state.get_data_parallel_rank(), ctx.data_parallel_size)
+    results = {"weights": full_weights if rank == 0 else None}
+    for mini_batch_size in mini_batch_sizes:
+        cfg.embedding.mini_batch_size = mini_batch_size
+        zero_grads(ctx.chunks, trainer.optimizer)
+        output = stage.step_on_batch(ctx, SOFT_MASK_STEPS // 2, local)
+        results[mini_batch_size] = {"loss": output.loss, "a": output.metrics["soft_mask_a"],
+                                    "grads": gather_full_state_dict(ctx.chunks, ctx.model_config, source="grad")}
+    with torch.no_grad():
+        results["embeddings"] = embed(ctx.chunks[0], batch.query_ids, batch.query_lengths)
+    return results
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    return run_distributed(_parity_body, 1, args=({}, None, (0, 4, 2), str(run_dir)))[0]
+
+
+def _assert_same(result, reference):
+    """Loss within 1e-6; each gradient within 1e-6 of its largest entry (fp32: other batch shapes
+    and reduction orders round differently, a few ulps of entries of size ~10)."""
+    assert abs(result["loss"] - reference["loss"]) < TOL, (result["loss"], reference["loss"])
+    assert set(result["grads"]) == set(reference["grads"])
+    for name, expected in reference["grads"].items():
+        error = float((result["grads"][name] - expected).abs().max())
+        assert error <= TOL * max(1.0, float(expected.abs().max())), (name, error)
+
+
+def test_gradcache_equals_the_plain_step(single_process):
+    """2 and 4 chunks of the 8-pair batch: same loss and parameter gradients as one forward."""
+    assert single_process[0]["a"] == 0.5
+    _assert_same(single_process[4], single_process[0])
+    _assert_same(single_process[2], single_process[0])
+
+
+def test_two_process_layouts_equal_single_process(single_process, tmp_path):
+    reference = single_process[0]
+    for layout in ({}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "sequence_parallel": True}):
+        per_rank = run_distributed(_parity_body, 2, args=(layout, single_process["weights"], (0, 2), str(tmp_path)))
+        for result in per_rank:
+            _assert_same(result[0], reference)
+            _assert_same(result[2], reference)  # GradCache under DP / TP too
+            # every TP rank (and TP2 vs TP1) gives the same embeddings
+            assert float((result["embeddings"] - single_process["embeddings"]).abs().max()) < TOL, layout
+
+
+def test_tp2_dp2_equals_single_process(single_process, tmp_path):
+    per_rank = run_distributed(_parity_body, 4, args=({"tensor_parallel": 2}, single_process["weights"], (0,),
+                                                      str(tmp_path)))
+    for result in per_rank:
+        _assert_same(result[0], single_process[0])
+
+
+def test_duplicate_masking_changes_the_loss(single_process, tmp_path):
+    """The fixed batch holds a duplicate positive, so the masked loss is a different number."""
+    unmasked = run_distributed(_unmasked_body, 1, args=(single_process["weights"], str(tmp_path)))[0]
+    assert unmasked > single_process[0]["loss"] + 1e-4
+
+
+def _unmasked_body(rank, world_size, full_weights, run_dir):
+    from megatron_conan.models.sharding import load_full_state_dict
+    from megatron_conan.training.loop import build_trainer
+
+    stage = FedStage()
+    trainer = build_trainer(_cfg(run_dir, mask_duplicate_positives=False), stage)
+    load_full_state_dict(trainer.ctx.chunks, full_weights, trainer.ctx.model_config)
+    return stage.step_on_batch(trainer.ctx, SOFT_MASK_STEPS // 2, _global_batch()).loss
+
+
+# -- the ends of the schedule equal megatron-core's attention ------------------------------------
+
+def _ends_body(rank, world_size):
+    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.distributed.parallel import initialize_model_parallel
+    from megatron_conan.models.conan import build_model_chunks
+    from megatron_conan.models.embedder import _without_output_layer, embed, key_padding_mask
+    from megatron_conan.models.pooling import pool
+    from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
+    from megatron_conan.ops.soft_mask_attention import SoftMaskConfig
+    from megatron_conan.ops.soft_mask_attention.core_attention import set_soft_mask_step, soft_mask_core_attention_spec
+
+    initialize_model_parallel(ParallelConfig())
+    model_config = tiny()
+    transformer_config = build_transformer_config(model_config, ParallelConfig())
+    (soft,) = build_model_chunks(model_config, transformer_config, use_transformer_engine=False,
+                                 core_attention=soft_mask_core_attention_spec(
+                                     SoftMaskConfig(total_steps=10, backend="reference")))
+    (megatron_attention,) = build_model_chunks(model_config, transformer_config, use_transformer_engine=False)
+    load_full_state_dict([megatron_attention], gather_full_state_dict([soft], model_config), model_config)
+    batch = _global_batch()
+    ids, lengths = batch.positive_ids, batch.positive_lengths
+    seq_len = ids.shape[1]
+    positions = torch.arange(seq_len).expand(ids.shape[0], seq_len)
+
+    def megatron_embeddings(mask):
+        with torch.no_grad(), _without_output_layer(megatron_attention):
+            hidden = megatron_attention(input_ids=ids, position_ids=positions, attention_mask=mask)
+        return pool(hidden, lengths)
+
+    with torch.no_grad():
+        set_soft_mask_step(soft, 0)
+        first = embed(soft, ids, lengths)
+        set_soft_mask_step(soft, 10)
+        last = embed(soft, ids, lengths)
+    # DotProductAttention: no mask = causal (padded keys come after the real ones, so causal rows
+    # never see them); a key-padding mask replaces the causal mask = bidirectional over real keys
+    return {"first": first, "last": last, "causal": megatron_embeddings(None),
+            "bidirectional": megatron_embeddings(key_padding_mask(lengths, seq_len))}
+
+
+def test_schedule_ends_equal_causal_and_bidirectional_attention():
+    result = run_distributed(_ends_body, 1)[0]
+    assert float((result["first"] - result["causal"]).abs().max()) < 1e-5
+    assert float((result["last"] - result["bidirectional"]).abs().max()) < 1e-5
+    assert float((result["first"] - result["last"]).abs().max()) > 1e-3
+
+
+# -- whole runs: resume, metrics, bad input ---------------------------------------------------
+
+def _launch(run_dir, data, *overrides):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "megatron_conan.training.embed_weak", "--config", TINY, f"run_dir={run_dir}",
+         f"data.tokenizer={data['tokenizer']}", f"data.contrastive_prefix={data['pairs']}", "checkpoint.load_dir=null",
+         "model.soft_mask.backend=reference", *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(run_dir):
+    by_step = {}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as handle:
+            for line in handle:
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return by_step
+
+
+def _wait_for_step(run_dir, step, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _metrics(run_dir) and max(_metrics(run_dir)) >= step:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{process.stdout.read()}")
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+RUN = ("train.train_steps=24", "checkpoint.save_interval=4", "checkpoint.keep_last=2", "embedding.mini_batch_size=3")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(embedding_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    process = _launch(run_dir, embedding_data, *RUN)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return {"run_dir": run_dir, **_metrics(run_dir)}
+
+
+def test_a_follows_the_schedule_and_the_loss_falls(uninterrupted):
+    assert sorted(step for step in uninterrupted if step != "run_dir") == list(range(1, 25))
+    for step, record in ((s, r) for s, r in uninterrupted.items() if s != "run_dir"):
+        assert record["soft_mask_a"] == (step - 1) / 24  # a(t) of the step's forward, t = step - 1
+    first, last = uninterrupted[1]["loss"], uninterrupted[24]["loss"]
+    assert last < first, (first, last)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_interrupted_run_resumes_exactly(how, embedding_data, uninterrupted, tmp_path):
+    process = _launch(tmp_path, embedding_data, *RUN)
+    _wait_for_step(tmp_path, 10, process)
+    if how == "sigkill":
+        process.send_signal(signal.SIGKILL)
+        process.wait()  # (its checkpoint writer's helper process may hold the output pipe open)
+    else:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output
+    stopped_at = max(_metrics(tmp_path))
+    assert stopped_at < 24, "the run ended before the signal"
+    if how == "sigterm":
+        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
+    process = _launch(tmp_path, embedding_data, *RUN)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert "resumed from" in output
+    resumed = _metrics(tmp_path)
+    for step in range(stopped_at + 1, 25):
+        assert resumed[step]["loss"] == uninterrupted[step]["loss"], step
+        assert resumed[step]["soft_mask_a"] == uninterrupted[step]["soft_mask_a"], step
+
+
+def _run_quietly(*argv):
+    env = dict(os.environ)
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "megatron_conan.training.embed_weak", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pipeline_parallelism_is_refused_by_name(embedding_data, tmp_path):
+    result = _run_quietly("--config", TINY, f"run_dir={tmp_path}", f"data.tokenizer={embedding_data['tokenizer']}",
+                          f"data.contrastive_prefix={embedding_data['pairs']}", "parallel.pipeline_parallel=2")
+    assert result.returncode != 0
+    assert "parallel.pipeline_parallel=2" in result.stderr and "pipeline parallelism" in result.stderr
+
+
+def test_a_store_of_another_tokenizer_is_refused(embedding_data, tmp_path):
+    from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+
+    train_tokenizer([str(embedding_data["dir"] / "text.jsonl")], str(tmp_path / "other"),
+                    TokenizerTrainingConfig(vocab_size=512, num_threads=1, seed=99, max_sentences=200,
+                                            character_coverage=0.98))
+    result = _run_quietly("--config", TINY, f"run_dir={tmp_path / 'run'}", f"data.tokenizer={tmp_path / 'other.model'}",
+                          f"data.contrastive_prefix={embedding_data['pairs']}", "checkpoint.load_dir=null")
+    assert result.returncode != 0
+    assert "another tokenizer" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_checkpoint_of_another_shape_is_refused(embedding_data, uninterrupted, tmp_path):
+    checkpoints = os.path.join(uninterrupted["run_dir"], "checkpoints")
+    result = _run_quietly("--config", TINY, f"run_dir={tmp_path}", f"data.tokenizer={embedding_data['tokenizer']}",
+                          f"data.contrastive_prefix={embedding_data['pairs']}", f"checkpoint.load_dir={checkpoints}",
+                          "model.overrides={hidden_size: 128, ffn_hidden_size: 256}")
+    assert result.returncode != 0
+    assert "hidden_size: checkpoint 64 vs model 128" in result.stderr, result.stderr[-2000:]
