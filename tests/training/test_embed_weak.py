@@ -206,7 +206,7 @@ def _launch(run_dir, data, *overrides):
         [sys.executable, "-m", "megatron_conan.training.embed_weak", "--config", TINY, f"run_dir={run_dir}",
          f"data.tokenizer={data['tokenizer']}", f"data.contrastive_prefix={data['pairs']}", "checkpoint.load_dir=null",
          "model.soft_mask.backend=reference", *overrides],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _metrics(run_dir):
@@ -257,8 +257,8 @@ def test_interrupted_run_resumes_exactly(how, embedding_data, uninterrupted, tmp
     process = _launch(tmp_path, embedding_data, *RUN)
     _wait_for_step(tmp_path, 10, process)
     if how == "sigkill":
-        process.send_signal(signal.SIGKILL)
-        process.wait()  # (its checkpoint writer's helper process may hold the output pipe open)
+        os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler kills it
+        process.wait()
     else:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
