@@ -15,9 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
+from megatron_conan.errors import ConfigError  # noqa: F401 - re-exported: its historical import path
 
 
 @dataclass

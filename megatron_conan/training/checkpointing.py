@@ -36,16 +36,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.errors import CheckpointMismatchError  # noqa: F401 - re-exported: its historical import path
 from megatron_conan.training.model_checkpoint import load_model_state, model_sharded_state_dict
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint was written for a different model shape."""
 
 
 def checkpoint_name(step: int) -> str:
