@@ -3,20 +3,32 @@
 Layout of ``<save_dir>``::
 
     latest                    text: name of the newest *complete* checkpoint, e.g. "iter_0000040"
+    latest_checkpointed_iteration.txt   the same step as a bare number ("40"), for Megatron-LM's tools
     iter_0000040/
         model_optim/          dist_checkpointing: {"model": …, "optimizer": …} sharded by layout
         common.pt             rank 0: step, consumed samples, scheduler, model config, extra state
         rng/rank_00003.pt     each rank's Python / NumPy / torch / megatron-tracker RNG states
         layout.json           the TP/PP/DP layout that wrote it
+        …                     files a stage writes itself (``write_extra_files``)
     iter_0000050.partial/     a save in progress (or killed): never read, removed by the next save
+    iter_0000040.next/        a complete re-save of step 40 moving in (see below)
+    iter_0000030.old/         a checkpoint being deleted (pruned, or replaced by a re-save)
 
 A save writes everything into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N``
-and only then rewrites ``latest`` (write to a temp file, fsync, rename). A kill at any point leaves
-``latest`` pointing at the previous complete checkpoint. After ``latest`` moves, checkpoints beyond
-``keep_last`` are deleted, oldest first.
+and only then rewrites ``latest`` and ``latest_checkpointed_iteration.txt`` (each: write to a temp
+file, fsync, rename). A kill at any point leaves ``latest`` naming a complete checkpoint. After
+``latest`` moves, checkpoints beyond ``keep_last`` are renamed to ``.old`` and deleted, oldest first.
 
-Loading under another TP/PP layout works for the model and optimizer (dist_checkpointing reshards);
-per-rank RNG states are then not restorable and are re-seeded, with a warning.
+Re-saving a step whose ``iter_N`` exists (a signal right after a periodic save, or a resumed run
+reaching a step a killed run had already written) never deletes the old copy before the new one is
+complete: the finished ``.partial`` becomes ``iter_N.next``, the old ``iter_N`` becomes
+``iter_N.old``, then ``iter_N.next`` becomes ``iter_N``. A kill between the last two renames leaves
+``latest`` naming the missing ``iter_N``; :func:`read_latest` then returns the complete
+``iter_N.next``, and the next save finishes the move.
+
+Loading under another TP/PP/VPP layout works for the model and optimizer (dist_checkpointing
+reshards: the stored keys are the layers' global names, whatever the chunking); per-rank RNG states
+are then not restorable and are re-seeded, with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy
 import torch
@@ -36,13 +48,27 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from megatron_conan.config.model import ConanModelConfig
-from megatron_conan.errors import CheckpointMismatchError  # noqa: F401 - re-exported: its historical import path
+from megatron_conan.errors import CheckpointMismatchError, InputError
 from megatron_conan.training.model_checkpoint import load_model_state, model_sharded_state_dict
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's marker: the step of the newest complete checkpoint as a bare number."""
+PARTIAL, NEXT, OLD = ".partial", ".next", ".old"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+SAVE_POINTS = ("before_shards", "after_shards", "after_rename", "during_swap", "after_latest", "during_prune")
+"""Named moments of a save, in order (``during_swap`` only when re-saving an existing step)."""
+
+save_point_hook: Optional[Callable[[str, str], None]] = None
+"""Called as ``hook(point, directory)`` at each of :data:`SAVE_POINTS`; tests kill a save there."""
+
+
+def _reached(point: str, directory: str) -> None:
+    if save_point_hook is not None:
+        save_point_hook(point, directory)
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,16 +76,19 @@ def checkpoint_name(step: int) -> str:
 
 
 def read_latest(save_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint, or None."""
+    """Path of the newest complete checkpoint, or None when `save_dir` has none."""
     marker = os.path.join(save_dir, LATEST)
     if not os.path.exists(marker):
         return None
     with open(marker, encoding="utf-8") as handle:
         name = handle.read().strip()
     path = os.path.join(save_dir, name)
-    if not _ITER_RE.match(name) or not os.path.isdir(path):
-        raise RuntimeError(f"{marker} names {name!r}, which is not a complete checkpoint in {save_dir}")
-    return path
+    if _ITER_RE.match(name):
+        if os.path.isdir(path):
+            return path
+        if os.path.isdir(path + NEXT):  # a re-save stopped between moving the old copy out and the new in
+            return path + NEXT
+    raise InputError(f"{marker} names {name!r}, which is not a complete checkpoint in {save_dir}")
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -121,21 +150,24 @@ def save_checkpoint(
     consumed_samples: int,
     extra_state: Optional[Dict[str, Any]] = None,
     keep_last: int = 2,
+    write_extra_files: Optional[Callable[[str], None]] = None,
 ) -> str:
-    """Collective. Write a complete checkpoint for `step`, then move `latest` to it."""
+    """Collective. Write a complete checkpoint for `step`, then move `latest` to it.
+
+    `write_extra_files(directory)` is called on every rank with the in-progress checkpoint
+    directory once the model, optimizer, RNG and common state are in it: files a stage writes there
+    are published (or lost to a kill) together with the rest of the checkpoint.
+    """
     rank = dist.get_rank()
     final = os.path.join(save_dir, checkpoint_name(step))
-    partial = final + ".partial"
+    partial = final + PARTIAL
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        for stale in os.listdir(save_dir):
-            if stale.endswith(".partial"):
-                shutil.rmtree(os.path.join(save_dir, stale), ignore_errors=True)
-        if os.path.exists(final):  # re-saving a step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
+        _recover(save_dir)
         os.makedirs(os.path.join(partial, "model_optim"))
         os.makedirs(os.path.join(partial, "rng"))
     dist.barrier()
+    _reached("before_shards", partial)
     dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False), os.path.join(partial, "model_optim"))
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
@@ -148,20 +180,65 @@ def save_checkpoint(
         }, os.path.join(partial, "common.pt"))
         with open(os.path.join(partial, "layout.json"), "w", encoding="utf-8") as handle:
             json.dump(_layout(), handle)
+    if write_extra_files is not None:
+        write_extra_files(partial)
     dist.barrier()
+    _reached("after_shards", partial)
     if rank == 0:
-        os.replace(partial, final)
+        _publish(partial, final)
         _write_atomically(os.path.join(save_dir, LATEST), checkpoint_name(step) + "\n")
-        _prune(save_dir, keep_last)
+        _write_atomically(os.path.join(save_dir, MEGATRON_TRACKER), f"{step}\n")
+        _reached("after_latest", final)
+        _prune(save_dir, step, keep_last)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
     return final
 
 
-def _prune(save_dir: str, keep_last: int) -> None:
+def _publish(partial: str, final: str) -> None:
+    """Rename the finished `partial` to `final`; an existing `final` stays whole until replaced."""
+    if not os.path.exists(final):
+        os.replace(partial, final)
+        _reached("after_rename", final)
+        return
+    # `latest` may name `final`: it must stay loadable at every moment (read_latest's `.next` rule)
+    staged, retired = final + NEXT, final + OLD
+    os.replace(partial, staged)
+    _reached("after_rename", staged)
+    os.replace(final, retired)
+    _reached("during_swap", staged)
+    os.replace(staged, final)
+    shutil.rmtree(retired)
+
+
+def _recover(save_dir: str) -> None:
+    """Clear what killed saves left: unfinished `.partial`s and `.old`s; finish an interrupted swap."""
+    for entry in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, entry)
+        if entry.endswith(NEXT):
+            final = path[:-len(NEXT)]
+            if os.path.isdir(final):  # the swap had not begun: the old copy is whole, drop the new one
+                shutil.rmtree(path)
+            else:
+                os.replace(path, final)
+        elif entry.endswith((PARTIAL, OLD)) and os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def _prune(save_dir: str, step: int, keep_last: int) -> None:
+    """Delete checkpoints older than the `keep_last` newest up to `step` (never `step` itself).
+
+    Checkpoints of later steps (written by a killed run before its `latest` moved) are left alone: a
+    resumed run re-saves them when it gets there.
+    """
+    if keep_last <= 0:
+        return
     steps = sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(save_dir)) if m)
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(save_dir, checkpoint_name(old)), ignore_errors=True)
+    for old in [s for s in steps if s <= step][:-keep_last]:
+        path = os.path.join(save_dir, checkpoint_name(old))
+        os.replace(path, path + OLD)  # the rename makes a half-deleted checkpoint unmistakable
+        _reached("during_prune", path + OLD)
+        shutil.rmtree(path + OLD)
 
 
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
@@ -223,7 +300,10 @@ def load_checkpoint(
     model_config: ConanModelConfig,
     weights_only: bool = False,
 ) -> Dict[str, Any]:
-    """Collective. Restore a checkpoint (any layout); returns its common state (step, consumed…)."""
+    """Collective. Restore a checkpoint (any layout); returns its common state (step, consumed…)
+    with ``"path"``: the checkpoint directory, where a stage reads the files it wrote there."""
+    if not os.path.isfile(os.path.join(path, "common.pt")):
+        raise InputError(f"{path} is not a checkpoint directory (no common.pt in it)")
     common = torch.load(os.path.join(path, "common.pt"), weights_only=False)
     check_model_config(common["model_config"], model_config, path)
     with open(os.path.join(path, "layout.json"), encoding="utf-8") as handle:
@@ -234,7 +314,7 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(state, os.path.join(path, "model_optim"))
     load_model_state(chunks, loaded)
     if weights_only:
-        return {"step": 0, "consumed_samples": 0, "extra": {}}
+        return {"step": 0, "consumed_samples": 0, "extra": {}, "path": path}
     _keep_torch_adam_step_on_load(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and common["scheduler"] is not None:
@@ -245,4 +325,5 @@ def load_checkpoint(
     elif dist.get_rank() == 0:
         logger.warning("checkpoint layout %s differs from this run's %s: RNG states re-seeded, "
                        "not restored", saved_layout, _layout())
+    common["path"] = path
     return common
