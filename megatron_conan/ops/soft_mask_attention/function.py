@@ -1,7 +1,8 @@
 """autograd.Function over the fused kernels and the dispatcher `soft_mask_attention`.
 
 Backend choice (`backend="auto"`): the CUDA extension when it is built and the tensors are on a GPU,
-else Triton on a GPU, else the PyTorch reference (which autograd differentiates directly). An
+else Triton on a GPU, else torch's fused SDPA with log M as a float mask (`sdpa`, the CPU path);
+`reference` is the readable specification (autograd differentiates both directly). An
 explicit backend is honoured or raises; `triton` on CPU tensors needs TRITON_INTERPRET=1 set before
 triton is imported (tests only: it is slow).
 """
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import cuda_binding
-from .reference import check_inputs, default_softmax_scale, soft_mask_attention_reference
+from .reference import check_inputs, default_softmax_scale, soft_mask_attention_reference, soft_mask_attention_sdpa
 from .schedule import BACKENDS
 
 
@@ -37,7 +38,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "cuda"
         if on_gpu and _triton_installed():
             return "triton"
-        return "reference"
+        return "sdpa"
     if backend == "cuda":
         if not on_gpu:
             raise RuntimeError("backend='cuda' needs CUDA tensors")
@@ -105,6 +106,8 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: to
     m = m.to(device=q.device, dtype=torch.float32)
     if chosen == "reference":
         return soft_mask_attention_reference(q, k, v, m, lengths, scale)
+    if chosen == "sdpa":
+        return soft_mask_attention_sdpa(q, k, v, m, lengths, scale)
     out, _ = SoftMaskAttentionFunction.apply(q, k, v, m, lengths, scale, chosen, deterministic,
                                              block_counter)
     return out

@@ -93,6 +93,22 @@ def soft_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out
 
 
+def soft_mask_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
+                             lengths: torch.Tensor, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The same maths through torch's fused ``scaled_dot_product_attention`` with log M as a float
+    mask: no [b, h, s, s] probabilities kept for backward on the CPU flash path, and torch's own
+    backward. The CPU backend of ``auto``; on GPUs a fallback (the mask is materialised, so the fused
+    kernels are faster there)."""
+    check_inputs(q, k, v, m, lengths)
+    b, hq, s, d = q.shape
+    scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
+    bias = soft_mask_log_weights(m, lengths, s, q.dtype)  # [b, 1, s, s]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
+                                                           enable_gqa=k.shape[1] != hq)  # [b, hq, s, d]
+    valid = _valid_rows(lengths, s, q.device)
+    return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
 def _attention_with_lse(q, k, v, scale, mask):
     """Plain masked attention; mask [b or 1, 1, s, s] bool, True = keep."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale

@@ -26,7 +26,7 @@ import torch
 
 SCHEDULES = ("linear", "quadratic", "decelerating")
 POSITION_SCALES = ("len_over_pos", "pos_over_len", "none")
-BACKENDS = ("auto", "cuda", "triton", "reference")
+BACKENDS = ("auto", "cuda", "triton", "sdpa", "reference")
 
 
 @dataclass
@@ -47,7 +47,8 @@ class SoftMaskConfig:
     """If set, a is this constant whatever the step: 0.0 is causal, 1.0 bidirectional (stage 4)."""
 
     backend: str = "auto"
-    """Kernel: `auto` (CUDA extension > Triton > reference), `cuda`, `triton` or `reference`."""
+    """Kernel: `auto` (CUDA extension > Triton on GPUs, torch SDPA on CPU), `cuda`, `triton`, `sdpa`
+    or `reference`."""
 
     deterministic: bool = False
     """Deterministic backward (no atomic accumulation of dq; the CUDA kernel always is)."""
