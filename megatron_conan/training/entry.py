@@ -9,6 +9,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from megatron_conan.config.loader import load_config
+from megatron_conan.errors import run_main
 from megatron_conan.training.config import RunConfig
 
 
@@ -56,6 +57,12 @@ def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> st
 
 def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None,
               forward_step_func: Optional[Callable] = None) -> int:
+    """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2."""
+    return run_main(lambda args: _run_stage(description, stage, args, forward_step_func), argv)
+
+
+def _run_stage(description: str, stage: str, argv: Optional[Sequence[str]],
+               forward_step_func: Optional[Callable]) -> int:
     args, cfg = parse_run_config(description, argv)
     if args.dry_run:
         print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))
