@@ -20,7 +20,7 @@ def parse_run_config(description: str, argv: Optional[Sequence[str]]):
                         help="print layout, batch, token budget, parameters and memory per GPU; no training")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs to plan for with --dry-run (default: WORLD_SIZE or 1)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4 train.train_steps=1000")
     args = parser.parse_args(argv)
     cfg = load_config(RunConfig, args.config, args.overrides)
     return args, cfg
