@@ -2,7 +2,7 @@
 
 Raise an :class:`InputError` (or a subclass) for anything the *user* got wrong: a configuration
 value, a missing or malformed input file, a checkpoint or dataset that does not fit the run. The
-message is the whole story in one line and names the field (``train.lr``) or the path; entry points
+message is the whole story in one line and names the field (``optimizer.lr``) or the path; entry points
 run under :func:`run_main`, which prints ``<prog>: error: <message>`` and exits with status 2, with
 no traceback. Anything else is a bug and keeps its traceback.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import yaml
@@ -97,6 +98,9 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
     Every rank returns 2, so a launcher sees the failure everywhere; only rank 0 prints, so the
     line appears once. Errors that are not user input propagate with their traceback.
     """
+    # megatron-core warns at import when Transformer Engine / Apex are absent and it falls back to
+    # its local layers (expected on CPU; the README states the fallback): noise before the one line
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|Megatron-FSDP).*", category=UserWarning)
     try:
         return main(argv) or 0
     except Exception as error:  # noqa: BLE001 - sorted into input errors and bugs just below

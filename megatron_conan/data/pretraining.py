@@ -23,6 +23,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_conan.config.loader import from_dict
+from megatron_conan.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,9 +42,9 @@ class DataSource:
 
     def __post_init__(self) -> None:
         if not self.prefix:
-            raise ValueError("sources[].prefix must be set")
+            raise ConfigError("sources[].prefix must be set")
         if not self.weight > 0:
-            raise ValueError(f"sources[].weight must be positive, got {self.weight} for {self.prefix}")
+            raise ConfigError(f"sources[].weight must be positive, got {self.weight} for {self.prefix}")
         if self.name is None:
             self.name = self.prefix
 
@@ -60,37 +63,33 @@ class BlendedDataConfig:
     seed: int = 1234
     """Seed of every shuffle and of the blend."""
     reset_position_ids: bool = False
-    """Restart position ids after each EOD (documents packed in one sample stay separate in RoPE)."""
-    reset_attention_mask: bool = False
-    """Block attention across EOD inside a sample (needs create_attention_mask)."""
+    """Restart position ids after each EOD (documents packed in one sample stay separate in RoPE).
+    Attention still spans the documents packed in a sample: Megatron-LM's `reset_attention_mask`
+    is not offered, since our attention takes only causal, key-padding or soft masks."""
     eod_mask_loss: bool = False
     """Do not train on predicting the EOD token."""
-    create_attention_mask: bool = False
-    """Return a dense [1, s, s] attention mask; our attention builds the causal mask itself."""
     mmap_bin_files: bool = True
     """Memory-map the .bin files (else read with file pointers)."""
     num_dataset_builder_threads: int = 1
     """Threads megatron-core uses to build the per-source datasets."""
 
     def __post_init__(self) -> None:
-        self.sources = [source if isinstance(source, DataSource) else DataSource(**source)
+        self.sources = [source if isinstance(source, DataSource) else from_dict(DataSource, source, "sources[]")
                         for source in self.sources]
         if not self.sources:
-            raise ValueError("sources: at least one source is needed")
+            raise ConfigError("sources: at least one source is needed")
         parts = self.split.replace("/", ",").split(",")
         try:
             values = [float(part) for part in parts]
         except ValueError:
-            raise ValueError(f"split must be like '98,1,1', got {self.split!r}") from None
+            raise ConfigError(f"split must be like '98,1,1', got {self.split!r}") from None
         if len(values) != 3 or any(value < 0 for value in values) or sum(values) <= 0:
-            raise ValueError(f"split must be three non-negative numbers, got {self.split!r}")
+            raise ConfigError(f"split must be three non-negative numbers, got {self.split!r}")
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "BlendedDataConfig":
-        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown BlendedDataConfig fields: {sorted(unknown)}")
-        return cls(**values)
+    def from_dict(cls, values: Dict[str, Any], path: str = "") -> "BlendedDataConfig":
+        """Typed build from a mapping (see config/loader.py); errors name keys under `path`."""
+        return from_dict(cls, values, path)
 
     @classmethod
     def from_yaml(cls, path: str) -> "BlendedDataConfig":
@@ -132,9 +131,9 @@ def gpt_dataset_config(cfg: BlendedDataConfig, tokenizer: MegatronTokenizerBase,
         path_to_cache=cfg.cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=cfg.reset_position_ids,
-        reset_attention_mask=cfg.reset_attention_mask,
+        reset_attention_mask=False,
         eod_mask_loss=cfg.eod_mask_loss,
-        create_attention_mask=cfg.create_attention_mask,
+        create_attention_mask=False,
         mmap_bin_files=cfg.mmap_bin_files,
         num_dataset_builder_threads=cfg.num_dataset_builder_threads,
     )

@@ -25,14 +25,15 @@ class ModelSection:
     bidirectional schedule, `total_steps` defaulting to the stage's steps; stage 4: bidirectional
     unless set). Pretrain and SFT refuse it."""
 
+    def __post_init__(self):
+        self.build()  # a bad recipe name or override fails when the config loads
+
     def build(self) -> ConanModelConfig:
-        cfg = model_recipe(self.recipe)
-        for key, value in self.overrides.items():
-            if not hasattr(cfg, key):
-                raise ConfigError(f"unknown config keys: model.overrides.{key}")
-            setattr(cfg, key, value)
-        cfg.__post_init__()
-        return cfg
+        from megatron_conan.config.loader import from_dict, to_dict
+
+        # the recipe's fields, then the overrides, converted and checked like any config value
+        return from_dict(ConanModelConfig, {**to_dict(model_recipe(self.recipe)), **self.overrides},
+                         "model.overrides")
 
 
 @dataclass
@@ -62,6 +63,14 @@ class OptimizerSection:
             raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optimizer.min_lr must be in [0, optimizer.lr], got {self.min_lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "clip_grad", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -96,6 +105,13 @@ class TrainSection:
     """Also log to this W&B project when the `wandb` package is installed (TensorBoard always)."""
 
     def __post_init__(self):
+        for name, least in (("train_steps", 0), ("global_batch_size", 1), ("micro_batch_size", 1), ("seq_length", 2),
+                            ("log_interval", 1), ("eval_interval", 0), ("eval_steps", 1),
+                            ("max_consecutive_nonfinite", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"train.{name} must be >= {least}, got {getattr(self, name)}")
+        if self.token_budget is not None and self.token_budget <= 0:
+            raise ConfigError(f"train.token_budget must be positive, got {self.token_budget}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.recompute not in ("none", "selective", "full"):
@@ -136,6 +152,11 @@ class CheckpointSection:
     load_weights_only: bool = True
     """With load_dir: take only the model weights (new optimizer, schedule and data position)."""
 
+    def __post_init__(self):
+        for name in ("save_interval", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class DataSection:
@@ -159,6 +180,10 @@ class DataSection:
     def __post_init__(self):
         if self.kind not in ("blended", "sft", "contrastive", "synthetic"):
             raise ConfigError(f"data.kind must be blended, sft, contrastive or synthetic, got {self.kind!r}")
+        if self.kind == "blended":
+            from megatron_conan.data.pretraining import BlendedDataConfig
+
+            BlendedDataConfig.from_dict(dict(self.blend), "data.blend")  # a misspelt key fails at load, not at step 0
 
 
 @dataclass
