@@ -102,7 +102,7 @@ def test_step_moves_a_and_state_roundtrips():
 def test_bad_masks_raise(mask, match):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=match):
-        _module(SoftMaskConfig(backend="reference"))(q, k, v, mask)
+        _module(SoftMaskConfig(total_steps=10, backend="reference"))(q, k, v, mask)
 
 
 def test_unsupported_config_raises():

@@ -57,6 +57,24 @@ def lengths_from_key_padding_mask(attention_mask: Optional[torch.Tensor], batch:
     return lengths
 
 
+class _PerMaskCache:
+    """One entry: the value computed for the last (tensor, other key parts). The layers of a forward
+    all receive the same attention-mask tensor, so its lengths and row weights are computed once per
+    forward instead of once per layer. The entry holds the tensor itself, so identity cannot be
+    confused with a later tensor at a reused address."""
+
+    def __init__(self):
+        self._tensor, self._key, self._value = None, None, None
+
+    def get(self, tensor, key, compute):
+        if self._value is None or tensor is not self._tensor or key != self._key:
+            self._tensor, self._key, self._value = tensor, key, compute()
+        return self._value
+
+
+_row_weights_cache = _PerMaskCache()
+
+
 class SoftMaskCoreAttention(MegatronModule):
     """Core attention with the soft mask of DESIGN.md section 3 (a = 0: causal, a = 1: full)."""
 
@@ -116,9 +134,14 @@ class SoftMaskCoreAttention(MegatronModule):
         if key.shape[0] != sq:
             raise ValueError(f"SoftMaskCoreAttention is self-attention over one sequence: "
                              f"sq={sq} but sk={key.shape[0]} (no KV-cache inference)")
-        lengths = lengths_from_key_padding_mask(attention_mask, batch, sq, query.device)
-        m = self.schedule.row_weights(lengths, sq)  # [b, s] float32
         config = self.schedule.config
+
+        def lengths_and_weights():
+            lengths = lengths_from_key_padding_mask(attention_mask, batch, sq, query.device)
+            return lengths, self.schedule.row_weights(lengths, sq)  # [b], [b, s] float32
+
+        lengths, m = _row_weights_cache.get(
+            attention_mask, (batch, sq, query.device, self.schedule.a, config.position_scale), lengths_and_weights)
         out = soft_mask_attention(
             query.permute(1, 2, 0, 3),  # [b, np, s, hn]
             key.permute(1, 2, 0, 3),  # [b, ng, s, hn]

@@ -93,6 +93,17 @@ def soft_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out
 
 
+_last_bias: list = [None, None, None, None]  # m, lengths, (seq_len, dtype), bias
+
+
+def _bias_for(m: torch.Tensor, lengths: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """soft_mask_log_weights, reused while the layers of a forward pass the same m and lengths
+    tensors (held here, so identity is never confused with a later tensor at the same address)."""
+    if _last_bias[0] is not m or _last_bias[1] is not lengths or _last_bias[2] != (seq_len, dtype):
+        _last_bias[:] = [m, lengths, (seq_len, dtype), soft_mask_log_weights(m, lengths, seq_len, dtype)]
+    return _last_bias[3]
+
+
 def soft_mask_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
                              lengths: torch.Tensor, softmax_scale: Optional[float] = None) -> torch.Tensor:
     """The same maths through torch's fused ``scaled_dot_product_attention`` with log M as a float
@@ -102,7 +113,7 @@ def soft_mask_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_inputs(q, k, v, m, lengths)
     b, hq, s, d = q.shape
     scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
-    bias = soft_mask_log_weights(m, lengths, s, q.dtype)  # [b, 1, s, s]
+    bias = _bias_for(m, lengths, s, q.dtype)  # [b, 1, s, s]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
                                                            enable_gqa=k.shape[1] != hq)  # [b, hq, s, d]
     valid = _valid_rows(lengths, s, q.device)
