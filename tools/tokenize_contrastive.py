@@ -34,6 +34,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Bad input (missing files, bad options, malformed data) ends in one stderr line, status 2."""
+    from megatron_conan.errors import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megatron_conan.data.preprocess import PreprocessConfig, run_and_report

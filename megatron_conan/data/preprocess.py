@@ -27,6 +27,7 @@ from megatron_conan.data.indexed import (
 )
 from megatron_conan.data.jsonl import BadLineReport, StrictModeError, read_line_batches
 from megatron_conan.data.pipeline import EncodedBatch, LineEncoder, encode_batches
+from megatron_conan.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +68,20 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if not self.inputs:
-            raise ValueError("inputs: at least one input file is needed")
+            raise ConfigError("inputs: at least one input file is needed")
         for path in self.inputs:
             if not os.path.isfile(path) and not _is_fifo(path):
-                raise ValueError(f"inputs: no such file {path!r}")
+                raise ConfigError(f"inputs: no such file {path!r}")
+        if not os.path.isfile(self.tokenizer_model):
+            raise ConfigError(f"tokenizer_model: no such file {self.tokenizer_model!r}")
         if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+            raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.max_line_bytes is not None and self.max_line_bytes < 1:
-            raise ValueError("max_line_bytes must be positive or None")
+            raise ConfigError("max_line_bytes must be positive or None")
         if self.batch_lines < 1 or self.batch_bytes < 1:
-            raise ValueError("batch_lines and batch_bytes must be positive")
+            raise ConfigError("batch_lines and batch_bytes must be positive")
 
 
 def _is_fifo(path: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import sentencepiece
 
 from megatron.core.tokenizers import MegatronTokenizerBase
+from megatron_conan.errors import ConfigError, DataError
 from megatron_conan.data.jsonl import (
     BadLine,
     BadLineError,
@@ -71,14 +72,14 @@ class TokenizerTrainingConfig:
 
     def __post_init__(self) -> None:
         if self.vocab_size < 256 + 4 + self.num_reserved + 1:
-            raise ValueError(f"vocab_size={self.vocab_size} leaves no room beyond the byte-fallback "
+            raise ConfigError(f"vocab_size={self.vocab_size} leaves no room beyond the byte-fallback "
                              f"and special pieces")
         if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(f"character_coverage={self.character_coverage} must be in (0, 1]")
+            raise ConfigError(f"character_coverage={self.character_coverage} must be in (0, 1]")
         if self.num_reserved < 0:
-            raise ValueError("num_reserved must be >= 0")
+            raise ConfigError("num_reserved must be >= 0")
         if self.max_sentences < 1:
-            raise ValueError("max_sentences must be >= 1")
+            raise ConfigError("max_sentences must be >= 1")
 
 
 def _is_jsonl(path: str) -> bool:
@@ -135,7 +136,7 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str,
     sample = sample_lines(iter_training_lines(inputs, config.json_key, report),
                           config.max_sentences, config.seed)
     if not sample:
-        raise ValueError(f"no usable text in {list(inputs)}")
+        raise DataError(f"no usable text in {list(inputs)}")
     sample = [line.encode("utf-8")[:config.max_sentence_length].decode("utf-8", "ignore")
               for line in sample]
     logger.info("training a %d-piece tokenizer on %d sampled lines", config.vocab_size, len(sample))
