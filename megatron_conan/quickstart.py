@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 
-from megatron_conan.testing.distributed import run_distributed
+from megatron_conan.distributed.spawn import run_distributed
 
 logger = logging.getLogger("megatron_conan.quickstart")
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_conan.config.model import ParallelConfig
 from megatron_conan.distributed.cpu_compat import enable_cpu_compat
+from megatron_conan.distributed.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float 
         return
     enable_cpu_compat()
     if "RANK" not in os.environ:
-        from megatron_conan.testing.ports import free_port
-
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():

@@ -1,10 +1,6 @@
-"""Free TCP ports on the loopback interface for local process groups."""
+"""The free-port helper, where the tests have long imported it from; it lives in the library
+(``megatron_conan.distributed.ports``) because library code uses it and must not import testing/."""
 
-import socket
+from megatron_conan.distributed.ports import free_port
 
-
-def free_port() -> int:
-    """A port that was free a moment ago (the OS picks it; the tiny race is accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port"]

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from megatron_conan.testing.distributed import run_distributed
+from megatron_conan.testing.distributed import harness_backend, run_distributed
 
 
 def _all_reduce_rank(rank, world_size):
@@ -43,3 +43,12 @@ def test_failing_rank_fails_the_call_with_its_traceback_tagged():
 def test_hung_rank_times_out_instead_of_hanging():
     with pytest.raises(AssertionError, match=r"(?s)rank 1 -----.*timed out"):
         run_distributed(_rank_one_hangs, 2, timeout_s=15)
+
+
+@pytest.mark.parametrize("world_size,gpus,expected", [
+    (1, 0, "gloo"), (4, 0, "gloo"),      # no GPU
+    (1, 1, "nccl"), (2, 1, "gloo"),      # one GPU: NCCL refuses two ranks on it
+    (4, 8, "nccl"), (8, 8, "nccl"), (9, 8, "gloo"),
+])
+def test_nccl_only_with_one_gpu_per_rank(world_size, gpus, expected):
+    assert harness_backend(world_size, gpus) == expected

@@ -1,0 +1,140 @@
+"""Run a function in N freshly spawned local processes that form a torch.distributed world.
+
+The test harness (``megatron_conan.testing.distributed`` re-exports it) and the CPU quickstart use
+it::
+
+    results = run_distributed(body, world_size=4, args=(tmp_path,))
+
+``body(rank, world_size, *args, **kwargs)`` must be a module-level (picklable) function. Each
+process gets a free local port, ``cpu_compat`` where CUDA is absent, its own log prefix
+``[rank N]``, and always destroys its process groups. The backend is NCCL when there is one GPU
+per rank and gloo otherwise (:func:`harness_backend`). The call returns the list of per-rank
+return values; if any rank raises, the others are terminated and an AssertionError carries every
+failing rank's traceback, tagged by rank. A world that does not finish within ``timeout_s`` is
+killed and reported the same way, so a hung collective fails a test instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+import warnings
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from megatron_conan.distributed.ports import free_port
+
+_POLL_S = 0.2
+
+
+def harness_backend(world_size: int, cuda_device_count: int) -> str:
+    """NCCL only when every rank has a GPU of its own; NCCL refuses two ranks on one GPU, so a
+    world larger than the GPU count (e.g. a 4-rank test on a 1-GPU machine) runs over gloo."""
+    return "nccl" if cuda_device_count >= world_size > 0 else "gloo"
+
+
+def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: Callable,
+            args: Sequence[Any], kwargs: Dict[str, Any], results: "mp.Queue") -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s",
+                        force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-rank config dumps drown the output
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|Megatron-FSDP).*")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from megatron_conan.distributed.cpu_compat import enable_cpu_compat
+        from megatron_conan.distributed.parallel import destroy_parallel
+
+        torch.set_num_threads(1)  # N processes share a few cores
+        enable_cpu_compat()
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        chosen = backend or harness_backend(world_size, cuda_devices)
+        if chosen == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend=chosen, rank=rank, world_size=world_size)
+        try:
+            value = fn(rank, world_size, *args, **kwargs)
+        finally:
+            destroy_parallel()
+        # Tensors in a Queue travel as shared-memory handles that die with this process:
+        # send plain bytes instead.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent, tagged
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable,
+    world_size: int,
+    args: Sequence[Any] = (),
+    kwargs: Optional[Dict[str, Any]] = None,
+    timeout_s: float = 300.0,
+    backend: Optional[str] = None,
+) -> List[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on `world_size` spawned ranks; see module doc."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_worker, args=(rank, world_size, port, backend, fn, tuple(args),
+                                              dict(kwargs or {}), results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    values: Dict[int, Any] = {}
+    errors: Dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(values) + len(errors) < world_size:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(values) - set(errors))
+                for rank in missing:
+                    errors[rank] = f"timed out after {timeout_s:.0f} s (hung or deadlocked)"
+                break
+            try:
+                rank, status, payload = results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(processes)
+                        if p.exitcode not in (None, 0) and r not in values and r not in errors]
+                for rank in dead:
+                    errors[rank] = f"process died with exit code {processes[rank].exitcode}"
+                continue
+            (values if status == "ok" else errors)[rank] = payload
+            if errors:
+                # One rank failed: the others are likely blocked in a collective with it.
+                time.sleep(1.0)
+                while True:
+                    try:
+                        rank, status, payload = results.get_nowait()
+                    except queue.Empty:
+                        break
+                    (values if status == "ok" else errors)[rank] = payload
+                break
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    if errors:
+        report = "\n".join(f"----- rank {rank} -----\n{text}" for rank, text in sorted(errors.items()))
+        raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{report}")
+    import torch
+
+    return [torch.load(io.BytesIO(values[rank]), weights_only=False) for rank in range(world_size)]
+

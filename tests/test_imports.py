@@ -1,0 +1,103 @@
+"""Import structure of the package: library code never imports ``megatron_conan.testing`` (testing
+may import the library), and the modules of ``megatron_conan/data/`` import each other without
+cycles. Imports inside functions count: a lazy import is still a dependency."""
+
+import ast
+import os
+from typing import Dict, List, Set
+
+PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_conan")
+
+
+def _module_name(path: str) -> str:
+    relative = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))[:-len(".py")].split(os.sep)
+    return ".".join(relative[:-1] if relative[-1] == "__init__" else relative)
+
+
+def _imports(path: str, module: str) -> Set[str]:
+    """Every megatron_conan module `path` imports (``from a import b`` counts a.b when that is a module)."""
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), filename=path)
+    package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name == "megatron_conan" or name.startswith("megatron_conan.")}
+
+
+def _graph() -> Dict[str, Set[str]]:
+    modules = {}
+    for directory, _, files in os.walk(PACKAGE_DIR):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                modules[_module_name(path)] = path
+    return {module: {name for name in _imports(path, module) if name in modules} | {
+        name for name in _imports(path, module) if name.startswith("megatron_conan.testing")}
+        for module, path in modules.items()}
+
+
+def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """Every elementary cycle's representative: one path per strongly connected component."""
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def test_the_walk_sees_the_package():
+    graph = _graph()
+    assert "megatron_conan.distributed.parallel" in graph
+    assert "megatron_conan.distributed.ports" in graph["megatron_conan.distributed.parallel"]
+    assert "megatron_conan.distributed.spawn" in graph["megatron_conan.testing.distributed"]
+    assert "megatron_conan.distributed.ports" in graph["megatron_conan.distributed.spawn"]
+
+
+def test_library_code_does_not_import_testing():
+    offenders = sorted(f"{module} imports {target}" for module, targets in _graph().items()
+                       if not module.startswith("megatron_conan.testing")
+                       for target in targets if target.startswith("megatron_conan.testing"))
+    assert not offenders, offenders
+
+
+def test_data_modules_have_no_import_cycles():
+    data = {module: {target for target in targets if target.startswith("megatron_conan.data.")}
+            for module, targets in _graph().items() if module.startswith("megatron_conan.data.")}
+    assert not _cycles(data), _cycles(data)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"a"}}) == [["a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
