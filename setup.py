@@ -10,6 +10,27 @@ import os
 from setuptools import find_packages, setup
 
 
+def _cuda_architectures(cuda_home):
+    """The architectures this nvcc can build (sm_80, sm_86, sm_89, sm_90a, sm_100 as the toolkit
+    allows; the table is in the package's cuda_binding.py, loaded by path: the package is not
+    installed yet): the define that records them in the binding, and their -gencode flags."""
+    import importlib.util
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location(
+        "_conan_cuda_binding", os.path.join("megatron_conan", "ops", "soft_mask_attention", "cuda_binding.py"))
+    binding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(binding)
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    version = binding.parse_nvcc_version(subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                                                        check=True).stdout)
+    archs = binding.architectures_for_toolkit(version)
+    if not archs:
+        raise SystemExit(f"nvcc {version[0]}.{version[1]} is older than CUDA 11.0: it cannot build the "
+                         "soft-mask extension (set MEGATRON_CONAN_SKIP_CUDA_EXT=1 to skip it)")
+    return binding.archs_define(archs), binding.gencode_flags(archs)
+
+
 def _cuda_extensions():
     """The torch CUDA extensions under csrc/, or [] where CUDA is absent or skipping is asked for."""
     if os.environ.get("MEGATRON_CONAN_SKIP_CUDA_EXT", "0") == "1":
@@ -25,14 +46,13 @@ def _cuda_extensions():
                if name.endswith((".cu", ".cpp"))]
     if not sources:
         return [], {}
+    archs_define, gencode = _cuda_architectures(CUDA_HOME)
     extension = CUDAExtension(
         name="megatron_conan_soft_mask_cuda",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
-                     "-gencode=arch=compute_90a,code=sm_90a",
-                     "-gencode=arch=compute_80,code=sm_80"],
+            "cxx": ["-O3", "-std=c++17", archs_define],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", archs_define, *gencode],
         },
     )
     return [extension], {"build_ext": BuildExtension}

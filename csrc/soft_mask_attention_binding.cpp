@@ -4,8 +4,17 @@
 
 #include "soft_mask_attention.h"
 
+// setup.py passes the architectures it builds SASS for, e.g. -DMEGATRON_CONAN_CUDA_ARCHS=sm80_sm90a;
+// the dispatcher uses the extension only on GPUs that can run one of them (cuda_binding.runs_on).
+#ifndef MEGATRON_CONAN_CUDA_ARCHS
+#define MEGATRON_CONAN_CUDA_ARCHS unknown
+#endif
+#define MEGATRON_CONAN_STRINGIFY_(x) #x
+#define MEGATRON_CONAN_STRINGIFY(x) MEGATRON_CONAN_STRINGIFY_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Soft-mask attention (causal -> bidirectional), fused CUDA forward/backward";
+  module.attr("compiled_archs") = MEGATRON_CONAN_STRINGIFY(MEGATRON_CONAN_CUDA_ARCHS);
   module.def("forward", &megatron_conan::soft_mask_attention_forward,
              "forward(q, k, v, m, lengths, softmax_scale, block_counter, cuda_stream) -> [out, lse]",
              pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("m"),

@@ -7,17 +7,87 @@ with q [b, hq, s, d], k/v [b, hkv, s, d] on the GPU (fp16, bf16 or fp32; d <= 12
 m float32 [b, s], lengths int32 [b]. The backward is always deterministic. The extension does not
 include c10/cuda headers (see csrc/soft_mask_attention.cu): the wrappers here make the tensors'
 device current and pass the current stream.
+
+Architectures: setup.py builds SASS for every architecture of :data:`ARCHITECTURES` that the nvcc
+at hand supports (:func:`architectures_for_toolkit`) and compiles the list into the extension
+(``compiled_archs``); :func:`runs_on` says whether a GPU can run that build (a cubin for sm_XY runs
+on sm_XZ with Z >= Y; an arch-specific ``a`` build only on its own GPU). This file imports nothing
+of the package, so that setup.py can load it before the package is installed.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+import re
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 EXTENSION_NAME = "megatron_conan_soft_mask_cuda"
 MAX_HEAD_DIM = 128  # kMaxHeadDim in csrc/soft_mask_attention.cu
+ARCHS_MACRO = "MEGATRON_CONAN_CUDA_ARCHS"
+"""The preprocessor define through which setup.py compiles the architecture list into the binding."""
+
+ARCHITECTURES: Tuple[Tuple[str, Tuple[int, int]], ...] = (
+    ("80", (11, 0)),   # A100
+    ("86", (11, 1)),   # A10, A40, RTX 30xx
+    ("89", (11, 8)),   # L4, L40, RTX 40xx
+    ("90a", (12, 0)),  # H100, H200 (arch-specific: runs on sm_90 only)
+    ("100", (12, 8)),  # B200, GB200
+)
+"""The architectures the extension is built for, each with the first CUDA toolkit that knows it."""
+
+LEGACY_ARCHS = ("80", "90a")
+"""What extensions built before the list was compiled in were built for."""
+
+
+def parse_nvcc_version(text: str) -> Tuple[int, int]:
+    """(major, minor) from ``nvcc --version`` output ("... release 12.4, V12.4.131")."""
+    found = re.search(r"release (\d+)\.(\d+)", text)
+    if found is None:
+        raise ValueError(f"no 'release X.Y' in nvcc --version output: {text.strip()[:200]!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def architectures_for_toolkit(version: Tuple[int, int]) -> List[str]:
+    """The architectures of :data:`ARCHITECTURES` that CUDA `version` can compile for."""
+    return [arch for arch, first in ARCHITECTURES if tuple(version) >= first]
+
+
+def gencode_flags(archs: Sequence[str]) -> List[str]:
+    """nvcc flags building SASS (no PTX) for `archs`: the extension then loads only where it runs
+    natively, and `runs_on` can tell where that is."""
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+
+
+def archs_define(archs: Sequence[str]) -> str:
+    """The compiler flag that puts `archs` into the binding: ``-DMEGATRON_CONAN_CUDA_ARCHS=sm80_sm90a``,
+    one identifier (the binding stringifies it), since quotes do not survive every build path."""
+    return f"-D{ARCHS_MACRO}=" + "_".join(f"sm{arch}" for arch in archs)
+
+
+def decode_archs(text: str) -> Tuple[str, ...]:
+    """``"sm80_sm90a"`` (the binding's ``compiled_archs``) -> ("80", "90a"); () when unknown."""
+    return tuple(part[2:] for part in text.split("_") if re.fullmatch(r"sm\d+a?", part))
+
+
+def _arch_number(arch: str) -> Tuple[int, int, bool]:
+    """"90a" -> (9, 0, True); "100" -> (10, 0, False)."""
+    specific = arch.endswith("a")
+    digits = arch.rstrip("a")
+    return int(digits[:-1]), int(digits[-1]), specific
+
+
+def runs_on(capability: Tuple[int, int], archs: Sequence[str]) -> bool:
+    """Whether a build with SASS for `archs` runs on a GPU of compute `capability` (major, minor)."""
+    major, minor = capability
+    for arch in archs:
+        arch_major, arch_minor, specific = _arch_number(arch)
+        if specific and (major, minor) == (arch_major, arch_minor):
+            return True
+        if not specific and major == arch_major and minor >= arch_minor:
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,6 +103,14 @@ def load_extension():
 
 def is_available() -> bool:
     return load_extension() is not None
+
+
+def compiled_archs() -> Optional[Tuple[str, ...]]:
+    """The architectures the installed extension was built for; None where it is not built."""
+    ext = load_extension()
+    if ext is None:
+        return None
+    return decode_archs(getattr(ext, "compiled_archs", "")) or LEGACY_ARCHS
 
 
 def _require():
