@@ -1,7 +1,12 @@
 """Contrastive JSONL (pair, retrieval, clr, classification, sts) -> tokenized contrastive store.
 
     python tools/tokenize_contrastive.py --input pairs.jsonl.zst --output-prefix data/pairs \
-        --tokenizer-model tok/conan.model --workers 16
+        --tokenizer-model tok/conan.model --workers 16 \
+        --instruction retrieval="Given a question, retrieve passages that answer it"
+
+A query with an instruction (the record's own `instruction`, else the --instruction of its task)
+is tokenized as the one string `Instruct: {instruction}\nQuery: {query}` (sts: both texts), as a
+sentence-transformers prompt is at inference.
 
 Writes <prefix>.bin/.idx/.examples.npy/.meta.json (see megatron_conan/data/README.md). Exit
 status 2 when --strict stopped at a bad line, 1 when no line was usable; no output is left on
@@ -30,7 +35,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-bad-line-examples", type=int, default=10)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-json", help="also write the final report as JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--instruction", action="append", default=[], metavar="TASK=TEXT",
+                        help="instruction of TASK's records that have none of their own "
+                             "(repeatable, one per task)")
+    args = parser.parse_args(argv)
+    args.instructions = {}
+    for item in args.instruction:
+        task, separator, text = item.partition("=")
+        if not separator or not text.strip():
+            parser.error(f"--instruction {item!r}: expected TASK=TEXT")
+        if task in args.instructions:
+            parser.error(f"--instruction: task {task!r} given twice")
+        args.instructions[task] = text
+    return args
 
 
 def main(argv=None) -> int:
@@ -49,7 +66,8 @@ def _main(argv) -> int:
         inputs=args.input, output_prefix=args.output_prefix,
         tokenizer_model=args.tokenizer_model, format="contrastive", workers=args.workers,
         dtype=args.dtype, max_line_bytes=args.max_line_bytes, strict=args.strict,
-        max_bad_line_examples=args.max_bad_line_examples, progress=not args.no_progress)
+        max_bad_line_examples=args.max_bad_line_examples, progress=not args.no_progress,
+        instructions=args.instructions)
     return run_and_report(config, args.report_json)
 
 

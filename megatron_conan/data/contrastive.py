@@ -1,42 +1,53 @@
 """Contrastive (embedding) data: the JSONL schema, its tokenized on-disk store, and the loader.
 
 Schema (one JSON object per line; see data/README.md for the full table):
-    pair            {"task": "pair", "query", "positive"}                       (stage 3)
+    pair            {"task": "pair", "query", "positive", "instruction"?}       (stage 3)
     retrieval, clr  {"task", "query", "positive", "negatives"?: [..], "candidates"?: [..],
                      "language"?, "instruction"?}                                (stage 4)
     classification  {"task", "text", "label", "negative_labels": [..], "instruction"?}
-    sts             {"task", "text1", "text2", "score": number, "instruction"?}
+    sts             {"task", "text1", "text2", "score": finite number, "instruction"?}
 
-Store `<prefix>` (written by `tokenize_contrastive`, i.e. tools/tokenize_contrastive.py):
+Store `<prefix>` (written by `tokenize_contrastive`, i.e. tools/tokenize_contrastive.py), version 2:
     <prefix>.bin/.idx       megatron-core indexed dataset; one document per example whose sequences
-                            are its texts, in order: anchor, positive, negatives..., candidates...,
-                            then the formatted instruction if the example has one. Raw ids, no EOD.
+                            are its texts, in order: anchor, positive, negatives..., candidates....
+                            An instructed anchor (sts: both texts) is stored as the ids of the one
+                            string `Instruct: {instruction}\nQuery: {text}`. Raw ids, no EOD.
     <prefix>.examples.npy   one `EXAMPLE_DTYPE` row per example (task code, first sequence, counts,
-                            language code, score), mmap-able.
-    <prefix>.meta.json      task names, language table, counts, tokenizer identity.
+                            language code, score, instructed flag, input file and line), mmap-able.
+    <prefix>.meta.json      task names, language table, counts, tokenize-time instructions,
+                            tokenizer identity, inputs.
 The .idx is renamed into place last: a store is complete when all four files exist.
 
-`ContrastiveLoader` yields single-task `ContrastiveBatch`es, sharded across data-parallel ranks
-without overlap and resumable with `state_dict()` / `load_state_dict()`.
+`ContrastiveLoader` yields single-task `ContrastiveBatch`es: the task of each step is drawn by
+weights, each task walks its own permutation, the global batch is sharded across data-parallel
+ranks without overlap, and the position is resumable with `state_dict()` / `load_state_dict()`.
 """
 
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 from collections import Counter
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy
 import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron_conan.data.encoders import CONTRASTIVE_TASKS, INSTRUCTION_TEMPLATE, format_instruction
+from megatron_conan.data.encoders import (CONTRASTIVE_TASKS, INSTRUCTION_TEMPLATE,
+                                          check_instructions)
 from megatron_conan.data.pipeline import EncodedBatch
 from megatron_conan.data.preprocess import PreprocessConfig, PreprocessResult, run_to_indexed
+from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 STORE_FORMAT = "megatron_conan.contrastive"
-STORE_VERSION = 1
+STORE_VERSION = 2
+"""Version 2: instructed queries are tokenized as one string with their instruction (version 1
+stored the instruction apart and concatenated ids, which differ); rows locate their input line."""
 EXAMPLES_SUFFIX = ".examples.npy"
 META_SUFFIX = ".meta.json"
 TASK_CODES = {task: code for code, task in enumerate(CONTRASTIVE_TASKS)}
@@ -44,12 +55,18 @@ RETRIEVAL_TASKS = ("retrieval", "clr")
 EXAMPLE_DTYPE = numpy.dtype([
     ("first_sequence", "<i8"),   # index of the example's anchor sequence in the indexed dataset
     ("task", "u1"),              # code into CONTRASTIVE_TASKS
-    ("has_instruction", "u1"),   # 1 when the last sequence is the example's own instruction
+    ("instructed", "u1"),        # 1 when the anchor (sts: both texts) was formatted with an instruction
     ("num_negatives", "<u2"),    # negatives (classification: negative labels)
     ("num_candidates", "<u2"),   # ranked DHNM candidate pool beyond the negatives
     ("language", "<i2"),         # code into meta["languages"], -1 when absent
     ("score", "<f4"),            # STS gold score, NaN for other tasks
+    ("input", "<u4"),            # index into meta["inputs"] of the example's input file
+    ("line", "<u8"),             # 1-based line of the example in that file
 ])
+LOADER_STATE_VERSION = 2
+"""Version 2: a step counter and each task's (epoch, cursor) (version 1 had one epoch plan)."""
+PAPER_TASK_WEIGHTS = {"sts": 1.8, "clr": 3.0, "retrieval": 3.0, "classification": 2.8}
+"""The paper's stage-4 mix in millions of examples (DESIGN.md section 4): default task weights."""
 
 
 # -- tokenizing -------------------------------------------------------------------------------
@@ -61,24 +78,28 @@ def _model_sha256(path: str) -> str:
 
 def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
     """Tokenizes contrastive JSONL into the store at `config.output_prefix` (atomically; bad lines
-    are counted and located, `strict` stops at the first)."""
-    config = dataclasses.replace(config, format="contrastive")
+    are counted and located, `strict` stops at the first). `config.instructions` gives per task
+    the instruction of records without their own."""
+    config = dataclasses.replace(config, format="contrastive",
+                                 instructions=check_instructions(config.instructions))
     languages: Dict[str, int] = {}
+    inputs = {path: index for index, path in enumerate(config.inputs)}
     chunks: List[numpy.ndarray] = []
 
     def collect(batch: EncodedBatch, first_sequence: int) -> None:
         rows = numpy.zeros(len(batch.records), dtype=EXAMPLE_DTYPE)
         starts = numpy.concatenate([[0], numpy.cumsum(batch.sequences_per_document)[:-1]])
         rows["first_sequence"] = first_sequence + starts
-        for row, record in zip(rows, batch.records):
+        for row, record, (path, line) in zip(rows, batch.records, batch.line_numbers):
             row["task"] = TASK_CODES[record["task"]]
-            row["has_instruction"] = record["has_instruction"]
+            row["instructed"] = record["instructed"]
             row["num_negatives"] = record["num_negatives"]
             row["num_candidates"] = record["num_candidates"]
             language = record["language"]
             row["language"] = -1 if language is None else languages.setdefault(language,
                                                                                len(languages))
             row["score"] = record["score"]
+            row["input"], row["line"] = inputs[path], line
         chunks.append(rows)
 
     def write_index_files(writer) -> None:
@@ -94,6 +115,7 @@ def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
             "num_examples": int(len(examples)), "num_sequences": writer.num_sequences,
             "examples_per_task": {task: counts.get(code, 0) for task, code in TASK_CODES.items()},
             "instruction_template": INSTRUCTION_TEMPLATE,
+            "instructions": dict(config.instructions),
             "tokenizer_sha256": _model_sha256(config.tokenizer_model),
             "inputs": [os.path.abspath(path) for path in config.inputs],
         }
@@ -107,7 +129,8 @@ def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
 
 @dataclasses.dataclass
 class ContrastiveExample:
-    """One example's token ids, by role (`anchor` is the query, classification text or text1)."""
+    """One example's token ids, by role (`anchor` is the query, classification text or text1;
+    `instructed`: the anchor, and for sts the positive, include the instruction)."""
 
     example_id: int
     task: str
@@ -115,7 +138,7 @@ class ContrastiveExample:
     positive: numpy.ndarray
     negatives: List[numpy.ndarray]
     candidates: List[numpy.ndarray]
-    instruction: Optional[numpy.ndarray]
+    instructed: bool
     score: Optional[float]
     language: Optional[str]
 
@@ -131,15 +154,22 @@ class ContrastiveStore:
                                         f"missing")
         with open(path_prefix + META_SUFFIX, encoding="utf-8") as stream:
             self.meta = json.load(stream)
-        if self.meta.get("format") != STORE_FORMAT or self.meta.get("version") != STORE_VERSION:
-            raise ValueError(f"{path_prefix}: not a version-{STORE_VERSION} contrastive store")
+        if self.meta.get("format") != STORE_FORMAT:
+            raise DataError(f"{path_prefix}{META_SUFFIX}: not a contrastive store")
+        if self.meta.get("version") != STORE_VERSION:
+            raise DataError(f"{path_prefix}: a version-{self.meta.get('version')} contrastive "
+                            f"store; this code reads version {STORE_VERSION} (instructed queries "
+                            f"tokenized as one string): re-tokenize it with "
+                            f"tools/tokenize_contrastive.py")
         self.tasks: List[str] = self.meta["tasks"]
         self.languages: List[str] = self.meta["languages"]
+        self.instructions: Dict[str, str] = self.meta.get("instructions", {})
+        """Per task, the tokenize-time instruction of examples without their own."""
         self.examples = numpy.load(path_prefix + EXAMPLES_SUFFIX, mmap_mode="r")
         self.indexed = IndexedDataset(path_prefix, mmap=True)
         if len(self.examples) != self.meta["num_examples"] or len(
                 self.indexed) != self.meta["num_sequences"]:
-            raise ValueError(f"{path_prefix}: files disagree with {META_SUFFIX}")
+            raise DataError(f"{path_prefix}: files disagree with {META_SUFFIX}")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -149,6 +179,11 @@ class ContrastiveStore:
 
     def example_ids_of_task(self, task: str) -> numpy.ndarray:
         return numpy.flatnonzero(self.examples["task"] == self.tasks.index(task))
+
+    def location(self, example_id: int) -> str:
+        """`file:line` of the example in the tokenizer's inputs."""
+        row = self.examples[example_id]
+        return f"{self.meta['inputs'][int(row['input'])]}:{int(row['line'])}"
 
     def sequence(self, sequence_id: int) -> numpy.ndarray:
         return self.indexed[int(sequence_id)]
@@ -168,12 +203,10 @@ class ContrastiveStore:
         row = self.examples[example_id]
         return int(row["num_negatives"]) + int(row["num_candidates"])
 
-    def instruction_ids(self, example_id: int) -> Optional[numpy.ndarray]:
-        row = self.examples[example_id]
-        if not row["has_instruction"]:
-            return None
-        return self.sequence(int(row["first_sequence"]) + 2 + int(row["num_negatives"])
-                             + int(row["num_candidates"]))
+    def pool_sizes(self) -> numpy.ndarray:
+        """[num_examples] int64: every example's pool size (negatives + candidates)."""
+        return (self.examples["num_negatives"].astype(numpy.int64)
+                + self.examples["num_candidates"].astype(numpy.int64))
 
     def example(self, example_id: int) -> ContrastiveExample:
         row = self.examples[example_id]
@@ -185,7 +218,7 @@ class ContrastiveStore:
             example_id=int(example_id), task=task,
             anchor=self.sequence(first), positive=self.sequence(first + 1),
             negatives=pool[:num_negatives], candidates=pool[num_negatives:],
-            instruction=self.instruction_ids(example_id),
+            instructed=bool(row["instructed"]),
             score=float(row["score"]) if task == "sts" else None,
             language=self.languages[int(row["language"])] if row["language"] >= 0 else None)
 
@@ -196,13 +229,13 @@ class ContrastiveStore:
 class ContrastiveBatch:
     """One single-task batch of one data-parallel rank. Sequences are right-padded with the pad
     id; `*_lengths` are the true lengths (the attention mask). B can be 0 on some ranks for the
-    last, partial global batch of a task when `drop_last=False`."""
+    last, partial global batch of a task's epoch when `drop_last=False`."""
 
     task: str
     example_ids: torch.Tensor
     """[B] int64: global example indices in the store (the DHNM state key)."""
     query_ids: torch.Tensor
-    """[B, Lq] int64: instruction prefix + query (classification: text; sts: text1)."""
+    """[B, Lq] int64: the query (classification: text; sts: text1), instructed as one string."""
     query_lengths: torch.Tensor
     """[B] int64."""
     positive_ids: torch.Tensor
@@ -224,8 +257,9 @@ class ContrastiveBatch:
     languages: List[Optional[str]] = dataclasses.field(default_factory=list)
     """Per example: the `language` field (clr), else None."""
     epoch: int = 0
+    """The task's epoch (pass over its examples) this batch was drawn from."""
     step: int = 0
-    """Position of this batch: the loader's state before it was drawn was (epoch, step)."""
+    """The loader step (global batch number, counted over all tasks) of this batch."""
 
     @property
     def size(self) -> int:
@@ -243,24 +277,90 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int):
 
 
 NegativePicker = Callable[[int, int], Sequence[int]]
-"""(example_id, pool_size) -> pool positions to use as this example's negatives, best first."""
+"""(example_id, pool_size) -> pool positions to use as this example's negatives, best first,
+distinct. A picker may also have `prepare(global_example_ids)`: the loader calls it on every rank
+with the whole global batch (the same array everywhere) before it builds a retrieval/clr batch, so
+a picker whose state is sharded over ranks (DHNM) can fetch it in one collective."""
+
+
+@dataclasses.dataclass
+class PoolReport:
+    """Retrieval/clr examples with fewer hard negatives than the loader's K (counted, located)."""
+
+    num_negatives: int
+    """The K the loader fills per query."""
+    empty: int = 0
+    """Examples whose pool is empty: in-batch negatives only."""
+    short: int = 0
+    """Examples with 0 < pool < K: the remaining slots are masked."""
+    empty_examples: List[str] = dataclasses.field(default_factory=list)
+    """The first empty ones, as `example <id> (<file>:<line>)`."""
+
+    def format(self) -> str:
+        text = (f"{self.empty} retrieval/clr examples have an empty negative pool and "
+                f"{self.short} fewer than {self.num_negatives} negatives (the missing slots are "
+                f"masked)")
+        return text + (f"; empty: {', '.join(self.empty_examples)}" if self.empty_examples else "")
+
+
+def pool_report(store: ContrastiveStore, tasks: Sequence[str], num_negatives: int,
+                max_examples: int = 10) -> PoolReport:
+    """Counts the retrieval/clr examples of `tasks` whose pool holds fewer than `num_negatives`."""
+    report = PoolReport(num_negatives)
+    if num_negatives <= 0:
+        return report
+    codes = [store.tasks.index(task) for task in tasks if task in RETRIEVAL_TASKS]
+    selected = numpy.isin(store.examples["task"], codes)
+    sizes = store.pool_sizes()
+    empty = numpy.flatnonzero(selected & (sizes == 0))
+    report.empty = int(len(empty))
+    report.short = int((selected & (sizes > 0) & (sizes < num_negatives)).sum())
+    report.empty_examples = [f"example {int(example_id)} ({store.location(int(example_id))})"
+                             for example_id in empty[:max_examples]]
+    return report
+
+
+class _TaskDraw:
+    """The task of every loader step: drawn from (seed, step) alone, so every rank (and every DP
+    size) draws the same sequence and a resumed run continues it."""
+
+    _STREAM = 0x7A5C  # separates the draws' random stream from the permutations'
+
+    def __init__(self, probabilities: Mapping[str, float], seed: int):
+        self.tasks = list(probabilities)
+        self.cumulative = numpy.cumsum([probabilities[task] for task in self.tasks])
+        self.cumulative /= self.cumulative[-1]
+        self.seed = seed
+
+    def __call__(self, step: int) -> str:
+        if len(self.tasks) == 1:
+            return self.tasks[0]
+        uniform = numpy.random.default_rng([self.seed, self._STREAM, step]).random()
+        index = int(numpy.searchsorted(self.cumulative, uniform, side="right"))
+        return self.tasks[min(index, len(self.tasks) - 1)]
 
 
 class ContrastiveLoader:
     """Single-task batches from a contrastive store for one data-parallel rank.
 
-    Epoch plan (the same on every rank, from the seed alone): each task's examples are permuted
-    (seed, epoch, task), cut into global batches of `batch_size[task] * dp_world_size`, and the
-    global batches of all tasks are shuffled together (seed, epoch), so tasks are mixed in
-    proportion to their sizes. Rank r takes the r-th of `dp_world_size` near-equal slices of each
-    global batch: every example is seen exactly once per epoch across ranks (with `drop_last`,
-    the partial last global batch of each task is skipped instead).
+    Task of each step: drawn by `task_weights` from (seed, step) alone (`_TaskDraw`): the paper's
+    mix by default (`PAPER_TASK_WEIGHTS`, normalised over the tasks present), `"size"` for
+    proportions of the tasks' example counts, or a mapping task -> weight. A single task needs no
+    weights. Each task walks its own per-epoch permutation (seed, task epoch, task) with a cursor:
+    a step takes the next `batch_size[task] * dp_world_size` examples of its task (the global
+    batch), and rank r takes the r-th of `dp_world_size` near-equal slices. So the global batches
+    depend on the global batch sizes, not on how they split over ranks: DP=1 with batch b*k and
+    DP=k with batch b see the same global batches in the same order, and a run resumes under
+    another DP size with the same global batch. Every example of a task is drawn once per task
+    epoch; the last global batch of a task's epoch is partial (ranks' sizes may differ by one, or
+    be 0) unless `drop_last` skips it.
 
-    Queries get the instruction prefix `Instruct: {instruction}\\nQuery: ` from the example's own
-    `instruction` or else `instructions[task]`; sts prefixes both texts; passages and labels get
-    none. With `append_eod`, EOD ends every sequence (after truncation to the max lengths).
-    Retrieval/clr negatives fill `num_negatives` slots from the example's pool (negatives, then
-    candidates); set `negative_picker` (DHNM) to choose the pool positions per example.
+    Instructions are applied at tokenize time (the query is one formatted string, exactly as a
+    sentence-transformers prompt tokenizes): `instructions` here only checks that the store was
+    tokenized with them. With `append_eod`, EOD ends every sequence (after truncation to the max
+    lengths). Retrieval/clr negatives fill `num_negatives` slots from the example's pool
+    (negatives, then candidates), missing ones masked; `negative_picker` (DHNM) chooses the pool
+    positions per example.
     """
 
     def __init__(self, path_prefix: str, tokenizer, batch_size: Union[int, Mapping[str, int]],
@@ -268,15 +368,17 @@ class ContrastiveLoader:
                  dp_world_size: int = 1, seed: int = 1234, max_query_length: int = 512,
                  max_passage_length: int = 512, num_negatives: int = 7,
                  tasks: Optional[Sequence[str]] = None, drop_last: bool = False,
-                 append_eod: bool = True, negative_picker: Optional[NegativePicker] = None):
+                 append_eod: bool = True, negative_picker: Optional[NegativePicker] = None,
+                 task_weights: Union[None, str, Mapping[str, float]] = None):
         if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
+            raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
         if max_query_length < 2 or max_passage_length < 2:
-            raise ValueError("max_query_length and max_passage_length must be >= 2")
+            raise ConfigError("max_query_length and max_passage_length must be >= 2")
         if num_negatives < 0:
-            raise ValueError("num_negatives must be >= 0")
+            raise ConfigError("num_negatives must be >= 0")
         self.store = ContrastiveStore(path_prefix)
         self._check_tokenizer(tokenizer)
+        self._check_instructions(instructions)
         self.pad_id = tokenizer.pad_id
         self.eod_id = tokenizer.eod_id
         self.dp_rank, self.dp_world_size, self.seed = dp_rank, dp_world_size, seed
@@ -285,77 +387,145 @@ class ContrastiveLoader:
         self.drop_last = drop_last
         self.append_eod = append_eod
         self.negative_picker = negative_picker
-        available = [task for task in CONTRASTIVE_TASKS
-                     if self.store.meta["examples_per_task"].get(task, 0) > 0]
         unknown = set(tasks or ()) - set(CONTRASTIVE_TASKS)
         if unknown:
-            raise ValueError(f"unknown tasks {sorted(unknown)}; expected {CONTRASTIVE_TASKS}")
+            raise ConfigError(f"unknown tasks {sorted(unknown)}; expected {CONTRASTIVE_TASKS}")
+        available = [task for task in CONTRASTIVE_TASKS
+                     if self.store.meta["examples_per_task"].get(task, 0) > 0]
         self.tasks = [task for task in available if tasks is None or task in tasks]
         if not self.tasks:
-            raise ValueError(f"{path_prefix}: no examples of tasks {tasks or CONTRASTIVE_TASKS}")
-        self.batch_sizes = {task: (batch_size if isinstance(batch_size, int) else batch_size[task])
-                            for task in self.tasks}
-        if any(size < 1 for size in self.batch_sizes.values()):
-            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
-        self.instruction_ids = {task: list(tokenizer.encode(format_instruction(text)))
-                                for task, text in (instructions or {}).items()}
+            raise DataError(f"{path_prefix}: no examples of tasks {tasks or CONTRASTIVE_TASKS}")
+        self.batch_sizes = self._resolve_batch_sizes(batch_size)
         self._task_ids = {task: self.store.example_ids_of_task(task) for task in self.tasks}
-        self.epoch = 0
+        self.task_probabilities = self._resolve_weights(task_weights)
+        self.tasks = list(self.task_probabilities)
+        if drop_last:
+            too_small = [task for task in self.tasks
+                         if len(self._task_ids[task]) < self._global_batch(task)]
+            if too_small:
+                raise ConfigError(f"drop_last: tasks {too_small} have fewer examples than one "
+                                  f"global batch, so no batch of them could be drawn")
+        self._draw = _TaskDraw(self.task_probabilities, seed)
+        self.pool_report = pool_report(self.store, self.tasks, num_negatives)
+        if self.pool_report.empty or self.pool_report.short:
+            level = logging.WARNING if self.pool_report.empty else logging.INFO
+            logger.log(level, "%s: %s", path_prefix, self.pool_report.format())
         self.step = 0
-        self._plan_epoch: Optional[int] = None
-        self._plan: List[tuple] = []
-        self._orders: Dict[str, numpy.ndarray] = {}
+        self._positions: Dict[str, List[int]] = {task: [0, 0] for task in self.tasks}
+        self._orders: Dict[str, Tuple[int, numpy.ndarray]] = {}
 
     def _check_tokenizer(self, tokenizer) -> None:
         identifiers = getattr(tokenizer, "unique_identifiers", None) or {}
         expected = self.store.meta.get("tokenizer_sha256")
         found = identifiers.get("model_sha256")
         if found is not None and expected is not None and found != expected:
-            raise ValueError(f"{self.store.path_prefix} was tokenized with another tokenizer "
-                             f"(sha256 {expected[:12]}..., given {found[:12]}...)")
+            raise DataError(f"{self.store.path_prefix} was tokenized with another tokenizer "
+                            f"(sha256 {expected[:12]}..., given {found[:12]}...)")
 
-    # -- the epoch plan --
+    def _check_instructions(self, instructions: Optional[Mapping[str, str]]) -> None:
+        """An instruction must be tokenized together with its query, which only the tokenizing
+        tool sees as text: a loader-level instruction is accepted only if the store has it."""
+        for task, instruction in check_instructions(dict(instructions or {})).items():
+            stored = self.store.instructions.get(task)
+            if stored != instruction:
+                raise ConfigError(
+                    f"instruction {instruction!r} for task {task!r} cannot be applied exactly at "
+                    f"load time (the query must be tokenized as one string with it); "
+                    f"{self.store.path_prefix} was tokenized with "
+                    f"{'no default instruction' if stored is None else repr(stored)} for it: "
+                    f"re-tokenize with tools/tokenize_contrastive.py --instruction "
+                    f"{task}=\"{instruction}\"")
+
+    def _per_task(self, values: Mapping[str, object], what: str, hint: str = "") -> Dict[str, object]:
+        """`values` of the selected tasks; names outside CONTRASTIVE_TASKS or a selected task
+        without a value are errors that name them."""
+        unknown = sorted(set(values) - set(CONTRASTIVE_TASKS))
+        if unknown:
+            raise ConfigError(f"{what} name unknown tasks {unknown}; tasks are "
+                              f"{', '.join(CONTRASTIVE_TASKS)}")
+        missing = [task for task in self.tasks if task not in values]
+        if missing:
+            raise ConfigError(f"{what} give no value for tasks {missing} present in "
+                              f"{self.store.path_prefix}{hint}")
+        return {task: values[task] for task in self.tasks}
+
+    def _resolve_batch_sizes(self, batch_size: Union[int, Mapping[str, int]]) -> Dict[str, int]:
+        if isinstance(batch_size, int):
+            sizes = {task: batch_size for task in self.tasks}
+        else:
+            sizes = {task: int(size) for task, size in
+                     self._per_task(batch_size, "batch sizes").items()}
+        if any(size < 1 for size in sizes.values()):
+            raise ConfigError(f"batch sizes must be >= 1, got {sizes}")
+        return sizes
+
+    def _resolve_weights(self, task_weights) -> Dict[str, float]:
+        """Normalised draw probabilities of the tasks present, in CONTRASTIVE_TASKS order; tasks
+        of weight 0 are never drawn."""
+        if len(self.tasks) == 1 and task_weights is None:
+            return {self.tasks[0]: 1.0}
+        if task_weights == "size":
+            weights = {task: float(len(self._task_ids[task])) for task in self.tasks}
+        elif task_weights is None or isinstance(task_weights, Mapping):
+            given = PAPER_TASK_WEIGHTS if task_weights is None else task_weights
+            weights = {task: float(weight) for task, weight in self._per_task(
+                given, "task weights", " (give one, 0 to leave a task out, or select tasks)"
+            ).items()}
+        else:
+            raise ConfigError(f"task_weights must be None (the paper's mix), 'size' or a mapping "
+                              f"task -> weight, got {task_weights!r}")
+        bad = {task: weight for task, weight in weights.items()
+               if not math.isfinite(weight) or weight < 0}
+        if bad:
+            raise ConfigError(f"task weights must be finite and >= 0, got {bad}")
+        total = sum(weights.values())
+        if total <= 0:
+            raise ConfigError(f"task weights are all 0 for the tasks present ({self.tasks})")
+        return {task: weight / total for task, weight in weights.items() if weight > 0}
+
+    # -- the plan --
     def _global_batch(self, task: str) -> int:
         return self.batch_sizes[task] * self.dp_world_size
 
-    def _num_global_batches(self, task: str) -> int:
+    def batches_per_epoch(self, task: str) -> int:
+        """Global batches in one pass over the task's examples."""
         count, size = len(self._task_ids[task]), self._global_batch(task)
         return count // size if self.drop_last else -(-count // size)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return sum(self._num_global_batches(task) for task in self.tasks)
+    def _order(self, task: str, epoch: int) -> numpy.ndarray:
+        cached = self._orders.get(task)
+        if cached is None or cached[0] != epoch:
+            rng = numpy.random.default_rng([self.seed, epoch, 1 + TASK_CODES[task]])
+            cached = (epoch, rng.permutation(self._task_ids[task]))
+            self._orders[task] = cached
+        return cached[1]
 
-    def _ensure_plan(self, epoch: int) -> None:
-        if self._plan_epoch == epoch:
-            return
-        self._orders = {
-            task: numpy.random.default_rng([self.seed, epoch, 1 + TASK_CODES[task]]).permutation(
-                self._task_ids[task]) for task in self.tasks}
-        plan = [(task, index) for task in self.tasks
-                for index in range(self._num_global_batches(task))]
-        shuffle = numpy.random.default_rng([self.seed, epoch]).permutation(len(plan))
-        self._plan = [plan[position] for position in shuffle]
-        self._plan_epoch = epoch
-
-    def rank_example_ids(self, epoch: int, step: int) -> tuple:
-        """(task, this rank's example ids) of batch `step` of `epoch`."""
-        self._ensure_plan(epoch)
-        task, index = self._plan[step]
+    def _advance(self) -> Tuple[str, int, int, numpy.ndarray]:
+        """(task, task epoch, step, global example ids) of the next global batch; moves on."""
+        step = self.step
+        task = self._draw(step)
+        epoch, cursor = self._positions[task]
+        order = self._order(task, epoch)
         size = self._global_batch(task)
-        global_batch = self._orders[task][index * size:(index + 1) * size]
-        return task, numpy.array_split(global_batch, self.dp_world_size)[self.dp_rank]
+        global_ids = order[cursor:cursor + size]
+        cursor += len(global_ids)
+        if cursor >= len(order) or (self.drop_last and cursor + size > len(order)):
+            self._positions[task] = [epoch + 1, 0]
+        else:
+            self._positions[task] = [epoch, cursor]
+        self.step = step + 1
+        return task, epoch, step, global_ids
+
+    def rank_slice(self, global_ids: numpy.ndarray) -> numpy.ndarray:
+        """This rank's part of a global batch."""
+        return numpy.array_split(global_ids, self.dp_world_size)[self.dp_rank]
 
     # -- batches --
-    def _finish(self, ids: Sequence[int], max_length: int, prefix: Optional[Sequence[int]] = None):
-        ids = list(prefix or ()) + [int(token) for token in ids]
+    def _finish(self, ids: Sequence[int], max_length: int) -> List[int]:
+        ids = [int(token) for token in ids]
         if self.append_eod:
             return ids[:max_length - 1] + [self.eod_id]
         return ids[:max_length]
-
-    def _query_prefix(self, example_id: int, task: str) -> Optional[List[int]]:
-        own = self.store.instruction_ids(example_id)
-        return list(own) if own is not None else self.instruction_ids.get(task)
 
     def _pick_negatives(self, example_id: int, pool_size: int, slots: int) -> List[int]:
         if self.negative_picker is None:
@@ -364,20 +534,22 @@ class ContrastiveLoader:
         if any(not 0 <= position < pool_size for position in positions):
             raise ValueError(f"negative_picker gave positions {positions} outside the pool of "
                              f"{pool_size} of example {example_id}")
-        return positions[:slots]
+        positions = positions[:slots]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"negative_picker gave duplicate positions {positions} for example "
+                             f"{example_id}: a duplicate negative would count twice in the loss")
+        return positions
 
     def make_batch(self, task: str, example_ids: numpy.ndarray, epoch: int = 0,
                    step: int = 0) -> ContrastiveBatch:
         """The batch of these examples (all of `task`)."""
         queries, positives, languages, scores = [], [], [], []
         negative_pools = []
+        max_positive = self.max_query_length if task == "sts" else self.max_passage_length
         for example_id in example_ids:
             example = self.store.example(int(example_id))
-            prefix = self._query_prefix(int(example_id), task)
-            queries.append(self._finish(example.anchor, self.max_query_length, prefix))
-            positive_prefix = prefix if task == "sts" else None
-            max_positive = self.max_query_length if task == "sts" else self.max_passage_length
-            positives.append(self._finish(example.positive, max_positive, positive_prefix))
+            queries.append(self._finish(example.anchor, self.max_query_length))
+            positives.append(self._finish(example.positive, max_positive))
             languages.append(example.language)
             scores.append(example.score)
             negative_pools.append(example.negatives + example.candidates)
@@ -409,33 +581,51 @@ class ContrastiveLoader:
                     positions[row, slot] = picked[slot]
                     sequences.append(self._finish(pool[picked[slot]], self.max_passage_length))
                 else:
-                    sequences.append([self.eod_id])  # padding slot, masked out
+                    sequences.append([self.eod_id])  # padding slot, masked out (never a duplicate)
         batch.negative_ids, batch.negative_lengths = pad_sequences(sequences, self.pad_id)
         batch.negative_mask = positions >= 0
         batch.negative_pool_positions = positions
 
     def __iter__(self) -> Iterator[ContrastiveBatch]:
-        """Batches from the current position on, epoch after epoch, without end."""
-        steps = self.steps_per_epoch
+        """Batches from the current position on, without end. The position advances before a
+        batch is yielded, so state_dict() always names the next batch."""
         while True:
-            epoch, step = self.epoch, self.step
-            task, example_ids = self.rank_example_ids(epoch, step)
-            batch = self.make_batch(task, example_ids, epoch, step)
-            # advance before yielding, so state_dict() always names the next batch
-            self.epoch, self.step = (epoch + 1, 0) if step + 1 >= steps else (epoch, step + 1)
-            yield batch
+            task, epoch, step, global_ids = self._advance()
+            prepare = getattr(self.negative_picker, "prepare", None)
+            if prepare is not None and task in RETRIEVAL_TASKS and self.num_negatives > 0:
+                prepare(global_ids)  # every rank, the same global batch: collectives line up
+            yield self.make_batch(task, self.rank_slice(global_ids), epoch, step)
 
     # -- resume --
-    def state_dict(self) -> Dict[str, int]:
-        """The position of the next batch, plus what the plan depends on (checked on load)."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
-                "dp_world_size": self.dp_world_size, "num_examples": len(self.store),
-                "steps_per_epoch": self.steps_per_epoch}
+    def state_dict(self) -> Dict[str, object]:
+        """The position of the next batch (the step and each task's epoch and cursor), plus what
+        the sequence of global batches depends on (checked on load)."""
+        return {"version": LOADER_STATE_VERSION, "step": self.step, "seed": self.seed,
+                "tasks": {task: {"epoch": epoch, "cursor": cursor}
+                          for task, (epoch, cursor) in self._positions.items()},
+                "num_examples": len(self.store), "drop_last": self.drop_last,
+                "global_batch_sizes": {task: self._global_batch(task) for task in self.tasks},
+                "task_probabilities": dict(self.task_probabilities)}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        for key in ("seed", "dp_world_size", "num_examples", "steps_per_epoch"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise ValueError(f"cannot resume: {key} was {state.get(key)}, now {mine} (the "
-                                 f"epoch plan depends on it)")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Continue from `state`; the DP size may differ if the global batch sizes are equal."""
+        if state.get("version") != LOADER_STATE_VERSION:
+            raise CheckpointMismatchError(
+                "cannot resume the contrastive loader: its state was written by an older loader "
+                "(epoch-plan format); start the data position afresh")
+        mine = self.state_dict()
+        for key in ("seed", "num_examples", "drop_last", "global_batch_sizes"):
+            if state.get(key) != mine[key]:
+                raise CheckpointMismatchError(
+                    f"cannot resume the contrastive loader: {key} was {state.get(key)}, now "
+                    f"{mine[key]} (the sequence of global batches depends on it)")
+        saved = state.get("task_probabilities") or {}
+        if set(saved) != set(self.task_probabilities) or any(
+                not math.isclose(saved[task], self.task_probabilities[task], rel_tol=1e-9)
+                for task in saved):
+            raise CheckpointMismatchError(
+                f"cannot resume the contrastive loader: task probabilities were {saved}, now "
+                f"{self.task_probabilities} (the task sequence depends on them)")
+        self.step = int(state["step"])
+        self._positions = {task: [int(position["epoch"]), int(position["cursor"])]
+                           for task, position in state["tasks"].items()}

@@ -4,6 +4,7 @@ Worker-side code: imports neither torch nor megatron. The on-disk layouts these 
 described in data/README.md.
 """
 
+import math
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 import numpy
@@ -16,6 +17,7 @@ from megatron_conan.data.jsonl import (
     require_text_list,
 )
 from megatron_conan.data.pipeline import LineEncoder
+from megatron_conan.errors import ConfigError
 
 # -- pretraining ------------------------------------------------------------------------------
 
@@ -83,7 +85,8 @@ class SFTExampleEncoder(LineEncoder):
 CONTRASTIVE_TASKS = ("pair", "retrieval", "clr", "classification", "sts")
 """Task names, in the order of their codes in the examples index."""
 INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
-"""How a query-side instruction is written in front of the query text (DESIGN.md section 4)."""
+"""The prompt written in front of an instructed query (DESIGN.md section 4); exported as the
+sentence-transformers prompt, so prompt + text is what the model sees at inference."""
 
 # Per task: the two leading text fields, then the list fields (negatives, candidates) if any.
 _TASK_FIELDS: Dict[str, Tuple[Tuple[str, str], Tuple[str, ...]]] = {
@@ -96,13 +99,39 @@ _TASK_FIELDS: Dict[str, Tuple[Tuple[str, str], Tuple[str, ...]]] = {
 
 
 def format_instruction(instruction: str) -> str:
+    """The prompt string of `instruction` (what sentence-transformers prepends to the text)."""
     return INSTRUCTION_TEMPLATE.format(instruction=instruction)
 
 
-def parse_contrastive_record(record: dict) -> Tuple[List[str], Dict[str, Any]]:
+def format_query(instruction: str, text: str) -> str:
+    """`Instruct: {instruction}\nQuery: {text}`: tokenized as this one string, never as prompt
+    and text apart (SentencePiece attaches the space before the text to the next word)."""
+    return format_instruction(instruction) + text
+
+
+def check_instructions(instructions: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """Per-task default instructions, validated: known task names, non-empty strings."""
+    checked: Dict[str, str] = {}
+    for task, instruction in (instructions or {}).items():
+        if task not in CONTRASTIVE_TASKS:
+            raise ConfigError(f"instructions: unknown task {task!r}; tasks are "
+                              f"{', '.join(CONTRASTIVE_TASKS)}")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ConfigError(f"instructions: the instruction of task {task!r} must be a "
+                              f"non-empty string")
+        checked[task] = instruction
+    return checked
+
+
+def parse_contrastive_record(record: dict, instructions: Optional[Dict[str, str]] = None
+                             ) -> Tuple[List[str], Dict[str, Any]]:
     """Validates one contrastive record. Returns its texts in stored order (anchor, positive,
-    negatives, candidates, then the formatted instruction if any) and its metadata:
-    task, num_negatives, num_candidates, has_instruction, score, language."""
+    negatives, candidates) and its metadata: task, num_negatives, num_candidates, instructed,
+    score, language.
+
+    The instruction is the record's own `instruction`, else `instructions[task]`; when there is
+    one, the anchor (sts: both texts) is the one formatted string `format_query(instruction,
+    text)`, so its ids are exactly what a sentence-transformers prompt gives at inference."""
     task = record.get("task")
     if task is None:
         raise BadLineError(BadLineKind.MISSING_FIELD, "field 'task' missing")
@@ -122,7 +151,6 @@ def parse_contrastive_record(record: dict) -> Tuple[List[str], Dict[str, Any]]:
         negatives = require_text_list(record, "negative_labels", required=True)
         if not negatives:
             raise BadLineError(BadLineKind.EMPTY_TEXT, "field 'negative_labels' is empty")
-    texts += negatives + candidates
     score = float("nan")
     if task == "sts":
         value = record.get("score")
@@ -132,23 +160,36 @@ def parse_contrastive_record(record: dict) -> Tuple[List[str], Dict[str, Any]]:
             raise BadLineError(BadLineKind.NON_STRING_FIELD,
                                f"field 'score' is a {type(value).__name__}, not a number")
         score = float(value)
+        if not math.isfinite(score):  # json reads NaN, Infinity and -Infinity
+            raise BadLineError(BadLineKind.INVALID_VALUE, f"field 'score' is {value!r}, not finite")
     language = record.get("language")
     if language is not None and not isinstance(language, str):
         raise BadLineError(BadLineKind.NON_STRING_FIELD, "field 'language' is not a string")
-    has_instruction = record.get("instruction") is not None
-    if has_instruction:
-        texts.append(format_instruction(require_text(record, "instruction")))
+    instruction = (require_text(record, "instruction") if record.get("instruction") is not None
+                   else (instructions or {}).get(task))
+    if instruction is not None:
+        texts[0] = format_query(instruction, texts[0])
+        if task == "sts":  # symmetric: both texts are queries
+            texts[1] = format_query(instruction, texts[1])
+    texts += negatives + candidates
     for position, text in enumerate(texts):
         check_encodable(text, f"text #{position}")
     if len(negatives) > 65535 or len(candidates) > 65535:
         raise BadLineError(BadLineKind.INVALID_VALUE, "more than 65535 negatives or candidates")
     return texts, {"task": task, "num_negatives": len(negatives),
-                   "num_candidates": len(candidates), "has_instruction": has_instruction,
+                   "num_candidates": len(candidates), "instructed": instruction is not None,
                    "score": score, "language": language}
 
 
 class ContrastiveExampleEncoder(LineEncoder):
-    """A contrastive record -> one document whose sequences are its texts (raw ids, no EOD)."""
+    """A contrastive record -> one document whose sequences are its texts (raw ids, no EOD);
+    `instructions`: per task, the instruction of records without their own."""
+
+    def __init__(self, tokenizer_model: str, dtype: Type[numpy.number],
+                 max_line_bytes: Optional[int] = None,
+                 instructions: Optional[Dict[str, str]] = None, **options):
+        super().__init__(tokenizer_model, dtype, max_line_bytes, **options)
+        self.instructions = check_instructions(instructions)
 
     def extract(self, record: dict) -> Tuple[List[str], Any]:
-        return parse_contrastive_record(record)
+        return parse_contrastive_record(record, self.instructions)

@@ -65,6 +65,9 @@ class PreprocessConfig:
     """Bytes per work item (whichever limit is reached first)."""
     progress: bool = True
     """Show a progress bar (docs/s, tokens/s, MB/s) on stderr."""
+    instructions: Dict[str, str] = dataclasses.field(default_factory=dict)
+    """Format `contrastive`: per task, the instruction of examples without their own; the query
+    is tokenized as one string with it (`encoders.format_query`)."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -180,7 +183,8 @@ def make_encoder(config: PreprocessConfig) -> LineEncoder:
     if config.format == "sft":
         return SFTExampleEncoder(config.tokenizer_model, dtype, config.max_line_bytes)
     if config.format == "contrastive":
-        return ContrastiveExampleEncoder(config.tokenizer_model, dtype, config.max_line_bytes)
+        return ContrastiveExampleEncoder(config.tokenizer_model, dtype, config.max_line_bytes,
+                                         instructions=config.instructions)
     return TextDocumentEncoder(config.tokenizer_model, dtype, config.max_line_bytes,
                                json_key=config.json_key)
 
