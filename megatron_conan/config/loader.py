@@ -13,9 +13,11 @@ dataclass's ``__post_init__``.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
@@ -105,15 +107,18 @@ def _to_int(value: Any, path: str) -> int:
 def _to_float(value: Any, path: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{path} must be a number, got {value!r}")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         # PyYAML (YAML 1.1) reads `3e12` and `1e-4` without a dot as strings
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{path} must be a number, got {_describe(value)}")
+    if number is None or math.isnan(number):  # NaN passes every range check in __post_init__
+        raise ConfigError(f"{path} must be a number, got {_describe(value)}")
+    return number
 
 
 def _to_bool(value: Any, path: str) -> bool:
@@ -142,7 +147,11 @@ def convert(value: Any, annotation: Any, path: str, scope: Optional[Tuple[type, 
         return value
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Union:
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {list(args)}, got {_describe(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
         if value is None:
             if type(None) in args:
                 return None
@@ -164,13 +173,19 @@ def convert(value: Any, annotation: Any, path: str, scope: Optional[Tuple[type, 
         if isinstance(value, annotation):
             return value
         return from_dict(annotation, value, path, scope)
-    if origin in (list, List, typing.Sequence, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {_describe(value)}")
-        item_type = args[0] if args else Any
-        items = [convert(item, item_type, f"{path}[{index}]", scope) for index, item in enumerate(value)]
+        if origin is tuple and args and args[-1] is not Ellipsis:  # Tuple[int, str]: one type per place
+            if len(value) != len(args):
+                raise ConfigError(f"{path} must have {len(args)} items, got {len(value)}")
+            item_types = list(args)
+        else:
+            item_types = [args[0] if args else Any] * len(value)
+        items = [convert(item, item_type, f"{path}[{index}]", scope)
+                 for index, (item, item_type) in enumerate(zip(value, item_types))]
         return tuple(items) if origin is tuple else items
-    if origin in (dict, Dict, typing.Mapping):
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {_describe(value)}")
         key_type, value_type = args if args else (Any, Any)

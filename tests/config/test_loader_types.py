@@ -101,6 +101,29 @@ class _Outer:
     """Named sections."""
 
 
+@dataclasses.dataclass
+class _Shapes:
+    mode: typing.Literal["mean", "last"] = "mean"
+    """A closed set of names."""
+    pair: typing.Tuple[int, str] = (1, "a")
+    """One type per place."""
+    sizes: typing.Tuple[int, ...] = ()
+    """Any number of ints."""
+    limit: "int | None" = None
+    """PEP 604 optional."""
+
+
+def test_literals_tuples_pep604_optionals_and_nan():
+    built = from_dict(_Shapes, {"mode": "last", "pair": ["2.0", 3], "sizes": [1, "1e1"], "limit": "5"})
+    assert built == _Shapes("last", (2, "3"), (1, 10), 5)
+    assert from_dict(_Shapes, {"limit": None}).limit is None
+    with pytest.raises(ConfigError, match=r"^mode must be one of \['mean', 'last'\], got 'max'$"):
+        from_dict(_Shapes, {"mode": "max"})
+    with pytest.raises(ConfigError, match=r"^pair must have 2 items, got 3$"):
+        from_dict(_Shapes, {"pair": [1, "a", 2]})
+    assert _refused("optimizer.lr=.nan") == "optimizer.lr must be a number, got nan (float)"
+
+
 def test_unions_optional_sections_and_sections_in_dicts():
     assert from_dict(_Outer, {"size": "auto"}).size == "auto"
     assert from_dict(_Outer, {"size": 4}).size == 4
