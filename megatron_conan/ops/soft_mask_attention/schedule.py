@@ -47,8 +47,8 @@ class SoftMaskConfig:
     """If set, a is this constant whatever the step: 0.0 is causal, 1.0 bidirectional (stage 4)."""
 
     backend: str = "auto"
-    """Kernel: `auto` (CUDA extension > Triton on GPUs, torch SDPA on CPU), `cuda`, `triton`, `sdpa`
-    or `reference`."""
+    """Kernel: `auto` (on GPUs Triton, then the CUDA extension where it is built for the GPU; torch
+    SDPA on CPU; see `function.choose_backend`), `cuda`, `triton`, `sdpa` or `reference`."""
 
     deterministic: bool = False
     """Deterministic backward (no atomic accumulation of dq; the CUDA kernel always is)."""
