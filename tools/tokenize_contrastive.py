@@ -60,6 +60,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
     from megatron_conan.data.preprocess import PreprocessConfig, run_and_report
 
     config = PreprocessConfig(
@@ -68,7 +69,7 @@ def _main(argv) -> int:
         dtype=args.dtype, max_line_bytes=args.max_line_bytes, strict=args.strict,
         max_bad_line_examples=args.max_bad_line_examples, progress=not args.no_progress,
         instructions=args.instructions)
-    return run_and_report(config, args.report_json)
+    return run_and_report(config, args.report_json, tokenize_contrastive)
 
 
 if __name__ == "__main__":

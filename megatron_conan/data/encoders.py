@@ -27,8 +27,8 @@ class TextDocumentEncoder(LineEncoder):
 
     def __init__(self, tokenizer_model: str, dtype: Type[numpy.number],
                  max_line_bytes: Optional[int] = None, json_key: str = "text",
-                 append_eod: bool = True):
-        super().__init__(tokenizer_model, dtype, max_line_bytes)
+                 append_eod: bool = True, **options):
+        super().__init__(tokenizer_model, dtype, max_line_bytes, **options)
         self.json_key = json_key
         self.append_eod = append_eod
 

@@ -1,11 +1,13 @@
-"""Writing megatron-core indexed datasets (.bin/.idx) atomically, and merging shards.
+"""Writing megatron-core indexed datasets (.bin/.idx) atomically, reading their index, merging.
 
 The format is megatron-core's (`megatron.core.datasets.indexed_dataset`, read with its
 `IndexedDataset`): `.bin` holds the token ids of every sequence back to back in one dtype; `.idx`
 holds a header (magic, version 1, dtype code), the sequence and document counts, then int32
 sequence lengths, int64 byte offsets and int64 document boundaries (sequence indices, starting at
-0). We write it with numpy in chunks instead of megatron's `IndexedDatasetBuilder`, whose per-item
-Python loop and per-sequence pointer loop dominate preprocessing time at scale.
+0). This module writes and reads it with numpy alone, without importing megatron-core or torch
+(seconds of start-up for every preprocessing run and worker), and with whole arrays instead of
+megatron's `IndexedDatasetBuilder`, whose per-item Python loops dominate preprocessing time at
+scale. tests/data/test_indexed.py proves the bytes equal what megatron-core's builder writes.
 
 Atomicity: every output is written under a temporary name (`<final>.tmp-<pid>`) and renamed into
 place only when all of it is complete; the `.idx` is renamed last and is the marker of a complete
@@ -14,6 +16,7 @@ leave `*.tmp-<pid>` files but never a final `.bin`/`.idx` pair that looks comple
 """
 
 import contextlib
+import dataclasses
 import os
 import signal
 import struct
@@ -21,21 +24,36 @@ from typing import Dict, Iterator, List, Optional, Sequence, Type
 
 import numpy
 
-from megatron.core.datasets.indexed_dataset import (
-    _INDEX_HEADER,
-    DType,
-    IndexedDataset,
-    get_bin_path,
-    get_idx_path,
-)
+from megatron_conan.errors import ConfigError, DataError
 
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+"""The first 9 bytes of every .idx (megatron-core's `_INDEX_HEADER`)."""
 _INDEX_VERSION = 1
+DTYPE_CODES: Dict[type, int] = {numpy.uint8: 1, numpy.int8: 2, numpy.int16: 3, numpy.int32: 4,
+                                numpy.int64: 5, numpy.float64: 6, numpy.float32: 7,
+                                numpy.uint16: 8}
+"""Token dtype -> the code stored in the .idx header (megatron-core's `DType`)."""
+_UINT16_VOCAB_LIMIT = 65500
+"""megatron-core's `DType.optimal_dtype`: uint16 below this cardinality, else int32."""
 _COPY_CHUNK_BYTES = 64 << 20
+
+
+def get_bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def get_idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def dataset_exists(prefix: str) -> bool:
+    """A complete dataset: both files (the .idx is renamed into place last)."""
+    return os.path.exists(get_idx_path(prefix)) and os.path.exists(get_bin_path(prefix))
 
 
 def token_dtype_for_vocab(vocab_size: int) -> Type[numpy.number]:
     """uint16 when every id fits (megatron-core's rule: vocab < 65500), else int32."""
-    return DType.optimal_dtype(vocab_size)
+    return numpy.uint16 if vocab_size < _UINT16_VOCAB_LIMIT else numpy.int32
 
 
 def parse_dtype(name: str, vocab_size: int) -> Type[numpy.number]:
@@ -44,10 +62,45 @@ def parse_dtype(name: str, vocab_size: int) -> Type[numpy.number]:
         return token_dtype_for_vocab(vocab_size)
     dtype = {"uint16": numpy.uint16, "int32": numpy.int32}.get(name)
     if dtype is None:
-        raise ValueError(f"dtype must be auto, uint16 or int32, got {name!r}")
+        raise ConfigError(f"dtype must be auto, uint16 or int32, got {name!r}")
     if vocab_size - 1 > numpy.iinfo(dtype).max:
-        raise ValueError(f"dtype {name} cannot hold ids of a vocab of {vocab_size}")
+        raise ConfigError(f"dtype {name} cannot hold ids of a vocab of {vocab_size}")
     return dtype
+
+
+@dataclasses.dataclass
+class IndexArrays:
+    """What a .idx holds."""
+
+    dtype: Type[numpy.number]
+    sequence_lengths: numpy.ndarray
+    """int32 [num_sequences]."""
+    sequence_pointers: numpy.ndarray
+    """int64 [num_sequences], byte offsets into the .bin."""
+    document_indices: numpy.ndarray
+    """int64 [num_documents + 1], sequence index where each document starts, then the count."""
+
+
+def read_index(prefix: str) -> IndexArrays:
+    """Reads `<prefix>.idx` (megatron-core layout, without the multimodal modes); raises
+    DataError naming the file when it is not one."""
+    path = get_idx_path(prefix)
+    with open(path, "rb") as stream:
+        header = stream.read(len(INDEX_HEADER) + 8 + 1 + 8 + 8)
+        if len(header) < len(INDEX_HEADER) + 25 or not header.startswith(INDEX_HEADER):
+            raise DataError(f"{path}: not a megatron-core index file (bad header)")
+        version, code, num_sequences, num_documents = struct.unpack(
+            "<QBQQ", header[len(INDEX_HEADER):])
+        dtypes = {value: key for key, value in DTYPE_CODES.items()}
+        if version != _INDEX_VERSION or code not in dtypes:
+            raise DataError(f"{path}: unsupported index version {version} or dtype code {code}")
+        lengths = numpy.fromfile(stream, dtype=numpy.int32, count=num_sequences)
+        pointers = numpy.fromfile(stream, dtype=numpy.int64, count=num_sequences)
+        documents = numpy.fromfile(stream, dtype=numpy.int64, count=num_documents)
+    if len(lengths) != num_sequences or len(pointers) != num_sequences or len(
+            documents) != num_documents:
+        raise DataError(f"{path}: truncated index")
+    return IndexArrays(dtypes[code], lengths, pointers, documents)
 
 
 class AtomicFiles:
@@ -90,9 +143,9 @@ def write_index(stream, dtype: Type[numpy.number], sequence_lengths: numpy.ndarr
     if len(sequence_lengths) > 1:
         numpy.cumsum(sequence_lengths[:-1], dtype=numpy.int64, out=pointers[1:])
     pointers *= numpy.dtype(dtype).itemsize
-    stream.write(_INDEX_HEADER)
+    stream.write(INDEX_HEADER)
     stream.write(struct.pack("<Q", _INDEX_VERSION))
-    stream.write(struct.pack("<B", DType.code_from_dtype(dtype)))
+    stream.write(struct.pack("<B", DTYPE_CODES[numpy.dtype(dtype).type]))
     stream.write(struct.pack("<Q", len(sequence_lengths)))
     stream.write(struct.pack("<Q", len(document_indices)))
     stream.write(sequence_lengths.tobytes(order="C"))
@@ -154,13 +207,12 @@ class IndexedDatasetWriter:
 
     def append_indexed(self, prefix: str) -> None:
         """Appends a whole existing indexed dataset (used to merge shards)."""
-        source = IndexedDataset(prefix, mmap=True)
-        if numpy.dtype(source.index.dtype) != numpy.dtype(self.dtype):
-            raise ValueError(f"{prefix}: dtype {numpy.dtype(source.index.dtype).name} differs "
+        source = read_index(prefix)
+        if numpy.dtype(source.dtype) != numpy.dtype(self.dtype):
+            raise DataError(f"{prefix}: dtype {numpy.dtype(source.dtype).name} differs "
                              f"from the output's {numpy.dtype(self.dtype).name}")
-        lengths = numpy.array(source.sequence_lengths, dtype=numpy.int32)
-        per_document = numpy.diff(numpy.array(source.document_indices, dtype=numpy.int64))
-        del source
+        lengths = source.sequence_lengths
+        per_document = numpy.diff(source.document_indices)
         with open(get_bin_path(prefix), "rb") as stream:
             copied = 0
             while chunk := stream.read(_COPY_CHUNK_BYTES):
@@ -168,7 +220,7 @@ class IndexedDatasetWriter:
                 copied += len(chunk)
         itemsize = numpy.dtype(self.dtype).itemsize
         if copied != int(lengths.sum()) * itemsize:
-            raise ValueError(f"{prefix}: .bin has {copied} bytes, .idx describes "
+            raise DataError(f"{prefix}: .bin has {copied} bytes, .idx describes "
                              f"{int(lengths.sum()) * itemsize}")
         self._length_chunks.append(lengths)
         self._document_end_chunks.append(self.num_sequences + numpy.cumsum(per_document))
@@ -201,18 +253,24 @@ class IndexedDatasetWriter:
 
 def merge_indexed_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatasetWriter:
     """Concatenates indexed datasets written in parallel into one, atomically. All inputs must
-    share one dtype. Returns the (committed) writer, whose counters describe the result."""
+    share one dtype, and their tokenizer records (`provenance`) one tokenizer; the merged dataset
+    gets the combined record. Returns the (committed) writer, whose counters describe the
+    result."""
+    from megatron_conan.data.provenance import META_SUFFIX, merged_record, write_record
+
     if not prefixes:
-        raise ValueError("nothing to merge")
+        raise ConfigError("nothing to merge")
     for prefix in prefixes:
-        if not IndexedDataset.exists(prefix):
-            raise FileNotFoundError(f"no complete indexed dataset at {prefix} (.bin + .idx)")
-    first = IndexedDataset(prefixes[0], mmap=True)
-    dtype = first.index.dtype
-    del first
-    with IndexedDatasetWriter(output_prefix, dtype) as writer:
+        if not dataset_exists(prefix):
+            raise DataError(f"no complete indexed dataset at {prefix} (.bin + .idx)")
+    record = merged_record(prefixes)
+    dtype = read_index(prefixes[0]).dtype
+    with IndexedDatasetWriter(output_prefix, dtype,
+                              (META_SUFFIX,) if record is not None else ()) as writer:
         for prefix in prefixes:
             writer.append_indexed(prefix)
+        if record is not None:
+            write_record(writer.tmp_path(META_SUFFIX), record)
         writer.commit()
     return writer
 

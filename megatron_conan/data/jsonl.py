@@ -12,6 +12,8 @@ import io
 import json
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from megatron_conan.errors import DataError
+
 
 class BadLineKind(str, enum.Enum):
     """Why a line produced no output record."""
@@ -56,7 +58,7 @@ class BadLine:
         return f"{self.path}:{self.line_number}: {self.kind.value}: {self.detail}"
 
 
-class StrictModeError(RuntimeError):
+class StrictModeError(DataError):
     """Raised in strict mode at the first bad line."""
 
     def __init__(self, bad_line: BadLine):
@@ -117,6 +119,22 @@ def open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+"""A byte-order mark some editors (and Windows tools) put at the start of UTF-8 files."""
+
+
+def iter_file_lines(path: str) -> Iterator[bytes]:
+    """The raw lines of `path` (plain, .gz or .zst), terminators kept, without a UTF-8 byte-order
+    mark at the start of the file (a BOM anywhere else is data, and invalid JSON)."""
+    with open_binary(path) as stream:
+        first = stream.readline()
+        if first.startswith(UTF8_BOM):
+            first = first[len(UTF8_BOM):]
+        if first:
+            yield first
+        yield from stream
+
+
 @dataclasses.dataclass
 class LineBatch:
     """Consecutive raw lines of one input file; `first_line_number` is 1-based."""
@@ -135,18 +153,17 @@ def read_line_batches(paths: Sequence[str], max_lines: int = 1024,
     """Yields the lines of `paths`, in order, in batches of at most `max_lines` lines or about
     `max_bytes` bytes. Line terminators are kept (they do not count towards line size limits)."""
     for path in paths:
-        with open_binary(path) as stream:
-            batch: List[bytes] = []
-            batch_bytes = 0
-            first = 1
-            for line_number, line in enumerate(stream, start=1):
-                batch.append(line)
-                batch_bytes += len(line)
-                if len(batch) >= max_lines or batch_bytes >= max_bytes:
-                    yield LineBatch(path, first, batch)
-                    batch, batch_bytes, first = [], 0, line_number + 1
-            if batch:
+        batch: List[bytes] = []
+        batch_bytes = 0
+        first = 1
+        for line_number, line in enumerate(iter_file_lines(path), start=1):
+            batch.append(line)
+            batch_bytes += len(line)
+            if len(batch) >= max_lines or batch_bytes >= max_bytes:
                 yield LineBatch(path, first, batch)
+                batch, batch_bytes, first = [], 0, line_number + 1
+        if batch:
+            yield LineBatch(path, first, batch)
 
 
 def _strip_newline(raw: bytes) -> bytes:

@@ -3,7 +3,8 @@
 The main process reads and decompresses input in `LineBatch`es and writes results; worker processes
 parse, validate and tokenize. Results come back in input order, with at most a few batches per
 worker in flight, so memory stays bounded whatever the input size. Workers are spawned (no fork of
-a process holding torch threads) and import only this module, `jsonl` and sentencepiece.
+a process holding torch threads) and import only this module, `jsonl`, `word_cache`, numpy and sentencepiece (never torch or
+megatron-core: a worker is ready in a fraction of a second).
 """
 
 import concurrent.futures
@@ -16,6 +17,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Tuple, Type
 import numpy
 
 from megatron_conan.data.jsonl import BadLine, BadLineError, LineBatch, parse_json_object
+from megatron_conan.data.word_cache import CachedEncoder
 
 
 @dataclasses.dataclass
@@ -45,26 +47,35 @@ class LineEncoder:
     """
 
     def __init__(self, tokenizer_model: str, dtype: Type[numpy.number],
-                 max_line_bytes: Optional[int] = None):
+                 max_line_bytes: Optional[int] = None, word_cache: bool = True,
+                 num_threads: int = 1, cache_bytes: int = 256 << 20):
         self.tokenizer_model = tokenizer_model
         self.dtype = numpy.dtype(dtype).type
         self.max_line_bytes = max_line_bytes
-        self._processor = None
+        self.word_cache = word_cache
+        self.num_threads = num_threads
+        self.cache_bytes = cache_bytes
+        self._encoder: Optional[CachedEncoder] = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_processor"] = None
+        state["_encoder"] = None
         return state
 
     def load(self) -> None:
-        if self._processor is None:
-            import sentencepiece
+        if self._encoder is None:
+            self._encoder = CachedEncoder.from_file(
+                self.tokenizer_model, use_cache=self.word_cache, max_bytes=self.cache_bytes,
+                num_threads=self.num_threads)
 
-            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_model)
+    @property
+    def encoder(self) -> CachedEncoder:
+        self.load()
+        return self._encoder
 
     @property
     def eod_id(self) -> int:
-        return self._processor.eos_id()
+        return self._encoder.processor.eos_id()
 
     def extract(self, record: dict) -> Tuple[List[str], Any]:
         """Validated texts of one record, and its metadata; raises `BadLineError`."""
@@ -74,10 +85,18 @@ class LineEncoder:
         """The sequences to store for one record, and the metadata to keep."""
         return token_ids, metadata
 
-    def encode_texts(self, texts: List[str]) -> List[List[int]]:
-        # One call per batch keeps the Python overhead per document low; one thread, so that
-        # `--workers` alone decides how many cores are used.
-        return self._processor.encode(texts, out_type=int, num_threads=1) if texts else []
+    def encode_texts(self, texts: List[str], plain: bool = False) -> List[List[int]]:
+        """One call per batch keeps the Python overhead per document low. `plain`: SentencePiece's
+        own encoding, without the word cache (the reference `--verify-sample` compares with)."""
+        if not texts:
+            return []
+        return self._encoder.encode_plain(texts) if plain else self._encoder.encode(texts)
+
+    def encode_line(self, raw: bytes, plain: bool = False) -> List[List[int]]:
+        """The stored sequences of one good line (raises `BadLineError` for a bad one)."""
+        self.load()
+        texts, metadata = self.extract(parse_json_object(raw, self.max_line_bytes))
+        return self.assemble(self.encode_texts(texts, plain), metadata)[0]
 
     def __call__(self, batch: LineBatch) -> EncodedBatch:
         self.load()
@@ -127,26 +146,42 @@ def _encode_in_worker(batch: LineBatch) -> EncodedBatch:
     return _worker_encoder(batch)
 
 
-def encode_batches(batches: Iterable[LineBatch], encoder: LineEncoder, workers: int = 1,
-                   batches_in_flight_per_worker: int = 4) -> Iterator[EncodedBatch]:
-    """Encodes `batches` with `workers` processes (1: in this process), yielding in input order.
-    A worker that dies (OOM kill, crash) raises `BrokenProcessPool` here instead of hanging.
-    Closing the iterator early cancels the pending work."""
+def start_workers(encoder: LineEncoder, workers: int
+                  ) -> Optional[concurrent.futures.ProcessPoolExecutor]:
+    """The worker pool for `encode_batches` (None for 1: encode in this process), with every
+    worker already starting up, so that their start overlaps whatever the caller does next."""
     if workers <= 1:
-        encoder.load()
-        for batch in batches:
-            yield encoder(batch)
-        return
+        return None
     executor = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
         initargs=(encoder,))
+    for _ in range(workers):
+        executor.submit(int)  # a no-op task makes the executor spawn its processes now
+    return executor
+
+
+def encode_batches(batches: Iterable[LineBatch], encoder: LineEncoder,
+                   executor: Optional[concurrent.futures.ProcessPoolExecutor] = None,
+                   max_in_flight: int = 8) -> Iterator[Tuple[LineBatch, EncodedBatch]]:
+    """Encodes `batches` with the pool of `start_workers` (None: in this process), yielding
+    (input batch, its encoding) in input order, with at most `max_in_flight` batches submitted
+    and not yet yielded (4 per worker keeps every worker busy). A worker that dies (OOM kill,
+    crash) raises `BrokenProcessPool` here instead of hanging. Closing the iterator early cancels
+    the pending work and shuts the pool down."""
+    if executor is None:
+        encoder.load()
+        for batch in batches:
+            yield batch, encoder(batch)
+        return
     try:
         pending: deque = deque()
         for batch in batches:
-            pending.append(executor.submit(_encode_in_worker, batch))
-            if len(pending) >= workers * batches_in_flight_per_worker:
-                yield pending.popleft().result()
+            pending.append((batch, executor.submit(_encode_in_worker, batch)))
+            if len(pending) >= max_in_flight:
+                source, future = pending.popleft()
+                yield source, future.result()
         while pending:
-            yield pending.popleft().result()
+            source, future = pending.popleft()
+            yield source, future.result()
     finally:
         executor.shutdown(wait=True, cancel_futures=True)

@@ -23,17 +23,18 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import sentencepiece
 
 from megatron.core.tokenizers import MegatronTokenizerBase
-from megatron_conan.errors import ConfigError, DataError
 from megatron_conan.data.jsonl import (
     BadLine,
     BadLineError,
     BadLineKind,
     BadLineReport,
     check_encodable,
-    open_binary,
+    iter_file_lines,
     parse_json_object,
     require_text,
 )
+from megatron_conan.data.word_cache import CachedEncoder
+from megatron_conan.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -92,24 +93,23 @@ def iter_training_lines(paths: Sequence[str], json_key: str,
     lines are counted in `report`."""
     for path in paths:
         jsonl = _is_jsonl(path)
-        with open_binary(path) as stream:
-            for line_number, raw in enumerate(stream, start=1):
-                try:
-                    if jsonl:
-                        text = require_text(parse_json_object(raw, None), json_key)
-                    else:
-                        text = raw.decode("utf-8")
-                    check_encodable(text, json_key)
-                except BadLineError as error:
-                    report.add(BadLine(path, line_number, error.kind, error.detail))
-                    continue
-                except UnicodeDecodeError as error:
-                    report.add(BadLine(path, line_number, BadLineKind.INVALID_UTF8,
-                                       f"byte {error.start}: {error.reason}"))
-                    continue
-                for piece in text.split("\n"):
-                    if piece.strip():
-                        yield piece
+        for line_number, raw in enumerate(iter_file_lines(path), start=1):
+            try:
+                if jsonl:
+                    text = require_text(parse_json_object(raw, None), json_key)
+                else:
+                    text = raw.decode("utf-8")
+                check_encodable(text, json_key)
+            except BadLineError as error:
+                report.add(BadLine(path, line_number, error.kind, error.detail))
+                continue
+            except UnicodeDecodeError as error:
+                report.add(BadLine(path, line_number, BadLineKind.INVALID_UTF8,
+                                   f"byte {error.start}: {error.reason}"))
+                continue
+            for piece in text.split("\n"):
+                if piece.strip():
+                    yield piece
 
 
 def sample_lines(lines: Iterator[str], max_sentences: int, seed: int) -> List[str]:
@@ -178,6 +178,9 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str,
 class ConanTokenizer(MegatronTokenizerBase):
     """SentencePiece tokenizer shared by the trainers, the data tools and the converters."""
 
+    WORD_CACHE_BYTES = 64 << 20
+    """Memory bound of the word cache behind `encode_batch`."""
+
     def __init__(self, model_path: str):
         super().__init__(model_path, config={"library": "sentencepiece"})
         with open(model_path, "rb") as stream:
@@ -187,10 +190,11 @@ class ConanTokenizer(MegatronTokenizerBase):
     def _load(self) -> None:
         self._processor = sentencepiece.SentencePieceProcessor(model_proto=self._model_proto)
         self._vocab: Optional[Dict[str, int]] = None
+        self._cached: Optional[CachedEncoder] = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["_processor"], state["_vocab"]
+        del state["_processor"], state["_vocab"], state["_cached"]
         return state
 
     def __setstate__(self, state):
@@ -211,7 +215,12 @@ class ConanTokenizer(MegatronTokenizerBase):
         return self._processor.encode(text, out_type=int)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> List[List[int]]:
-        return self._processor.encode(list(texts), out_type=int, num_threads=num_threads)
+        """`[encode(text) for text in texts]`, through the exact per-word cache of
+        `word_cache.CachedEncoder` (64 MiB at most per tokenizer object)."""
+        if self._cached is None:
+            self._cached = CachedEncoder(self._model_proto, max_bytes=self.WORD_CACHE_BYTES)
+        self._cached.num_threads = num_threads
+        return self._cached.encode(list(texts))
 
     def tokenize(self, text: str) -> List[int]:
         return self.encode(text)

@@ -140,7 +140,9 @@ def test_strict_stops_with_nonzero_exit_and_no_output(tokenizer_model, tmp_path,
                       "--tokenizer-model", tokenizer_model, "--strict", "--no-progress",
                       "--workers", "2"])
     assert code == 2
-    assert "bad.jsonl:2" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert printed.err.count("\n") == 1 and "bad.jsonl:2" in printed.err
+    assert "no output written" in printed.out and "invalid_utf8: 1" in printed.out
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
 
@@ -149,8 +151,10 @@ def test_all_bad_input_is_an_error_without_output(tokenizer_model, tmp_path, scr
     source.write_bytes(b'{"text": ""}\n{oops\n')
     tool = scripts("tools/preprocess_data.py")
     assert tool.main(["--input", str(source), "--output-prefix", str(tmp_path / "out"),
-                      "--tokenizer-model", tokenizer_model, "--no-progress"]) == 1
-    assert "empty_text: 1" in capsys.readouterr().err
+                      "--tokenizer-model", tokenizer_model, "--no-progress"]) == 2
+    printed = capsys.readouterr()
+    assert "empty_text: 1" in printed.out and "malformed_json: 1" in printed.out
+    assert printed.err.count("\n") == 1 and "no documents" in printed.err
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
 
@@ -219,3 +223,108 @@ def test_tool_reports_and_writes_json(corpus_dir, tokenizer_model, tmp_path, scr
     assert tool.main(["--merge", str(tmp_path / "out"), str(tmp_path / "out"),
                       "--output-prefix", str(tmp_path / "twice")]) == 0
     assert len(IndexedDataset(str(tmp_path / "twice"))) == 800
+
+
+def test_byte_order_mark_at_the_start_of_a_file_is_accepted(tokenizer, tokenizer_model, tmp_path):
+    plain = tmp_path / "bom.jsonl"
+    plain.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    compressed = tmp_path / "bom.jsonl.gz"
+    compressed.write_bytes(gzip.compress(plain.read_bytes()))
+    mid_file = tmp_path / "mid.jsonl"  # a BOM anywhere else is data: not JSON
+    mid_file.write_bytes(b'{"text": "first"}\n\xef\xbb\xbf{"text": "second"}\n')
+    result = _run([plain, compressed, mid_file], tmp_path / "out", tokenizer_model)
+    assert result.documents == 5 and result.bad_lines.count(BadLineKind.MALFORMED_JSON) == 1
+    assert [example.line_number for example in
+            result.bad_lines.examples[BadLineKind.MALFORMED_JSON]] == [2]
+    stored, _ = _read_back(tmp_path / "out")
+    assert stored[:2] == _expected(tokenizer, ["first", "second"])
+
+
+def test_tokenizer_training_accepts_a_byte_order_mark(tmp_path):
+    from megatron_conan.data.tokenizer import iter_training_lines
+    from megatron_conan.data.jsonl import BadLineReport
+
+    text, jsonl = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    text.write_bytes(b"\xef\xbb\xbfplain line\nsecond\n")
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "json line"}\n')
+    report = BadLineReport()
+    assert list(iter_training_lines([str(text), str(jsonl)], "text", report)) == [
+        "plain line", "second", "json line"]
+    assert report.total == 0
+
+
+def _half_bad(path, bad_every):
+    lines = [b'{"text": "line %d"}' % index if index % bad_every else b"{oops"
+             for index in range(1, 201)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_more_bad_lines_than_allowed_fails_after_the_full_report(tokenizer_model, tmp_path,
+                                                                  scripts, capsys):
+    source = tmp_path / "some_bad.jsonl"
+    _half_bad(source, bad_every=40)  # 5 of 200 lines bad: 2.5%
+    tool = scripts("tools/preprocess_data.py")
+    report = tmp_path / "report.json"
+    arguments = ["--input", str(source), "--tokenizer-model", tokenizer_model, "--no-progress"]
+    assert tool.main(arguments + ["--output-prefix", str(tmp_path / "out"),
+                                  "--report-json", str(report)]) == 2
+    printed = capsys.readouterr()
+    assert "195 documents" in printed.out and "malformed_json: 5" in printed.out
+    assert "some_bad.jsonl:40" in printed.out  # the first location
+    assert printed.err.count("\n") == 1 and "2.50%" in printed.err and "1.00%" in printed.err
+    assert json.loads(report.read_text())["bad_lines"]["total"] == 5
+    assert os.path.exists(tmp_path / "out.idx")  # written all the same
+    assert tool.main(arguments + ["--output-prefix", str(tmp_path / "ok"),
+                                  "--max-bad-fraction", "0.03"]) == 0
+    capsys.readouterr()
+    assert tool.main(arguments + ["--output-prefix", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "some_bad.jsonl:40" in capsys.readouterr().err
+    assert not list(tmp_path.glob("strict*"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cache_on_and_off_write_identical_files(corpus_dir, tokenizer_model, tmp_path, workers):
+    for cache in (True, False):
+        _run([corpus_dir / "mixed.jsonl"], tmp_path / f"c{cache}", tokenizer_model,
+             workers=workers, word_cache=cache, format="text", batch_lines=64)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"cTrue{suffix}").read_bytes() == (
+            tmp_path / f"cFalse{suffix}").read_bytes()
+
+
+def test_verify_sample_passes_and_catches_a_wrong_encoding(corpus_dir, tokenizer_model,
+                                                           tmp_path, monkeypatch):
+    from megatron_conan.data.preprocess import VerificationError
+    from megatron_conan.data.word_cache import CachedEncoder
+
+    result = _run([corpus_dir / "mixed.jsonl"], tmp_path / "ok", tokenizer_model,
+                  verify_sample=50, workers=2)
+    assert result.verified == 50 and "50 documents verified" in result.format()
+    original = CachedEncoder.encode
+
+    def off_by_one(self, texts):  # a cache bug: one id wrong in one document
+        encoded = original(self, texts)
+        if encoded and encoded[0]:
+            encoded[0][0] += 1
+        return encoded
+
+    monkeypatch.setattr(CachedEncoder, "encode", off_by_one)
+    with pytest.raises(VerificationError, match=r"mixed\.jsonl:\d+: the stored ids differ"):
+        _run([corpus_dir / "mixed.jsonl"], tmp_path / "bad", tokenizer_model,
+             verify_sample=400, batch_lines=100)
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_threads_follow_the_workers(tokenizer_model, corpus_dir):
+    from megatron_conan.data.preprocess import make_encoder
+    from megatron_conan.data.word_cache import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    config = PreprocessConfig([str(corpus_dir / "mixed.jsonl")], "unused", tokenizer_model,
+                              workers=1)
+    assert make_encoder(config).num_threads == cores == default_threads(1)
+    config = PreprocessConfig([str(corpus_dir / "mixed.jsonl")], "unused", tokenizer_model,
+                              workers=2 * cores, threads=0)
+    assert make_encoder(config).num_threads == 1
+    config.threads = 3
+    assert make_encoder(config).num_threads == 3
