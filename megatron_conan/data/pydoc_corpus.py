@@ -80,11 +80,11 @@ at the end), formats in README.md beside this file:
 - ``sts.jsonl`` ``{"task": "sts", "text1", "text2", "score"}``: a graded *structural*
   relatedness, not human-judged similarity. ``text1`` is an anchor docstring's summary line,
   ``text2`` the first paragraph of another (or the same) docstring's rest, and ``score`` the
-  closest relation of the two docstrings: 4 the same object, 3 members of the same class, 2 the
-  same module, 1 the same package family, 0 different families. It is defensible as an ordinal
-  relevance grade: each level is a strictly closer documented relation than the next (the
-  reference groups them that way), and CoSENT uses only the order of the scores. One pair per
-  available level per anchor, so the levels are balanced.
+  closest relation of the two docstrings: 4 the same object, 3 the same class (a class and its
+  members), 2 the same module, 1 the same package family, 0 different families. It is
+  defensible as an ordinal relevance grade: each level is a strictly closer documented relation
+  than the next (the reference groups them that way), and CoSENT uses only the order of the
+  scores. One pair per level that exists for the anchor, so no level dominates.
 - ``classification.jsonl`` ``{"task": "classification", "text", "label", "negative_labels",
   "instruction"}``: a docstring -> the package family it belongs to, among the
   ``classification_labels`` largest training families (a true, structural label; balanced up to
