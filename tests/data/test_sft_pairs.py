@@ -12,6 +12,9 @@ from megatron_conan.data.jsonl import BadLineKind
 from megatron_conan.data.sft_pairs import SFTPairsConfig, sft_record_to_pair, sft_to_pairs
 from megatron_conan.errors import DataError
 
+for _switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_switch, "1")  # the teacher is a local directory: nothing is downloaded
+
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
