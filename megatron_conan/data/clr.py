@@ -162,7 +162,10 @@ class HFModelTranslator(Translator):
     def translate(self, text: str, source: str, target: str) -> str:
         import torch
 
-        inputs = self._prompt_ids(translation_prompt(text, source, target)).to(self.device)
+        encoded = self._prompt_ids(translation_prompt(text, source, target))
+        # only ids and mask: BERT-style tokenizers add token_type_ids, which a decoder refuses
+        inputs = {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask")
+                  if key in encoded}
         with self._lock, torch.no_grad():
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
                                          do_sample=False)
@@ -397,25 +400,31 @@ def build_clr(config: CLRConfig, translator: Translator) -> CLRReport:
     pending: Dict[concurrent.futures.Future, _Row] = {}
     try:
         with open(config.progress_path, "a", encoding="utf-8") as progress:
-            for row, _ in _rows(config, report):
-                earlier = done.get(row.key)
-                if (earlier is not None and earlier["status"] == "ok"
-                        and earlier.get("source") == row.query
-                        and earlier.get("language") == row.target):  # same row, same draw
-                    record_result(row, earlier, None)
-                    report.resumed += 1
-                elif row.target == row.source:
-                    record_result(row, {"key": row.key, "status": "ok", "query": row.query,
-                                        "language": row.target, "source": row.query}, progress)
-                    report.kept_original += 1
-                else:
-                    pending[executor.submit(work, row)] = row
-                    if len(pending) >= 4 * translator.concurrency:
-                        _drain(pending, record_result, progress, report, wait_all=False)
-            _drain(pending, record_result, progress, report, wait_all=True)
+            try:
+                for row, _ in _rows(config, report):
+                    earlier = done.get(row.key)
+                    if (earlier is not None and earlier["status"] == "ok"
+                            and earlier.get("source") == row.query
+                            and earlier.get("language") == row.target):  # same row, same draw
+                        record_result(row, earlier, None)
+                        report.resumed += 1
+                    elif row.target == row.source:
+                        record_result(row, {"key": row.key, "status": "ok", "query": row.query,
+                                            "language": row.target, "source": row.query}, progress)
+                        report.kept_original += 1
+                    else:
+                        pending[executor.submit(work, row)] = row
+                        if len(pending) >= 4 * translator.concurrency:
+                            _drain(pending, record_result, progress, report, wait_all=False)
+                _drain(pending, record_result, progress, report, wait_all=True)
+            finally:  # stopped: keep what finished, so that the next run need not redo it
+                for future, row in pending.items():
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        report.translated += future.result()["status"] == "ok"
+                        record_result(row, future.result(), progress)
+                    future.cancel()
+                pending.clear()
     finally:
-        for future in pending:
-            future.cancel()
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
     report.failed = len(failures)

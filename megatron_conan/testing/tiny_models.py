@@ -51,6 +51,16 @@ def _train_wordpiece(vocab_size: int):
     return tokenizer
 
 
+def build_tiny_tokenizer(max_length: int = 128):
+    """A `BertTokenizerFast` with the tiny WordPiece vocabulary (lower-cased)."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(tokenizer_object=_train_wordpiece(TINY_VOCAB_SIZE),
+                             model_max_length=max_length, do_lower_case=True, unk_token="[UNK]",
+                             pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                             mask_token="[MASK]")
+
+
 def build_tiny_sentence_transformer(path, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
                                     max_seq_length: int = 128) -> str:
     """Writes a tiny sentence-transformers model (BERT, mean pooling, Normalize) to `path` and
@@ -58,14 +68,11 @@ def build_tiny_sentence_transformer(path, seed: int = 0, hidden_size: int = 32, 
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     path = os.fspath(path)
     base = os.path.join(path, "_base")
-    tokenizer = BertTokenizerFast(tokenizer_object=_train_wordpiece(TINY_VOCAB_SIZE),
-                                  model_max_length=max_seq_length, do_lower_case=True,
-                                  unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer = build_tiny_tokenizer(max_seq_length)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
                         num_hidden_layers=num_layers, num_attention_heads=2,
                         intermediate_size=2 * hidden_size, max_position_embeddings=max_seq_length,

@@ -207,3 +207,31 @@ def test_bad_rows_and_empty_translations_are_reported(tmp_path):
     counts = {kind: report.bad_lines.count(kind) for kind in BadLineKind}
     assert counts[BadLineKind.MALFORMED_JSON] == counts[BadLineKind.INVALID_VALUE] == 1
     assert counts[BadLineKind.EMPTY_TEXT] == 1
+
+
+def test_local_hf_model_translator(tmp_path):
+    """A tiny random causal LM through the local-model path: every row is translated or fails
+    with its reason (random weights may well generate nothing)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_conan.testing.tiny_models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=256))
+    model.save_pretrained(tmp_path / "translator")
+    tokenizer.save_pretrained(tmp_path / "translator")
+    source = tmp_path / "retrieval.jsonl"
+    _write_rows(source, 4, language="la")
+    translator = clr.HFModelTranslator(str(tmp_path / "translator"), max_new_tokens=4)
+    report = build_clr(CLRConfig([str(source)], str(tmp_path / "clr.jsonl"), progress=False),
+                       translator)
+    assert report.complete and report.translated + report.failed == 4
+    assert all("empty translation" in failure for failure in report.failures)
+    assert all(row["query"].strip() for row in _read(tmp_path / "clr.jsonl"))
+    with pytest.raises(clr.InputError, match="does not exist"):
+        clr.HFModelTranslator(str(tmp_path / "nowhere"))
