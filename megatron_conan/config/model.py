@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-import torch
-
 from megatron_conan.errors import ConfigError  # noqa: F401 - re-exported: its historical import path
 
 
@@ -164,6 +162,8 @@ def build_transformer_config(
     Fusions that need CUDA kernels (bias/activation, masked softmax, RoPE, gradient-accumulation)
     are enabled only when CUDA is present; on CPU they would cost ~20 s of torch.compile per run.
     """
+    # torch and megatron-core load here, not at import: reading and checking a config stays instant
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if precision not in PRECISIONS:
