@@ -118,11 +118,13 @@ class CachedEncoder:
     whitespace marks U+2581 that follow another one are first replaced by NUL, splitting at the
     remaining marks gives exactly the parts, minus their first mark; a key `k` stands for the part
     U+2581 + `k` with NUL read as U+2581, and the text's first part is keyed with a leading SOH
-    (it has no mark before it). A text that itself contains NUL or SOH is encoded plainly.
+    (it has no mark before it). Under the identity normaliser a space and U+2581 give the same ids,
+    so a text without U+2581 is cut at its spaces directly. A text that itself contains NUL or SOH
+    is encoded plainly.
     """
 
     def __init__(self, model_proto: bytes, use_cache: bool = True, max_bytes: int = 256 << 20,
-                 max_part_chars: int = 48, num_threads: int = 1):
+                 max_part_chars: int = 256, num_threads: int = 1):
         self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         self.num_threads = num_threads
         self.max_bytes = max_bytes
@@ -180,13 +182,18 @@ class CachedEncoder:
         return [part for part in map(self._part_of_key, keys) if part]
 
     def _keys(self, text: str) -> Optional[List[str]]:
-        # A U+2581 in the text is a whitespace mark for BPE like an escaped space, so the identity
-        # normaliser's escaping is done here too before cutting.
-        text = (self.processor.normalize(text) if self._normalizes
-                else text.replace(" ", WHITESPACE_MARK))
         if _NUL in text or _SOH in text:
             return None
         mark = WHITESPACE_MARK
+        if self._normalizes:
+            text = self.processor.normalize(text)
+        elif mark in text:
+            # a literal U+2581 is a whitespace mark for BPE just like an escaped space
+            text = text.replace(" ", mark)
+        else:
+            # the identity normaliser turns spaces into marks and nothing else: cut at spaces
+            # (a key means the same ids with either), sparing a copy of the text
+            mark = " "
         # Every mark that follows a mark becomes NUL ("__" -> "_NUL" leaves every other one of a
         # longer run; "NUL_" -> "NUL NUL" catches those), so splitting at the remaining marks cuts
         # exactly before each run.
