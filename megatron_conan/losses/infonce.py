@@ -58,6 +58,7 @@ def infonce_loss(
     in_batch_negatives: bool = True,
     negative_mask: Optional[torch.Tensor] = None,
     positive_keys: Optional[torch.Tensor] = None,
+    negative_keys: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """InfoNCE loss of the local anchors and its statistics.
 
@@ -74,7 +75,9 @@ def infonce_loss(
     positive_keys: int64 [b] content keys of the positives (equal texts, equal keys), gathered with
     them: an in-batch candidate with the key of anchor i's own positive, other than that positive,
     is left out of anchor i's denominator (a duplicate text in the global batch is a false
-    negative). None: every in-batch candidate counts.
+    negative). None: every in-batch candidate counts. negative_keys: int64 [b, k] keys of the hard
+    negatives (with positive_keys): a gathered hard negative with the key of anchor i's own
+    positive (another query's mined negative that is i's positive) is left out of i's denominator.
 
     Returns ``(loss, stats)``; stats are detached: ``loss``, ``accuracy`` (share of local anchors
     whose own positive scores highest), ``positive_cosine`` (mean), ``hard_negative_cosine`` (mean
@@ -126,6 +129,14 @@ def infonce_loss(
                 all_mask = all_gather_with_grad(negative_mask.to(torch.uint8), gather_group).bool()
             negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
             negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
+            if negative_keys is not None and positive_keys is not None:
+                if negative_keys.shape != negative_mask.shape:
+                    raise ValueError(f"negative_keys must be [b, k] = {tuple(negative_mask.shape)}, "
+                                     f"got {tuple(negative_keys.shape)}")
+                all_negative_keys = (all_gather_with_grad(negative_keys, gather_group) if gathering
+                                     else negative_keys)  # [N, k]
+                false_negative = all_negative_keys.flatten()[None, :] == positive_keys[:, None]  # [b, N*k]
+                negative_logits = negative_logits.masked_fill(false_negative, float("-inf"))
             logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
         global_anchors = sum(sizes)
     else:

@@ -187,6 +187,20 @@ class DataSection:
 
 
 @dataclass
+class DHNMSection:
+    """Dynamic hard-negative mining in stage 4 (DESIGN.md section 5, eq. 6; data/dhnm.py)."""
+
+    enabled: bool = True
+    """Replace hard negatives that became easy; off: the first K of each pool stay in use."""
+    min_first_score: float = 0.4
+    """Replace a negative whose score at first use, S_0, is below this."""
+    drop_ratio: float = 1.2
+    """Replace when drop_ratio * S_i < S_0 ..."""
+    max_score: float = 0.7
+    """... and S_i is below this."""
+
+
+@dataclass
 class EmbeddingSection:
     """Contrastive training of the embedder (stages 3 and 4; DESIGN.md sections 4-5)."""
 
@@ -225,6 +239,8 @@ class EmbeddingSection:
     train.global_batch_size / data-parallel size."""
     cosent_scale: float = 20.0
     """CoSENT scale (1 / tau) for the sts task."""
+    dhnm: DHNMSection = field(default_factory=DHNMSection)
+    """Dynamic hard-negative mining of the retrieval and clr tasks (stage 4)."""
 
     def __post_init__(self):
         from megatron_conan.models.pooling import POOLING_MODES

@@ -101,7 +101,8 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
         embeddings = {role: _embed_role(model, sequences, pooling, hidden_size, 0)
                       for role, sequences in roles.items()}
         loss, stats = loss_fn(embeddings)
-        scale(loss).backward()
+        if loss.requires_grad:  # a rank with no sequences and a loss without gathers has nothing to do
+            scale(loss).backward()
         return loss.detach(), stats
 
     rng_states: Dict[str, List[dict]] = {role: [] for role in roles}
@@ -110,7 +111,8 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
                   for role, sequences in roles.items()}
     cached = {role: tensor.detach().requires_grad_(True) for role, tensor in cached.items()}
     loss, stats = loss_fn(cached)
-    scale(loss).backward()  # d(loss)/d(embeddings), through the gathers, for every role at once
+    if loss.requires_grad:
+        scale(loss).backward()  # d(loss)/d(embeddings), through the gathers, for every role at once
     for role, sequences in roles.items():
         gradient = cached[role].grad
         if gradient is None or len(sequences) == 0:

@@ -115,7 +115,11 @@ class EmbeddingStage(Stage):
             cfg.data.contrastive_prefix, tokenizer, self.loader_batch_size(ctx),
             dp_rank=ctx.data_parallel_rank, dp_world_size=ctx.data_parallel_size, seed=cfg.train.seed,
             max_query_length=embedding.max_query_length, max_passage_length=embedding.max_passage_length,
-            num_negatives=embedding.num_negatives, tasks=self.tasks)
+            num_negatives=embedding.num_negatives, tasks=self.tasks, **self.loader_options(ctx))
+
+    def loader_options(self, ctx: StageContext) -> Dict[str, Any]:
+        """Further ContrastiveLoader arguments of this stage."""
+        return {}
 
     def _next_batch(self):
         if self._iterator is None:
@@ -135,6 +139,13 @@ class EmbeddingStage(Stage):
         self._iterator = None
 
     # -- the step --
+    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
+        return self.step_on_batch(ctx, step, self._next_batch())
+
+    def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
+        """Forward, loss and backward of one (CPU) ContrastiveBatch of this rank."""
+        raise NotImplementedError
+
     def pair_loss(self, ctx: StageContext, positive_keys, query_keys, queries, positives):
         """InfoNCE of queries against the gathered positives (and, symmetric, the reverse)."""
         embedding = ctx.cfg.embedding
@@ -188,9 +199,6 @@ class WeaklySupervisedStage(EmbeddingStage):
     name = "embed-weak"
     tasks = ("pair",)
 
-    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
-        return self.step_on_batch(ctx, step, self._next_batch())
-
     def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
         """The step on a given (CPU) ContrastiveBatch of this rank: tests feed batches here."""
         set_soft_mask_step(ctx.chunks, step)  # a(t) of this step
@@ -209,3 +217,126 @@ class WeaklySupervisedStage(EmbeddingStage):
         reduced = self.reduce_step_stats(ctx, loss, stats, batch.size, tokens)
         return StageStepOutput(loss=reduced.pop("loss"), samples=reduced.pop("samples"), tokens=reduced.pop("tokens"),
                                metrics={"soft_mask_a": soft_mask_a(ctx.chunks), **reduced})
+
+
+class SupervisedStage(EmbeddingStage):
+    """Stage 4: multi-task batches (one task per step, drawn by `embedding.task_weights`).
+
+    retrieval / clr   InfoNCE over the gathered positives and hard negatives (K slots per query,
+                      missing ones masked), the slots chosen by DHNM, whose state is observed with
+                      the cosines the loss computed at full width
+    classification    InfoNCE of a text against its own label texts only (no in-batch negatives)
+    sts               CoSENT over the rank's own pairs (DDP averages the ranks' gradients)
+
+    Every task's loss is summed over the Matryoshka dims (`embedding.matryoshka_dims`).
+    """
+
+    name = "embed-sup"
+    default_soft_mask = {"fixed_a": 1.0}  # bidirectional unless model.soft_mask says otherwise
+    tasks = ("retrieval", "clr", "classification", "sts")
+
+    def __init__(self):
+        super().__init__()
+        self.dhnm = None
+
+    def check_config(self, cfg) -> None:
+        super().check_config(cfg)
+        for what, mapping in (("task_weights", cfg.embedding.task_weights),
+                              ("task_batch_sizes", cfg.embedding.task_batch_sizes)):
+            unknown = sorted(set(mapping) - set(self.tasks))
+            if unknown:
+                hint = " (pair is stage 3's task)" if "pair" in unknown else ""
+                raise ConfigError(f"embedding.{what}: unknown task(s) {unknown}{hint}; the stage-4 tasks are "
+                                  f"{list(self.tasks)}")
+
+    def loader_batch_size(self, ctx: StageContext):
+        default = self.per_rank_batch_size(ctx)
+        return {task: int(ctx.cfg.embedding.task_batch_sizes.get(task, default)) for task in self.tasks}
+
+    def loader_options(self, ctx: StageContext) -> Dict[str, Any]:
+        return {"task_weights": dict(ctx.cfg.embedding.task_weights) or None}
+
+    def setup(self, ctx: StageContext) -> None:
+        from megatron_conan.data.dhnm import DHNMConfig, DHNMState
+
+        super().setup(ctx)
+        embedding = ctx.cfg.embedding
+        if embedding.dhnm.enabled and embedding.num_negatives > 0:
+            thresholds = embedding.dhnm
+            self.dhnm = DHNMState(
+                self.loader.store.pool_sizes(),
+                DHNMConfig(num_negatives=embedding.num_negatives, min_first_score=thresholds.min_first_score,
+                           drop_ratio=thresholds.drop_ratio, max_score=thresholds.max_score),
+                dp_rank=ctx.data_parallel_rank, dp_size=ctx.data_parallel_size,
+                group=ctx.data_parallel_group, placement=ctx.placement)
+            self.loader.negative_picker = self.dhnm
+
+    # -- state: the loader position (task sequence) here, the DHNM shards as checkpoint files --
+    def write_checkpoint_files(self, directory: str) -> None:
+        if self.dhnm is not None:
+            from megatron.core import parallel_state
+
+            # one copy per DP index: TP and PP ranks > 0 hold the same shard
+            writer = (parallel_state.get_tensor_model_parallel_rank() == 0
+                      and parallel_state.get_pipeline_model_parallel_rank() == 0)
+            self.dhnm.save(directory, writer=writer)
+
+    def read_checkpoint_files(self, directory: str) -> None:
+        if self.dhnm is not None:
+            self.dhnm.load(directory)
+
+    # -- the step --
+    def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
+        """The step on a given (CPU) ContrastiveBatch of this rank (all ranks: the same task)."""
+        set_soft_mask_step(ctx.chunks, step)
+        embedding = ctx.cfg.embedding
+        task = batch.task
+        keys = {}
+        if embedding.mask_duplicate_positives and task in ("retrieval", "clr"):
+            keys["positive_keys"] = content_keys(batch.positive_ids, batch.positive_lengths)
+            if batch.negative_ids is not None:
+                keys["negative_keys"] = content_keys(batch.negative_ids, batch.negative_lengths).view(
+                    batch.negative_mask.shape)
+        batch, keys = ctx.placement.to_device((batch, keys))
+        roles = {"queries": Sequences(batch.query_ids, batch.query_lengths),
+                 "positives": Sequences(batch.positive_ids, batch.positive_lengths)}
+        if batch.negative_ids is not None:
+            roles["hard_negatives"] = Sequences(batch.negative_ids, batch.negative_lengths)
+        loss_fn = self._task_loss(ctx, batch, keys)
+        loss, stats = self.run_contrastive(ctx, roles, lambda embeddings: self.with_matryoshka(
+            ctx, loss_fn, self._shaped(batch, embeddings)))
+        finalize_model_grads(ctx.chunks)
+        tokens = sum(int(sequences.lengths.sum()) for sequences in roles.values())
+        reduced = self.reduce_step_stats(ctx, loss, stats, batch.size, tokens)
+        metrics = {"task": task, f"loss_{task}": reduced["loss"], **{
+            name: value for name, value in reduced.items() if name not in ("loss", "samples", "tokens")}}
+        if self.dhnm is not None and task in ("retrieval", "clr"):
+            observed = self.dhnm.observe(batch.example_ids, batch.negative_pool_positions,
+                                         stats["hard_negative_cosines"], batch.negative_mask)
+            metrics.update(observed.metrics())
+        return StageStepOutput(loss=reduced["loss"], samples=reduced["samples"], tokens=reduced["tokens"],
+                               metrics=metrics)
+
+    @staticmethod
+    def _shaped(batch, embeddings: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hard negatives back to [b, k, h] (they are embedded as b*k sequences)."""
+        if "hard_negatives" not in embeddings:
+            return embeddings
+        negatives = embeddings["hard_negatives"]
+        return {**embeddings, "hard_negatives": negatives.view(*batch.negative_mask.shape, negatives.shape[-1])}
+
+    def _task_loss(self, ctx: StageContext, batch, keys):
+        """loss_fn(queries, positives[, hard_negatives]) -> (loss, stats) for the batch's task."""
+        from megatron_conan.losses.cosent import cosent_loss
+
+        embedding, group = ctx.cfg.embedding, ctx.data_parallel_group
+        if batch.task == "sts":
+            def sts_loss(queries, positives):
+                loss = cosent_loss(queries, positives, batch.scores, scale=embedding.cosent_scale)
+                return loss, {"num_anchors": torch.tensor(len(queries))}
+            return sts_loss
+        if batch.task == "classification":
+            return partial(infonce_loss, temperature=embedding.temperature, gather_group=group,
+                           in_batch_negatives=False, negative_mask=batch.negative_mask)
+        return partial(infonce_loss, temperature=embedding.temperature, gather_group=group,
+                       negative_mask=batch.negative_mask, **keys)

@@ -39,10 +39,19 @@ def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> st
         # one contrastive batch per step: no micro-batches; GradCache chunks bound the activations
         data_parallel = cfg.parallel.data_parallel(world_size)
         per_rank = cfg.train.global_batch_size // data_parallel
-        micro_batch = cfg.embedding.mini_batch_size or per_rank
-        contrastive = (f"contrastive batch: {cfg.train.global_batch_size} queries ({per_rank} per DP rank), each "
-                       f"scored against {cfg.train.global_batch_size} gathered positives; "
-                       + (f"GradCache chunks of {micro_batch} sequences" if cfg.embedding.mini_batch_size
+        chunk = cfg.embedding.mini_batch_size
+        micro_batch = chunk if chunk and per_rank % chunk == 0 else per_rank  # sizes the activations
+        if stage == "embed-sup":
+            sizes = {task: cfg.embedding.task_batch_sizes.get(task, per_rank)
+                     for task in ("retrieval", "clr", "classification", "sts")}
+            batches = ("one task per step, per DP rank: " + ", ".join(f"{t} {n}" for t, n in sizes.items())
+                       + f" (retrieval/clr queries with {cfg.embedding.num_negatives} hard negatives each, "
+                       f"gathered over {data_parallel} DP ranks); ")
+        else:
+            batches = (f"{cfg.train.global_batch_size} queries ({per_rank} per DP rank), each scored against "
+                       f"{cfg.train.global_batch_size} gathered positives; ")
+        contrastive = (f"contrastive batch: {batches}"
+                       + (f"GradCache chunks of {chunk} sequences" if chunk
                           else "no GradCache (activations of the whole per-rank batch)")
                        + f"; queries <= {cfg.embedding.max_query_length}, passages <= "
                        f"{cfg.embedding.max_passage_length} tokens")

@@ -146,3 +146,24 @@ def test_duplicate_positives_are_not_negatives():
     assert float(plain) > float(loss)
     unique, _ = infonce_loss(queries, positives, temperature=0.05, positive_keys=torch.arange(4))
     assert float(unique) == float(plain)
+
+
+def test_a_hard_negative_equal_to_a_queries_own_positive_is_left_out():
+    """Query 1's mined negative 0 is query 0's positive: with keys it leaves query 0's denominator
+    (where it would be a copy of its own positive), and stays a negative for query 1."""
+    queries, positives, negatives = _unit(2, 8, seed=31), _unit(2, 8, seed=32), _unit(2, 2, 8, seed=33)
+    negatives[1, 0] = positives[0]
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    keys, negative_keys = torch.tensor([10, 11]), torch.tensor([[20, 21], [10, 22]])
+    loss, _ = infonce_loss(queries, positives, negatives, temperature=0.05, negative_mask=mask,
+                           positive_keys=keys, negative_keys=negative_keys)
+    reduced = mask.clone()
+    expected = 0.0
+    for i in range(2):
+        kept = [(j, m) for j in range(2) for m in range(2) if not (negative_keys[j, m] == keys[i])]
+        logits = [_cos(queries[i], positives[j]) / 0.05 for j in range(2)]
+        logits += [_cos(queries[i], negatives[j, m]) / 0.05 for j, m in kept]
+        expected += -_cos(queries[i], positives[i]) / 0.05 + math.log(sum(math.exp(v) for v in logits))
+    assert abs(float(loss) - expected / 2) < 1e-10
+    plain, _ = infonce_loss(queries, positives, negatives, temperature=0.05, negative_mask=reduced)
+    assert float(plain) > float(loss)

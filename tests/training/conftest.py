@@ -1,5 +1,6 @@
 """Shared fixtures of the embedding-stage tests: a tokenizer and contrastive stores (seconds, offline)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,18 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_VOCAB = 512  # the tiny model's vocabulary: no override needed
+
+
+def read_metrics(run_dir):
+    """{step: record} of a run's metrics.jsonl (the last line of a step wins, as after a resume)."""
+    by_step = {}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as handle:
+            for line in handle:
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return by_step
 
 
 def tokenize_contrastive(jsonl, prefix, tokenizer_model):
@@ -30,3 +43,16 @@ def embedding_data(tmp_path_factory):
     synthetic.write_contrastive_jsonl(str(directory / "pairs.jsonl"), examples_per_task=96, tasks=("pair",), seed=4)
     tokenize_contrastive(directory / "pairs.jsonl", directory / "pairs", tokenizer)
     return {"dir": directory, "tokenizer": tokenizer, "pairs": str(directory / "pairs")}
+
+
+@pytest.fixture(scope="session")
+def supervised_store(embedding_data):
+    """A store of the four stage-4 tasks (retrieval / clr with negatives and candidate pools,
+    classification, sts), with the embedding_data tokenizer."""
+    from megatron_conan.data import synthetic
+
+    directory = embedding_data["dir"]
+    synthetic.write_contrastive_jsonl(str(directory / "supervised.jsonl"), examples_per_task=48,
+                                      tasks=("retrieval", "clr", "classification", "sts"), seed=6)
+    tokenize_contrastive(directory / "supervised.jsonl", directory / "supervised", embedding_data["tokenizer"])
+    return str(directory / "supervised")

@@ -2,7 +2,6 @@
 equals the plain step, the soft mask's ends equal megatron-core's causal and bidirectional attention,
 runs resume exactly, and bad input gets one clear error."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from megatron_conan.testing.distributed import run_distributed
+from tests.training.conftest import read_metrics
 from megatron_conan.training.embedding_stage import WeaklySupervisedStage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -209,15 +209,7 @@ def _launch(run_dir, data, *overrides):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _metrics(run_dir):
-    by_step = {}
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as handle:
-            for line in handle:
-                record = json.loads(line)
-                by_step[record["step"]] = record
-    return by_step
+_metrics = read_metrics
 
 
 def _wait_for_step(run_dir, step, process, timeout=180):

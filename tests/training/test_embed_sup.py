@@ -1,0 +1,130 @@
+"""Stage 4 (embed-sup): every task trains, DP=2 makes the same losses and DHNM decisions as one
+process, a killed run resumes with the same losses, task sequence and DHNM state, and bad task names
+are refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+
+from megatron_conan.testing.distributed import run_distributed
+from tests.training.conftest import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "examples", "tiny", "embed_sup.yaml")
+# DHNM thresholds that act on a briefly trained tiny model: a first score below 0.95 is "easy"
+ACTIVE_DHNM = "embedding.dhnm={enabled: true, min_first_score: 0.95, drop_ratio: 1.2, max_score: 0.7}"
+
+
+def _overrides(run_dir, data, tokenizer, *extra):
+    return [f"run_dir={run_dir}", f"data.tokenizer={tokenizer}", f"data.contrastive_prefix={data}",
+            "checkpoint.load_dir=null", ACTIVE_DHNM, *extra]
+
+
+_metrics = read_metrics
+
+
+def _dhnm_state(checkpoint_dir, store_prefix, num_negatives=3):
+    """The whole DHNM state of a checkpoint's shards, loaded as one process's state."""
+    from megatron_conan.data.contrastive import ContrastiveStore
+    from megatron_conan.data.dhnm import DHNMConfig, DHNMState
+
+    with open(os.path.join(checkpoint_dir, "latest")) as handle:
+        path = os.path.join(checkpoint_dir, handle.read().strip())
+    state = DHNMState(ContrastiveStore(store_prefix).pool_sizes(), DHNMConfig(num_negatives=num_negatives))
+    state.load(path)
+    return {"positions": state.positions.copy(), "first_scores": state.first_scores.copy(),
+            "cursor": state.cursor.copy(), "exhausted": state.exhausted.copy()}
+
+
+def _train_body(rank, world_size, argv):
+    from megatron_conan.training.entry import parse_run_config
+    from megatron_conan.training.loop import train
+
+    _, cfg = parse_run_config("embed-sup", argv)
+    result = train(cfg, stage="embed-sup")
+    return result.losses
+
+
+def test_data_parallel_equals_one_process(embedding_data, supervised_store, tmp_path):
+    """DP=2 with per-rank batches b equals one process with 2b: losses, tasks and DHNM decisions.
+    (sts is left out: its CoSENT is per rank by design, over each rank's own pairs.)"""
+    common = ["--config", TINY, "train.train_steps=8", "checkpoint.save_interval=0",
+              "embedding.task_weights={retrieval: 3, clr: 3, classification: 2, sts: 0}"]
+    one = run_distributed(_train_body, 1, args=(common + _overrides(
+        tmp_path / "one", supervised_store, embedding_data["tokenizer"],
+        "embedding.task_batch_sizes={retrieval: 4, clr: 4, classification: 4, sts: 8}"),))[0]
+    two = run_distributed(_train_body, 2, args=(common + _overrides(
+        tmp_path / "two", supervised_store, embedding_data["tokenizer"],
+        "embedding.task_batch_sizes={retrieval: 2, clr: 2, classification: 2, sts: 4}"),))[0]
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    first, second = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [first[s]["task"] for s in first] == [second[s]["task"] for s in second]
+    assert sum(first[s].get("dhnm_replacements", 0) for s in first) > 0, "DHNM never acted: a vacuous test"
+    for step in first:
+        assert first[step].get("dhnm_replacements") == second[step].get("dhnm_replacements"), step
+    a = _dhnm_state(str(tmp_path / "one" / "checkpoints"), supervised_store)
+    b = _dhnm_state(str(tmp_path / "two" / "checkpoints"), supervised_store)
+    for key in ("positions", "cursor", "exhausted"):  # the decisions: exactly equal
+        numpy.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # S_0 is a cosine computed in another batch shape: equal up to float32 round-off
+    numpy.testing.assert_allclose(a["first_scores"], b["first_scores"], rtol=0, atol=1e-5)
+
+
+def _launch(run_dir, data, tokenizer, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "megatron_conan.training.embed_sup", "--config", TINY,
+         *_overrides(run_dir, data, tokenizer, *extra)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+RUN = ("train.train_steps=20", "checkpoint.save_interval=4", "checkpoint.keep_last=2")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_losses_tasks_and_dhnm_exactly(embedding_data, supervised_store, tmp_path):
+    tokenizer = embedding_data["tokenizer"]
+    process = _launch(tmp_path / "full", supervised_store, tokenizer, *RUN)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    full = _metrics(tmp_path / "full")
+    assert {record["task"] for record in full.values()} == {"retrieval", "clr", "classification", "sts"}
+    process = _launch(tmp_path / "cut", supervised_store, tokenizer, *RUN)
+    deadline = time.monotonic() + 180
+    while not (_metrics(tmp_path / "cut") and max(_metrics(tmp_path / "cut")) >= 10):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stopped_at = max(_metrics(tmp_path / "cut"))
+    assert stopped_at < 20
+    process = _launch(tmp_path / "cut", supervised_store, tokenizer, *RUN)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    resumed = _metrics(tmp_path / "cut")
+    for step in range(1, 21):
+        assert resumed[step]["loss"] == full[step]["loss"], step
+        assert resumed[step]["task"] == full[step]["task"], step
+        assert resumed[step].get("dhnm_replacements") == full[step].get("dhnm_replacements"), step
+    a = _dhnm_state(str(tmp_path / "full" / "checkpoints"), supervised_store)
+    b = _dhnm_state(str(tmp_path / "cut" / "checkpoints"), supervised_store)
+    for key in a:
+        numpy.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_unknown_task_weight_is_one_clear_error(tmp_path):
+    env = dict(os.environ)
+    env.pop("RANK", None)
+    result = subprocess.run([sys.executable, "-m", "megatron_conan.training.embed_sup", "--config", TINY,
+                             "--dry-run", "embedding.task_weights={retrieval: 1, retreival: 2}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "retreival" in result.stderr, result.stderr
