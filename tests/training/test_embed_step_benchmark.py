@@ -18,3 +18,15 @@ def test_embed_step_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads(out.read_text())
     assert [row["mode"] for row in rows] == ["plain", "cached"]
     assert all(row["ours_pairs_per_s"] > 0 and row["theirs_pairs_per_s"] > 0 for row in rows)
+
+
+def test_dhnm_overhead_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "row.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/dhnm_overhead.py", "--examples", "40", "--steps", "1", "--rounds", "1",
+         "--output-json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = json.loads(out.read_text())
+    assert row["samples_per_s_on"] > 0 and row["samples_per_s_off"] > 0 and "overhead" in result.stdout
