@@ -123,6 +123,11 @@ def run_distributed(
                     (values if status == "ok" else errors)[rank] = payload
                 break
     finally:
+        if not errors and len(values) == world_size:
+            # Ranks that returned are exiting: let them run their exit handlers, which stop helper
+            # processes they started (dist_checkpointing's writer Manager); SIGTERM would orphan them.
+            for process in processes:
+                process.join(timeout=30)
         for process in processes:
             if process.is_alive():
                 process.terminate()
