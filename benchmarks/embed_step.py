@@ -50,6 +50,11 @@ class _Ours:
         from megatron_conan.training.loop import build_trainer
 
         class FedStage(WeaklySupervisedStage):
+            """Fed fixed batches by step_on_batch: no store, no tokenizer."""
+
+            def check_inputs(self, cfg, model_config):
+                pass
+
             def setup(self, ctx):
                 pass
 

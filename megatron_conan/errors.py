@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from typing import Callable, Optional, Sequence
 
 import yaml
@@ -98,9 +97,9 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
     Every rank returns 2, so a launcher sees the failure everywhere; only rank 0 prints, so the
     line appears once. Errors that are not user input propagate with their traceback.
     """
-    # megatron-core warns at import when Transformer Engine / Apex are absent and it falls back to
-    # its local layers (expected on CPU; the README states the fallback): noise before the one line
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|Megatron-FSDP).*", category=UserWarning)
+    from megatron_conan.known_warnings import silence_known_warnings
+
+    silence_known_warnings()  # noise before the one line
     try:
         return main(argv) or 0
     except Exception as error:  # noqa: BLE001 - sorted into input errors and bugs just below

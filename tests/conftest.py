@@ -1,11 +1,10 @@
 """Suite-wide test set-up: GPU tests are skipped without CUDA (checked lazily, not at import)."""
 
-import warnings
-
 import pytest
 
-# megatron-core warns at import that Apex/TE are absent: expected on CPU, noise in test output.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_conan.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # megatron-core's CPU fallbacks and deprecations: noise in test output
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,11 +22,11 @@ import multiprocessing as mp
 import os
 import queue
 import time
-import warnings
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from megatron_conan.distributed.ports import free_port
+from megatron_conan.known_warnings import silence_known_warnings
 
 _POLL_S = 0.2
 
@@ -46,7 +46,7 @@ def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: C
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s",
                         force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-rank config dumps drown the output
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|Megatron-FSDP).*")
+    silence_known_warnings()
     try:
         import torch
         import torch.distributed as dist

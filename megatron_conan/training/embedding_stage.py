@@ -60,6 +60,7 @@ class EmbeddingStage(Stage):
 
     def __init__(self):
         self.loader = None
+        self.tokenizer = None
         self._iterator = None
         self._loader_state: Optional[Dict[str, Any]] = None
 
@@ -76,6 +77,13 @@ class EmbeddingStage(Stage):
         if not cfg.data.contrastive_prefix:
             raise ConfigError("data.contrastive_prefix is required for data.kind=contrastive")
         self.soft_mask_config(cfg)
+
+    def check_inputs(self, cfg, model_config) -> None:
+        from megatron_conan.data.provenance import check_tokenizer
+        from megatron_conan.training.data_checks import load_checked_tokenizer
+
+        self.tokenizer = load_checked_tokenizer(cfg, model_config)
+        check_tokenizer(cfg.data.contrastive_prefix, self.tokenizer)
 
     def soft_mask_config(self, cfg) -> SoftMaskConfig:
         values = {**self.default_soft_mask, **(cfg.model.soft_mask or {})}
@@ -107,12 +115,10 @@ class EmbeddingStage(Stage):
 
     def setup(self, ctx: StageContext) -> None:
         from megatron_conan.data.contrastive import ContrastiveLoader
-        from megatron_conan.training.data_checks import load_checked_tokenizer
 
         cfg, embedding = ctx.cfg, ctx.cfg.embedding
-        tokenizer = load_checked_tokenizer(cfg, ctx.model_config)
         self.loader = ContrastiveLoader(
-            cfg.data.contrastive_prefix, tokenizer, self.loader_batch_size(ctx),
+            cfg.data.contrastive_prefix, self.tokenizer, self.loader_batch_size(ctx),
             dp_rank=ctx.data_parallel_rank, dp_world_size=ctx.data_parallel_size, seed=cfg.train.seed,
             max_query_length=embedding.max_query_length, max_passage_length=embedding.max_passage_length,
             num_negatives=embedding.num_negatives, tasks=self.tasks, **self.loader_options(ctx))

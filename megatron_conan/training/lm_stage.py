@@ -64,15 +64,12 @@ def step_microbatches(dataset, consumed_samples: int, global_batch: int, micro_b
     return [collate([dataset[j] for j in indices[i:i + micro_batch]]) for i in range(0, per_rank, micro_batch)]
 
 
-def build_lm_datasets(cfg, model_config, num_train_samples: int, num_valid_samples: int):
-    """(train, valid) datasets of the run's data section; checks the tokenizer against the model."""
+def build_lm_datasets(cfg, model_config, tokenizer, num_train_samples: int, num_valid_samples: int):
+    """(train, valid) datasets of the run's data section (`tokenizer`: None for synthetic data)."""
     data = cfg.data
     if data.kind == "synthetic":
         return (SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_train_samples, 1), cfg.train.seed),
                 SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_valid_samples, 1), cfg.train.seed + 1))
-    from megatron_conan.training.data_checks import load_checked_tokenizer
-
-    tokenizer = load_checked_tokenizer(cfg, model_config)
     if data.kind == "blended":
         from megatron_conan.data.pretraining import BlendedDataConfig, build_pretrain_datasets
 
@@ -80,15 +77,22 @@ def build_lm_datasets(cfg, model_config, num_train_samples: int, num_valid_sampl
         train, valid, _ = build_pretrain_datasets(blend, tokenizer, cfg.train.seq_length,
                                                   (num_train_samples, num_valid_samples, 0))
         return train, valid
-    if data.kind != "sft":
-        raise ConfigError(f"data.kind={data.kind!r} is not language-model data (blended, sft or synthetic)")
     from megatron_conan.data.sft import build_sft_datasets
 
-    if not data.sft_prefix:
-        raise ConfigError("data.sft_prefix is required for data.kind=sft")
     train, valid, _ = build_sft_datasets(data.sft_prefix, tokenizer, cfg.train.seq_length, split=data.split,
                                          seed=cfg.train.seed)
     return train, valid
+
+
+def data_prefixes(cfg):
+    """The indexed datasets a language-model run reads."""
+    if cfg.data.kind == "blended":
+        from megatron_conan.data.pretraining import BlendedDataConfig
+
+        return [source.prefix for source in BlendedDataConfig.from_dict(dict(cfg.data.blend)).sources]
+    if cfg.data.kind == "sft":
+        return [cfg.data.sft_prefix]
+    return []
 
 
 class LanguageModelStage(Stage):
@@ -98,6 +102,7 @@ class LanguageModelStage(Stage):
         self.name = name
         self.forward_step_func = forward_step_func or lm_forward_step
         self.consumed_samples = 0
+        self.tokenizer = None
         self.train_ds = self.valid_ds = None
 
     def check_config(self, cfg) -> None:
@@ -105,6 +110,18 @@ class LanguageModelStage(Stage):
         if cfg.data.kind not in ("blended", "sft", "synthetic"):
             raise ConfigError(f"data.kind={cfg.data.kind!r}: the {self.name} stage reads blended, sft or "
                               "synthetic data")
+        if cfg.data.kind == "sft" and not cfg.data.sft_prefix:
+            raise ConfigError("data.sft_prefix is required for data.kind=sft")
+
+    def check_inputs(self, cfg, model_config) -> None:
+        if cfg.data.kind == "synthetic":
+            return
+        from megatron_conan.data.provenance import check_tokenizer
+        from megatron_conan.training.data_checks import load_checked_tokenizer
+
+        self.tokenizer = load_checked_tokenizer(cfg, model_config)
+        for prefix in data_prefixes(cfg):
+            check_tokenizer(prefix, self.tokenizer)
 
     def setup(self, ctx: StageContext) -> None:
         cfg = ctx.cfg
@@ -113,7 +130,8 @@ class LanguageModelStage(Stage):
         self.num_microbatches = cfg.train.num_microbatches(ctx.data_parallel_size)
         # Every evaluation reads the same first `eval_steps` global batches of the validation split.
         eval_batches = cfg.train.eval_steps if cfg.train.eval_interval else 0
-        self.train_ds, self.valid_ds = build_lm_datasets(cfg, ctx.model_config, ctx.total_steps * self.global_batch,
+        self.train_ds, self.valid_ds = build_lm_datasets(cfg, ctx.model_config, self.tokenizer,
+                                                         ctx.total_steps * self.global_batch,
                                                          eval_batches * self.global_batch)
         if eval_batches and (self.valid_ds is None or len(self.valid_ds) == 0):
             raise ConfigError("train.eval_interval is set but the data has no validation split "

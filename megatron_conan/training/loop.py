@@ -122,6 +122,7 @@ def build_trainer(cfg: RunConfig, stage: Stage) -> Trainer:
     stage's data; collective. (The loop's set-up, also what tests and benchmarks of a stage use.)"""
     stage.check_config(cfg)
     model_config = cfg.model.build()
+    stage.check_inputs(cfg, model_config)
     data_parallel = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
     transformer_config = build_transformer_config(
         model_config, cfg.parallel, precision=cfg.train.precision,

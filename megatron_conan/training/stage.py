@@ -5,6 +5,7 @@ wrappers, optimizer and LR schedule, checkpoints, preemption, the non-finite gua
 the device placement. A stage plugs in what differs:
 
     check_config(cfg)        refuse options the stage cannot honour, before anything is built
+    check_inputs(cfg, model) check the tokenizer and data files against the model and each other
     core_attention(cfg)      the attention kernel slot of the model (soft mask for embedding stages)
     transformer_overrides()  megatron-core TransformerConfig fields the stage needs
     setup(ctx)               build its data from the run config, once the model exists
@@ -74,6 +75,10 @@ class Stage(abc.ABC):
 
     def check_config(self, cfg) -> None:
         """Raise ConfigError for options this stage cannot honour (called before anything is built)."""
+
+    def check_inputs(self, cfg, model_config) -> None:
+        """Check the run's files against each other before anything is built (tokenizer vs model
+        vocabulary, data vs tokenizer): a mismatch is one clear error, not a crash deep in a step."""
 
     def core_attention(self, cfg):
         """The model's core-attention spec (None: the builder's default attention)."""

@@ -23,7 +23,10 @@ SOFT_MASK_STEPS = 4  # the parity step runs at t = 2: a = 0.5, a genuinely soft 
 
 
 class FedStage(WeaklySupervisedStage):
-    """Stage 3 fed by the test (step_on_batch) instead of a store."""
+    """Stage 3 fed by the test (step_on_batch) instead of a store and a tokenizer."""
+
+    def check_inputs(self, cfg, model_config):
+        pass
 
     def setup(self, ctx):
         pass
