@@ -1,0 +1,281 @@
+"""The three conversions of ``tools/convert_checkpoint.py``:
+
+- :func:`export_hf`: one of our checkpoints (any TP/PP) -> an HF ``LlamaForCausalLM`` directory;
+- :func:`import_hf`: an HF Llama directory -> one of our checkpoints at a chosen TP/PP;
+- :func:`export_sentence_transformer`: one of our embedding checkpoints -> a sentence-transformers
+  directory (``LlamaModel`` + pooling + Normalize, prompts, Matryoshka dims recorded).
+
+Everything the user can get wrong is checked before any weights are read; outputs are built in a
+temporary directory renamed into place at the end (see ``README.md`` for the directory layouts).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_conan.config.model import ConanModelConfig, ParallelConfig
+from megatron_conan.conversion import hf_io, keymap
+from megatron_conan.conversion.attention import (
+    CheckpointAttention,
+    check_attention_matches_config,
+    checkpoint_attention,
+    export_is_causal,
+)
+from megatron_conan.conversion.hf_config import (
+    BASE_MODEL,
+    CAUSAL_LM,
+    dtype_of,
+    hf_config_dict,
+    hf_is_causal,
+    model_config_from_hf,
+    read_hf_config,
+    write_hf_config,
+)
+from megatron_conan.conversion.megatron_checkpoint import (
+    CheckpointInfo,
+    read_checkpoint_info,
+    read_full_state_dict,
+    write_checkpoint_at_layout,
+)
+from megatron_conan.conversion.tokenizer_export import export_tokenizer, write_tokenizer_config
+from megatron_conan.errors import InputError
+from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
+
+logger = logging.getLogger(__name__)
+
+EXPORT_RECORD = "conan_export.json"
+"""Written into every exported directory: where it came from and how it embeds."""
+PREFIX_OF = {CAUSAL_LM: "model.", BASE_MODEL: ""}
+"""HF state-dict key prefix of each architecture."""
+ST_POOLING = {"mean": "mean", "last": "lasttoken", "first": "cls"}
+"""Our pooling modes -> sentence-transformers' Pooling modes."""
+DEFAULT_QUERY_INSTRUCTION = "Given a query, retrieve relevant passages that answer the query"
+"""The `query` prompt's instruction when neither the run nor the command line gives one."""
+DEFAULT_MAX_SEQ_LENGTH = 512
+"""Tokens per text in an exported embedder (the model's context allows more; raise it with care)."""
+
+
+def resolve_tokenizer(info: CheckpointInfo, tokenizer: Optional[str]) -> str:
+    """The SentencePiece model to export with `info`'s weights; its vocabulary must fit the model."""
+    from megatron_conan.data.tokenizer import ConanTokenizer
+
+    path = tokenizer or info.tokenizer_path()
+    if path is None:
+        raise InputError(f"{info.path}: its run config names no tokenizer (data.tokenizer); pass --tokenizer")
+    if not os.path.isfile(path):
+        raise InputError(f"tokenizer model {path} does not exist")
+    vocab = ConanTokenizer(path).vocab_size
+    if vocab != info.model_config.vocab_size:
+        raise InputError(f"tokenizer {path} has {vocab} pieces but the checkpoint's model has vocab_size "
+                         f"{info.model_config.vocab_size}")
+    return path
+
+
+def _attention_of(info: CheckpointInfo) -> CheckpointAttention:
+    return checkpoint_attention(info.soft_mask, info.path)
+
+
+def _write_record(directory: str, record: Dict[str, Any]) -> None:
+    with open(os.path.join(directory, EXPORT_RECORD), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _source_record(info: CheckpointInfo, attention: CheckpointAttention) -> Dict[str, Any]:
+    from dataclasses import asdict
+
+    return {"source_checkpoint": os.path.abspath(info.path), "step": info.step,
+            "attention": attention.describe(), "model_config": asdict(info.model_config)}
+
+
+def _hf_weights(info: CheckpointInfo, architecture: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    full = read_full_state_dict(info)
+    hf = keymap.megatron_to_hf(full, info.model_config, PREFIX_OF[architecture],
+                               include_lm_head=architecture == CAUSAL_LM)
+    return {key: tensor.to(dtype) for key, tensor in hf.items()}
+
+
+def _write_hf_model(directory: str, info: CheckpointInfo, architecture: str, dtype: torch.dtype,
+                    is_causal: bool) -> None:
+    write_hf_config(hf_config_dict(info.model_config, architecture, dtype, is_causal), directory)
+    hf_io.write_safetensors(_hf_weights(info, architecture, dtype), directory)
+
+
+def export_hf(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype: str = "fp32",
+              overwrite: bool = False) -> str:
+    """Write `checkpoint` as an HF ``LlamaForCausalLM`` directory with its tokenizer; returns `output`.
+
+    The exported attention is the checkpoint's: causal, or bidirectional (``is_causal: false``) for a
+    finished embedding checkpoint; a soft mask in between is refused.
+    """
+    info = read_checkpoint_info(checkpoint)
+    torch_dtype = dtype_of(dtype)
+    tokenizer_path = resolve_tokenizer(info, tokenizer)
+    attention = _attention_of(info)
+    is_causal = export_is_causal(attention, info.path)
+    with hf_io.atomic_output_dir(output, overwrite) as tmp:
+        _write_hf_model(tmp, info, CAUSAL_LM, torch_dtype, is_causal)
+        export_tokenizer(tokenizer_path, tmp, model_max_length=info.model_config.max_sequence_length)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as handle:
+            json.dump({"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}, handle, indent=2)
+        _write_record(tmp, {**_source_record(info, attention), "format": "hf", "dtype": dtype})
+    logger.info("exported %s (step %d, %s attention) to %s", info.path, info.step, attention.describe(), output)
+    return output
+
+
+# -- Hugging Face -> Megatron ----------------------------------------------------------------------
+
+def _load_hf_full_state(directory: str, model_config: ConanModelConfig, prefix: str) -> Dict[str, torch.Tensor]:
+    """Module-level so that spawned ranks can each call it (read, not shipped, weights)."""
+    return keymap.hf_to_megatron(hf_io.read_safetensors(directory), model_config, prefix)
+
+
+def _check_hf_shapes(directory: str, model_config: ConanModelConfig, prefix: str) -> None:
+    """The whole key map on the safetensors headers: every key known, every shape right."""
+    meta = {key: torch.empty(shape, device="meta")
+            for key, shape in hf_io.read_safetensors_shapes(directory).items()}
+    keymap.hf_to_megatron(meta, model_config, prefix)
+
+
+def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+              overwrite: bool = False) -> str:
+    """Write the HF Llama model in `hf_dir` as a checkpoint directory (``latest`` + ``iter_0000000``)
+    at the given TP/PP, ready for ``checkpoint.load_dir``; returns `output`."""
+    from megatron_conan.data.tokenizer import ConanTokenizer
+
+    values = read_hf_config(hf_dir)
+    model_config = model_config_from_hf(values, hf_dir)
+    architecture = values["architectures"][0]
+    prefix = PREFIX_OF[architecture]
+    parallel = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    parallel.validate_for_model(model_config)
+    _check_hf_shapes(hf_dir, model_config, prefix)
+    hf_io.check_output_dir(output, overwrite)
+    final = os.path.abspath(output)
+    tokenizer_source = os.path.join(hf_dir, "tokenizer.model")
+    tokenizer = None
+    if os.path.isfile(tokenizer_source):
+        if ConanTokenizer(tokenizer_source).vocab_size == model_config.vocab_size:
+            tokenizer = os.path.join(final, "tokenizer.model")
+        else:
+            logger.warning("%s does not fit the model's vocabulary: not carried over", tokenizer_source)
+    extra: Dict[str, Any] = {"imported_from": os.path.abspath(hf_dir), "tokenizer": tokenizer,
+                             "soft_mask": None}
+    if not hf_is_causal(values):
+        extra["soft_mask"] = {"step": 0, "config": SoftMaskConfig.bidirectional().to_dict()}
+    with hf_io.atomic_output_dir(output, overwrite) as tmp:
+        load_state = functools.partial(_load_hf_full_state, os.path.abspath(hf_dir), model_config, prefix)
+        write_checkpoint_at_layout(load_state, model_config, tmp, parallel, extra)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer_source, os.path.join(tmp, "tokenizer.model"))
+    logger.info("imported %s as a TP%d/PP%d checkpoint in %s", hf_dir, tensor_parallel, pipeline_parallel, output)
+    return output
+
+
+# -- Megatron -> sentence-transformers -------------------------------------------------------------
+
+def embedding_options(info: CheckpointInfo, pooling: Optional[str], query_instruction: Optional[str],
+                       matryoshka_dims: Optional[Sequence[int]]) -> Dict[str, Any]:
+    from megatron_conan.losses.matryoshka import DEFAULT_DIMS
+    from megatron_conan.losses.matryoshka import matryoshka_dims as usable_dims
+    from megatron_conan.models.pooling import POOLING_MODES
+
+    settings = info.embedding_settings()
+    pooling = pooling or settings.get("pooling") or "mean"
+    if pooling not in POOLING_MODES:
+        raise InputError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    instruction = query_instruction or settings.get("query_instruction")
+    if instruction is None:
+        instruction = DEFAULT_QUERY_INSTRUCTION
+        logger.warning("no query instruction in the run config or on the command line: using %r", instruction)
+    dims = list(matryoshka_dims or settings.get("matryoshka_dims") or DEFAULT_DIMS)
+    try:
+        dims = usable_dims(info.model_config.hidden_size, dims)
+    except ValueError as error:
+        raise InputError(f"matryoshka dims: {error}") from None
+    return {"pooling": pooling, "query_instruction": instruction, "matryoshka_dims": dims}
+
+
+def text_length(model_config: ConanModelConfig, requested: Optional[int]) -> int:
+    """Tokens per text: `requested`, or :data:`DEFAULT_MAX_SEQ_LENGTH` capped at the model's context."""
+    context = model_config.max_sequence_length
+    length = min(DEFAULT_MAX_SEQ_LENGTH, context) if requested is None else requested
+    if not 2 <= length <= context:
+        raise InputError(f"max sequence length must be in [2, {context}] (the model's context), got {length}")
+    return length
+
+
+def query_prompt(instruction: str) -> str:
+    """The `query` prompt: the training instruction template around `instruction`."""
+    from megatron_conan.data.encoders import format_instruction
+
+    return format_instruction(instruction)
+
+
+def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optional[str] = None,
+                                pooling: Optional[str] = None, query_instruction: Optional[str] = None,
+                                matryoshka_dims: Optional[Sequence[int]] = None,
+                                max_seq_length: Optional[int] = None, dtype: str = "fp32",
+                                overwrite: bool = False) -> str:
+    """Write an embedding checkpoint as a sentence-transformers directory; returns `output`.
+
+    Options default to the run's ``embedding`` section (pooling, query_instruction,
+    matryoshka_dims); `max_seq_length` to 512 tokens or the model's context if shorter. The checkpoint's attention must be exactly bidirectional or causal.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    info = read_checkpoint_info(checkpoint)
+    torch_dtype = dtype_of(dtype)
+    tokenizer_path = resolve_tokenizer(info, tokenizer)
+    attention = _attention_of(info)
+    is_causal = export_is_causal(attention, info.path)
+    options = embedding_options(info, pooling, query_instruction, matryoshka_dims)
+    max_seq_length = text_length(info.model_config, max_seq_length)
+    prompts = {"query": query_prompt(options["query_instruction"]), "document": ""}
+    with hf_io.atomic_output_dir(output, overwrite) as tmp:
+        transformer_dir = os.path.join(tmp, "_transformer")
+        os.makedirs(transformer_dir)
+        _write_hf_model(transformer_dir, info, BASE_MODEL, torch_dtype, is_causal)
+        export_tokenizer(tokenizer_path, transformer_dir, model_max_length=max_seq_length, append_eos=True)
+        transformer = Transformer(transformer_dir, max_seq_length=max_seq_length)
+        model = SentenceTransformer(
+            modules=[transformer, Pooling(info.model_config.hidden_size, ST_POOLING[options["pooling"]]), Normalize()],
+            prompts=prompts, default_prompt_name=None, similarity_fn_name="cosine", device="cpu")
+        check_attention_matches_config(model, output)
+        model.save(tmp)
+        # sentence-transformers re-saves the model and tokenizer in its own words: put back ours
+        # (top-level rope_theta, tokenizer_class for older transformers, the EOS-appending tokenizer)
+        for name in ("config.json", "tokenizer.json", "tokenizer.model"):
+            shutil.copyfile(os.path.join(transformer_dir, name), os.path.join(tmp, name))
+        write_tokenizer_config(tmp, max_seq_length)
+        shutil.rmtree(transformer_dir)
+        record = {**_source_record(info, attention), "format": "sentence-transformers", "dtype": dtype,
+                  **options, "prompts": prompts, "max_seq_length": max_seq_length}
+        _write_record(tmp, record)
+        _append_model_card(tmp, record)
+    logger.info("exported %s (step %d, %s attention) as a sentence-transformers model to %s",
+                info.path, info.step, attention.describe(), output)
+    return output
+
+
+def _append_model_card(directory: str, record: Dict[str, Any]) -> None:
+    dims: List[int] = record["matryoshka_dims"]
+    lines = [
+        "", "## Conan export", "",
+        f"- Source: `{record['source_checkpoint']}` (step {record['step']}), {record['attention']} attention.",
+        f"- Pooling: {record['pooling']}; embeddings are L2-normalised; every text ends with `</s>` as in training.",
+        f"- Prompts: `query` = {json.dumps(record['prompts']['query'])}, `document` = none.",
+        f"- Matryoshka dims: {', '.join(map(str, dims))}. Truncate with `truncate_dim=` and re-normalise.",
+        "- Needs transformers >= 5.2 for bidirectional attention (`is_causal: false`); check with "
+        "`megatron_conan.conversion.check_attention_matches_config(model, path)`.", "",
+    ]
+    with open(os.path.join(directory, "README.md"), "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))

@@ -1,0 +1,122 @@
+"""Safetensors weights of a Hugging Face directory (one file or sharded with an index), and output
+directories that appear whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+
+from megatron_conan.errors import InputError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 1024 ** 3
+"""Shard size of written weights (what transformers' save_pretrained uses by default)."""
+
+
+def write_safetensors(state: Dict[str, torch.Tensor], directory: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """`state` as model.safetensors, or as shards plus model.safetensors.index.json when larger."""
+    from safetensors.torch import save_file
+
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for key in sorted(state):
+        tensor = state[key].contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][key] = tensor
+        sizes[-1] += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, handle, indent=2)
+
+
+def _weight_files(directory: str) -> List[str]:
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle).get("weight_map") or {}
+        return sorted({os.path.join(directory, name) for name in weight_map.values()})
+    single = os.path.join(directory, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise InputError(f"{directory} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
+
+
+def read_safetensors_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's shape, from the file headers only (nothing is loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in _weight_files(directory):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def read_safetensors(directory: str, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """Every tensor of the directory's weights, as `dtype` CPU tensors."""
+    from safetensors import safe_open
+
+    state = {}
+    for path in _weight_files(directory):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key).to(dtype)
+    return state
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite`; refuse a missing parent directory."""
+    if os.path.lexists(path) and not overwrite:
+        raise InputError(f"output directory {path} exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"the parent directory of output {path} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary directory beside `path`; on success it replaces `path`, on error it goes.
+
+    An existing `path` (with `overwrite`) is moved aside first and deleted only after the rename,
+    so a failure at any point leaves either the old output or the new one, never a mixture.
+    """
+    check_output_dir(path, overwrite)
+    path = os.path.abspath(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    retired = None
+    if os.path.lexists(path):
+        retired = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+        os.rmdir(retired)
+        os.replace(path, retired)
+    os.replace(tmp, path)
+    if retired is not None:
+        if os.path.isdir(retired) and not os.path.islink(retired):
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.remove(retired)

@@ -1,0 +1,232 @@
+"""Our training checkpoints as the converters and evaluators see them: find one, read what it says
+(model shape, step, run config, the soft mask's state), load its weights in one process, and write
+a new one that the training stages start from (``checkpoint.load_dir``).
+
+Loading goes through megatron-core ``dist_checkpointing`` into a TP1/PP1 model in a world of one
+process, which reshards whatever layout wrote the checkpoint (TP2, TP2xPP2, ...). Writing builds the
+model at the requested TP/PP in a world of ``tp * pp`` processes (spawned here when the caller runs a
+single process) and saves with :func:`megatron_conan.training.checkpointing.save_checkpoint`, so the
+result has the full layout of a training checkpoint: ``latest``, ``iter_0000000/model_optim``,
+``common.pt`` (with ``model_config``), ``layout.json``, RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import torch
+
+from megatron_conan.config.model import ConanModelConfig, ParallelConfig
+from megatron_conan.errors import CheckpointMismatchError, InputError
+
+logger = logging.getLogger(__name__)
+
+IMPORT_STEP = 0
+"""Step number of a checkpoint written by an import."""
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    """What one checkpoint directory (``iter_N``) says about itself."""
+
+    path: str
+    """The ``iter_N`` directory."""
+    step: int
+    """Training step it was saved at."""
+    model_config: ConanModelConfig
+    """The model shape it holds."""
+    extra: Dict[str, Any]
+    """``common.pt["extra"]``: the loop's extra state (soft mask, run config, stage state)."""
+
+    @property
+    def run_config(self) -> Dict[str, Any]:
+        """The resolved run config of the run that wrote it (empty when it did not record one)."""
+        return dict(self.extra.get("run_config") or {})
+
+    @property
+    def soft_mask(self) -> Optional[Dict[str, Any]]:
+        """``{"step", "config"}`` of the soft-mask schedule, or None (pretrain / SFT: causal)."""
+        return self.extra.get("soft_mask")
+
+    def tokenizer_path(self) -> Optional[str]:
+        """The SentencePiece model the run trained with, if it recorded one."""
+        return (self.run_config.get("data") or {}).get("tokenizer") or self.extra.get("tokenizer")
+
+    def embedding_settings(self) -> Dict[str, Any]:
+        """The run's ``embedding`` section (pooling, query_instruction, matryoshka_dims, ...)."""
+        return dict(self.run_config.get("embedding") or {})
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The ``iter_N`` directory meant by `path`: itself, the newest of a checkpoints directory (its
+    ``latest``), or the newest of a run directory (``checkpoints/latest``)."""
+    from megatron_conan.training.checkpointing import LATEST, read_latest
+
+    if not os.path.exists(path):
+        raise InputError(f"checkpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise InputError(f"checkpoint {path} is not a directory")
+    if os.path.isfile(os.path.join(path, "common.pt")):
+        return path
+    for save_dir in (path, os.path.join(path, "checkpoints")):
+        if os.path.exists(os.path.join(save_dir, LATEST)):
+            return read_latest(save_dir)
+    raise InputError(f"{path} is not a checkpoint: no '{LATEST}' marker (checkpoints directory), no "
+                     f"common.pt (iter_N directory) and no checkpoints/{LATEST} (run directory)")
+
+
+def read_checkpoint_info(path: str) -> CheckpointInfo:
+    """Resolve `path` (see :func:`resolve_checkpoint`) and read its ``common.pt``."""
+    resolved = resolve_checkpoint(path)
+    try:
+        common = torch.load(os.path.join(resolved, "common.pt"), weights_only=False)
+        model_config = ConanModelConfig(**common["model_config"])
+    except (KeyError, TypeError, RuntimeError, EOFError) as error:
+        raise InputError(f"{resolved}/common.pt is not a checkpoint's common state ({error})") from None
+    if not os.path.isdir(os.path.join(resolved, "model_optim")):
+        raise InputError(f"{resolved} has no model_optim directory (an incomplete checkpoint)")
+    return CheckpointInfo(path=resolved, step=int(common.get("step", 0)), model_config=model_config,
+                          extra=dict(common.get("extra") or {}))
+
+
+# -- a world to load in ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def model_parallel_world(parallel: Optional[ParallelConfig] = None) -> Iterator[None]:
+    """megatron-core's groups for `parallel` (default TP1/PP1) around the body.
+
+    With no process group yet, this process becomes a world of one: from RANK/WORLD_SIZE when a
+    launcher set them, else over an in-process store (no port, no environment variables left
+    behind). Whatever this function created it tears down on exit.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_conan.distributed.cpu_compat import enable_cpu_compat
+    from megatron_conan.distributed.parallel import (
+        default_backend,
+        init_process_group_from_env,
+        initialize_model_parallel,
+    )
+
+    parallel = parallel or ParallelConfig()
+    created_world = not dist.is_initialized()
+    if created_world:
+        enable_cpu_compat()
+        if "RANK" in os.environ:
+            init_process_group_from_env()
+        else:
+            dist.init_process_group(backend=default_backend(), store=dist.HashStore(), rank=0, world_size=1)
+    had_groups = parallel_state.model_parallel_is_initialized()
+    initialize_model_parallel(parallel)
+    try:
+        yield
+    finally:
+        if not had_groups and parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if created_world and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def require_single_process() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise InputError(f"loading a checkpoint for conversion or evaluation runs in one process; this "
+                         f"world has {dist.get_world_size()} (run the tool without torchrun)")
+
+
+def build_model(model_config: ConanModelConfig, precision: str = "fp32", core_attention=None,
+                parallel: Optional[ParallelConfig] = None) -> list:
+    """This rank's model chunks for `parallel` (groups must exist); weights are to be loaded.
+
+    A TP1 model skips the random initialisation (minutes at 1.4B on a CPU). Under tensor
+    parallelism megatron-core marks a parameter as sharded only while initialising it, and the
+    layout-free state-dict functions need those marks, so a sharded model is initialised.
+    """
+    from megatron_conan.config.model import build_transformer_config
+    from megatron_conan.models.conan import build_model_chunks
+
+    parallel = parallel or ParallelConfig()
+    transformer_config = build_transformer_config(
+        model_config, parallel, precision=precision,
+        transformer_overrides={"perform_initialization": parallel.tensor_parallel > 1})
+    return build_model_chunks(model_config, transformer_config, core_attention=core_attention)
+
+
+def load_checkpoint_model(info: CheckpointInfo, precision: str = "fp32", core_attention=None) -> torch.nn.Module:
+    """The TP1/PP1 GPTModel with the checkpoint's weights (inside :func:`model_parallel_world`)."""
+    from megatron_conan.training.checkpointing import load_checkpoint
+
+    require_single_process()
+    chunks = build_model(info.model_config, precision, core_attention)
+    load_checkpoint(info.path, chunks, None, None, info.model_config, weights_only=True)
+    (model,) = chunks
+    return model
+
+
+def read_full_state_dict(info: CheckpointInfo) -> Dict[str, torch.Tensor]:
+    """The checkpoint's full (TP1/PP1-named, unpadded) weights as fp32 CPU tensors, any saved layout."""
+    from megatron_conan.models.sharding import gather_full_state_dict
+
+    with model_parallel_world():
+        model = load_checkpoint_model(info)
+        return gather_full_state_dict([model], info.model_config)
+
+
+# -- writing a checkpoint the training stages start from ------------------------------------------
+
+def write_checkpoint(full_state_dict: Dict[str, torch.Tensor], model_config: ConanModelConfig, save_dir: str,
+                     extra: Dict[str, Any]) -> None:
+    """Collective inside a world whose groups are set up: shard `full_state_dict` to this layout and
+    save it as step :data:`IMPORT_STEP` of `save_dir` (``latest`` written last)."""
+    from megatron.core import parallel_state
+
+    from megatron_conan.models.sharding import load_full_state_dict
+    from megatron_conan.training.checkpointing import save_checkpoint
+
+    parallel = ParallelConfig(tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
+                              pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size())
+    chunks = build_model(model_config, parallel=parallel)
+    try:
+        load_full_state_dict(chunks, full_state_dict, model_config)
+    except (KeyError, ValueError) as error:
+        raise CheckpointMismatchError(f"weights do not fit the model: {error}") from None
+    save_checkpoint(save_dir, IMPORT_STEP, chunks, None, None, model_config, consumed_samples=0,
+                    extra_state=extra, keep_last=0)
+
+
+def _write_checkpoint_body(rank: int, world_size: int, load_state: Callable[[], Dict[str, torch.Tensor]],
+                           model_config: ConanModelConfig, save_dir: str, extra: Dict[str, Any],
+                           parallel: ParallelConfig) -> None:
+    from megatron_conan.distributed.parallel import initialize_model_parallel
+
+    initialize_model_parallel(parallel)
+    write_checkpoint(load_state(), model_config, save_dir, extra)
+
+
+def write_checkpoint_at_layout(load_state: Callable[[], Dict[str, torch.Tensor]], model_config: ConanModelConfig,
+                               save_dir: str, parallel: ParallelConfig, extra: Dict[str, Any]) -> None:
+    """Write a checkpoint at `parallel`'s TP/PP from the full state dict `load_state()` returns.
+
+    TP1/PP1 runs in this process; larger layouts spawn a world of ``tp * pp`` local processes, each
+    calling `load_state` itself (a picklable callable: the weights are read, not shipped).
+    """
+    parallel.validate_for_model(model_config)
+    if parallel.virtual_pipeline_parallel or parallel.sequence_parallel or parallel.use_distributed_optimizer:
+        raise InputError("an imported checkpoint takes only tensor and pipeline parallel sizes; a run "
+                         "loads it under any virtual-pipeline / sequence-parallel / optimizer setting")
+    world_size = parallel.tensor_parallel * parallel.pipeline_parallel
+    if world_size == 1:
+        with model_parallel_world():
+            require_single_process()
+            write_checkpoint(load_state(), model_config, save_dir, extra)
+        return
+    from megatron_conan.distributed.spawn import run_distributed
+
+    run_distributed(_write_checkpoint_body, world_size,
+                    args=(load_state, model_config, save_dir, extra, parallel), timeout_s=3600.0)

@@ -1,0 +1,61 @@
+"""Exact top-k inner-product search in bounded memory (retrieval evaluation and hard-negative mining).
+
+Queries and corpus are unit vectors, so the inner product is the cosine. The corpus is read in
+blocks (a NumPy array, a ``numpy.memmap`` on disk, or a torch tensor: anything sliceable by rows),
+each block is scored against a block of queries with one matrix product, and a running top-k per
+query is merged with the block's own top-k. Memory: ``query_block * (corpus_block + 2 k)`` scores
+plus one block of each, whatever the corpus size. Exact: every (query, document) pair is scored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy
+import torch
+
+
+def _rows(array, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    block = array[start:stop]
+    tensor = block if isinstance(block, torch.Tensor) else torch.from_numpy(numpy.ascontiguousarray(block))
+    return tensor.to(device=device, dtype=torch.float32)
+
+
+def exact_top_k(queries, corpus, k: int, query_block: int = 1024, corpus_block: int = 16384,
+                device: Optional[str] = None, show_progress: bool = False) -> Tuple[numpy.ndarray, numpy.ndarray]:
+    """The `k` best corpus rows per query by inner product, best first.
+
+    Args:
+        queries: [nq, d] array-like; corpus: [nc, d] array-like (rows are read block by block).
+    Returns:
+        scores [nq, min(k, nc)] float32 and indices [nq, min(k, nc)] int64 into the corpus.
+    """
+    from tqdm.auto import tqdm
+
+    num_queries, num_docs = len(queries), len(corpus)
+    if k < 1 or query_block < 1 or corpus_block < 1:
+        raise ValueError(f"k, query_block and corpus_block must be >= 1, got {k}, {query_block}, {corpus_block}")
+    if num_queries and num_docs and queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"queries have {queries.shape[1]} features, the corpus {corpus.shape[1]}")
+    k = min(k, num_docs)
+    target = torch.device(device or "cpu")
+    scores_out = numpy.empty((num_queries, k), dtype=numpy.float32)
+    indices_out = numpy.empty((num_queries, k), dtype=numpy.int64)
+    steps = -(-num_queries // query_block) * -(-num_docs // corpus_block)
+    with tqdm(total=steps, desc="searching", unit="block", disable=not show_progress) as progress:
+        for q_start in range(0, num_queries, query_block):
+            query_rows = _rows(queries, q_start, q_start + query_block, target)  # [bq, d]
+            best_scores = torch.full((len(query_rows), 0), float("-inf"), device=target)  # [bq, <=k]
+            best_indices = torch.zeros((len(query_rows), 0), dtype=torch.long, device=target)
+            for c_start in range(0, num_docs, corpus_block):
+                doc_rows = _rows(corpus, c_start, c_start + corpus_block, target)  # [bc, d]
+                block_scores = query_rows @ doc_rows.T  # [bq, bc]
+                top_scores, top_positions = block_scores.topk(min(k, block_scores.shape[1]), dim=1)
+                merged_scores = torch.cat([best_scores, top_scores], dim=1)  # [bq, <=2k]
+                merged_indices = torch.cat([best_indices, top_positions + c_start], dim=1)
+                best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+                best_indices = merged_indices.gather(1, order)
+                progress.update(1)
+            scores_out[q_start:q_start + len(query_rows)] = best_scores.cpu().numpy()
+            indices_out[q_start:q_start + len(query_rows)] = best_indices.cpu().numpy()
+    return scores_out, indices_out

@@ -1,0 +1,106 @@
+"""Reading texts and records for the evaluation tools, and writing their outputs atomically.
+
+Inputs are JSONL (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: one object per line) or plain text
+(anything else: one text per line). A bad line (malformed JSON, invalid UTF-8, a missing, empty or
+non-string field, a blank line) stops the tool with an error naming the file and line: an embedding
+file whose rows no longer match the input lines would be silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import numpy
+
+from megatron_conan.data.jsonl import BadLineError, iter_file_lines, parse_json_object, require_text
+from megatron_conan.errors import DataError, InputError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
+def is_jsonl(path: str) -> bool:
+    return path.endswith(JSONL_SUFFIXES)
+
+
+def _existing(path: str) -> str:
+    if not os.path.isfile(path):
+        raise InputError(f"input {path} does not exist")
+    return path
+
+
+def iter_jsonl_records(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(1-based line number, object) for every line of a JSONL file."""
+    for number, raw in enumerate(iter_file_lines(_existing(path)), start=1):
+        try:
+            yield number, parse_json_object(raw, None)
+        except BadLineError as error:
+            raise DataError(f"{path}:{number}: {error}") from None
+
+
+def record_text(record: Dict[str, Any], field: str, path: str, number: int) -> str:
+    try:
+        return require_text(record, field)
+    except BadLineError as error:
+        raise DataError(f"{path}:{number}: {error}") from None
+
+
+def read_texts(path: str, text_field: str = "text") -> List[str]:
+    """The texts of `path`: the `text_field` of each JSONL record, or each line of a text file."""
+    if is_jsonl(path):
+        return [record_text(record, text_field, path, number) for number, record in iter_jsonl_records(path)]
+    texts = []
+    for number, raw in enumerate(iter_file_lines(_existing(path)), start=1):
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid UTF-8 at byte {error.start}") from None
+        if not text.strip():
+            raise DataError(f"{path}:{number}: blank line (one text per line; blank texts are not embedded)")
+        texts.append(text)
+    return texts
+
+
+def check_output_file(path: str) -> None:
+    """Refuse an output whose directory does not exist, or that is a directory (before any work)."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise InputError(f"the directory of output {path} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"output {path} is a directory")
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside `path`, then rename it to `path`."""
+    check_output_file(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_npy(path: str, array: numpy.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            numpy.save(handle, array)
+
+    write_atomically(path, write)
+
+
+def save_json(path: str, value: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+
+    write_atomically(path, write)
