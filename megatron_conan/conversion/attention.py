@@ -16,6 +16,8 @@ whenever they load an exported directory; users can call it after ``SentenceTran
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Optional
 
 import torch
@@ -110,18 +112,24 @@ def attends_bidirectionally(model: torch.nn.Module) -> bool:
     return bool(((outputs[0] - outputs[1]).abs().max() / scale) > 1e-5)
 
 
-def check_attention_matches_config(model: torch.nn.Module, where: str) -> None:
-    """Raise AttentionMismatchError when `model` (HF, or a SentenceTransformer) runs causal attention
-    although its config asks for bidirectional, or the reverse."""
+def check_attention_matches_config(model: torch.nn.Module, path: str) -> None:
+    """Raise AttentionMismatchError when `model` (HF, or a SentenceTransformer), loaded from the
+    directory `path`, does not attend the way ``path/config.json`` asks (``is_causal``; the loaded
+    model's config when the directory has none)."""
     hf_model = _hf_model_of(model)
-    wants_causal = bool(getattr(hf_model.config, "is_causal", True))
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            wants_causal = bool(json.load(handle).get("is_causal", True))
+    else:
+        wants_causal = bool(getattr(hf_model.config, "is_causal", True))
     if wants_causal == (not attends_bidirectionally(hf_model)):
         return
     import transformers
 
     asked = "causal" if wants_causal else "bidirectional (is_causal: false)"
     raise AttentionMismatchError(
-        f"{where}: config.json asks for {asked} attention but the model loaded by transformers "
+        f"{path}: config.json asks for {asked} attention but the model loaded by transformers "
         f"{transformers.__version__} does not attend that way; bidirectional Llama models need "
         f"transformers>={MIN_TRANSFORMERS_FOR_IS_CAUSAL}")
 

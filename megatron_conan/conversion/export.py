@@ -249,7 +249,7 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
         model = SentenceTransformer(
             modules=[transformer, Pooling(info.model_config.hidden_size, ST_POOLING[options["pooling"]]), Normalize()],
             prompts=prompts, default_prompt_name=None, similarity_fn_name="cosine", device="cpu")
-        check_attention_matches_config(model, output)
+        check_attention_matches_config(model, transformer_dir)
         model.save(tmp)
         # sentence-transformers re-saves the model and tokenizer in its own words: put back ours
         # (top-level rope_theta, tokenizer_class for older transformers, the EOS-appending tokenizer)
@@ -275,7 +275,7 @@ def _append_model_card(directory: str, record: Dict[str, Any]) -> None:
         f"- Prompts: `query` = {json.dumps(record['prompts']['query'])}, `document` = none.",
         f"- Matryoshka dims: {', '.join(map(str, dims))}. Truncate with `truncate_dim=` and re-normalise.",
         "- Needs transformers >= 5.2 for bidirectional attention (`is_causal: false`); check with "
-        "`megatron_conan.conversion.check_attention_matches_config(model, path)`.", "",
+        "`megatron_conan.conversion.attention.check_attention_matches_config(model, path)`.", "",
     ]
     with open(os.path.join(directory, "README.md"), "a", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
