@@ -18,6 +18,12 @@ KNOWN_WARNINGS = (
     # megatron-core decorates fused kernels with torch.jit.script_method at import; we do not call it
     (DeprecationWarning, r".*torch\.jit\.script_method.*"),
     (DeprecationWarning, r".*dynamic_context\.py.*"),  # megatron-core inference imports, unused here
+    # megatron-core 0.16's dist_checkpointing saves and loads through torch's ShardedTensor path and
+    # its deprecated load_state_dict; checkpoints stay readable, the replacement is megatron's to make
+    (FutureWarning, r".*Please use DTensor instead and we are deprecating ShardedTensor.*"),
+    (FutureWarning, r".*`load_state_dict` is deprecated and will be removed.*"),
+    # megatron-core's tensor-parallel layers advise a CUDA setting even on CPU runs
+    (UserWarning, r".*CUDA_DEVICE_MAX_CONNECTIONS.*"),
 )
 
 

@@ -1,114 +1,359 @@
-"""Tiny end-to-end run on CPU: the README's first command (``make quickstart``).
+"""The main job (``make quickstart``): all four stages end to end on real text, on CPU, in minutes.
 
-Walks the pipeline as a user would, with the project's own tools and entry points, on data it
-generates (no downloads):
+    python -m megatron_conan.quickstart [--work-dir runs/quickstart] [--plan full|quick]
 
-1. synthetic multilingual JSONL: four pretraining sources (news, qa, web, multilingual) and SFT
-2. ``tools/train_tokenizer.py``: a small SentencePiece BPE model
-3. ``tools/preprocess_data.py``: each source -> .bin/.idx (2 workers); SFT -> indexed SFT data
-4. ``conan-pretrain``: the tiny model on the blended sources, TP=2 over two local processes (gloo)
-5. ``conan-sft``: fine-tunes the pretrained checkpoint on the SFT data (loss on outputs only)
+From Python's own documentation (``data/pydoc_corpus.py``: nothing is downloaded, nothing else of the
+machine is read) to an embedding model, with the project's own library at every step:
 
-Stages 3-4 of the paper (embedding training) join this run as they land.
+ 1. corpora: pretraining text, SFT triples, stage-3 pairs, stage-4 retrieval / STS / classification
+    data and a held-out retrieval split (whole module families the training never sees), BEIR layout
+ 2. tokenizer: SentencePiece BPE with byte fallback on the pretraining text
+ 3. preprocessing: pretraining text and SFT to indexed datasets (2 workers), pairs to a store
+ 4. pretrain: a small Conan decoder on two blended sources (docstrings, and the SFT examples as
+    plain text), tensor parallelism 2 over two local processes
+ 5. SFT from the pretrained checkpoint (loss on the answers only)
+ 6. embed-weak (stage 3) from the SFT checkpoint: gathered InfoNCE over two data-parallel ranks while
+    the soft mask moves attention from causal to bidirectional
+ 7. hard negatives for the retrieval data, mined with the stage-3 model (ranks 1-2 skipped)
+ 8. embed-sup (stage 4) from the stage-3 checkpoint: retrieval with DHNM hard negatives,
+    classification, STS with CoSENT, Matryoshka
+ 9. export of the stage-4 model as a sentence-transformers directory
+10. evaluation on the held-out split: every model (the pretrained and SFT decoders mean-pooled as
+    they are, stage 3, stage 4 from its checkpoint and from the export) beside BM25 and random;
+    nDCG@10 against the Matryoshka dim
+11. plots and ``report.md`` in the work directory
+
+Every step prints one line; long steps show a progress bar. The run needs no working directory of
+its own: recipes are built here, tools are called as library functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
-
-from megatron_conan.distributed.spawn import run_distributed
+import sys
+import time
+from typing import Any, Dict, List
 
 logger = logging.getLogger("megatron_conan.quickstart")
 
-SOURCES = ("news", "qa", "web", "multilingual")
+
+@dataclasses.dataclass
+class Plan:
+    """How big every step is. `full` is the README's main job (about 10 minutes on 2 CPU cores);
+    `quick` is the same pipeline in a minute or two (the test)."""
+
+    corpus: Dict[str, Any]
+    """PydocCorpusConfig fields."""
+    vocab_size: int
+    model: Dict[str, Any]
+    """ConanModelConfig overrides of the `tiny` recipe (vocab_size follows the tokenizer)."""
+    pretrain_steps: int
+    sft_steps: int
+    weak_steps: int
+    sup_steps: int
+    seq_length: int
+    lm_batch: int
+    weak_batch: int
+    """Pairs per step over both DP ranks."""
+    sup_batches: Dict[str, int]
+    """Per-rank batch size per stage-4 task."""
+    num_negatives: int
+    num_candidates: int
+    matryoshka_dims: List[int]
+    max_query_length: int
+    max_passage_length: int
 
 
-def _train_stage(rank: int, world_size: int, module: str, argv: list) -> dict:
-    """run_distributed body: one stage entry point's training on this rank."""
-    from megatron_conan.training.entry import parse_run_config
+PLANS = {
+    "full": Plan(
+        corpus={}, vocab_size=4096,
+        model={"hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 32,
+               "ffn_hidden_size": 352, "num_layers": 4, "max_sequence_length": 256},
+        pretrain_steps=250, sft_steps=60, weak_steps=120, sup_steps=120, seq_length=256, lm_batch=16,
+        weak_batch=64, sup_batches={"retrieval": 16, "classification": 16, "sts": 32}, num_negatives=3,
+        num_candidates=8, matryoshka_dims=[16, 32, 64, 128], max_query_length=64, max_passage_length=192),
+    "quick": Plan(
+        corpus={"heldout_documents": 120, "max_heldout_queries": 40, "max_sft_examples": 200,
+                "max_pair_examples": 200, "max_retrieval_examples": 120, "max_mining_corpus": 300,
+                "max_sts_anchors": 40, "classification_labels": 4, "max_classification_per_label": 20},
+        vocab_size=1000,
+        model={"max_sequence_length": 128},
+        pretrain_steps=4, sft_steps=2, weak_steps=3, sup_steps=4, seq_length=64, lm_batch=8,
+        weak_batch=16, sup_batches={"retrieval": 4, "classification": 4, "sts": 8}, num_negatives=2,
+        num_candidates=3, matryoshka_dims=[16, 32, 64], max_query_length=32, max_passage_length=64),
+}
+
+
+def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
+    """run_distributed body: one stage's training on this rank."""
+    from megatron_conan.config.loader import from_dict
+    from megatron_conan.training.config import RunConfig
     from megatron_conan.training.loop import train
 
-    _, cfg = parse_run_config(module, argv)
-    result = train(cfg, stage=module)
+    result = train(from_dict(RunConfig, values), stage=stage)
     return {"losses": result.losses, "steps": result.steps_done}
 
 
-def prepare_data(work_dir: str, vocab_size: int = 1000) -> dict:
-    """Steps 1-3: corpora, tokenizer, indexed datasets. Returns the paths."""
-    from megatron_conan.data import synthetic
-    from tools import preprocess_data, train_tokenizer
+class Pipeline:
+    """The steps of the main job over one work directory (module docstring)."""
 
-    raw = os.path.join(work_dir, "raw")
-    indexed = os.path.join(work_dir, "indexed")
-    os.makedirs(raw, exist_ok=True)
-    os.makedirs(indexed, exist_ok=True)
-    for seed, source in enumerate(SOURCES):
-        synthetic.write_pretraining_jsonl(os.path.join(raw, f"{source}.jsonl"), num_docs=400,
-                                          sources=(source,), seed=seed)
-    synthetic.write_sft_jsonl(os.path.join(raw, "sft.jsonl"), num_examples=200)
-    tokenizer_prefix = os.path.join(work_dir, "tokenizer", "conan_tiny")
-    os.makedirs(os.path.dirname(tokenizer_prefix), exist_ok=True)
-    status = train_tokenizer.main(["--input", *[os.path.join(raw, f"{s}.jsonl") for s in SOURCES],
-                                   "--model-prefix", tokenizer_prefix, "--vocab-size", str(vocab_size)])
-    if status != 0:
-        raise RuntimeError(f"train_tokenizer failed with status {status}")
-    tokenizer = tokenizer_prefix + ".model"
-    for source in SOURCES:
-        status = preprocess_data.main(["--input", os.path.join(raw, f"{source}.jsonl"), "--output-prefix",
-                                       os.path.join(indexed, source), "--tokenizer-model", tokenizer,
-                                       "--workers", "2", "--no-progress"])
-        if status != 0:
-            raise RuntimeError(f"preprocess_data failed on {source} with status {status}")
-    status = preprocess_data.main(["--format", "sft", "--input", os.path.join(raw, "sft.jsonl"),
-                                   "--output-prefix", os.path.join(indexed, "sft"), "--tokenizer-model",
-                                   tokenizer, "--workers", "1", "--no-progress"])
-    if status != 0:
-        raise RuntimeError(f"preprocess_data --format sft failed with status {status}")
-    return {"tokenizer": tokenizer, "indexed": indexed, "vocab_size": vocab_size}
+    def __init__(self, work_dir: str, plan: Plan, seed: int = 0):
+        self.work_dir, self.plan, self.seed = os.path.abspath(work_dir), plan, seed
+        self.paths: Dict[str, str] = {}
+        self.results: Dict[str, Any] = {"plan": dataclasses.asdict(plan), "stages": {}, "timings": {}}
+        self.step_count = 0
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.work_dir, *parts)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)  # user-facing: one line per step
+
+    def timed(self, name: str, function, *args):
+        started = time.perf_counter()
+        summary = function(*args)
+        elapsed = time.perf_counter() - started
+        self.results["timings"][name] = elapsed
+        self.step_count += 1
+        self.say(f"[{self.step_count:>2}/11] {name}: {summary} ({elapsed:.0f} s)")
+
+    # -- data --
+    def corpus(self) -> str:
+        from megatron_conan.data.pydoc_corpus import PydocCorpusConfig, build_pydoc_corpus
+
+        manifest = build_pydoc_corpus(self.path("corpus"), PydocCorpusConfig(seed=self.seed, **self.plan.corpus))
+        self.manifest = manifest
+        files = {name: info["lines"] for name, info in manifest["files"].items()}
+        self.results["corpus"] = {"python": manifest["python"], "files": files, "counts": manifest["counts"],
+                                  "modules": {key: manifest["modules"][key] for key in ("imported", "skipped")}}
+        python = manifest["python"]
+        version = python.get("version", "?") if isinstance(python, dict) else python
+        return (f"Python {version} docs ({manifest['modules']['imported']} modules imported, "
+                f"{manifest['modules']['skipped']} skipped) -> "
+                f"{files.get('pretrain.jsonl')} pretraining texts, {files.get('sft.jsonl')} SFT, "
+                f"{files.get('pairs.jsonl')} pairs, {files.get('retrieval.jsonl')} retrieval, held out: "
+                f"{files.get('heldout/queries.jsonl')} queries over {files.get('heldout/corpus.jsonl')} documents")
+
+    def tokenizer(self) -> str:
+        from megatron_conan.data.tokenizer import ConanTokenizer, TokenizerTrainingConfig, train_tokenizer
+
+        prefix = self.path("tokenizer", "pydoc")
+        train_tokenizer([self.path("corpus", "pretrain.jsonl")], prefix,
+                        TokenizerTrainingConfig(vocab_size=self.plan.vocab_size, num_threads=2, seed=self.seed))
+        self.paths["tokenizer"] = prefix + ".model"
+        self.vocab_size = ConanTokenizer(self.paths["tokenizer"]).vocab_size
+        return f"{self.vocab_size} SentencePiece BPE pieces with byte fallback"
+
+    def _sft_as_text(self) -> str:
+        """The SFT examples as plain documents: the second pretraining source of the blend."""
+        from megatron_conan.data.encoders import format_sft_prompt
+
+        path = self.path("corpus", "sft_as_text.jsonl")
+        with open(self.path("corpus", "sft.jsonl"), encoding="utf-8") as source, \
+                open(path, "w", encoding="utf-8") as out:
+            for line in source:
+                row = json.loads(line)
+                text = format_sft_prompt(row["instruction"], row.get("input")) + row["output"]
+                out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        return path
+
+    def preprocess(self) -> str:
+        from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
+        from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
+
+        tokenizer = self.paths["tokenizer"]
+        counts = {}
+        for name, source in (("docstrings", self.path("corpus", "pretrain.jsonl")), ("sft_text", self._sft_as_text())):
+            result = preprocess_jsonl(PreprocessConfig(inputs=[source], output_prefix=self.path("indexed", name),
+                                                       tokenizer_model=tokenizer, workers=2, progress=False))
+            counts[name] = result.documents
+        result = preprocess_jsonl(PreprocessConfig(inputs=[self.path("corpus", "sft.jsonl")], format="sft",
+                                                   output_prefix=self.path("indexed", "sft"),
+                                                   tokenizer_model=tokenizer, workers=1, progress=False))
+        counts["sft"] = result.documents
+        result = tokenize_contrastive(PreprocessConfig(inputs=[self.path("corpus", "pairs.jsonl")],
+                                                       output_prefix=self.path("indexed", "pairs"),
+                                                       tokenizer_model=tokenizer, workers=1, progress=False))
+        counts["pairs"] = result.documents
+        self.results["preprocess"] = counts
+        return ", ".join(f"{name} {count}" for name, count in counts.items()) + " documents"
+
+    # -- training --
+    def _run_config(self, stage: str, **sections) -> dict:
+        plan = self.plan
+        values = {
+            "run_dir": self.path(stage),
+            "model": {"recipe": "tiny", "overrides": {**plan.model, "vocab_size": self.vocab_size}},
+            "train": {"seq_length": plan.seq_length, "log_interval": 10, "eval_interval": 0, "progress_bar": True,
+                      "seed": 1234 + self.seed},
+            "checkpoint": {"save_interval": 0, "keep_last": 1},
+            "data": {"tokenizer": self.paths["tokenizer"]},
+        }
+        for name, section in sections.items():
+            values[name] = {**values.get(name, {}), **section}
+        return values
+
+    def _train(self, stage: str, world_size: int, values: dict) -> dict:
+        from megatron_conan.distributed.spawn import run_distributed
+
+        result = run_distributed(_train_stage, world_size, args=(stage.replace("_", "-"), values), timeout_s=3600,
+                                 log_level=logging.WARNING)[0]
+        losses = result["losses"]
+        self.results["stages"][stage] = {"run_dir": values["run_dir"], "first_loss": losses[min(losses)],
+                                         "last_loss": losses[max(losses)], "steps": result["steps"]}
+        return result
+
+    def _loss_line(self, stage: str) -> str:
+        entry = self.results["stages"][stage]
+        return f"loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f} over {entry['steps']} steps"
+
+    def pretrain(self) -> str:
+        plan = self.plan
+        blend = {"sources": [{"name": "docstrings", "prefix": self.path("indexed", "docstrings"), "weight": 0.8},
+                             {"name": "sft_text", "prefix": self.path("indexed", "sft_text"), "weight": 0.2}],
+                 "split": "100,0,0", "cache_dir": self.path("index_cache")}
+        self._train("pretrain", 2, self._run_config(
+            "pretrain", parallel={"tensor_parallel": 2},
+            optimizer={"lr": 3e-3, "warmup_fraction": 0.05, "decay_style": "cosine", "min_lr": 3e-4},
+            train={"train_steps": plan.pretrain_steps, "global_batch_size": plan.lm_batch,
+                   "micro_batch_size": plan.lm_batch // 2},
+            data={"kind": "blended", "blend": blend}))
+        return f"TP=2, blended docstrings 0.8 + SFT text 0.2, {self._loss_line('pretrain')}"
+
+    def sft(self) -> str:
+        plan = self.plan
+        self._train("sft", 2, self._run_config(
+            "sft", parallel={"tensor_parallel": 2},
+            optimizer={"lr": 1e-3, "warmup_fraction": 0.05, "min_lr": 1e-4},
+            train={"train_steps": plan.sft_steps, "global_batch_size": plan.lm_batch,
+                   "micro_batch_size": plan.lm_batch // 2},
+            checkpoint={"load_dir": self.path("pretrain", "checkpoints")},
+            data={"kind": "sft", "sft_prefix": self.path("indexed", "sft"), "split": "100,0,0"}))
+        return f"TP=2, loss on the answers only, {self._loss_line('sft')}"
+
+    def _embedding(self, **extra) -> dict:
+        plan = self.plan
+        return {"max_query_length": plan.max_query_length, "max_passage_length": plan.max_passage_length,
+                "query_instruction": self.manifest["instructions"]["retrieval"], **extra}
+
+    def embed_weak(self) -> str:
+        plan = self.plan
+        self._train("embed_weak", 2, self._run_config(
+            "embed_weak", model={"soft_mask": {"schedule": "linear", "position_scale": "len_over_pos"}},
+            optimizer={"lr": 5e-4, "warmup_fraction": 0.05, "min_lr": 5e-5},
+            train={"train_steps": plan.weak_steps, "global_batch_size": plan.weak_batch},
+            checkpoint={"load_dir": self.path("sft", "checkpoints")},
+            data={"kind": "contrastive", "contrastive_prefix": self.path("indexed", "pairs")},
+            embedding=self._embedding(temperature=0.05)))
+        return f"DP=2, soft mask a(t) 0 -> 1, in-batch negatives of both ranks, {self._loss_line('embed_weak')}"
+
+    def mine(self) -> str:
+        from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
+        from megatron_conan.data.preprocess import PreprocessConfig
+        from megatron_conan.eval.embedders import load_embedder
+        from megatron_conan.eval.mining import MiningConfig, mine_file
+
+        plan = self.plan
+        mined = self.path("corpus", "retrieval_mined.jsonl")
+        config = MiningConfig(num_negatives=plan.num_negatives, pool_size=plan.num_negatives + plan.num_candidates,
+                              skip_top=2, batch_size=64)
+        with load_embedder(self.path("embed_weak", "checkpoints"), max_length=plan.max_passage_length) as embedder:
+            report = mine_file(self.path("corpus", "retrieval.jsonl"), mined, embedder, config,
+                               corpus_path=self.path("corpus", "corpus.jsonl"), show_progress=True)
+        inputs = [mined, self.path("corpus", "sts.jsonl"), self.path("corpus", "classification.jsonl")]
+        tokenize_contrastive(PreprocessConfig(inputs=[path for path in inputs if os.path.getsize(path)],
+                                              output_prefix=self.path("indexed", "supervised"),
+                                              tokenizer_model=self.paths["tokenizer"], workers=1, progress=False))
+        self.results["mining"] = report
+        return (f"{report['examples']} retrieval queries against {report['corpus_texts']} texts with the stage-3 "
+                f"model: pools of {report['mean_pool_size']:.1f} (first {plan.num_negatives} as negatives), "
+                f"ranks 1-2 skipped, {report['too_few_negatives']['count']} with too few")
+
+    def embed_sup(self) -> str:
+        plan = self.plan
+        self._train("embed_sup", 2, self._run_config(
+            "embed_sup", optimizer={"lr": 3e-4, "warmup_fraction": 0.05, "min_lr": 3e-5},
+            train={"train_steps": plan.sup_steps, "global_batch_size": 2 * plan.sup_batches["retrieval"]},
+            checkpoint={"load_dir": self.path("embed_weak", "checkpoints")},
+            data={"kind": "contrastive", "contrastive_prefix": self.path("indexed", "supervised")},
+            embedding=self._embedding(temperature=0.05, num_negatives=plan.num_negatives,
+                                      task_batch_sizes=plan.sup_batches, matryoshka_dims=plan.matryoshka_dims,
+                                      task_weights={"retrieval": 3.0, "classification": 1.0, "sts": 1.0})))
+        return f"DP=2, DHNM hard negatives, Matryoshka {plan.matryoshka_dims}, {self._loss_line('embed_sup')}"
+
+    def export(self) -> str:
+        from megatron_conan.conversion.export import export_sentence_transformer
+
+        os.makedirs(self.path("export"), exist_ok=True)
+        self.paths["export"] = export_sentence_transformer(self.path("embed_sup", "checkpoints"),
+                                                           self.path("export", "conan-pydoc"), overwrite=True,
+                                                           max_seq_length=self.plan.max_passage_length)
+        return f"sentence-transformers directory {self.paths['export']}"
+
+    # -- evaluation and report --
+    def evaluate(self) -> str:
+        from megatron_conan.eval.stages import ModelUnderTest, evaluate_models
+
+        length, instruction = self.plan.max_passage_length, self.manifest["instructions"]["retrieval"]
+        models = [ModelUnderTest("1 pretrain (mean-pooled)", self.path("pretrain", "checkpoints"), max_length=length,
+                                 query_instruction=instruction),
+                  ModelUnderTest("2 SFT (mean-pooled)", self.path("sft", "checkpoints"), max_length=length,
+                                 query_instruction=instruction),
+                  ModelUnderTest("3 embed-weak", self.path("embed_weak", "checkpoints"), max_length=length),
+                  ModelUnderTest("4 embed-sup", self.path("embed_sup", "checkpoints"), "query", max_length=length),
+                  ModelUnderTest("4 embed-sup, exported", self.paths["export"], "query")]
+        self.results["evaluation"] = evaluate_models(self.path("corpus", "heldout"), models,
+                                                     matryoshka_of="4 embed-sup", dims=self.plan.matryoshka_dims)
+        rows = self.results["evaluation"]["rows"]
+        final = next(row for row in rows if row["name"] == "4 embed-sup")
+        bm25 = next(row for row in rows if row["name"] == "BM25")
+        return (f"{len(models)} models, BM25 and random on {len(rows) and self.results['evaluation']['dataset']['queries']} "
+                f"held-out queries: final nDCG@10 {final['ndcg_at_10']:.3f}, BM25 {bm25['ndcg_at_10']:.3f}")
+
+    def report(self) -> str:
+        from megatron_conan.eval.report import write_report
+
+        written = write_report(self.work_dir, self.results)
+        with open(self.path("results.json"), "w", encoding="utf-8") as handle:
+            json.dump(self.results, handle, indent=2, default=str)
+        return f"{len(written)} plots and report.md in {self.work_dir}"
+
+
+STEPS = ("corpus", "tokenizer", "preprocess", "pretrain", "sft", "embed_weak", "mine", "embed_sup", "export",
+         "evaluate", "report")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/quickstart")
-    parser.add_argument("--pretrain-steps", type=int, default=30)
-    parser.add_argument("--sft-steps", type=int, default=10)
-    parser.add_argument("--tensor-parallel", type=int, default=2)
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full",
+                        help="full: the README's run (about 10 minutes on 2 cores); quick: the same steps, tiny")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    from megatron_conan.known_warnings import silence_known_warnings
+
+    silence_known_warnings()
     if os.path.exists(args.work_dir):
         shutil.rmtree(args.work_dir)  # a fresh run each time: resuming is what the tests check
-    data = prepare_data(args.work_dir)
-    tokenizer, indexed = data["tokenizer"], data["indexed"]
-    blend = json.dumps({"sources": [{"name": s, "prefix": os.path.join(indexed, s), "weight": w}
-                                    for s, w in zip(SOURCES, (0.25, 0.15, 0.45, 0.15))],
-                        "split": "98,2,0", "cache_dir": os.path.join(args.work_dir, "index_cache")})
-    common = [f"model.overrides={{vocab_size: {data['vocab_size']}}}", f"data.tokenizer={tokenizer}",
-              f"parallel.tensor_parallel={args.tensor_parallel}", "train.log_interval=5"]
-    pretrain_dir = os.path.join(args.work_dir, "pretrain")
-    pretrain = run_distributed(_train_stage, args.tensor_parallel, args=("pretrain", [
-        "--config", "examples/tiny/pretrain.yaml", f"run_dir={pretrain_dir}", "data.kind=blended",
-        f"data.blend={blend}", f"train.train_steps={args.pretrain_steps}", "train.eval_interval=10",
-        *common]), timeout_s=1800)[0]
-    sft = run_distributed(_train_stage, args.tensor_parallel, args=("sft", [
-        "--config", "examples/tiny/sft.yaml", f"run_dir={os.path.join(args.work_dir, 'sft')}",
-        f"checkpoint.load_dir={os.path.join(pretrain_dir, 'checkpoints')}",
-        f"data.sft_prefix={os.path.join(indexed, 'sft')}", f"train.train_steps={args.sft_steps}",
-        "optimizer.lr=1e-3", *common]), timeout_s=1800)[0]
-    first, last = pretrain["losses"][1], pretrain["losses"][args.pretrain_steps]
-    print(f"pretrain (tiny, TP={args.tensor_parallel}, blended indexed data): loss {first:.3f} -> {last:.3f} "
-          f"over {pretrain['steps']} steps")
-    print(f"sft (from the pretrained checkpoint, output tokens only): loss {sft['losses'][1]:.3f} -> "
-          f"{sft['losses'][args.sft_steps]:.3f} over {sft['steps']} steps")
-    print(f"everything is under {args.work_dir}/ (TensorBoard: {pretrain_dir}/tensorboard)")
-    if not last < first:
-        print("pretraining loss did not fall")
-        return 1
+    pipeline = Pipeline(args.work_dir, PLANS[args.plan], args.seed)
+    started = time.perf_counter()
+    for name in STEPS:
+        pipeline.timed(name.replace("_", "-"), getattr(pipeline, name))
+    pipeline.results["timings"]["total"] = time.perf_counter() - started
+    from megatron_conan.eval.report import format_table
+
+    pipeline.say("")
+    pipeline.say(format_table(pipeline.results["evaluation"]["rows"]))
+    pipeline.say(f"\ntotal {pipeline.results['timings']['total'] / 60:.1f} min; report: "
+                 f"{os.path.join(pipeline.work_dir, 'report.md')}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

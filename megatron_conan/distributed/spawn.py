@@ -38,13 +38,12 @@ def harness_backend(world_size: int, cuda_device_count: int) -> str:
 
 
 def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: Callable,
-            args: Sequence[Any], kwargs: Dict[str, Any], results: "mp.Queue") -> None:
+            args: Sequence[Any], kwargs: Dict[str, Any], results: "mp.Queue", log_level: int) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(level=log_level, format=f"[rank {rank}] %(name)s: %(message)s", force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-rank config dumps drown the output
     silence_known_warnings()
     try:
@@ -81,14 +80,16 @@ def run_distributed(
     kwargs: Optional[Dict[str, Any]] = None,
     timeout_s: float = 300.0,
     backend: Optional[str] = None,
+    log_level: int = logging.INFO,
 ) -> List[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on `world_size` spawned ranks; see module doc."""
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on `world_size` spawned ranks; see module doc.
+    `log_level`: the ranks' logging level (WARNING keeps an interactive console to the point)."""
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     processes = [
         context.Process(target=_worker, args=(rank, world_size, port, backend, fn, tuple(args),
-                                              dict(kwargs or {}), results), daemon=False)
+                                              dict(kwargs or {}), results, log_level), daemon=False)
         for rank in range(world_size)
     ]
     for process in processes:

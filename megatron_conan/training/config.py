@@ -101,6 +101,8 @@ class TrainSection:
     """Stop after this many non-finite losses in a row."""
     exit_after_steps: Optional[int] = None
     """Stop (after a checkpoint) once this step is reached: for tests and time-sliced jobs."""
+    progress_bar: bool = False
+    """Show a progress bar of the steps on rank 0 (interactive runs; the quickstart)."""
     wandb_project: Optional[str] = None
     """Also log to this W&B project when the `wandb` package is installed (TensorBoard always)."""
 

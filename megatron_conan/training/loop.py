@@ -218,6 +218,11 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
                                       keep_last=cfg.checkpoint.keep_last,
                                       **_stage_file_hook(stage))
 
+    progress = None
+    if cfg.train.progress_bar and rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=stop_at, initial=step, desc=stage.name, unit="step", leave=False, dynamic_ncols=True)
     try:
         while step < stop_at:
             started = time.perf_counter()
@@ -235,6 +240,9 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
                     scheduler.step(increment=1)  # the schedule counts optimizer steps
             elapsed = time.perf_counter() - started
             losses[step] = output.loss
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{output.loss:.4f}")
             throughput = meter.update(output.tokens, elapsed)
             record = {"step": step, "loss": output.loss, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": grad_norm, "skipped_steps": guard.total_skipped,
@@ -265,6 +273,8 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
             if not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step > 0):
                 save()
     finally:
+        if progress is not None:
+            progress.close()
         metrics.close()
         stage.close()
     return RunResult(steps_done=step, losses=losses, preempted=preempted, skipped_steps=guard.total_skipped)

@@ -1,0 +1,154 @@
+"""The end-to-end run's report: the held-out table and five PNG plots, with ``report.md`` beside them.
+
+Inputs are the run directories' ``metrics.jsonl`` (training/README.md) and the evaluation rows of
+``eval/stages.py``; matplotlib draws off-screen (Agg), so no display is needed.
+
+    plots/loss.png            training loss of every stage against its step
+    plots/soft_mask.png       a(t) during stage 3
+    plots/dhnm.png            DHNM replacements per step and the mean hard-negative cosine (stage 4)
+    plots/ndcg_by_stage.png   held-out nDCG@10 of every model against BM25 and random
+    plots/matryoshka.png      held-out nDCG@10 of the final model against the embedding dim
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+STAGE_TITLES = {"pretrain": "1 pretrain", "sft": "2 SFT", "embed_weak": "3 embed-weak", "embed_sup": "4 embed-sup"}
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    """The records of a run's metrics.jsonl in step order (the last line of a step wins)."""
+    by_step: Dict[int, dict] = {}
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def format_table(rows: List[dict]) -> str:
+    """The held-out table: stage, nDCG@10, Recall@10, MRR@10 (plain text, also valid Markdown)."""
+    lines = ["| model | nDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['ndcg_at_10']:.3f} | {row['recall_at_10']:.3f} | {row['mrr_at_10']:.3f} |")
+    return "\n".join(lines)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_losses(plt, runs: Dict[str, List[dict]], path: str) -> None:
+    figure, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
+    for axis, (stage, records) in zip(axes if len(runs) > 1 else [axes], runs.items()):
+        axis.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1)
+        axis.set_title(STAGE_TITLES.get(stage, stage))
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_soft_mask(plt, records: List[dict], path: str) -> None:
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.plot([r["step"] for r in records], [r.get("soft_mask_a") for r in records])
+    axis.set_xlabel("stage-3 step")
+    axis.set_ylabel("a(t)")
+    axis.set_title("soft mask: causal (0) -> bidirectional (1)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_dhnm(plt, records: List[dict], path: str) -> None:
+    observed = [r for r in records if "dhnm_replacements" in r]
+    figure, left = plt.subplots(figsize=(6, 3.2))
+    left.bar([r["step"] for r in observed], [r["dhnm_replacements"] for r in observed], color="tab:blue",
+             label="replacements")
+    left.set_xlabel("stage-4 step (retrieval steps)")
+    left.set_ylabel("hard negatives replaced", color="tab:blue")
+    right = left.twinx()
+    scored = [r for r in observed if "dhnm_mean_score" in r]
+    right.plot([r["step"] for r in scored], [r["dhnm_mean_score"] for r in scored], color="tab:red", marker=".")
+    right.set_ylabel("mean hard-negative cosine", color="tab:red")
+    left.set_title("dynamic hard-negative mining")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_ndcg(plt, rows: List[dict], path: str) -> None:
+    models = [row for row in rows if row["kind"] == "model"]
+    figure, axis = plt.subplots(figsize=(7, 3.4))
+    axis.bar(range(len(models)), [row["ndcg_at_10"] for row in models], color="tab:green")
+    axis.set_xticks(range(len(models)))
+    axis.set_xticklabels([row["name"] for row in models], rotation=15, ha="right")
+    for row, style in ((r, s) for r in rows if r["kind"] == "baseline" for s in [("--" if r["name"] == "BM25" else ":")]):
+        axis.axhline(row["ndcg_at_10"], linestyle=style, color="black", linewidth=1)
+        axis.text(len(models) - 0.5, row["ndcg_at_10"], f" {row['name']}", va="bottom", ha="right")
+    axis.set_ylabel("held-out nDCG@10")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_matryoshka(plt, curve: List[dict], rows: List[dict], path: str) -> None:
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.plot([entry["dim"] for entry in curve], [entry["ndcg_at_10"] for entry in curve], marker="o")
+    bm25 = next((row for row in rows if row["name"] == "BM25"), None)
+    if bm25 is not None:
+        axis.axhline(bm25["ndcg_at_10"], linestyle="--", color="black", linewidth=1, label="BM25")
+        axis.legend()
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("embedding dim (Matryoshka prefix)")
+    axis.set_ylabel("held-out nDCG@10")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(work_dir: str, results: Dict[str, Any]) -> List[str]:
+    """Draw the plots and write report.md into `work_dir`; returns the plot paths."""
+    plt = _figure()
+    plots_dir = os.path.join(work_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    runs = {stage: read_metrics(entry["run_dir"]) for stage, entry in results["stages"].items()}
+    evaluation = results["evaluation"]
+    written = []
+
+    def target(name: str) -> str:
+        written.append(os.path.join(plots_dir, name))
+        return written[-1]
+
+    _plot_losses(plt, runs, target("loss.png"))
+    if "embed_weak" in runs:
+        _plot_soft_mask(plt, runs["embed_weak"], target("soft_mask.png"))
+    if "embed_sup" in runs:
+        _plot_dhnm(plt, runs["embed_sup"], target("dhnm.png"))
+    _plot_ndcg(plt, evaluation["rows"], target("ndcg_by_stage.png"))
+    if evaluation.get("matryoshka"):
+        _plot_matryoshka(plt, evaluation["matryoshka"], evaluation["rows"], target("matryoshka.png"))
+    timings = results.get("timings", {})
+    lines = ["# End-to-end run", "",
+             f"Held-out retrieval: {evaluation['dataset']['queries']} queries over "
+             f"{evaluation['dataset']['documents']} documents of Python module families no training file "
+             "contains (summary line -> the rest of the docstring).", "",
+             format_table(evaluation["rows"]), ""]
+    if evaluation.get("matryoshka"):
+        lines += ["Final model by Matryoshka dim: " + ", ".join(
+            f"{entry['dim']}: {entry['ndcg_at_10']:.3f}" for entry in evaluation["matryoshka"]), ""]
+    lines += ["Plots:", ""] + [f"- ![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in written] + [""]
+    if timings:
+        lines += ["Time per step (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()), ""]
+    with open(os.path.join(work_dir, "report.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+    return written
