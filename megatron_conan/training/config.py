@@ -22,7 +22,8 @@ class ModelSection:
     """Extra megatron-core TransformerConfig fields (e.g. recompute_granularity)."""
     soft_mask: Optional[Dict[str, Any]] = None
     """SoftMaskConfig fields of the embedding stages' attention (stage 3: the causal ->
-    bidirectional schedule, `total_steps` defaulting to the stage's steps; stage 4: bidirectional
+    bidirectional schedule, `total_steps` defaulting to the stage's steps minus one, so that the
+    first step is causal and the last bidirectional; stage 4: bidirectional
     unless set). Pretrain and SFT refuse it."""
 
     def __post_init__(self):

@@ -6,7 +6,8 @@ across the data-parallel group (``losses/infonce.py``), plain or with GradCache
 (``training/contrastive_step.py``).
 
 Stage 3 (weakly supervised, ``pair`` data): attention moves from causal to bidirectional with the soft
-mask; a(t) follows the step (``model.soft_mask``; its ``total_steps`` defaults to the stage's steps),
+mask; a(t) follows the step (``model.soft_mask``; its ``total_steps`` defaults to the stage's steps
+minus one, so the first step is causal and the last one bidirectional),
 is logged every step as ``soft_mask_a`` and is checkpointed with the model. Stage 4 (supervised,
 multi-task with hard negatives) builds on the same pieces; it attends bidirectionally unless
 ``model.soft_mask`` says otherwise.
@@ -88,7 +89,9 @@ class EmbeddingStage(Stage):
     def soft_mask_config(self, cfg) -> SoftMaskConfig:
         values = {**self.default_soft_mask, **(cfg.model.soft_mask or {})}
         if values.get("fixed_a") is None and values.get("total_steps") is None:
-            values["total_steps"] = max(cfg.train.steps(), 1)
+            # steps t = 0 .. T-1 of the stage: a(0) = 0 (causal) at the first, a = 1 (bidirectional)
+            # at the last, so the checkpoint the stage ends with is the bidirectional model
+            values["total_steps"] = max(cfg.train.steps() - 1, 1)
         try:
             return SoftMaskConfig(**values)
         except (TypeError, ValueError) as error:

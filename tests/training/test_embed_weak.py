@@ -241,7 +241,7 @@ def uninterrupted(embedding_data, tmp_path_factory):
 def test_a_follows_the_schedule_and_the_loss_falls(uninterrupted):
     assert sorted(step for step in uninterrupted if step != "run_dir") == list(range(1, 25))
     for step, record in ((s, r) for s, r in uninterrupted.items() if s != "run_dir"):
-        assert record["soft_mask_a"] == (step - 1) / 24  # a(t) of the step's forward, t = step - 1
+        assert record["soft_mask_a"] == (step - 1) / 23  # a(t) of the forward of t = step - 1 of 0..23
     first, last = uninterrupted[1]["loss"], uninterrupted[24]["loss"]
     assert last < first, (first, last)
 

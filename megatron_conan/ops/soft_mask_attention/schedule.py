@@ -40,8 +40,8 @@ class SoftMaskConfig:
     """How m_i depends on the row: `len_over_pos` (default), `pos_over_len` or `none`."""
 
     total_steps: Optional[int] = None
-    """T: the number of training steps over which a(t) goes from 0 to 1 (a stays 1 after T). None:
-    the training stage's own number of steps (the embed-weak stage fills it in)."""
+    """T: a(t) goes from 0 at step t = 0 to 1 at step t = T (and stays 1). None: the embed-weak stage
+    fills in its steps minus one, so that its first step is causal and its last bidirectional."""
 
     fixed_a: Optional[float] = None
     """If set, a is this constant whatever the step: 0.0 is causal, 1.0 bidirectional (stage 4)."""
