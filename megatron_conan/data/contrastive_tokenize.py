@@ -30,7 +30,7 @@ TASK_CODES = {task: code for code, task in enumerate(CONTRASTIVE_TASKS)}
 EXAMPLE_DTYPE = numpy.dtype([
     ("first_sequence", "<i8"),   # index of the example's anchor sequence in the indexed dataset
     ("task", "u1"),              # code into CONTRASTIVE_TASKS
-    ("instructed", "u1"),        # 1 when the anchor (sts: both texts) was formatted with an instruction
+    ("instructed", "u1"),        # 1 when the anchor (sts: both texts) has its instruction
     ("num_negatives", "<u2"),    # negatives (classification: negative labels)
     ("num_candidates", "<u2"),   # ranked DHNM candidate pool beyond the negatives
     ("language", "<i2"),         # code into meta["languages"], -1 when absent

@@ -371,8 +371,8 @@ def preprocess_jsonl(config: PreprocessConfig) -> PreprocessResult:
     on any error no output is left. Format `contrastive` is written by
     `megatron_conan.data.contrastive_tokenize.tokenize_contrastive`."""
     if config.format == "contrastive":
-        raise ConfigError("format contrastive is written by megatron_conan.data."
-                          "contrastive_tokenize.tokenize_contrastive (tools/tokenize_contrastive.py)")
+        raise ConfigError("format contrastive is written by megatron_conan.data.contrastive_"
+                          "tokenize.tokenize_contrastive (tools/tokenize_contrastive.py)")
     return run_to_indexed(config)
 
 

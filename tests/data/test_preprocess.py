@@ -328,3 +328,19 @@ def test_threads_follow_the_workers(tokenizer_model, corpus_dir):
     assert make_encoder(config).num_threads == 1
     config.threads = 3
     assert make_encoder(config).num_threads == 3
+
+
+def test_tool_writes_contrastive_stores_too(tokenizer_model, tmp_path, scripts, tokenizer):
+    from megatron_conan.data.contrastive import ContrastiveStore
+    from megatron_conan.data.provenance import check_tokenizer
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(json.dumps({"task": "pair", "query": "what loops?", "positive": "for"})
+                      + "\n", encoding="utf-8")
+    assert scripts("tools/preprocess_data.py").main([
+        "--input", str(source), "--output-prefix", str(tmp_path / "store"), "--format",
+        "contrastive", "--tokenizer-model", tokenizer_model, "--no-progress"]) == 0
+    store = ContrastiveStore(str(tmp_path / "store"))
+    assert store.example(0).anchor.tolist() == tokenizer.encode("what loops?")
+    assert check_tokenizer(str(tmp_path / "store"), tokenizer)["format"] == (
+        "megatron_conan.contrastive")
