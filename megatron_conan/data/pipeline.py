@@ -66,7 +66,7 @@ class LineEncoder:
         if self._encoder is None:
             self._encoder = CachedEncoder.from_file(
                 self.tokenizer_model, use_cache=self.word_cache, max_bytes=self.cache_bytes,
-                num_threads=self.num_threads)
+                num_threads=self.num_threads, quiet=True)  # the run says it once (preprocess)
 
     @property
     def encoder(self) -> CachedEncoder:

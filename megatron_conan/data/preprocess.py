@@ -41,7 +41,7 @@ from megatron_conan.data.provenance import (
     tokenizer_record,
     write_record,
 )
-from megatron_conan.data.word_cache import default_threads
+from megatron_conan.data.word_cache import cache_refusal, default_threads, report_fallback
 from megatron_conan.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -330,6 +330,9 @@ def run_to_indexed(config: PreprocessConfig, extra_suffixes: Sequence[str] = (),
     (`StrictModeError`, `EmptyOutputError`) carries the result so far as `error.result`."""
     encoder = make_encoder(config)
     executor = start_workers(encoder, config.workers)  # workers start up while we go on
+    refusal = cache_refusal(config.tokenizer_model) if config.word_cache else None
+    if refusal is not None:  # the workers found the same, quietly: said once for the run
+        report_fallback(refusal)
     result = PreprocessResult(config.output_prefix,
                               bad_lines=BadLineReport(config.max_bad_line_examples))
     sample = DocumentSample(config.verify_sample, config.verify_seed)

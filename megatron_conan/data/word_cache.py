@@ -88,6 +88,21 @@ def plan_cache(model: "sentencepiece_model_pb2.ModelProto") -> Optional[str]:
     return None
 
 
+def report_fallback(reason: str) -> None:
+    """Says once per process (per reason) that encoding is plain SentencePiece, and why."""
+    if reason not in _reported_fallbacks:
+        _reported_fallbacks.add(reason)
+        logger.warning("per-word encoding cache off, plain SentencePiece encoding: %s", reason)
+
+
+def cache_refusal(model_path: str) -> Optional[str]:
+    """`plan_cache` of a model file: why the cache cannot be exact for it, or None."""
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as stream:
+        model.ParseFromString(stream.read())
+    return plan_cache(model)
+
+
 def _raw_model(model: "sentencepiece_model_pb2.ModelProto") -> bytes:
     """The model with an identity normaliser: encodes already-normalised parts unchanged."""
     raw = sentencepiece_model_pb2.ModelProto()
@@ -112,7 +127,8 @@ def default_threads(workers: int) -> int:
 
 class CachedEncoder:
     """SentencePiece encoding of text batches, ids identical to `processor.encode(texts)`, through
-    the exact per-word cache when the model allows it (`self.cached`; else `self.reason`).
+    the exact per-word cache when the model allows it (`self.cached`; else `self.reason`, said
+    once per process unless `quiet`: preprocessing workers leave that to the main process).
 
     Cache keys are cut with `str.replace` and `str.split` (C speed): in the normalised text, whose
     whitespace marks U+2581 that follow another one are first replaced by NUL, splitting at the
@@ -124,7 +140,7 @@ class CachedEncoder:
     """
 
     def __init__(self, model_proto: bytes, use_cache: bool = True, max_bytes: int = 256 << 20,
-                 max_part_chars: int = 256, num_threads: int = 1):
+                 max_part_chars: int = 256, num_threads: int = 1, quiet: bool = False):
         self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         self.num_threads = num_threads
         self.max_bytes = max_bytes
@@ -141,10 +157,8 @@ class CachedEncoder:
         model.ParseFromString(model_proto)
         self.reason = plan_cache(model)
         if self.reason is not None:
-            if self.reason not in _reported_fallbacks:
-                _reported_fallbacks.add(self.reason)
-                logger.warning("per-word encoding cache off, plain SentencePiece encoding: %s",
-                               self.reason)
+            if not quiet:
+                report_fallback(self.reason)
             return
         spec = model.normalizer_spec
         # The identity normaliser only turns spaces into U+2581: parts are cut from the raw text

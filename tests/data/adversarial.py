@@ -1,8 +1,11 @@
-"""Texts that break naive pre-splitting: whitespace runs, scripts and digits inside words, byte
+"""Texts that break naive pre-splitting (whitespace runs, scripts and digits inside words, byte
 fallback, NFKC-changing characters, literal whitespace marks, reserved symbols, control
-characters, empty documents."""
+characters, empty documents), and fixtures of real text and of a tokenizer of our recipe that has
+learned whitespace-only pieces (import them into a test module to use them)."""
 
 import random
+
+import pytest
 
 ADVERSARIAL = [
     "",
@@ -35,3 +38,29 @@ def random_texts(count: int, seed: int):
     gaps = [" ", " ", " ", "  ", "    ", "\n", "\t", "\n    ", "", "\u3000"]
     return ["".join(rng.choice(words) + rng.choice(gaps) for _ in range(rng.randint(0, 40)))
             for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def docs_texts():
+    """Python's own documentation (pydoc topics): real text with indented code."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+@pytest.fixture(scope="module")
+def docs_tokenizer_model(tmp_path_factory, docs_texts):
+    """Our tokenizer recipe (`train_tokenizer`: identity normaliser, no dummy prefix, digits split,
+    whitespace-only pieces allowed) on text with indentation, so that it learns pieces of whitespace
+    only, the case that rules out cutting inside or after a whitespace run."""
+    import json
+
+    from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("docs_tokenizer")
+    corpus = directory / "topics.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs_texts),
+                      encoding="utf-8")
+    train_tokenizer([str(corpus)], str(directory / "docs"),
+                    TokenizerTrainingConfig(vocab_size=2000, num_threads=1))
+    return str(directory / "docs.model")

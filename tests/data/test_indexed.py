@@ -7,7 +7,11 @@ import numpy
 import pytest
 
 from megatron_conan.data.indexed import IndexedDatasetWriter, read_index, token_dtype_for_vocab
-from tests.data.adversarial import ADVERSARIAL
+from tests.data.adversarial import (  # noqa: F401  (fixtures)
+    ADVERSARIAL,
+    docs_texts,
+    docs_tokenizer_model,
+)
 
 DOCUMENTS = [[[5, 6, 7]], [[1], [2, 3]], [[65000, 0, 4, 4]], [[9] * 300, [8], [7, 7]], [[3]]]
 
@@ -42,10 +46,11 @@ def test_bytes_equal_megatron_core_builder(tmp_path, dtype):
     assert index.sequence_lengths.tolist() == [3, 1, 2, 4, 300, 1, 2, 1]
 
 
-def test_tool_output_equals_megatron_core_builder_on_real_text(tokenizer_model, tmp_path,
-                                                               scripts):
+@pytest.mark.parametrize("model", ["tokenizer_model", "docs_tokenizer_model"])
+def test_tool_output_equals_megatron_core_builder_on_real_text(request, model, tmp_path, scripts):
     """The whole tool, on Python's documentation (with its indentation) and adversarial lines,
     against the builder fed plain SentencePiece ids."""
+    tokenizer_model = request.getfixturevalue(model)
     import json
 
     import sentencepiece

@@ -14,6 +14,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_conan.data.indexed import merge_indexed_datasets, token_dtype_for_vocab
 from megatron_conan.data.jsonl import BadLineKind, StrictModeError
 from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
+from tests.data.adversarial import docs_texts, docs_tokenizer_model  # noqa: F401  (fixtures)
 
 
 def _texts(path):
@@ -282,11 +283,23 @@ def test_more_bad_lines_than_allowed_fails_after_the_full_report(tokenizer_model
     assert not list(tmp_path.glob("strict*"))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_cache_on_and_off_write_identical_files(corpus_dir, tokenizer_model, tmp_path, workers):
+@pytest.mark.parametrize("workers,model", [(1, "tokenizer_model"), (2, "docs_tokenizer_model")])
+def test_cache_on_and_off_write_identical_files(corpus_dir, request, tmp_path, workers, model):
+    """On real text (Python's docs, with indentation), adversarial text and the synthetic mix,
+    also with a tokenizer that has whitespace-only pieces."""
+    from pydoc_data.topics import topics
+
+    from tests.data.adversarial import ADVERSARIAL, random_texts
+
+    tokenizer_model = request.getfixturevalue(model)
+    texts = ([topics[key] for key in sorted(topics)][:30] + ADVERSARIAL + random_texts(300, 7)
+             + _texts(corpus_dir / "mixed.jsonl"))
+    source = tmp_path / "mixed_real_adversarial.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts if text.strip()),
+                      encoding="utf-8")
     for cache in (True, False):
-        _run([corpus_dir / "mixed.jsonl"], tmp_path / f"c{cache}", tokenizer_model,
-             workers=workers, word_cache=cache, format="text", batch_lines=64)
+        _run([source], tmp_path / f"c{cache}", tokenizer_model, workers=workers,
+             word_cache=cache, format="text", batch_lines=64)
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"cTrue{suffix}").read_bytes() == (
             tmp_path / f"cFalse{suffix}").read_bytes()

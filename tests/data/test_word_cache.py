@@ -11,7 +11,12 @@ from sentencepiece import sentencepiece_model_pb2
 
 from megatron_conan.data import word_cache
 from megatron_conan.data.word_cache import CachedEncoder, plan_cache
-from tests.data.adversarial import ADVERSARIAL, random_texts
+from tests.data.adversarial import (  # noqa: F401  (fixtures)
+    ADVERSARIAL,
+    docs_texts,
+    docs_tokenizer_model,
+    random_texts,
+)
 
 def _train(tmp_path_factory, name, corpus, **options):
     directory = tmp_path_factory.mktemp(name)
@@ -55,32 +60,6 @@ def _assert_exact(encoder, texts):
     plain = encoder.encode_plain(texts)
     for text, got, want in zip(texts, cached, plain):
         assert got == want, repr(text)
-
-
-@pytest.fixture(scope="module")
-def docs_texts():
-    """Python's own documentation (pydoc topics): real text with indented code."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
-
-
-@pytest.fixture(scope="module")
-def docs_tokenizer_model(tmp_path_factory, docs_texts):
-    """Our tokenizer recipe (`train_tokenizer`: identity normaliser, no dummy prefix, digits split,
-    whitespace-only pieces allowed) on text with indentation, so that it learns pieces of whitespace
-    only, the case that rules out cutting inside or after a whitespace run."""
-    import json
-
-    from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
-
-    directory = tmp_path_factory.mktemp("docs_tokenizer")
-    corpus = directory / "topics.jsonl"
-    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs_texts),
-                      encoding="utf-8")
-    train_tokenizer([str(corpus)], str(directory / "docs"),
-                    TokenizerTrainingConfig(vocab_size=2000, num_threads=1))
-    return str(directory / "docs.model")
 
 
 @pytest.mark.parametrize("model", ["tokenizer_model", "docs_tokenizer_model"])
@@ -194,3 +173,18 @@ def test_tokenizer_encode_batch_uses_the_cache(tokenizer):
     assert tokenizer.encode_batch(texts) == [tokenizer.encode(text) for text in texts]
     assert tokenizer.encode_batch(texts, num_threads=2) == [tokenizer.encode(t) for t in texts]
     assert tokenizer._cached.cached and tokenizer._cached.parts > 0
+
+
+def test_the_tool_says_the_fallback_once_for_the_run(other_models, tmp_path, repo_root):
+    import os
+    import subprocess
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join('{"text": "%s"}\n' % text for text in ("one two", "three")),
+                      encoding="utf-8")
+    completed = subprocess.run(
+        [sys.executable, os.path.join(repo_root, "tools", "preprocess_data.py"), "--input",
+         str(source), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+         other_models["unigram"], "--workers", "2", "--no-progress"],
+        capture_output=True, text=True, check=True)  # main process and both workers
+    assert completed.stderr.count("cache off, plain SentencePiece encoding: not a BPE") == 1
