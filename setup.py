@@ -73,6 +73,7 @@ setup(
         "psutil",  # megatron-core's async checkpoint writer hangs without it (undeclared there)
         "numpy",
         "sentencepiece",
+        "protobuf",  # sentencepiece's model proto, read by the per-word encoding cache
         "pyyaml",
         "pybind11",
         "tqdm",
