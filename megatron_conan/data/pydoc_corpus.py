@@ -76,7 +76,8 @@ at the end), formats in README.md beside this file:
   summary line -> the rest of the docstring (the held-out task, on training families), without
   negatives (``tools/mine_hard_negatives.py`` mines them), and ``corpus.jsonl`` ``{"_id",
   "text"}``: the documents mining searches (every retrieval positive, then other training
-  docstrings and topic sections).
+  docstrings and topic sections). A docstring document is written as the held-out split presents
+  it to a retriever: its qualified name (the BEIR title), a space, its text.
 - ``sts.jsonl`` ``{"task": "sts", "text1", "text2", "score"}``: a graded *structural*
   relatedness, not human-judged similarity. ``text1`` is an anchor docstring's summary line,
   ``text2`` the first paragraph of another (or the same) docstring's rest, and ``score`` the
@@ -828,10 +829,16 @@ def _pair_rows(collection: Collection, split: Split, config: PydocCorpusConfig) 
     return _sample(rows, config.max_pair_examples, "pairs", config.seed)
 
 
+def _titled(entry: "DocEntry", text: str) -> str:
+    """A document as the held-out split presents it: BEIR's title (the qualified name), a space, the
+    text, which is how conan-eval and MTEB join a BEIR document's title and text."""
+    return f"{entry.qualname} {text}"
+
+
 def _retrieval_rows(split: Split, config: PydocCorpusConfig) -> List[dict]:
     entries = [entry for entry in split.training if entry.has_query]
     return [{"task": "retrieval", "query": entry.summary,
-             "positive": _truncate(entry.body, config.max_passage_chars),
+             "positive": _titled(entry, _truncate(entry.body, config.max_passage_chars)),
              "instruction": RETRIEVAL_INSTRUCTION}
             for entry in _sample(entries, config.max_retrieval_examples, "retrieval", config.seed)]
 
@@ -843,7 +850,8 @@ def _mining_corpus(collection: Collection, split: Split, retrieval: List[dict],
         if text not in seen:
             seen.add(text)
             texts.append(text)
-    others = [_truncate(entry.body or entry.text, config.max_passage_chars) for entry in split.training]
+    others = [_titled(entry, _truncate(entry.body or entry.text, config.max_passage_chars))
+              for entry in split.training]
     others += [_truncate(section.text, config.max_passage_chars) for section in collection.sections]
     for text in _sample(others, None, "mining-corpus", config.seed):
         if config.max_mining_corpus is not None and len(texts) >= config.max_mining_corpus:

@@ -49,7 +49,14 @@ def _figure():
 def _plot_losses(plt, runs: Dict[str, List[dict]], path: str) -> None:
     figure, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for axis, (stage, records) in zip(axes if len(runs) > 1 else [axes], runs.items()):
-        axis.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1)
+        tasks = sorted({r["task"] for r in records if r.get("task")})
+        if tasks:  # stage 4: one series per task (their losses have different scales)
+            for task in tasks:
+                mine = [r for r in records if r.get("task") == task]
+                axis.plot([r["step"] for r in mine], [r["loss"] for r in mine], linewidth=1, marker=".", label=task)
+            axis.legend(fontsize="small")
+        else:
+            axis.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1)
         axis.set_title(STAGE_TITLES.get(stage, stage))
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
