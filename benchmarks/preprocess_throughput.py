@@ -382,7 +382,7 @@ def summarize(args, results: dict, names, first_pass) -> dict:
                        "identical": all(run.get("identical", True) for run in results[name]),
                        "rounds": results[name]}
         print(f"{name:<46}{seconds:>9.1f}{cpu:>8.1f}{tokens / seconds:>13,.0f}")  # user-facing
-    print(f"\nour tool's speed over each (per round; median):")  # user-facing
+    print("\nour tool's speed over each (per round; median):")  # user-facing
     for name, ratios in per_round.items():
         print(f"  {name:<44}" + " ".join(f"{ratio:.2f}x" for ratio in ratios)  # user-facing
               + f"   median {statistics.median(ratios):.2f}x")

@@ -22,8 +22,6 @@ sees its causal keys and, when m_i > 0, its future keys up to the true length.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import statistics
 import sys
 import time
@@ -75,7 +73,7 @@ def _flex_fn(device):
 
 def build_method(name: str, q, k, v, m, lengths, device) -> Callable[[], torch.Tensor]:
     """A closure computing the attention output [b, hq, s, d] with `name`, or Unavailable."""
-    hq, hkv, s = q.shape[1], k.shape[1], q.shape[2]
+    s = q.shape[2]
     if name in ("triton", "cuda"):
         try:
             resolve_backend(name, device)

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 
 def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, recompute: str,

@@ -7,6 +7,7 @@ a process holding torch threads) and import only this module, `jsonl`, `word_cac
 sentencepiece (never torch or megatron-core: a worker is ready in a fraction of a second).
 """
 
+import abc
 import concurrent.futures
 import dataclasses
 import itertools
@@ -40,7 +41,7 @@ class EncodedBatch:
     num_bytes: int
 
 
-class LineEncoder:
+class LineEncoder(abc.ABC):
     """Turns raw JSONL lines into token sequences. Subclasses define `extract` (validate a record,
     return its texts and metadata) and may override `assemble` (turn the texts' ids into the stored
     sequences). Instances are pickled to workers, so they hold only plain settings until `load()`.
@@ -77,9 +78,9 @@ class LineEncoder:
     def eod_id(self) -> int:
         return self._encoder.processor.eos_id()
 
+    @abc.abstractmethod
     def extract(self, record: dict) -> Tuple[List[str], Any]:
         """Validated texts of one record, and its metadata; raises `BadLineError`."""
-        raise NotImplementedError
 
     def assemble(self, token_ids: List[List[int]], metadata: Any) -> Tuple[List[List[int]], Any]:
         """The sequences to store for one record, and the metadata to keep."""

@@ -47,7 +47,7 @@ import logging
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Pattern, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2

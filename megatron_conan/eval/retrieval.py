@@ -30,7 +30,9 @@ DEFAULT_TOP_K = 100
 Run = Dict[str, Dict[str, float]]
 
 
-def _run_from_top_k(dataset: RetrievalDataset, scores: numpy.ndarray, indices: numpy.ndarray) -> Run:
+def run_from_top_k(dataset: RetrievalDataset, scores: numpy.ndarray, indices: numpy.ndarray) -> Run:
+    """A run from a search's [queries, k] scores and document indices, rows in the dataset's query
+    order (for callers that search vectors they embedded themselves)."""
     return {query: {dataset.doc_ids[int(index)]: float(score) for score, index in zip(row_scores, row_indices)}
             for query, row_scores, row_indices in zip(dataset.query_ids, scores, indices)}
 
@@ -43,7 +45,7 @@ def embedder_run(embedder, dataset: RetrievalDataset, dim: Optional[int] = None,
     documents = embedder.encode(dataset.doc_texts, prompt_name="document", batch_size=batch_size, dim=dim,
                                 show_progress=show_progress)
     scores, indices = exact_top_k(queries, documents, top_k, show_progress=show_progress)
-    return _run_from_top_k(dataset, scores, indices)
+    return run_from_top_k(dataset, scores, indices)
 
 
 def bm25_run(dataset: RetrievalDataset, top_k: int = DEFAULT_TOP_K) -> Run:
@@ -57,7 +59,7 @@ def bm25_run(dataset: RetrievalDataset, top_k: int = DEFAULT_TOP_K) -> Run:
     query_tokens = bm25s.tokenize(dataset.query_texts, stopwords=None, return_ids=False, show_progress=False)
     k = min(top_k, len(dataset.doc_ids))
     indices, scores = retriever.retrieve(query_tokens, k=k, show_progress=False, n_threads=1)
-    return _run_from_top_k(dataset, numpy.asarray(scores), numpy.asarray(indices))
+    return run_from_top_k(dataset, numpy.asarray(scores), numpy.asarray(indices))
 
 
 def random_run(dataset: RetrievalDataset, top_k: int = DEFAULT_TOP_K, seed: int = 0) -> Run:

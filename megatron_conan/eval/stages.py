@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_conan.eval.beir import load_beir
 from megatron_conan.eval.embedders import load_embedder, truncate_and_normalize
-from megatron_conan.eval.retrieval import DEFAULT_TOP_K, evaluate_baseline, evaluate_run, _run_from_top_k
+from megatron_conan.eval.retrieval import DEFAULT_TOP_K, evaluate_baseline, evaluate_run, run_from_top_k
 from megatron_conan.eval.search import exact_top_k
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def evaluate_models(heldout_dir: str, models: Sequence[ModelUnderTest], matryosh
         for dim in ([width] + [d for d in dims if d < width] if model.name == matryoshka_of else [width]):
             scores, indices = exact_top_k(truncate_and_normalize(queries, dim), truncate_and_normalize(documents, dim),
                                           min(DEFAULT_TOP_K, len(dataset.doc_ids)))
-            metrics = evaluate_run(dataset, _run_from_top_k(dataset, scores, indices))
+            metrics = evaluate_run(dataset, run_from_top_k(dataset, scores, indices))
             if dim == width:
                 rows.append({"name": model.name, "kind": "model", "path": model.path, "dim": dim, **metrics})
             if model.name == matryoshka_of:

@@ -63,13 +63,13 @@ def _reference_logits(model) -> torch.Tensor:
 
 
 def _save_layouts_body(rank: int, world_size: int, directory: str, layouts: Dict[str, Tuple[int, int]],
-                       extra: Dict[str, Any], seed: int) -> Dict[str, Any]:
+                       extra: Dict[str, Any], seed: int, model_config: ConanModelConfig,
+                       with_1p4b_shapes: bool) -> Dict[str, Any]:
     from megatron_conan.conversion.megatron_checkpoint import build_model
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.sharding import load_full_state_dict
     from megatron_conan.training.checkpointing import save_checkpoint
 
-    model_config = tiny()
     full = tiny_full_state_dict(model_config, seed)
     result: Dict[str, Any] = {}
     for name, (tp, pp) in layouts.items():
@@ -81,7 +81,8 @@ def _save_layouts_body(rank: int, world_size: int, directory: str, layouts: Dict
                         extra_state=extra, keep_last=0)
         if (tp, pp) == (1, 1) and rank == 0:
             result["logits"] = _reference_logits(chunks[0])[..., :model_config.vocab_size]
-            result["conan_1p4b_meta"] = _conan_1p4b_parameter_shapes()
+            if with_1p4b_shapes:
+                result["conan_1p4b_meta"] = _conan_1p4b_parameter_shapes()
     return result
 
 
@@ -96,20 +97,23 @@ def _conan_1p4b_parameter_shapes() -> Dict[str, Tuple[int, ...]]:
 
 
 def make_tiny_checkpoints(directory: str, tokenizer: str, layouts: Optional[Dict[str, Tuple[int, int]]] = None,
-                          seed: int = 0) -> Dict[str, Any]:
-    """Save the tiny model under each layout into ``directory/<name>`` (a checkpoints directory with
-    ``latest``), in one spawned world. Returns ``{"paths", "full_state_dict", "logits",
-    "conan_1p4b_meta"}``: the weights every layout holds, the TP1 model's logits [2, 8, vocab] on
-    :data:`REFERENCE_BATCH`, and the parameter shapes of the full-size model (meta device, TP1)."""
+                          seed: int = 0, model_config: Optional[ConanModelConfig] = None,
+                          with_1p4b_shapes: bool = False) -> Dict[str, Any]:
+    """Save a model (default the tiny recipe) under each layout into ``directory/<name>`` (a
+    checkpoints directory with ``latest``), in one spawned world. Returns ``{"paths",
+    "full_state_dict", "logits"}``: the weights every layout holds and the TP1 model's logits
+    [2, 8, vocab] on :data:`REFERENCE_BATCH` (layouts must include TP1), plus ``"conan_1p4b_meta"``
+    with `with_1p4b_shapes`: the parameter shapes of the full-size model (meta device, TP1)."""
     from megatron_conan.distributed.spawn import run_distributed
 
     layouts = dict(layouts or TINY_LAYOUTS)
+    model_config = model_config or tiny()
     world_size = max(tp * pp for tp, pp in layouts.values())
     extra = {"run_config": {"data": {"tokenizer": tokenizer}}, "soft_mask": None}
-    results = run_distributed(_save_layouts_body, world_size, args=(directory, layouts, extra, seed))
+    results = run_distributed(_save_layouts_body, world_size,
+                              args=(directory, layouts, extra, seed, model_config, with_1p4b_shapes))
     return {"paths": {name: os.path.join(directory, name) for name in layouts},
-            "full_state_dict": tiny_full_state_dict(tiny(), seed),
-            "logits": results[0]["logits"], "conan_1p4b_meta": results[0]["conan_1p4b_meta"]}
+            "full_state_dict": tiny_full_state_dict(model_config, seed), **results[0]}
 
 
 def copy_checkpoint_with_extra(source: str, destination: str, **extra: Any) -> str:
@@ -194,7 +198,7 @@ def build_conversion_artifacts(directory: str) -> Dict[str, Any]:
         return _BUILT[directory]
     os.makedirs(directory, exist_ok=True)
     tokenizer = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))
-    made = make_tiny_checkpoints(os.path.join(directory, "checkpoints"), tokenizer)
+    made = make_tiny_checkpoints(os.path.join(directory, "checkpoints"), tokenizer, with_1p4b_shapes=True)
     embed_checkpoint = copy_checkpoint_with_extra(
         made["paths"]["tp1"], os.path.join(directory, "embed_checkpoint"),
         soft_mask=soft_mask_state(fixed_a=1.0), run_config=embedding_run_config(tokenizer))

@@ -20,6 +20,7 @@ whole batch, which a pipeline schedule's independent per-micro-batch losses cann
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 from functools import partial
@@ -151,9 +152,9 @@ class EmbeddingStage(Stage):
     def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
         return self.step_on_batch(ctx, step, self._next_batch())
 
+    @abc.abstractmethod
     def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
         """Forward, loss and backward of one (CPU) ContrastiveBatch of this rank."""
-        raise NotImplementedError
 
     def pair_loss(self, ctx: StageContext, positive_keys, query_keys, queries, positives):
         """InfoNCE of queries against the gathered positives (and, symmetric, the reverse)."""

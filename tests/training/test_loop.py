@@ -3,7 +3,6 @@ kill -9 / SIGTERM, resume at another TP, interrupted saves, shape mismatches, no
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -120,7 +119,7 @@ def test_kill_9_then_resume_reproduces_the_losses_exactly(tmp_path, uninterrupte
     process = _launch(tmp_path, *LONG_RUN)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
-    assert f"resumed from" in output
+    assert "resumed from" in output
     resumed = _metrics(tmp_path)
     for step in range(resumed_from + 1, 31):
         assert resumed[step] == uninterrupted[step], (step, resumed[step], uninterrupted[step])

@@ -17,7 +17,7 @@ Padded query rows output zero and receive zero gradient.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
