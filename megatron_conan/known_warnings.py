@@ -1,11 +1,13 @@
 """Third-party warnings known to be harmless here, silenced at one place so that what remains on the
 console is worth reading. Each filter says why it is safe; anything not listed still shows.
 
-Entry points, tools and spawned ranks call :func:`silence_known_warnings` first.
+Entry points, tools and spawned ranks call :func:`silence_known_warnings` first; the evaluation
+command lines configure their logging with :func:`configure_cli_logging`.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 KNOWN_WARNINGS = (
@@ -31,3 +33,18 @@ def silence_known_warnings() -> None:
     """Install the filters of `KNOWN_WARNINGS` (idempotent)."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "megatron_conan"
+
+
+def configure_cli_logging() -> None:
+    """Our messages from INFO up, everyone else's from WARNING up, one format. A filter on the
+    handler rather than logger levels: some libraries set their own logger to DEBUG when imported
+    (bm25s says "Building index from IDs objects" on every index), after any level we could set."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if _ours_or_warning not in handler.filters:
+            handler.addFilter(_ours_or_warning)

@@ -12,11 +12,11 @@ features: a Matryoshka prefix re-normalised).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
 from megatron_conan.eval.embedders import PROMPT_NAMES
+from megatron_conan.known_warnings import configure_cli_logging
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging()
     from megatron_conan.eval.embedders import load_embedder
     from megatron_conan.eval.text_io import check_output_file, read_texts, save_npy
 

@@ -12,11 +12,11 @@ adds BM25 and/or a seeded random ranking on the same split.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any, Dict, Optional, Sequence
 
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
+from megatron_conan.known_warnings import configure_cli_logging
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging()
     from megatron_conan.errors import InputError
     from megatron_conan.eval import retrieval
     from megatron_conan.eval.beir import load_beir

@@ -78,6 +78,7 @@ def _launch(run_dir, *overrides):
         [sys.executable, "-m", "megatron_conan.training.pretrain", "--config", TINY, f"run_dir={run_dir}",
          "train.eval_interval=0", *overrides],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, so a kill reaches its helper processes too
     )
 
 
@@ -109,7 +110,9 @@ def test_kill_9_then_resume_reproduces_the_losses_exactly(tmp_path, uninterrupte
     process = _launch(tmp_path, *LONG_RUN)
     _wait_for_step(tmp_path, 12, process)
     assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
+    # the whole job, as a scheduler kills it (megatron-core's checkpoint writer starts a
+    # multiprocessing manager that would outlive a SIGKILL of the main process alone)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = max(_metrics(tmp_path))
     assert killed_at < 30
