@@ -36,15 +36,25 @@ def silence_known_warnings() -> None:
 
 
 
-def _ours_or_warning(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "megatron_conan"
+class _OursOrWarnings(logging.Filter):
+    """Passes every WARNING and above, and our own records from `our_level` up."""
+
+    def __init__(self, our_level: int):
+        super().__init__()
+        self.our_level = our_level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return record.name.split(".")[0] == "megatron_conan" and record.levelno >= self.our_level
 
 
-def configure_cli_logging() -> None:
-    """Our messages from INFO up, everyone else's from WARNING up, one format. A filter on the
-    handler rather than logger levels: some libraries set their own logger to DEBUG when imported
-    (bm25s says "Building index from IDs objects" on every index), after any level we could set."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def configure_cli_logging(our_level: int = logging.INFO, fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Our messages from `our_level` up, everyone else's from WARNING up, in one format. A filter on
+    the handler rather than logger levels: some libraries set their own logger to DEBUG when
+    imported (bm25s says "Building index from IDs objects" on every index), after any level we
+    could set."""
+    logging.basicConfig(level=min(our_level, logging.WARNING), format=fmt)
     for handler in logging.getLogger().handlers:
-        if _ours_or_warning not in handler.filters:
-            handler.addFilter(_ours_or_warning)
+        handler.filters = [f for f in handler.filters if not isinstance(f, _OursOrWarnings)]
+        handler.addFilter(_OursOrWarnings(our_level))

@@ -338,9 +338,13 @@ def main(argv=None) -> int:
                         help="full: the README's run (about 10 minutes on 2 cores); quick: the same steps, tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    from megatron_conan.known_warnings import silence_known_warnings
+    # everything is built here: nothing may be downloaded (the spawned ranks inherit these), and
+    # transformers' bars for loading and saving a 38-tensor model are noise between our lines
+    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(switch, "1")
+    from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
 
+    configure_cli_logging(our_level=logging.WARNING, fmt="%(name)s: %(message)s")
     silence_known_warnings()
     if os.path.exists(args.work_dir):
         shutil.rmtree(args.work_dir)  # a fresh run each time: resuming is what the tests check

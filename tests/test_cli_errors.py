@@ -94,7 +94,7 @@ def dry_runs(bad_recipes):
 def test_bad_configuration_is_one_line_and_exit_2(name, dry_runs, bad_recipes):
     code, stdout, stderr = dry_runs[name]
     fragments = [fragment.replace("{recipes}", str(bad_recipes)) for fragment in DRY_RUN_CASES[name][1]]
-    _assert_one_line_error(code, stderr, "pretrain.py", *fragments)
+    _assert_one_line_error(code, stderr, "conan-pretrain", *fragments)
     assert stdout == "", stdout  # no half report
 
 
@@ -154,7 +154,7 @@ def test_training_input_errors_are_one_line_and_exit_2(tmp_path, tokenizer_1000)
         results = {name: future.result() for name, future in futures.items()}
     for name, (_, fragments) in cases.items():
         code, _, stderr = results[name]
-        _assert_one_line_error(code, stderr, "pretrain.py", *fragments, only_line=False)
+        _assert_one_line_error(code, stderr, "conan-pretrain", *fragments, only_line=False)
         assert _no_checkpoint(tmp_path / name.replace(" ", "_")), name
 
 
@@ -163,7 +163,7 @@ def test_a_checkpoint_of_another_shape_is_one_line_and_keeps_latest(tmp_path):
     code, _, stderr = _train(tmp_path)
     assert code == 0, stderr[-3000:]
     code, _, stderr = _train(tmp_path, "train.train_steps=2", "model.overrides={hidden_size: 128, ffn_hidden_size: 256}")
-    _assert_one_line_error(code, stderr, "pretrain.py", "was written for a different model shape",
+    _assert_one_line_error(code, stderr, "conan-pretrain", "was written for a different model shape",
                            "hidden_size: checkpoint 64 vs model 128", only_line=False)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["iter_0000001", "latest", "latest_checkpointed_iteration.txt"]
 

@@ -26,6 +26,11 @@ def test_quickstart_end_to_end(tmp_path):
     steps = [line for line in result.stdout.splitlines() if line.startswith("[")]
     assert len(steps) == 11 and steps[-1].startswith("[11/11] report"), result.stdout
     assert "| 4 embed-sup |" in result.stdout and "| BM25 |" in result.stdout
+    # a clean console: known-harmless warnings, chatty third-party loggers and transformers' bars are
+    # quieted at their source (progress bars of our own steps are fine)
+    console = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+    noise = ("Warning", "Building index", "Loading weights", "Writing model shards", "Traceback")
+    assert not [line for line in console if any(word in line for word in noise)], console
     for name in ("corpus/manifest.json", "corpus/heldout/qrels/test.tsv", "tokenizer/pydoc.model",
                  "indexed/docstrings.idx", "indexed/sft.idx", "indexed/pairs.idx", "indexed/supervised.idx",
                  "corpus/retrieval_mined.jsonl", "report.md", "results.json",

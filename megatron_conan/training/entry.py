@@ -13,8 +13,8 @@ from megatron_conan.errors import run_main
 from megatron_conan.training.config import RunConfig
 
 
-def parse_run_config(description: str, argv: Optional[Sequence[str]]):
-    parser = argparse.ArgumentParser(description=description)
+def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Optional[str] = None):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print layout, batch, token budget, parameters and memory per GPU; no training")
@@ -67,12 +67,14 @@ def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> st
 def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None,
               forward_step_func: Optional[Callable] = None) -> int:
     """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2."""
-    return run_main(lambda args: _run_stage(description, stage, args, forward_step_func), argv)
+    # named as the console script, whether started as conan-<stage>, python -m or torchrun
+    prog = f"conan-{stage}"
+    return run_main(lambda args: _run_stage(description, stage, args, forward_step_func), argv, prog=prog)
 
 
 def _run_stage(description: str, stage: str, argv: Optional[Sequence[str]],
                forward_step_func: Optional[Callable]) -> int:
-    args, cfg = parse_run_config(description, argv)
+    args, cfg = parse_run_config(description, argv, prog=f"conan-{stage}")
     if args.dry_run:
         print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))
         return 0
