@@ -13,6 +13,7 @@ import numpy
 import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron_conan.errors import ConfigError, DataError
 from megatron_conan.data.encoders import (  # noqa: F401  (re-exported: the template lives there)
     SFT_PROMPT_TEMPLATE,
     SFT_PROMPT_TEMPLATE_NO_INPUT,
@@ -65,7 +66,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.indexed = IndexedDataset(path_prefix, mmap=True)
         document_indices = numpy.asarray(self.indexed.document_indices)
         if not numpy.all(numpy.diff(document_indices) == 2):
-            raise ValueError(f"{path_prefix} is not an SFT dataset: every document must hold two "
+            raise DataError(f"{path_prefix} is not an SFT dataset: every document must hold two "
                              f"sequences (prompt, output + EOD)")
         self.num_examples = len(document_indices) - 1
         self.indices = (numpy.arange(self.num_examples, dtype=numpy.int64) if indices is None
@@ -79,7 +80,7 @@ class SFTDataset(torch.utils.data.Dataset):
         prompt = self.indexed[2 * int(index)]
         output = self.indexed[2 * int(index) + 1]
         if len(output) == 0 or output[-1] != self.eod_id:
-            raise ValueError(f"{self.path_prefix}: example {index} does not end with EOD "
+            raise DataError(f"{self.path_prefix}: example {index} does not end with EOD "
                              f"{self.eod_id}; was it written with another tokenizer?")
         return prompt, output[:-1]
 
@@ -94,9 +95,12 @@ class SFTDataset(torch.utils.data.Dataset):
 def split_indices(num_examples: int, split: str, seed: int) -> List[numpy.ndarray]:
     """Disjoint (train, valid, test) example indices in proportions `split` ("98,2,0"), from one
     seeded permutation."""
-    weights = numpy.array([float(part) for part in split.split(",")], dtype=numpy.float64)
+    try:
+        weights = numpy.array([float(part) for part in split.split(",")], dtype=numpy.float64)
+    except ValueError:
+        weights = numpy.zeros(0)
     if len(weights) != 3 or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"split must be three non-negative numbers, got {split!r}")
+        raise ConfigError(f"data.split must be three non-negative numbers such as 98,2,0, got {split!r}")
     bounds = numpy.round(numpy.cumsum(weights / weights.sum()) * num_examples).astype(numpy.int64)
     order = numpy.random.default_rng(seed).permutation(num_examples)
     return numpy.split(order, bounds[:-1])

@@ -6,6 +6,7 @@ import torch
 
 from megatron_conan.data import synthetic
 from megatron_conan.data.jsonl import BadLineKind
+from megatron_conan.errors import DataError
 from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
 from megatron_conan.data.sft import (
     SFTDataset, build_sft_datasets, build_sft_example, format_sft_prompt, split_indices)
@@ -111,5 +112,5 @@ def test_splits_are_disjoint_and_deterministic(tokenizer, tokenizer_model, tmp_p
 def test_rejects_pretraining_data(corpus_dir, tokenizer, tokenizer_model, tmp_path):
     preprocess_jsonl(PreprocessConfig([str(corpus_dir / "mixed.jsonl")], str(tmp_path / "text"),
                                       tokenizer_model, progress=False))
-    with pytest.raises(ValueError, match="not an SFT dataset"):
+    with pytest.raises(DataError, match="not an SFT dataset"):
         SFTDataset(str(tmp_path / "text"), 32, tokenizer.pad_id, tokenizer.eod_id)
