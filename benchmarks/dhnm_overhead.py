@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("megatron_conan").setLevel(logging.WARNING)
+    from megatron_conan.known_warnings import configure_cli_logging
+
+    configure_cli_logging(our_level=logging.WARNING)  # the figures only
 
     import torch
 

@@ -46,6 +46,12 @@ def _figure():
     return plt
 
 
+def _save(plt, figure, path: str) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)  # pyplot keeps every open figure otherwise
+
+
 def _plot_losses(plt, runs: Dict[str, List[dict]], path: str) -> None:
     figure, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for axis, (stage, records) in zip(axes if len(runs) > 1 else [axes], runs.items()):
@@ -60,9 +66,7 @@ def _plot_losses(plt, runs: Dict[str, List[dict]], path: str) -> None:
         axis.set_title(STAGE_TITLES.get(stage, stage))
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _plot_soft_mask(plt, records: List[dict], path: str) -> None:
@@ -71,9 +75,7 @@ def _plot_soft_mask(plt, records: List[dict], path: str) -> None:
     axis.set_xlabel("stage-3 step")
     axis.set_ylabel("a(t)")
     axis.set_title("soft mask: causal (0) -> bidirectional (1)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _plot_dhnm(plt, records: List[dict], path: str) -> None:
@@ -88,9 +90,7 @@ def _plot_dhnm(plt, records: List[dict], path: str) -> None:
     right.plot([r["step"] for r in scored], [r["dhnm_mean_score"] for r in scored], color="tab:red", marker=".")
     right.set_ylabel("mean hard-negative cosine", color="tab:red")
     left.set_title("dynamic hard-negative mining")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _plot_ndcg(plt, rows: List[dict], path: str) -> None:
@@ -103,9 +103,7 @@ def _plot_ndcg(plt, rows: List[dict], path: str) -> None:
         axis.axhline(row["ndcg_at_10"], linestyle=style, color="black", linewidth=1)
         axis.text(len(models) - 0.5, row["ndcg_at_10"], f" {row['name']}", va="bottom", ha="right")
     axis.set_ylabel("held-out nDCG@10")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _plot_matryoshka(plt, curve: List[dict], rows: List[dict], path: str) -> None:
@@ -118,9 +116,7 @@ def _plot_matryoshka(plt, curve: List[dict], rows: List[dict], path: str) -> Non
     axis.set_xscale("log", base=2)
     axis.set_xlabel("embedding dim (Matryoshka prefix)")
     axis.set_ylabel("held-out nDCG@10")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def write_report(work_dir: str, results: Dict[str, Any]) -> List[str]:

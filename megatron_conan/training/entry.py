@@ -69,14 +69,14 @@ def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None
     """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2."""
     # named as the console script, whether started as conan-<stage>, python -m or torchrun
     prog = f"conan-{stage}"
-    return run_main(lambda args: _run_stage(description, stage, args, forward_step_func), argv, prog=prog)
+    return run_main(lambda args: _run_stage(description, stage, prog, args, forward_step_func), argv, prog=prog)
 
 
-def _run_stage(description: str, stage: str, argv: Optional[Sequence[str]],
+def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[str]],
                forward_step_func: Optional[Callable]) -> int:
-    args, cfg = parse_run_config(description, argv, prog=f"conan-{stage}")
+    args, cfg = parse_run_config(description, argv, prog=prog)
     if args.dry_run:
-        print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))
+        print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))  # user-facing
         return 0
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
