@@ -292,6 +292,14 @@ def _keep_torch_adam_step_on_load(optimizer) -> None:
         inner._set_main_param_and_optimizer_states = set_states
 
 
+def restore_scheduler(scheduler, state: Dict[str, Any]) -> None:
+    """Put a saved LR schedule's position into `scheduler`. megatron-core's load_state_dict *adds*
+    the saved step count to the current one, and a fresh schedule already stands at one step
+    (``loop.build_scheduler``): count from zero."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)
+
+
 def load_checkpoint(
     path: str,
     chunks: List[torch.nn.Module],
@@ -318,7 +326,7 @@ def load_checkpoint(
     _keep_torch_adam_step_on_load(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and common["scheduler"] is not None:
-        scheduler.load_state_dict(common["scheduler"])
+        restore_scheduler(scheduler, common["scheduler"])
     if saved_layout == _layout():
         _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt"),
                                   weights_only=False))

@@ -88,14 +88,24 @@ def _transformer_overrides(cfg: RunConfig, stage: Stage) -> Dict:
 
 
 def build_scheduler(optimizer, cfg: RunConfig, total_steps: int) -> OptimizerParamScheduler:
+    """The LR schedule, holding the lr of the *next* update.
+
+    megatron-core's scheduler gives ``lr(n)`` after ``n`` calls to ``step``, and ``lr(0)`` is the
+    warm-up's ``init_lr`` (0): stepped only after each update, the first update of every run would
+    apply lr 0 and waste a step. So the schedule is advanced once here, and update k (1-based) runs
+    at ``lr(k)``: linear warm-up ``k / warmup * lr`` to the peak, then the decay, reaching ``min_lr`` at
+    update ``total_steps``. A checkpoint stores ``num_steps = updates + 1``; resuming restores it.
+    """
     warmup = int(round(cfg.optimizer.warmup_fraction * total_steps))
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
         lr_decay_style=cfg.optimizer.decay_style,
         start_wd=cfg.optimizer.weight_decay, end_wd=cfg.optimizer.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
     )
+    scheduler.step(increment=1)
+    return scheduler
 
 
 @dataclass
@@ -231,6 +241,7 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
             step += 1
             skip = guard.update(output.loss, step)  # raises after too many in a row: no checkpoint then
             consumed += output.samples
+            applied_lr = optimizer.param_groups[0]["lr"]  # what this update uses (logged below)
             grad_norm = None
             if skip:
                 optimizer.zero_grad()  # non-finite loss: non-finite gradients somewhere, no update
@@ -244,7 +255,7 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
                 progress.update(1)
                 progress.set_postfix(loss=f"{output.loss:.4f}")
             throughput = meter.update(output.tokens, elapsed)
-            record = {"step": step, "loss": output.loss, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step, "loss": output.loss, "lr": applied_lr,
                       "grad_norm": grad_norm, "skipped_steps": guard.total_skipped,
                       "consumed_samples": consumed, "samples_per_s": output.samples / elapsed,
                       "tokens_per_s": throughput.tokens_per_second,
