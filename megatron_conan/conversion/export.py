@@ -182,7 +182,7 @@ def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paral
 # -- Megatron -> sentence-transformers -------------------------------------------------------------
 
 def embedding_options(info: CheckpointInfo, pooling: Optional[str], query_instruction: Optional[str],
-                       matryoshka_dims: Optional[Sequence[int]]) -> Dict[str, Any]:
+                       matryoshka_dims: Optional[Sequence[int]], pool_prompt: Optional[bool] = None) -> Dict[str, Any]:
     from megatron_conan.losses.matryoshka import DEFAULT_DIMS
     from megatron_conan.losses.matryoshka import matryoshka_dims as usable_dims
     from megatron_conan.models.pooling import POOLING_MODES
@@ -200,13 +200,21 @@ def embedding_options(info: CheckpointInfo, pooling: Optional[str], query_instru
         dims = usable_dims(info.model_config.hidden_size, dims)
     except ValueError as error:
         raise InputError(f"matryoshka dims: {error}") from None
-    return {"pooling": pooling, "query_instruction": instruction, "matryoshka_dims": dims}
+    # a run written before `pool_prompt` existed pooled its prompts; a decoder (no embedding section)
+    # follows today's default
+    pool_prompt = settings.get("pool_prompt", bool(settings)) if pool_prompt is None else pool_prompt
+    return {"pooling": pooling, "query_instruction": instruction, "matryoshka_dims": dims,
+            "pool_prompt": bool(pool_prompt)}
 
 
-def text_length(model_config: ConanModelConfig, requested: Optional[int]) -> int:
-    """Tokens per text: `requested`, or :data:`DEFAULT_MAX_SEQ_LENGTH` capped at the model's context."""
+def text_length(model_config: ConanModelConfig, requested: Optional[int],
+                info: Optional[CheckpointInfo] = None) -> int:
+    """Tokens per text, the one truncation of every inference path (conan-encode, conan-eval, the
+    miner, the export): `requested`; else the run's training length for passages
+    (`embedding.max_passage_length`); else :data:`DEFAULT_MAX_SEQ_LENGTH`; capped at the context."""
     context = model_config.max_sequence_length
-    length = min(DEFAULT_MAX_SEQ_LENGTH, context) if requested is None else requested
+    trained = (info.embedding_settings().get("max_passage_length") if info is not None else None)
+    length = requested if requested is not None else min(trained or DEFAULT_MAX_SEQ_LENGTH, context)
     if not 2 <= length <= context:
         raise InputError(f"max sequence length must be in [2, {context}] (the model's context), got {length}")
     return length
@@ -238,7 +246,7 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
     attention = _attention_of(info)
     is_causal = export_is_causal(attention, info.path)
     options = embedding_options(info, pooling, query_instruction, matryoshka_dims)
-    max_seq_length = text_length(info.model_config, max_seq_length)
+    max_seq_length = text_length(info.model_config, max_seq_length, info)
     prompts = {"query": query_prompt(options["query_instruction"]), "document": ""}
     with hf_io.atomic_output_dir(output, overwrite) as tmp:
         transformer_dir = os.path.join(tmp, "_transformer")
@@ -247,7 +255,8 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
         export_tokenizer(tokenizer_path, transformer_dir, model_max_length=max_seq_length, append_eos=True)
         transformer = Transformer(transformer_dir, max_seq_length=max_seq_length)
         model = SentenceTransformer(
-            modules=[transformer, Pooling(info.model_config.hidden_size, ST_POOLING[options["pooling"]]), Normalize()],
+            modules=[transformer, Pooling(info.model_config.hidden_size, ST_POOLING[options["pooling"]],
+                                          include_prompt=options["pool_prompt"]), Normalize()],
             prompts=prompts, default_prompt_name=None, similarity_fn_name="cosine", device="cpu")
         check_attention_matches_config(model, transformer_dir)
         model.save(tmp)
@@ -271,7 +280,9 @@ def _append_model_card(directory: str, record: Dict[str, Any]) -> None:
     lines = [
         "", "## Conan export", "",
         f"- Source: `{record['source_checkpoint']}` (step {record['step']}), {record['attention']} attention.",
-        f"- Pooling: {record['pooling']}; embeddings are L2-normalised; every text ends with `</s>` as in training.",
+        f"- Pooling: {record['pooling']}, the prompt {'included' if record['pool_prompt'] else 'left out'} "
+        "(it conditions the text through attention); embeddings are L2-normalised; every text ends with "
+        "`</s>` as in training.",
         f"- Prompts: `query` = {json.dumps(record['prompts']['query'])}, `document` = none.",
         f"- Matryoshka dims: {', '.join(map(str, dims))}. Truncate with `truncate_dim=` and re-normalise.",
         "- Needs transformers >= 5.2 for bidirectional attention (`is_causal: false`); check with "

@@ -36,6 +36,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_conan.data.contrastive_tokenize import (  # noqa: F401  (tokenize_contrastive re-exported)
     EXAMPLE_DTYPE,
+    READABLE_STORE_VERSIONS,
     EXAMPLES_SUFFIX,
     STORE_FORMAT,
     STORE_VERSION,
@@ -69,6 +70,8 @@ class ContrastiveExample:
     negatives: List[numpy.ndarray]
     candidates: List[numpy.ndarray]
     instructed: bool
+    prompt_length: int
+    """Tokens of the instruction prompt at the start of the anchor (sts: of both texts); 0 if none."""
     score: Optional[float]
     language: Optional[str]
 
@@ -86,16 +89,17 @@ class ContrastiveStore:
             self.meta = json.load(stream)
         if self.meta.get("format") != STORE_FORMAT:
             raise DataError(f"{path_prefix}{META_SUFFIX}: not a contrastive store")
-        if self.meta.get("version") != STORE_VERSION:
+        if self.meta.get("version") not in READABLE_STORE_VERSIONS:
             raise DataError(f"{path_prefix}: a version-{self.meta.get('version')} contrastive "
-                            f"store; this code reads version {STORE_VERSION} (instructed queries "
-                            f"tokenized as one string): re-tokenize it with "
+                            f"store; this code reads versions {list(READABLE_STORE_VERSIONS)} "
+                            f"(instructed queries tokenized as one string): re-tokenize it with "
                             f"tools/tokenize_contrastive.py")
         self.tasks: List[str] = self.meta["tasks"]
         self.languages: List[str] = self.meta["languages"]
         self.instructions: Dict[str, str] = self.meta.get("instructions", {})
         """Per task, the tokenize-time instruction of examples without their own."""
         self.examples = numpy.load(path_prefix + EXAMPLES_SUFFIX, mmap_mode="r")
+        self._version2_prompt_lengths: Optional[Dict[str, int]] = None
         self.indexed = IndexedDataset(path_prefix, mmap=True)
         if len(self.examples) != self.meta["num_examples"] or len(
                 self.indexed) != self.meta["num_sequences"]:
@@ -138,6 +142,26 @@ class ContrastiveStore:
         return (self.examples["num_negatives"].astype(numpy.int64)
                 + self.examples["num_candidates"].astype(numpy.int64))
 
+    def prompt_length(self, example_id: int) -> int:
+        """Tokens of the instruction prompt at the start of the example's anchor (0 when it has none).
+
+        A version-2 store did not record it: after `use_task_prompt_lengths(tokenizer)`, an
+        instructed row there is taken to carry its task's tokenize-time instruction (a record's own
+        instruction cannot be recovered); without, 0 (the prompt is pooled with the text)."""
+        row = self.examples[example_id]
+        if "prompt_length" in row.dtype.names:
+            return int(row["prompt_length"])
+        if not row["instructed"] or self._version2_prompt_lengths is None:
+            return 0
+        return self._version2_prompt_lengths.get(self.task_of(example_id), 0)
+
+    def use_task_prompt_lengths(self, tokenizer) -> None:
+        """Version-2 stores: count each task's instruction prompt with `tokenizer` (see prompt_length)."""
+        from megatron_conan.data.contrastive_tokenize import prompt_token_count
+
+        self._version2_prompt_lengths = {task: prompt_token_count(tokenizer, instruction)
+                                         for task, instruction in self.instructions.items()}
+
     def example(self, example_id: int) -> ContrastiveExample:
         row = self.examples[example_id]
         first = int(row["first_sequence"])
@@ -148,7 +172,7 @@ class ContrastiveStore:
             example_id=int(example_id), task=task,
             anchor=self.sequence(first), positive=self.sequence(first + 1),
             negatives=pool[:num_negatives], candidates=pool[num_negatives:],
-            instructed=bool(row["instructed"]),
+            instructed=bool(row["instructed"]), prompt_length=self.prompt_length(example_id),
             score=float(row["score"]) if task == "sts" else None,
             language=self.languages[int(row["language"])] if row["language"] >= 0 else None)
 
@@ -172,6 +196,11 @@ class ContrastiveBatch:
     """[B, Lp] int64: positive passage (classification: label text; sts: text2)."""
     positive_lengths: torch.Tensor
     """[B] int64."""
+    query_prompt_lengths: Optional[torch.Tensor] = None
+    """[B] int64: tokens of the instruction prompt at the start of each query (0: none); pooling
+    leaves them out unless `embedding.pool_prompt`."""
+    positive_prompt_lengths: Optional[torch.Tensor] = None
+    """[B] int64: the same for the positives (only sts positives are instructed; else zeros)."""
     negative_ids: Optional[torch.Tensor] = None
     """[B * K, Ln] int64, example-major (rows k*... of example b are b*K .. b*K+K-1); None for pair
     and sts. K is the loader's num_negatives (retrieval/clr) or the most negative labels in the
@@ -309,6 +338,8 @@ class ContrastiveLoader:
         self.store = ContrastiveStore(path_prefix)
         self._check_tokenizer(tokenizer)
         self._check_instructions(instructions)
+        if self.store.meta.get("version") == 2:
+            self.store.use_task_prompt_lengths(tokenizer)
         self.pad_id = tokenizer.pad_id
         self.eod_id = tokenizer.eod_id
         self.dp_rank, self.dp_world_size, self.seed = dp_rank, dp_world_size, seed
@@ -341,6 +372,8 @@ class ContrastiveLoader:
             level = logging.WARNING if self.pool_report.empty else logging.INFO
             logger.log(level, "%s: %s", path_prefix, self.pool_report.format())
         self.step = 0
+        self.dropped_examples = 0
+        """Examples skipped so far as the partial last global batch of a task epoch (drop_last)."""
         self._positions: Dict[str, List[int]] = {task: [0, 0] for task in self.tasks}
         self._orders: Dict[str, Tuple[int, numpy.ndarray]] = {}
 
@@ -440,6 +473,7 @@ class ContrastiveLoader:
         global_ids = order[cursor:cursor + size]
         cursor += len(global_ids)
         if cursor >= len(order) or (self.drop_last and cursor + size > len(order)):
+            self.dropped_examples += len(order) - cursor  # the skipped tail of the epoch
             self._positions[task] = [epoch + 1, 0]
         else:
             self._positions[task] = [epoch, cursor]
@@ -474,7 +508,7 @@ class ContrastiveLoader:
                    step: int = 0) -> ContrastiveBatch:
         """The batch of these examples (all of `task`)."""
         queries, positives, languages, scores = [], [], [], []
-        negative_pools = []
+        negative_pools, prompt_lengths = [], []
         max_positive = self.max_query_length if task == "sts" else self.max_passage_length
         for example_id in example_ids:
             example = self.store.example(int(example_id))
@@ -483,10 +517,15 @@ class ContrastiveLoader:
             languages.append(example.language)
             scores.append(example.score)
             negative_pools.append(example.negatives + example.candidates)
+            prompt_lengths.append(example.prompt_length)
         query_ids, query_lengths = pad_sequences(queries, self.pad_id)
         positive_ids, positive_lengths = pad_sequences(positives, self.pad_id)
+        query_prompt_lengths = torch.tensor(prompt_lengths, dtype=torch.int64)
         batch = ContrastiveBatch(task, torch.as_tensor(numpy.asarray(example_ids, dtype=numpy.int64)),
                                  query_ids, query_lengths, positive_ids, positive_lengths,
+                                 query_prompt_lengths=query_prompt_lengths,
+                                 positive_prompt_lengths=(query_prompt_lengths.clone() if task == "sts"
+                                                          else torch.zeros_like(query_prompt_lengths)),
                                  languages=languages, epoch=epoch, step=step)
         if task == "sts":
             batch.scores = torch.tensor(scores, dtype=torch.float32)
@@ -534,6 +573,7 @@ class ContrastiveLoader:
                 "tasks": {task: {"epoch": epoch, "cursor": cursor}
                           for task, (epoch, cursor) in self._positions.items()},
                 "num_examples": len(self.store), "drop_last": self.drop_last,
+                "dropped_examples": self.dropped_examples,
                 "global_batch_sizes": {task: self._global_batch(task) for task in self.tasks},
                 "task_probabilities": dict(self.task_probabilities)}
 
@@ -557,5 +597,6 @@ class ContrastiveLoader:
                 f"cannot resume the contrastive loader: task probabilities were {saved}, now "
                 f"{self.task_probabilities} (the task sequence depends on them)")
         self.step = int(state["step"])
+        self.dropped_examples = int(state.get("dropped_examples", 0))  # absent before it was counted
         self._positions = {task: [int(position["epoch"]), int(position["cursor"])]
                            for task, position in state["tasks"].items()}

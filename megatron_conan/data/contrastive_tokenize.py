@@ -16,15 +16,19 @@ from megatron_conan.data.encoders import (
     CONTRASTIVE_TASKS,
     INSTRUCTION_TEMPLATE,
     check_instructions,
+    format_instruction,
 )
 from megatron_conan.data.pipeline import EncodedBatch
 from megatron_conan.data.preprocess import PreprocessConfig, PreprocessResult, run_to_indexed
 from megatron_conan.data.provenance import META_SUFFIX, tokenizer_record
 
 STORE_FORMAT = "megatron_conan.contrastive"
-STORE_VERSION = 2
-"""Version 2: instructed queries are tokenized as one string with their instruction (version 1
-stored the instruction apart and concatenated ids, which differ); rows locate their input line."""
+STORE_VERSION = 3
+"""Version 3: rows record their prompt's token count (`prompt_length`), so pooling can leave the
+instruction out. Version 2 (still read): instructed queries tokenized as one string with their
+instruction (version 1 stored the instruction apart and concatenated ids, which differ); rows
+locate their input line."""
+READABLE_STORE_VERSIONS = (2, 3)
 EXAMPLES_SUFFIX = ".examples.npy"
 TASK_CODES = {task: code for code, task in enumerate(CONTRASTIVE_TASKS)}
 EXAMPLE_DTYPE = numpy.dtype([
@@ -37,7 +41,15 @@ EXAMPLE_DTYPE = numpy.dtype([
     ("score", "<f4"),            # STS gold score, NaN for other tasks
     ("input", "<u4"),            # index into meta["inputs"] of the example's input file
     ("line", "<u8"),             # 1-based line of the example in that file
+    ("prompt_length", "<u2"),    # tokens of the instruction prompt alone (0: not instructed)
 ])
+
+
+def prompt_token_count(tokenizer, instruction: str) -> int:
+    """Tokens of the prompt `format_instruction(instruction)` tokenized alone: the leading tokens
+    of an instructed anchor that pooling may leave out. This is how sentence-transformers counts a
+    prompt (`include_prompt=False`), so training and the export exclude the same tokens."""
+    return len(tokenizer.encode(format_instruction(instruction)))
 
 
 def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
@@ -50,6 +62,19 @@ def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
     languages: Dict[str, int] = {}
     inputs = {path: index for index, path in enumerate(config.inputs)}
     chunks: List[numpy.ndarray] = []
+    prompt_lengths: Dict[str, int] = {}  # few distinct instructions: each is tokenized once
+    tokenizers: List[Any] = []  # loaded on the first instruction
+
+    def prompt_length(instruction) -> int:
+        if instruction is None:
+            return 0
+        if instruction not in prompt_lengths:
+            if not tokenizers:
+                from megatron_conan.data.tokenizer import ConanTokenizer
+
+                tokenizers.append(ConanTokenizer(config.tokenizer_model))
+            prompt_lengths[instruction] = min(prompt_token_count(tokenizers[0], instruction), 65535)
+        return prompt_lengths[instruction]
 
     def collect(batch: EncodedBatch, first_sequence: int) -> None:
         rows = numpy.zeros(len(batch.records), dtype=EXAMPLE_DTYPE)
@@ -58,6 +83,7 @@ def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
         for row, record, (path, line) in zip(rows, batch.records, batch.line_numbers):
             row["task"] = TASK_CODES[record["task"]]
             row["instructed"] = record["instructed"]
+            row["prompt_length"] = prompt_length(record.get("instruction"))
             row["num_negatives"] = record["num_negatives"]
             row["num_candidates"] = record["num_candidates"]
             language = record["language"]

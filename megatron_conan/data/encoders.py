@@ -127,7 +127,7 @@ def parse_contrastive_record(record: dict, instructions: Optional[Dict[str, str]
                              ) -> Tuple[List[str], Dict[str, Any]]:
     """Validates one contrastive record. Returns its texts in stored order (anchor, positive,
     negatives, candidates) and its metadata: task, num_negatives, num_candidates, instructed,
-    score, language.
+    instruction (the text, or None), score, language.
 
     The instruction is the record's own `instruction`, else `instructions[task]`; when there is
     one, the anchor (sts: both texts) is the one formatted string `format_query(instruction,
@@ -178,7 +178,7 @@ def parse_contrastive_record(record: dict, instructions: Optional[Dict[str, str]
         raise BadLineError(BadLineKind.INVALID_VALUE, "more than 65535 negatives or candidates")
     return texts, {"task": task, "num_negatives": len(negatives),
                    "num_candidates": len(candidates), "instructed": instruction is not None,
-                   "score": score, "language": language}
+                   "instruction": instruction, "score": score, "language": language}
 
 
 class ContrastiveExampleEncoder(LineEncoder):

@@ -116,13 +116,14 @@ class CheckpointEmbedder(Embedder):
         from megatron_conan.ops.soft_mask_attention.core_attention import soft_mask_core_attention_spec
 
         info = read_checkpoint_info(checkpoint)
-        max_length = text_length(info.model_config, max_length)
+        max_length = text_length(info.model_config, max_length, info)
         self.tokenizer = ConanTokenizer(resolve_tokenizer(info, tokenizer))
         options = embedding_options(info, pooling, query_instruction, None)
         self.attention = checkpoint_attention(info.soft_mask, info.path)
         self.name = info.path
         self.dim = info.model_config.hidden_size
         self.pooling = options["pooling"]
+        self.pool_prompt = options["pool_prompt"]
         self.prompts = {"query": query_prompt(options["query_instruction"]), "document": ""}
         self.matryoshka_dims = list(options["matryoshka_dims"])
         self.max_length = max_length
@@ -157,6 +158,8 @@ class CheckpointEmbedder(Embedder):
         from megatron_conan.models.embedder import embed
 
         sequences = self.tokenize(texts, prefix)
+        # the prompt's tokens, counted alone as sentence-transformers counts them (include_prompt)
+        prompt_tokens = len(self.tokenizer.encode(prefix)) if prefix and not self.pool_prompt else 0
         order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index]))
         output = numpy.empty((len(sequences), self.dim), dtype=numpy.float32)
         for start in tqdm(range(0, len(order), batch_size), desc="encoding", unit="batch", disable=not show_progress):
@@ -165,7 +168,9 @@ class CheckpointEmbedder(Embedder):
             input_ids = torch.full((len(rows), int(lengths.max())), self.tokenizer.pad, dtype=torch.long)
             for slot, row in enumerate(rows):
                 input_ids[slot, :len(sequences[row])] = torch.tensor(sequences[row])
-            vectors = embed(self.model, input_ids.to(self.device), lengths.to(self.device), self.pooling)  # [b, h]
+            starts = torch.full_like(lengths, prompt_tokens) if prompt_tokens else None
+            vectors = embed(self.model, input_ids.to(self.device), lengths.to(self.device), self.pooling,
+                            starts=None if starts is None else starts.to(self.device))  # [b, h]
             output[rows] = vectors.float().cpu().numpy()
         return output
 

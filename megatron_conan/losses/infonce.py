@@ -158,6 +158,12 @@ def infonce_loss(
             "positive_cosine": _masked_mean((queries * positives).sum(-1), anchors),
             "num_anchors": torch.tensor(local, device=queries.device),
         }
+        # mean cosine of the anchors against everything their denominators score but their own
+        # positive (in-batch and hard negatives, masked ones left out): with positive_cosine, it
+        # tells learning (the gap widens) from collapse (both rise towards 1)
+        scored = torch.isfinite(logits)
+        scored[torch.arange(local, device=queries.device), labels] = False
+        stats["negative_cosine"] = _masked_mean(logits.masked_fill(~scored, 0.0), scored)
         if hard_negatives is not None:
             stats["hard_negative_cosines"] = own_negative_cosines.detach().clone()
             stats["hard_negative_cosine"] = _masked_mean(own_negative_cosines, negative_mask)

@@ -24,7 +24,7 @@ pipeline schedule's per-micro-batch losses cannot express (the stages refuse it 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -87,8 +87,9 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torc
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor, pooling: str = "mean",
-          normalize: bool = True) -> torch.Tensor:
-    """Embeddings [b, h] (float32 or wider, L2-normalised unless asked not to be)."""
+          normalize: bool = True, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Embeddings [b, h] (float32 or wider, L2-normalised unless asked not to be). `starts` [b]:
+    leading prompt tokens that attend and are attended to but are left out of the pooling."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-    return pool(hidden_states(model, input_ids, lengths), lengths, pooling, normalize=normalize)
+    return pool(hidden_states(model, input_ids, lengths), lengths, pooling, normalize=normalize, starts=starts)

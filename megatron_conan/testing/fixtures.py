@@ -137,11 +137,12 @@ def soft_mask_state(step: int = 0, **config: Any) -> Dict[str, Any]:
 
 
 def embedding_run_config(tokenizer: str, query_instruction: str = "Given a question, find the passage that answers it",
-                         matryoshka_dims: Sequence[int] = (16, 32), pooling: str = "mean") -> Dict[str, Any]:
+                         matryoshka_dims: Sequence[int] = (16, 32), pooling: str = "mean",
+                         pool_prompt: bool = False) -> Dict[str, Any]:
     """The parts of a resolved run config the exporters and embedders read."""
     return {"data": {"tokenizer": tokenizer},
             "embedding": {"pooling": pooling, "query_instruction": query_instruction,
-                          "matryoshka_dims": list(matryoshka_dims)}}
+                          "matryoshka_dims": list(matryoshka_dims), "pool_prompt": pool_prompt}}
 
 
 EMBEDDING_TEXTS = (

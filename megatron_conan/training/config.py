@@ -209,6 +209,11 @@ class EmbeddingSection:
 
     pooling: str = "mean"
     """How token states become one embedding: `mean`, `last` or `first` (over true lengths)."""
+    pool_prompt: bool = False
+    """Pool an instructed text's instruction prompt with it. False (default, as GritLM and NV-Embed
+    do): the prompt conditions the text through attention but the mean covers the text's own
+    tokens; otherwise a 31-token prompt is most of every short query's mean. Exported as
+    sentence-transformers' Pooling `include_prompt`."""
     temperature: float = 0.02
     """InfoNCE temperature (logits are cosines / temperature)."""
     symmetric: bool = False
@@ -221,6 +226,10 @@ class EmbeddingSection:
     """GradCache: embed the local batch in chunks of this many sequences, without activations, then
     replay each chunk with the cached embedding gradient; the batch is then limited by embedding
     memory, not activation memory. 0: one forward per role with activations."""
+    drop_last: bool = True
+    """Skip the partial last global batch of every task epoch (counted, logged as
+    `dropped_tail_examples`): a batch of a few examples has few in-batch negatives, so its loss and
+    gradient norm jump (a 5-example tail step spiked the grad norm to 22 against ~6)."""
     max_query_length: int = 128
     """Query tokens (instruction included, EOD included); longer queries are cut."""
     max_passage_length: int = 256

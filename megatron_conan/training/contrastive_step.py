@@ -37,10 +37,12 @@ LossFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, torch
 
 @dataclass
 class Sequences:
-    """Right-padded token ids [n, L] and their true lengths [n], on the model's device."""
+    """Right-padded token ids [n, L] and their true lengths [n], on the model's device; `starts`
+    [n] (optional): leading prompt tokens each sequence's pooling leaves out."""
 
     ids: torch.Tensor
     lengths: torch.Tensor
+    starts: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -49,7 +51,8 @@ class Sequences:
         """Rows [start, stop), cut to their longest sequence."""
         lengths = self.lengths[start:stop]
         width = max(int(lengths.max()), 1) if len(lengths) else 1
-        return Sequences(self.ids[start:stop, :width], lengths)
+        starts = None if self.starts is None else self.starts[start:stop]
+        return Sequences(self.ids[start:stop, :width], lengths, starts)
 
 
 def _chunks(count: int, size: int) -> List[Tuple[int, int]]:
@@ -83,7 +86,7 @@ def _embed_role(model, sequences: Sequences, pooling: str, width: int, chunk_siz
         if rng_states is not None:
             rng_states.append(_capture_rng())
         chunk = sequences.rows(start, stop)
-        pieces.append(embed(model, chunk.ids, chunk.lengths, pooling))  # [c, h]
+        pieces.append(embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts))  # [c, h]
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
@@ -120,6 +123,6 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
         for (start, stop), state in zip(_chunks(len(sequences), mini_batch_size), rng_states[role]):
             _restore_rng(state)
             chunk = sequences.rows(start, stop)
-            replayed = embed(model, chunk.ids, chunk.lengths, pooling)  # [c, h], with activations
+            replayed = embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts)  # [c, h], with activations
             replayed.backward(gradient[start:stop])
     return loss.detach(), stats

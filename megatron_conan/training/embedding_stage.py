@@ -125,7 +125,15 @@ class EmbeddingStage(Stage):
             cfg.data.contrastive_prefix, self.tokenizer, self.loader_batch_size(ctx),
             dp_rank=ctx.data_parallel_rank, dp_world_size=ctx.data_parallel_size, seed=cfg.train.seed,
             max_query_length=embedding.max_query_length, max_passage_length=embedding.max_passage_length,
-            num_negatives=embedding.num_negatives, tasks=self.tasks, **self.loader_options(ctx))
+            num_negatives=embedding.num_negatives, tasks=self.tasks, drop_last=embedding.drop_last,
+            **self.loader_options(ctx))
+        for task in self.loader.tasks:
+            size = self.loader.batch_sizes[task] * ctx.data_parallel_size
+            tail = len(self.loader.store.example_ids_of_task(task)) % size
+            if tail:
+                logger.info("%s: %s epochs end in a partial global batch of %d of %d examples: %s",
+                            self.name, task, tail, size, "skipped (embedding.drop_last)" if embedding.drop_last
+                            else "trained as a small batch")
 
     def loader_options(self, ctx: StageContext) -> Dict[str, Any]:
         """Further ContrastiveLoader arguments of this stage."""
@@ -185,15 +193,33 @@ class EmbeddingStage(Stage):
         """Global numbers: the loss (mean of the ranks' losses = the global mean), anchor-weighted
         means of accuracy and cosines, summed samples and tokens."""
         anchors = float(stats.get("num_anchors", torch.tensor(samples)))
-        names = [name for name in ("accuracy", "positive_cosine", "hard_negative_cosine") if name in stats]
+        names = [name for name in ("accuracy", "positive_cosine", "negative_cosine", "hard_negative_cosine")
+                 if name in stats]
+        # per-dim Matryoshka losses are, like the loss, each rank's share of the global mean
+        dim_losses = sorted(name for name in stats if name.startswith("loss_dim_"))
         values = ctx.placement.tensor([float(loss), samples, tokens, anchors]
-                                      + [float(stats[name]) * anchors for name in names], dtype=torch.float64)
+                                      + [float(stats[name]) * anchors for name in names]
+                                      + [float(stats[name]) for name in dim_losses], dtype=torch.float64)
         ctx.placement.all_reduce(values, group=ctx.data_parallel_group)
         total_anchors = max(float(values[3]), 1.0)
         reduced = {"loss": float(values[0]) / ctx.data_parallel_size, "samples": int(values[1]),
                    "tokens": int(values[2])}
         reduced.update({name: float(values[4 + i]) / total_anchors for i, name in enumerate(names)})
+        first_dim = 4 + len(names)
+        reduced.update({name: float(values[first_dim + i]) / ctx.data_parallel_size
+                        for i, name in enumerate(dim_losses)})
+        reduced["dropped_tail_examples"] = self.loader.dropped_examples if self.loader is not None else 0
         return reduced
+
+    @staticmethod
+    def query_positive_roles(ctx: StageContext, batch) -> Dict[str, Sequences]:
+        """The batch's queries and positives, with their instruction prompts left out of the
+        pooling unless `embedding.pool_prompt`."""
+        def starts(lengths):
+            return None if ctx.cfg.embedding.pool_prompt else lengths
+        return {"queries": Sequences(batch.query_ids, batch.query_lengths, starts(batch.query_prompt_lengths)),
+                "positives": Sequences(batch.positive_ids, batch.positive_lengths,
+                                       starts(batch.positive_prompt_lengths))}
 
     def run_contrastive(self, ctx: StageContext, roles: Dict[str, Sequences], loss_fn):
         model = ctx.chunks[0]
@@ -218,8 +244,7 @@ class WeaklySupervisedStage(EmbeddingStage):
             keys = {"positive_keys": content_keys(batch.positive_ids, batch.positive_lengths),
                     "query_keys": content_keys(batch.query_ids, batch.query_lengths)}
         batch, keys = ctx.placement.to_device((batch, keys))
-        roles = {"queries": Sequences(batch.query_ids, batch.query_lengths),
-                 "positives": Sequences(batch.positive_ids, batch.positive_lengths)}
+        roles = self.query_positive_roles(ctx, batch)
         pair_loss = partial(self.pair_loss, ctx, keys.get("positive_keys"), keys.get("query_keys"))
         loss, stats = self.run_contrastive(ctx, roles, lambda embeddings: self.with_matryoshka(ctx, pair_loss, embeddings))
         finalize_model_grads(ctx.chunks)  # DP all-reduce (DDP averages), SP norms over TP
@@ -308,8 +333,7 @@ class SupervisedStage(EmbeddingStage):
                 keys["negative_keys"] = content_keys(batch.negative_ids, batch.negative_lengths).view(
                     batch.negative_mask.shape)
         batch, keys = ctx.placement.to_device((batch, keys))
-        roles = {"queries": Sequences(batch.query_ids, batch.query_lengths),
-                 "positives": Sequences(batch.positive_ids, batch.positive_lengths)}
+        roles = self.query_positive_roles(ctx, batch)
         if batch.negative_ids is not None:
             roles["hard_negatives"] = Sequences(batch.negative_ids, batch.negative_lengths)
         loss_fn = self._task_loss(ctx, batch, keys)

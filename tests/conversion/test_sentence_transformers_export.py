@@ -52,8 +52,10 @@ def test_directory_records_prompts_pooling_and_matryoshka_dims(artifacts, export
         record = json.load(handle)
     assert record["matryoshka_dims"] == [16, 32, 64] and record["pooling"] == "mean"
     assert record["attention"] == "bidirectional"
+    assert record["pool_prompt"] is False
     with open(os.path.join(directory, "1_Pooling", "config.json")) as handle:
-        assert json.load(handle)["pooling_mode"] == "mean"
+        pooling = json.load(handle)
+    assert pooling["pooling_mode"] == "mean" and pooling["include_prompt"] is False
     assert "Matryoshka dims: 16, 32, 64" in open(os.path.join(directory, "README.md")).read()
     assert not [name for name in os.listdir(os.path.dirname(directory)) if name.startswith(".")]  # no temp left
 
@@ -67,3 +69,32 @@ def test_an_old_transformers_that_runs_causal_is_detected(artifacts, exported):
             check_attention_matches_config(exported, directory)
     finally:
         exported[0].auto_model.config.is_causal = False
+
+
+def _prompt_pooling_body(rank, world_size, checkpoint):
+    import torch
+
+    from megatron_conan.eval.embedders import CheckpointEmbedder
+    from megatron_conan.models.embedder import hidden_states
+
+    with CheckpointEmbedder(checkpoint) as embedder:
+        prompt = embedder.prompts["query"]
+        skipped = len(embedder.tokenizer.encode(prompt))
+        ids = embedder.tokenize([TEXTS[0]], prompt)[0]
+        with torch.inference_mode():
+            states = hidden_states(embedder.model, torch.tensor([ids]), torch.tensor([len(ids)]))[:, 0]  # [s, h]
+        return {"skipped": skipped,
+                "by_hand": torch.nn.functional.normalize(states[skipped:].mean(0).float(), dim=0).numpy(),
+                "whole": torch.nn.functional.normalize(states.mean(0).float(), dim=0).numpy(),
+                "ours": embedder.encode([TEXTS[0]], prompt_name="query")[0],
+                "bare": embedder.encode([TEXTS[0]], prompt_name="none")[0]}
+
+
+def test_the_query_prompt_conditions_the_text_but_is_left_out_of_the_mean(artifacts):
+    """Our embedder's `query` vector is the mean over the text's own tokens of the hidden states of
+    prompt + text: not the mean over every token, nor the text embedded without its prompt."""
+    from megatron_conan.testing.distributed import run_distributed
+
+    result = run_distributed(_prompt_pooling_body, 1, args=(artifacts["embed_checkpoint"],))[0]
+    assert result["skipped"] > 5 and float(result["ours"] @ result["by_hand"]) > 0.99999
+    assert float(result["ours"] @ result["whole"]) < 0.9999 and float(result["ours"] @ result["bare"]) < 0.9999

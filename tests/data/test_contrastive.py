@@ -55,6 +55,10 @@ def test_round_trip_for_every_task(jsonl_path, store_prefix, tokenizer):
         assert example.instructed == (instruction is not None)
         query = row[anchor] if instruction is None else format_query(instruction, row[anchor])
         assert example.anchor.tolist() == enc(query)
+        # the prompt's tokens counted alone, as sentence-transformers counts them (a prompt ending in a
+        # space may tokenize differently before a text, so this is a count, not a prefix match)
+        prompt_length = 0 if instruction is None else len(enc(format_instruction(instruction)))
+        assert example.prompt_length == prompt_length
         assert example.positive.tolist() == enc(row[positive])
         assert store.location(example_id).endswith(f"mixed.jsonl:{example_id + 1}")
         negatives = row.get("negative_labels", row.get("negatives", []))
@@ -489,3 +493,52 @@ def test_old_store_version_is_refused(store_prefix, tmp_path):
     (tmp_path / "old.meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="version-1 contrastive store.*re-tokenize"):
         ContrastiveStore(str(tmp_path / "old"))
+
+
+def test_batches_carry_prompt_lengths_and_a_version_2_store_still_loads(store_prefix, tokenizer, tmp_path):
+    import shutil
+
+    store = ContrastiveStore(store_prefix)
+    loader = ContrastiveLoader(store_prefix, tokenizer, 4, tasks=["sts", "retrieval"], seed=3)
+    for batch in itertools.islice(iter(loader), 6):
+        expected = torch.tensor([store.prompt_length(int(i)) for i in batch.example_ids])
+        assert torch.equal(batch.query_prompt_lengths, expected)
+        assert torch.equal(batch.positive_prompt_lengths,
+                           expected if batch.task == "sts" else torch.zeros_like(expected))
+    # a version-2 store (no prompt_length column): instructed rows count their task's instruction
+    source = tmp_path / "plain.jsonl"
+    with open(source, "w", encoding="utf-8") as handle:
+        for i in range(4):
+            handle.write(json.dumps({"task": "retrieval", "query": f"query {i}", "positive": f"passage {i}"}) + "\n")
+            handle.write(json.dumps({"task": "pair", "query": f"pair {i}", "positive": f"text {i}"}) + "\n")
+    new = str(tmp_path / "v3")
+    instruction = "Find the passage"
+    tokenize_contrastive(PreprocessConfig([str(source)], new, tokenizer.model_path, progress=False, workers=1,
+                                          instructions={"retrieval": instruction}))
+    old = str(tmp_path / "v2")
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copyfile(new + suffix, old + suffix)
+    rows = numpy.load(new + ".examples.npy")
+    fields = [name for name in rows.dtype.names if name != "prompt_length"]
+    numpy.save(old + ".examples.npy", numpy.array(rows[fields].tolist(), dtype=[(f, rows.dtype[f]) for f in fields]))
+    meta = json.load(open(old + ".meta.json"))
+    meta["version"] = 2
+    json.dump(meta, open(old + ".meta.json", "w"))
+    expected = len(tokenizer.encode(format_instruction(instruction)))
+    v3, v2 = ContrastiveStore(new), ContrastiveLoader(old, tokenizer, 2, seed=3, tasks=["retrieval"]).store
+    assert [v3.prompt_length(i) for i in range(8)] == [expected, 0] * 4
+    assert [v2.prompt_length(i) for i in range(8)] == [expected, 0] * 4
+
+
+def test_the_skipped_tails_are_counted_and_survive_a_resume(store_prefix, tokenizer):
+    # 11 sts examples in global batches of 4: 2 full batches an epoch, 3 examples skipped each
+    loader = ContrastiveLoader(store_prefix, tokenizer, 4, tasks=["sts"], drop_last=True, seed=3)
+    batches = iter(loader)
+    sizes = [next(batches).size for _ in range(2)]
+    assert sizes == [4, 4] and loader.dropped_examples == 3  # the second batch ended the epoch
+    resumed = ContrastiveLoader(store_prefix, tokenizer, 4, tasks=["sts"], drop_last=True, seed=3)
+    resumed.load_state_dict(loader.state_dict())
+    assert resumed.dropped_examples == 3
+    assert [next(batches).size for _ in range(2)] == [4, 4] and loader.dropped_examples == 6
+    kept = ContrastiveLoader(store_prefix, tokenizer, 4, tasks=["sts"], drop_last=False, seed=3)
+    assert [batch.size for batch in itertools.islice(iter(kept), 3)] == [4, 4, 3] and kept.dropped_examples == 0

@@ -64,3 +64,21 @@ def test_bad_modes_and_lengths_are_refused(mode, lengths, message):
 def test_hidden_must_be_three_dimensional():
     with pytest.raises(ValueError, match=r"\[s, b, h\]"):
         pool(torch.zeros(5, 3), LENGTHS)
+
+
+def test_starts_leave_a_prompt_out_of_mean_and_first_pooling():
+    import torch
+
+    from megatron_conan.models.pooling import pool
+
+    hidden = torch.randn(6, 3, 4, dtype=torch.float64)  # [s, b, h]
+    lengths = torch.tensor([6, 4, 2])
+    starts = torch.tensor([2, 0, 5])  # the last is clamped to length - 1: its last token
+    mean = pool(hidden, lengths, "mean", normalize=False, starts=starts)
+    assert torch.allclose(mean[0], hidden[2:6, 0].mean(0))
+    assert torch.allclose(mean[1], hidden[0:4, 1].mean(0))
+    assert torch.allclose(mean[2], hidden[1, 2])
+    first = pool(hidden, lengths, "first", normalize=False, starts=starts)
+    assert torch.allclose(first, torch.stack([hidden[2, 0], hidden[0, 1], hidden[1, 2]]))
+    last = pool(hidden, lengths, "last", normalize=False, starts=starts)
+    assert torch.allclose(last, pool(hidden, lengths, "last", normalize=False))
