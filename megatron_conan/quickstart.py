@@ -67,6 +67,13 @@ class Plan:
     matryoshka_dims: List[int]
     max_query_length: int
     max_passage_length: int
+    weak_lr: float = 1e-3
+    sup_lr: float = 2e-4
+    temperature: float = 0.05
+    clip_grad: float = 1.0
+    """Gradient-norm clip of the embedding stages."""
+    sup_task_weights: Dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"retrieval": 6.0, "classification": 1.0, "sts": 1.0})
 
 
 PLANS = {
@@ -212,11 +219,26 @@ class Pipeline:
         entry = self.results["stages"][stage]
         return f"loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f} over {entry['steps']} steps"
 
+    def random_init(self) -> None:
+        """The pretraining run's initial weights, saved untrained (0 steps, the same seed and layout):
+        the table's random-init row, what every stage must beat."""
+        values = self._run_config("random_init", parallel={"tensor_parallel": 2},
+                                  train={"train_steps": 0, "global_batch_size": self.plan.lm_batch,
+                                         "micro_batch_size": self.plan.lm_batch // 2},
+                                  data={"kind": "blended", "blend": self._blend()})
+        from megatron_conan.distributed.spawn import run_distributed
+
+        run_distributed(_train_stage, 2, args=("pretrain", values), timeout_s=600, log_level=logging.WARNING)
+
+    def _blend(self) -> dict:
+        return {"sources": [{"name": "docstrings", "prefix": self.path("indexed", "docstrings"), "weight": 0.8},
+                            {"name": "sft_text", "prefix": self.path("indexed", "sft_text"), "weight": 0.2}],
+                "split": "100,0,0", "cache_dir": self.path("index_cache")}
+
     def pretrain(self) -> str:
         plan = self.plan
-        blend = {"sources": [{"name": "docstrings", "prefix": self.path("indexed", "docstrings"), "weight": 0.8},
-                             {"name": "sft_text", "prefix": self.path("indexed", "sft_text"), "weight": 0.2}],
-                 "split": "100,0,0", "cache_dir": self.path("index_cache")}
+        self.random_init()
+        blend = self._blend()
         self._train("pretrain", 2, self._run_config(
             "pretrain", parallel={"tensor_parallel": 2},
             optimizer={"lr": 3e-3, "warmup_fraction": 0.05, "decay_style": "cosine", "min_lr": 3e-4},
@@ -245,11 +267,12 @@ class Pipeline:
         plan = self.plan
         self._train("embed_weak", 2, self._run_config(
             "embed_weak", model={"soft_mask": {"schedule": "linear", "position_scale": "len_over_pos"}},
-            optimizer={"lr": 1e-3, "warmup_fraction": 0.05, "min_lr": 1e-4},
+            optimizer={"lr": plan.weak_lr, "warmup_fraction": 0.05, "min_lr": plan.weak_lr / 10,
+                       "clip_grad": plan.clip_grad},
             train={"train_steps": plan.weak_steps, "global_batch_size": plan.weak_batch},
             checkpoint={"load_dir": self.path("sft", "checkpoints")},
             data={"kind": "contrastive", "contrastive_prefix": self.path("indexed", "pairs")},
-            embedding=self._embedding(temperature=0.05)))
+            embedding=self._embedding(temperature=plan.temperature)))
         return f"DP=2, soft mask a(t) 0 -> 1, in-batch negatives of both ranks, {self._loss_line('embed_weak')}"
 
     def mine(self) -> str:
@@ -270,23 +293,27 @@ class Pipeline:
                                               output_prefix=self.path("indexed", "supervised"),
                                               tokenizer_model=self.paths["tokenizer"], workers=1, progress=False))
         self.results["mining"] = report
+        slots = report["negative_slots"]
         return (f"{report['examples']} retrieval queries against {report['corpus_texts']} texts with the stage-3 "
                 f"model: pools of {report['mean_pool_size']:.1f} (first {plan.num_negatives} as negatives), "
-                f"ranks 1-2 skipped, {report['too_few_negatives']['count']} with too few")
+                f"ranks 1-2 skipped, {report['too_few_negatives']['count']} with too few; "
+                f"{slots['distinct_texts']} distinct texts in {slots['slots']} negative slots "
+                f"({slots['distinct_per_slot']:.2f} per slot), the most used in {slots['most_used_text_slots']}")
 
     def embed_sup(self) -> str:
         plan = self.plan
         self._train("embed_sup", 2, self._run_config(
             # gentle: measured, lr 1e-3 for 120 steps on these 1.5k supervised pairs (other module
             # families than the held-out ones) lowers held-out nDCG below stage 3's
-            "embed_sup", optimizer={"lr": 2e-4, "warmup_fraction": 0.05, "min_lr": 2e-5},
+            "embed_sup", optimizer={"lr": plan.sup_lr, "warmup_fraction": 0.05, "min_lr": plan.sup_lr / 10,
+                                    "clip_grad": plan.clip_grad},
             train={"train_steps": plan.sup_steps, "global_batch_size": 2 * plan.sup_batches["retrieval"]},
             checkpoint={"load_dir": self.path("embed_weak", "checkpoints")},
             data={"kind": "contrastive", "contrastive_prefix": self.path("indexed", "supervised")},
-            embedding=self._embedding(temperature=0.05, num_negatives=plan.num_negatives,
+            embedding=self._embedding(temperature=plan.temperature, num_negatives=plan.num_negatives,
                                       task_batch_sizes=plan.sup_batches, matryoshka_dims=plan.matryoshka_dims,
                                       # the held-out task is retrieval: most steps are retrieval steps
-                                      task_weights={"retrieval": 6.0, "classification": 1.0, "sts": 1.0})))
+                                      task_weights=plan.sup_task_weights)))
         return f"DP=2, DHNM hard negatives, Matryoshka {plan.matryoshka_dims}, {self._loss_line('embed_sup')}"
 
     def export(self) -> str:
@@ -300,23 +327,29 @@ class Pipeline:
 
     # -- evaluation and report --
     def evaluate(self) -> str:
-        from megatron_conan.eval.stages import ModelUnderTest, evaluate_models
+        from megatron_conan.eval.stages import ModelUnderTest, evaluate_models, score
 
-        length, instruction = self.plan.max_passage_length, self.manifest["instructions"]["retrieval"]
-        models = [ModelUnderTest("1 pretrain (mean-pooled)", self.path("pretrain", "checkpoints"), max_length=length,
-                                 query_instruction=instruction),
-                  ModelUnderTest("2 SFT (mean-pooled)", self.path("sft", "checkpoints"), max_length=length,
-                                 query_instruction=instruction),
-                  ModelUnderTest("3 embed-weak", self.path("embed_weak", "checkpoints"), max_length=length),
-                  ModelUnderTest("4 embed-sup", self.path("embed_sup", "checkpoints"), "query", max_length=length),
+        # every model embeds queries with the query prompt (the instruction conditions the query;
+        # pooling leaves it out) and texts cut where training cut passages: one format for all
+        length = self.plan.max_passage_length
+        instruction = self.manifest["instructions"]["retrieval"]
+
+        def checkpoint(name: str, stage: str) -> ModelUnderTest:
+            return ModelUnderTest(name, self.path(stage, "checkpoints"), "query", max_length=length,
+                                  query_instruction=instruction)
+
+        models = [checkpoint("0 random init (mean-pooled)", "random_init"),
+                  checkpoint("1 pretrain (mean-pooled)", "pretrain"),
+                  checkpoint("2 SFT (mean-pooled)", "sft"),
+                  checkpoint("3 embed-weak", "embed_weak"),
+                  checkpoint("4 embed-sup", "embed_sup"),
                   ModelUnderTest("4 embed-sup, exported", self.paths["export"], "query")]
         self.results["evaluation"] = evaluate_models(self.path("corpus", "heldout"), models,
                                                      matryoshka_of="4 embed-sup", dims=self.plan.matryoshka_dims)
-        rows = self.results["evaluation"]["rows"]
-        final = next(row for row in rows if row["name"] == "4 embed-sup")
-        bm25 = next(row for row in rows if row["name"] == "BM25")
-        return (f"{len(models)} models, BM25 and random on {len(rows) and self.results['evaluation']['dataset']['queries']} "
-                f"held-out queries: final nDCG@10 {final['ndcg_at_10']:.3f}, BM25 {bm25['ndcg_at_10']:.3f}")
+        rows = {row["name"]: row for row in self.results["evaluation"]["rows"]}
+        final, bm25 = rows["4 embed-sup"], rows["BM25"]
+        return (f"{len(models)} models, BM25 and random: final nDCG@10 validation {score(final):.3f}, "
+                f"test {score(final, 'test'):.3f} (BM25 {score(bm25):.3f} / {score(bm25, 'test'):.3f})")
 
     def report(self) -> str:
         from megatron_conan.eval.report import write_report

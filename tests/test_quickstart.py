@@ -31,18 +31,24 @@ def test_quickstart_end_to_end(tmp_path):
     console = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
     noise = ("Warning", "Building index", "Loading weights", "Writing model shards", "Traceback")
     assert not [line for line in console if any(word in line for word in noise)], console
-    for name in ("corpus/manifest.json", "corpus/heldout/qrels/test.tsv", "tokenizer/pydoc.model",
+    for name in ("corpus/manifest.json", "corpus/heldout/qrels/test.tsv", "corpus/heldout/qrels/validation.tsv",
+                 "tokenizer/pydoc.model",
                  "indexed/docstrings.idx", "indexed/sft.idx", "indexed/pairs.idx", "indexed/supervised.idx",
                  "corpus/retrieval_mined.jsonl", "report.md", "results.json",
                  "plots/loss.png", "plots/soft_mask.png", "plots/dhnm.png", "plots/ndcg_by_stage.png",
                  "plots/matryoshka.png", "export/conan-pydoc/modules.json"):
         assert (work / name).exists(), name
-    for stage in ("pretrain", "sft", "embed_weak", "embed_sup"):
+    for stage in ("random_init", "pretrain", "sft", "embed_weak", "embed_sup"):
         assert (work / stage / "checkpoints" / "latest").exists(), stage
     results = json.loads((work / "results.json").read_text())
-    rows = {row["name"]: row for row in results["evaluation"]["rows"]}
-    # the export and its checkpoint embed alike
-    assert abs(rows["4 embed-sup"]["ndcg_at_10"] - rows["4 embed-sup, exported"]["ndcg_at_10"]) < 1e-3
+    rows = {row["name"]: row["splits"] for row in results["evaluation"]["rows"]}
+    assert set(rows["4 embed-sup"]) == {"validation", "test"}
+    # the export and its checkpoint embed alike, on both splits
+    for split in ("validation", "test"):
+        assert abs(rows["4 embed-sup"][split]["ndcg_at_10"] - rows["4 embed-sup, exported"][split]["ndcg_at_10"]) < 1e-3
+    # it learns: even the quick plan's final model beats its own untrained weights on validation
+    final, untrained = rows["4 embed-sup"]["validation"], rows["0 random init (mean-pooled)"]["validation"]
+    assert final["ndcg_at_10"] > untrained["ndcg_at_10"], (final, untrained)
     probe = ("from sentence_transformers import SentenceTransformer; import sys; "
              "m = SentenceTransformer(sys.argv[1]); "
              "e = m.encode(['Return the absolute value of a number.'], prompt_name='query'); print(e.shape)")

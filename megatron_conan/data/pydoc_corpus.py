@@ -70,8 +70,10 @@ at the end), formats in README.md beside this file:
   signature -> its docstring (also classes, methods, attributes); "Summarise this module in one
   sentence." + the module's docstring without its summary -> the summary; "Explain this part of
   the Python language reference." + topic and section title -> the section.
-- ``pairs.jsonl`` (stage 3) ``{"task": "pair", "query", "positive"}``: signature -> docstring;
-  "module: summary" -> the rest of the module's docstring; "topic: section title" -> section.
+- ``pairs.jsonl`` (stage 3) ``{"task": "pair", "query", "positive", "instruction"?}``: signature
+  -> docstring; "module: summary" -> the rest of the module's docstring; "topic: section title"
+  -> section; and (``retrieval_shaped_pairs``) every training docstring's summary line -> its
+  titled rest with the retrieval instruction, the held-out task's shape on training families.
 - ``retrieval.jsonl`` (stage 4) ``{"task": "retrieval", "query", "positive", "instruction"}``:
   summary line -> the rest of the docstring (the held-out task, on training families), without
   negatives (``tools/mine_hard_negatives.py`` mines them), and ``corpus.jsonl`` ``{"_id",
@@ -180,8 +182,11 @@ class PydocCorpusConfig:
     """At most this many held-out queries (a seeded sample)."""
     max_sft_examples: Optional[int] = 4000
     """At most this many SFT rows (a seeded sample); None keeps all."""
-    max_pair_examples: Optional[int] = 4000
+    max_pair_examples: Optional[int] = 6000
     """At most this many stage-3 pairs; None keeps all."""
+    retrieval_shaped_pairs: bool = True
+    """Stage-3 pairs also hold every training docstring's summary -> its titled rest, instructed as
+    the retrieval task (summary-to-documentation, training families only), beside the weak pairs."""
     max_retrieval_examples: Optional[int] = 3000
     """At most this many stage-4 retrieval queries; None keeps all."""
     max_mining_corpus: Optional[int] = 6000
@@ -650,8 +655,14 @@ class Split:
     documents: List[DocEntry]
     """Held-out corpus (text = `DocEntry.document`, title = the qualname)."""
     queries: List[DocEntry]
-    """Held-out queries (text = the summary); each one's relevant document is its own body."""
+    """Held-out *test* queries (text = the summary); each one's relevant document is its own body.
+    Only reported, never used for a choice."""
     counts: Dict[str, int]
+    validation_queries: List[DocEntry] = dataclasses.field(default_factory=list)
+    """Held-out *validation* queries, from other held-out families than the test queries: every
+    choice (learning rates, steps, data mix) is made on these."""
+    split_of_family: Dict[str, str] = dataclasses.field(default_factory=dict)
+    """Held-out family -> ``validation`` or ``test``."""
 
 
 def split_collection(collection: Collection, config: PydocCorpusConfig) -> Split:
@@ -716,12 +727,35 @@ def split_collection(collection: Collection, config: PydocCorpusConfig) -> Split
                 counts["heldout_queries_dropped_ambiguous"] += 1
         else:
             candidates.append(entry)
-    queries = sorted(_sample(candidates, config.max_heldout_queries, "heldout-queries", config.seed),
-                     key=lambda entry: entry.qualname)
+    split_of_family = _assign_heldout_families(heldout_families, candidates, config.seed)
+    queries = {}
+    for name in ("validation", "test"):
+        pool = [entry for entry in candidates if split_of_family[entry.family] == name]
+        queries[name] = sorted(_sample(pool, config.max_heldout_queries, f"heldout-queries-{name}", config.seed),
+                               key=lambda entry: entry.qualname)
     counts.update(heldout_families=len(heldout_families), heldout_docstrings=len(heldout),
-                  heldout_corpus=len(documents), heldout_queries=len(queries),
+                  heldout_corpus=len(documents), heldout_queries=len(queries["test"]),
+                  heldout_validation_queries=len(queries["validation"]),
                   heldout_query_candidates=len(candidates), training_docstrings=len(training))
-    return Split(heldout_families, training, heldout, documents, queries, counts)
+    return Split(heldout_families, training, heldout, documents, queries["test"], counts,
+                 validation_queries=queries["validation"], split_of_family=split_of_family)
+
+
+def _assign_heldout_families(families: List[str], candidates: List[DocEntry], seed: int) -> Dict[str, str]:
+    """Each held-out family to ``validation`` or ``test`` (disjoint query families), in a seeded
+    order, each to the split with fewer query candidates so far, so the two come out near equal."""
+    per_family: Dict[str, int] = {}
+    for entry in candidates:
+        per_family[entry.family] = per_family.get(entry.family, 0) + 1
+    order = sorted(families)
+    _rng("heldout-validation-test", seed).shuffle(order)
+    totals = {"validation": 0, "test": 0}
+    assigned = {}
+    for family in order:
+        name = min(("test", "validation"), key=lambda split: totals[split])  # ties go to test
+        assigned[family] = name
+        totals[name] += per_family.get(family, 0)
+    return assigned
 
 
 def _pretraining_text(entry: DocEntry) -> str:
@@ -826,6 +860,11 @@ def _pair_rows(collection: Collection, split: Split, config: PydocCorpusConfig) 
     for section in collection.sections:
         rows.append({"task": "pair", "query": section.title,
                      "positive": _truncate(section.text, config.max_passage_chars)})
+    if config.retrieval_shaped_pairs:
+        rows += [{"task": "pair", "query": entry.summary,
+                  "positive": _titled(entry, _truncate(entry.body, config.max_passage_chars)),
+                  "instruction": RETRIEVAL_INSTRUCTION}
+                 for entry in split.training if entry.has_query]
     return _sample(rows, config.max_pair_examples, "pairs", config.seed)
 
 
@@ -935,12 +974,13 @@ def _heldout_files(split: Split, config: PydocCorpusConfig) -> Dict[str, List[st
     corpus = [_json_line({"_id": entry.qualname, "title": entry.qualname,
                           "text": _truncate(entry.document, config.max_passage_chars)})
               for entry in sorted(split.documents, key=lambda entry: entry.qualname)]
-    queries = [_json_line({"_id": f"q:{entry.qualname}", "text": entry.summary})
-               for entry in split.queries]
-    qrels = ["query-id\tcorpus-id\tscore\n"] + [f"q:{entry.qualname}\t{entry.qualname}\t1\n"
-                                                 for entry in split.queries]
-    return {"heldout/corpus.jsonl": corpus, "heldout/queries.jsonl": queries,
-            "heldout/qrels/test.tsv": qrels}
+    both = sorted(split.validation_queries + split.queries, key=lambda entry: entry.qualname)
+    queries = [_json_line({"_id": f"q:{entry.qualname}", "text": entry.summary}) for entry in both]
+    files = {"heldout/corpus.jsonl": corpus, "heldout/queries.jsonl": queries}
+    for name, chosen in (("validation", split.validation_queries), ("test", split.queries)):
+        files[f"heldout/qrels/{name}.tsv"] = ["query-id\tcorpus-id\tscore\n"] + [
+            f"q:{entry.qualname}\t{entry.qualname}\t1\n" for entry in chosen]
+    return files
 
 
 def _sha256(path: str) -> str:
@@ -1010,6 +1050,8 @@ def build_pydoc_corpus(output_dir: str, config: Optional[PydocCorpusConfig] = No
                         "skipped_reasons": collection.modules_skipped},
             "counts": {**collection.counts, **split.counts},
             "heldout_families": sorted(split.heldout_families),
+            "heldout_splits": {name: sorted(family for family, chosen in split.split_of_family.items()
+                                            if chosen == name) for name in ("validation", "test")},
             "instructions": {"retrieval": RETRIEVAL_INSTRUCTION,
                              "classification": CLASSIFICATION_INSTRUCTION, "sts": None},
             "sts_levels": {str(level): meaning for level, meaning in STS_LEVELS.items()},

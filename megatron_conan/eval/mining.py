@@ -222,8 +222,27 @@ def mine_hard_negatives(examples: List[Example], corpus: List[str], embedder, co
         "pools_shorter_than_pool_size": short_pools,
         "mean_pool_size": float(numpy.mean([len(pool) for pool in pools])),
         "mean_positive_score": float(numpy.mean(positive_scores)),
+        "negative_slots": negative_slot_report(examples, pools, corpus_index, config.num_negatives),
     }
     return pools, report
+
+
+def negative_slot_report(examples: List[Example], pools: List[List[int]], corpus_index: Dict[str, int],
+                         num_negatives: int) -> Dict[str, Any]:
+    """How varied the chosen negatives (each pool's first `num_negatives`) are. Hubs, texts close to
+    every query, show as few distinct texts over many slots and one text in many examples' slots; a
+    slot holding another example's positive is a likely false negative."""
+    uses: Dict[int, int] = defaultdict(int)
+    for pool in pools:
+        for index in pool[:num_negatives]:
+            uses[index] += 1
+    slots = sum(uses.values())
+    positives = {corpus_index[example.positive] for example in examples if example.positive in corpus_index}
+    most = max(uses.values(), default=0)
+    return {"slots": slots, "distinct_texts": len(uses),
+            "distinct_per_slot": len(uses) / slots if slots else 0.0,
+            "most_used_text_slots": most, "most_used_text_share_of_examples": most / max(len(examples), 1),
+            "slots_holding_other_positives": sum(count for index, count in uses.items() if index in positives)}
 
 
 def mine_file(input_path: str, output_path: str, embedder, config: MiningConfig, corpus_path: Optional[str] = None,

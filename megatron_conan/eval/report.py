@@ -29,11 +29,21 @@ def read_metrics(run_dir: str) -> List[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def _split_names(rows: List[dict]) -> List[str]:
+    return list(rows[0]["splits"]) if rows else []
+
+
 def format_table(rows: List[dict]) -> str:
-    """The held-out table: stage, nDCG@10, Recall@10, MRR@10 (plain text, also valid Markdown)."""
-    lines = ["| model | nDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|"]
+    """The held-out table (plain text, also valid Markdown): nDCG@10 on every split, then Recall@10
+    and MRR@10 on the last (test)."""
+    splits = _split_names(rows)
+    last = splits[-1] if splits else "test"
+    header = [f"{split} nDCG@10" for split in splits] + [f"{last} Recall@10", f"{last} MRR@10"]
+    lines = ["| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['ndcg_at_10']:.3f} | {row['recall_at_10']:.3f} | {row['mrr_at_10']:.3f} |")
+        figures = [row["splits"][split]["ndcg_at_10"] for split in splits]
+        figures += [row["splits"][last]["recall_at_10"], row["splits"][last]["mrr_at_10"]]
+        lines.append(f"| {row['name']} | " + " | ".join(f"{value:.3f}" for value in figures) + " |")
     return "\n".join(lines)
 
 
@@ -95,24 +105,36 @@ def _plot_dhnm(plt, records: List[dict], path: str) -> None:
 
 def _plot_ndcg(plt, rows: List[dict], path: str) -> None:
     models = [row for row in rows if row["kind"] == "model"]
+    splits = _split_names(rows)
+    width = 0.8 / max(len(splits), 1)
     figure, axis = plt.subplots(figsize=(7, 3.4))
-    axis.bar(range(len(models)), [row["ndcg_at_10"] for row in models], color="tab:green")
+    colours = {"validation": "tab:olive", "test": "tab:green"}
+    for i, split in enumerate(splits):
+        axis.bar([m + (i - (len(splits) - 1) / 2) * width for m in range(len(models))],
+                 [row["splits"][split]["ndcg_at_10"] for row in models], width=width,
+                 color=colours.get(split), label=split)
     axis.set_xticks(range(len(models)))
     axis.set_xticklabels([row["name"] for row in models], rotation=15, ha="right")
-    for row, style in ((r, s) for r in rows if r["kind"] == "baseline" for s in [("--" if r["name"] == "BM25" else ":")]):
-        axis.axhline(row["ndcg_at_10"], linestyle=style, color="black", linewidth=1)
-        axis.text(len(models) - 0.5, row["ndcg_at_10"], f" {row['name']}", va="bottom", ha="right")
+    for row in (r for r in rows if r["kind"] == "baseline"):
+        value = row["splits"][splits[-1]]["ndcg_at_10"]
+        axis.axhline(value, linestyle="--" if row["name"] == "BM25" else ":", color="black", linewidth=1)
+        axis.text(len(models) - 0.5, value, f" {row['name']} ({splits[-1]})", va="bottom", ha="right")
     axis.set_ylabel("held-out nDCG@10")
+    axis.legend(fontsize="small", loc="upper left")
     _save(plt, figure, path)
 
 
 def _plot_matryoshka(plt, curve: List[dict], rows: List[dict], path: str) -> None:
     figure, axis = plt.subplots(figsize=(5, 3.2))
-    axis.plot([entry["dim"] for entry in curve], [entry["ndcg_at_10"] for entry in curve], marker="o")
+    splits = list(curve[0]["splits"]) if curve else []
+    for split in splits:
+        axis.plot([entry["dim"] for entry in curve], [entry["splits"][split]["ndcg_at_10"] for entry in curve],
+                  marker="o", label=split)
     bm25 = next((row for row in rows if row["name"] == "BM25"), None)
-    if bm25 is not None:
-        axis.axhline(bm25["ndcg_at_10"], linestyle="--", color="black", linewidth=1, label="BM25")
-        axis.legend()
+    if bm25 is not None and splits:
+        axis.axhline(bm25["splits"][splits[-1]]["ndcg_at_10"], linestyle="--", color="black", linewidth=1,
+                     label=f"BM25 ({splits[-1]})")
+    axis.legend(fontsize="small")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("embedding dim (Matryoshka prefix)")
     axis.set_ylabel("held-out nDCG@10")
@@ -142,13 +164,16 @@ def write_report(work_dir: str, results: Dict[str, Any]) -> List[str]:
         _plot_matryoshka(plt, evaluation["matryoshka"], evaluation["rows"], target("matryoshka.png"))
     timings = results.get("timings", {})
     lines = ["# End-to-end run", "",
-             f"Held-out retrieval: {evaluation['dataset']['queries']} queries over "
-             f"{evaluation['dataset']['documents']} documents of Python module families no training file "
-             "contains (summary line -> the rest of the docstring).", "",
+             "Held-out retrieval over " f"{evaluation['dataset']['documents']} documents of Python module "
+             "families no training file contains (summary line -> the rest of the docstring); queries: "
+             + ", ".join(f"{split} {count}" for split, count in evaluation["dataset"]["queries"].items())
+             + " (disjoint families; choices are made on validation, test is only reported).", "",
              format_table(evaluation["rows"]), ""]
     if evaluation.get("matryoshka"):
-        lines += ["Final model by Matryoshka dim: " + ", ".join(
-            f"{entry['dim']}: {entry['ndcg_at_10']:.3f}" for entry in evaluation["matryoshka"]), ""]
+        lines += ["Final model by Matryoshka dim (nDCG@10, " + " / ".join(evaluation["matryoshka"][0]["splits"])
+                  + "): " + ", ".join(f"{entry['dim']}: " + " / ".join(
+                      f"{metrics['ndcg_at_10']:.3f}" for metrics in entry["splits"].values())
+                      for entry in evaluation["matryoshka"]), ""]
     lines += ["Plots:", ""] + [f"- ![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in written] + [""]
     if timings:
         lines += ["Time per step (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()), ""]

@@ -1,4 +1,7 @@
-"""Evaluate several models of one pipeline on the same held-out retrieval split, beside BM25 and random.
+"""Evaluate several models of one pipeline on the held-out retrieval splits, beside BM25 and random.
+
+The held-out set has two splits of disjoint module families over one corpus: ``validation``, on
+which every choice of the main job is made, and ``test``, which is only reported.
 
 Each model is encoded once per text at its full width; Matryoshka truncations of the chosen model
 are scored from those vectors (first `dim` features, re-normalised), so a dim curve costs no more
@@ -13,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import Dict, List, Optional, Sequence
+
+import numpy
 
 from megatron_conan.eval.beir import load_beir
 from megatron_conan.eval.embedders import load_embedder, truncate_and_normalize
@@ -38,32 +43,67 @@ class ModelUnderTest:
     """For checkpoints: the instruction of the `query` prompt (default: the run's)."""
 
 
+SPLITS = ("validation", "test")
+"""Held-out splits of disjoint module families: choices are made on validation, test is only reported."""
+
+
+def _available_splits(heldout_dir: str, splits: Sequence[str]) -> List[str]:
+    """The requested splits that have judgements (an older corpus has only ``test``)."""
+    import os
+
+    found = [name for name in splits if os.path.isfile(os.path.join(heldout_dir, "qrels", f"{name}.tsv"))]
+    if not found:
+        from megatron_conan.errors import InputError
+
+        raise InputError(f"{heldout_dir}: no qrels/<split>.tsv for any of {list(splits)}")
+    return found
+
+
 def evaluate_models(heldout_dir: str, models: Sequence[ModelUnderTest], matryoshka_of: Optional[str] = None,
                     dims: Sequence[int] = (), baselines: Sequence[str] = ("bm25", "random"),
-                    batch_size: int = 64, show_progress: bool = False) -> Dict[str, List[dict]]:
-    """{"rows": [{name, kind, ndcg_at_10, recall_at_10, recall_at_100, mrr_at_10, ...}],
-    "matryoshka": [{dim, ndcg_at_10, ...}] of the model named `matryoshka_of`}."""
-    dataset = load_beir(heldout_dir, "test")
-    rows, curve = [], []
+                    batch_size: int = 64, show_progress: bool = False,
+                    splits: Sequence[str] = SPLITS) -> Dict[str, object]:
+    """Every model and baseline on every split (each text encoded once).
+
+    Returns ``{"rows": [{name, kind, dim?, path?, "splits": {split: {ndcg_at_10, recall_at_10,
+    recall_at_100, mrr_at_10, ...}}}], "matryoshka": [{dim, "splits": {...}}] of the model named
+    `matryoshka_of`, "dataset": {"documents", "queries": {split: count}}}``.
+    """
+    datasets = {name: load_beir(heldout_dir, name) for name in _available_splits(heldout_dir, splits)}
+    corpus = next(iter(datasets.values()))  # the splits share the corpus; their queries differ
+    query_texts = sorted({text for dataset in datasets.values() for text in dataset.query_texts})
+    rows, curve = [], {}
     for model in models:
         options = {"max_length": model.max_length, "query_instruction": model.query_instruction}
         with load_embedder(model.path, **options) as embedder:
-            queries = embedder.encode(dataset.query_texts, prompt_name=model.query_prompt, batch_size=batch_size,
+            encoded = embedder.encode(query_texts, prompt_name=model.query_prompt, batch_size=batch_size,
                                       show_progress=show_progress)
-            documents = embedder.encode(dataset.doc_texts, prompt_name="document", batch_size=batch_size,
+            documents = embedder.encode(corpus.doc_texts, prompt_name="document", batch_size=batch_size,
                                         show_progress=show_progress)
             width = embedder.dim
-        for dim in ([width] + [d for d in dims if d < width] if model.name == matryoshka_of else [width]):
-            scores, indices = exact_top_k(truncate_and_normalize(queries, dim), truncate_and_normalize(documents, dim),
-                                          min(DEFAULT_TOP_K, len(dataset.doc_ids)))
-            metrics = evaluate_run(dataset, run_from_top_k(dataset, scores, indices))
+        by_text = dict(zip(query_texts, encoded))
+        widths = [width] + ([d for d in dims if d < width] if model.name == matryoshka_of else [])
+        for dim in widths:
+            per_split = {}
+            for split, dataset in datasets.items():
+                queries = truncate_and_normalize(numpy.stack([by_text[text] for text in dataset.query_texts]), dim)
+                scores, indices = exact_top_k(queries, truncate_and_normalize(documents, dim),
+                                              min(DEFAULT_TOP_K, len(dataset.doc_ids)))
+                per_split[split] = evaluate_run(dataset, run_from_top_k(dataset, scores, indices))
             if dim == width:
-                rows.append({"name": model.name, "kind": "model", "path": model.path, "dim": dim, **metrics})
+                rows.append({"name": model.name, "kind": "model", "path": model.path, "dim": dim, "splits": per_split})
             if model.name == matryoshka_of:
-                curve.append({"dim": dim, **metrics})
-        logger.info("%s: nDCG@10 %.4f", model.name, rows[-1]["ndcg_at_10"])
+                curve[dim] = {"dim": dim, "splits": per_split}
+        logger.info("%s: nDCG@10 %s", model.name,
+                    ", ".join(f"{split} {metrics['ndcg_at_10']:.4f}" for split, metrics in rows[-1]["splits"].items()))
     for baseline in baselines:
-        metrics, _ = evaluate_baseline(baseline, dataset)
-        rows.append({"name": {"bm25": "BM25", "random": "random"}[baseline], "kind": "baseline", **metrics})
-    return {"rows": rows, "matryoshka": sorted(curve, key=lambda entry: entry["dim"]),
-            "dataset": {"queries": len(dataset.query_ids), "documents": len(dataset.doc_ids)}}
+        per_split = {split: evaluate_baseline(baseline, dataset)[0] for split, dataset in datasets.items()}
+        rows.append({"name": {"bm25": "BM25", "random": "random"}[baseline], "kind": "baseline", "splits": per_split})
+    return {"rows": rows, "matryoshka": [curve[dim] for dim in sorted(curve)],
+            "dataset": {"documents": len(corpus.doc_ids),
+                        "queries": {split: len(dataset.query_ids) for split, dataset in datasets.items()}}}
+
+
+def score(row: dict, split: str = "validation", metric: str = "ndcg_at_10") -> float:
+    """One figure of an evaluation row (validation by default: the split choices are made on)."""
+    return float(row["splits"][split][metric])

@@ -91,7 +91,10 @@ def test_manifest_matches_files(corpus):
         assert (info["lines"], info["bytes"], info["sha256"]) == (
             lines, len(data), hashlib.sha256(data).hexdigest()), name
     counts = manifest["counts"]
-    assert counts["heldout_queries"] == manifest["files"]["heldout/queries.jsonl"]["lines"]
+    assert counts["heldout_queries"] + counts["heldout_validation_queries"] == \
+        manifest["files"]["heldout/queries.jsonl"]["lines"]
+    assert counts["heldout_queries"] == manifest["files"]["heldout/qrels/test.tsv"]["lines"]
+    assert counts["heldout_validation_queries"] == manifest["files"]["heldout/qrels/validation.tsv"]["lines"]
     assert counts["heldout_corpus"] == manifest["files"]["heldout/corpus.jsonl"]["lines"]
     assert counts["docstrings_collected"] == (
         counts["docstrings_kept"] + counts["docstrings_dropped_short"]
@@ -118,16 +121,28 @@ def test_modules_counted_and_side_effects_denied(corpus):
 def test_heldout_is_beir_and_consistent(corpus):
     documents = _jsonl(corpus / "heldout" / "corpus.jsonl")
     queries = _jsonl(corpus / "heldout" / "queries.jsonl")
-    with open(corpus / "heldout" / "qrels" / "test.tsv", encoding="utf-8") as stream:
-        header, *rows = [line.rstrip("\n").split("\t") for line in stream]
-    assert header == ["query-id", "corpus-id", "score"]
+    rows_of = {}
+    for split in ("validation", "test"):
+        with open(corpus / "heldout" / "qrels" / f"{split}.tsv", encoding="utf-8") as stream:
+            header, *rows_of[split] = [line.rstrip("\n").split("\t") for line in stream]
+        assert header == ["query-id", "corpus-id", "score"]
+    rows = rows_of["validation"] + rows_of["test"]
     assert all(set(document) == {"_id", "title", "text"} and document["text"] for document in documents)
     assert all(set(query) == {"_id", "text"} and query["text"] for query in queries)
     document_text = {document["_id"]: document["text"] for document in documents}
     query_text = {query["_id"]: query["text"] for query in queries}
     assert len(document_text) == len(documents) and len(query_text) == len(queries)
-    assert 500 <= len(documents) <= 3000 and len(queries) == 150
-    assert {row[0] for row in rows} == set(query_text)
+    assert 500 <= len(documents) <= 3000 and len(queries) == 300  # 150 per split
+    assert len(rows_of["validation"]) == len(rows_of["test"]) == 150
+    assert {row[0] for row in rows} == set(query_text) and len(rows) == len(query_text)
+    # the two splits draw their queries from disjoint module families, recorded in the manifest
+    splits = _manifest(corpus)["heldout_splits"]
+    assert not set(splits["validation"]) & set(splits["test"])
+    assert set(splits["validation"]) | set(splits["test"]) == set(_manifest(corpus)["heldout_families"])
+    for split, split_rows in rows_of.items():
+        for _, document_id, _ in split_rows:
+            top = document_id.split(".")[0]
+            assert pydoc_corpus._FAMILIES.get(top, top) in splits[split], (split, document_id)
     for query_id, document_id, score in rows:
         assert document_id in document_text and int(score) == 1
         # The query is never a verbatim part of its document.
