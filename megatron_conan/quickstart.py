@@ -37,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger("megatron_conan.quickstart")
 
@@ -109,8 +109,11 @@ def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
 class Pipeline:
     """The steps of the main job over one work directory (module docstring)."""
 
-    def __init__(self, work_dir: str, plan: Plan, seed: int = 0):
+    def __init__(self, work_dir: str, plan: Plan, seed: int = 0,
+                 overrides: Optional[Dict[str, Dict[str, Any]]] = None):
         self.work_dir, self.plan, self.seed = os.path.abspath(work_dir), plan, seed
+        self.overrides = overrides or {}
+        """Per stage, dotted ``key: value`` config overrides on top of the plan (the ablations use them)."""
         self.paths: Dict[str, str] = {}
         self.results: Dict[str, Any] = {"plan": dataclasses.asdict(plan), "stages": {}, "timings": {}}
         self.step_count = 0
@@ -203,6 +206,9 @@ class Pipeline:
         }
         for name, section in sections.items():
             values[name] = {**values.get(name, {}), **section}
+        from megatron_conan.config.loader import apply_overrides
+
+        apply_overrides(values, [f"{key}={json.dumps(value)}" for key, value in self.overrides.get(stage, {}).items()])
         return values
 
     def _train(self, stage: str, world_size: int, values: dict) -> dict:

@@ -120,6 +120,11 @@ def export_hf(checkpoint: str, output: str, tokenizer: Optional[str] = None, dty
     tokenizer_path = resolve_tokenizer(info, tokenizer)
     attention = _attention_of(info)
     is_causal = export_is_causal(attention, info.path)
+    if bidirectional_from_causal:
+        if not is_causal:
+            raise InputError(f"{info.path}: bidirectional_from_causal needs a causal checkpoint; its attention is "
+                             f"{attention.describe()}")
+        is_causal = False
     with hf_io.atomic_output_dir(output, overwrite) as tmp:
         _write_hf_model(tmp, info, CAUSAL_LM, torch_dtype, is_causal)
         export_tokenizer(tokenizer_path, tmp, model_max_length=info.model_config.max_sequence_length)
@@ -231,11 +236,15 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
                                 pooling: Optional[str] = None, query_instruction: Optional[str] = None,
                                 matryoshka_dims: Optional[Sequence[int]] = None,
                                 max_seq_length: Optional[int] = None, dtype: str = "fp32",
-                                overwrite: bool = False) -> str:
+                                overwrite: bool = False, bidirectional_from_causal: bool = False) -> str:
     """Write an embedding checkpoint as a sentence-transformers directory; returns `output`.
 
     Options default to the run's ``embedding`` section (pooling, query_instruction,
-    matryoshka_dims); `max_seq_length` to 512 tokens or the model's context if shorter. The checkpoint's attention must be exactly bidirectional or causal.
+    matryoshka_dims); `max_seq_length` to the run's passage length, else 512 tokens or the model's
+    context if shorter. The checkpoint's attention must be exactly bidirectional or causal.
+    `bidirectional_from_causal`: export a causal (pretrain / SFT) checkpoint with ``is_causal:
+    false``, the abrupt switch an embedding run can start from in another trainer; that export does
+    not embed as the checkpoint does (its record says so).
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -245,6 +254,11 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
     tokenizer_path = resolve_tokenizer(info, tokenizer)
     attention = _attention_of(info)
     is_causal = export_is_causal(attention, info.path)
+    if bidirectional_from_causal:
+        if not is_causal:
+            raise InputError(f"{info.path}: bidirectional_from_causal needs a causal checkpoint; its attention is "
+                             f"{attention.describe()}")
+        is_causal = False
     options = embedding_options(info, pooling, query_instruction, matryoshka_dims)
     max_seq_length = text_length(info.model_config, max_seq_length, info)
     prompts = {"query": query_prompt(options["query_instruction"]), "document": ""}
@@ -267,6 +281,7 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
         write_tokenizer_config(tmp, max_seq_length)
         shutil.rmtree(transformer_dir)
         record = {**_source_record(info, attention), "format": "sentence-transformers", "dtype": dtype,
+                  **({"attention": "bidirectional (converted from causal)"} if bidirectional_from_causal else {}),
                   **options, "prompts": prompts, "max_seq_length": max_seq_length}
         _write_record(tmp, record)
         _append_model_card(tmp, record)

@@ -1,0 +1,162 @@
+"""Ablations of the embedding stages on the main job's validation split, several seeds each.
+
+    python benchmarks/ablations.py --work-dir runs/quickstart [--seeds 0 1 2] [--variants ...]
+
+From a finished main job (``make quickstart``: its corpus, tokenizer, indexed data and SFT
+checkpoint), each variant re-runs what it changes with the main job's plan and a training seed
+(``train.seed = 1234 + seed``), then scores stage 3 and stage 4 on the validation split (nDCG@10):
+
+  default               the main job: soft mask a(t) 0 -> 1 in stage 3, DHNM and Matryoshka in stage 4,
+                        instruction left out of the pooled mean
+  abrupt switch         stage 3 bidirectional from its first step (a = 1 throughout)
+  causal only           both stages causal (a = 0 throughout), as the decoder was trained
+  DHNM off              stage 4 keeps the mined negatives it starts with (stage 3 and mining shared
+                        with default)
+  Matryoshka off        stage 4's loss at the full width only (shared as above)
+  instruction in mean   both stages, mining and evaluation pool the instruction with the query
+
+Stage-3 variants re-run stage 3, mining and stage 4; stage-4 variants re-use the default's stage 3
+and mined negatives of the same seed. The test split is not touched. Output: a Markdown table of
+mean +- std per variant and stage, and ``results.json``, in ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
+
+logger = logging.getLogger("ablations")
+
+VARIANTS: Dict[str, Dict[str, Dict[str, object]]] = {
+    "default": {},
+    "abrupt switch": {"embed_weak": {"model.soft_mask.fixed_a": 1.0}},
+    "causal only": {"embed_weak": {"model.soft_mask.fixed_a": 0.0}, "embed_sup": {"model.soft_mask.fixed_a": 0.0}},
+    "DHNM off": {"embed_sup": {"embedding.dhnm.enabled": False}},
+    "Matryoshka off": {"embed_sup": {"embedding.matryoshka_dims": []}},
+    "instruction in mean": {"embed_weak": {"embedding.pool_prompt": True}, "embed_sup": {"embedding.pool_prompt": True}},
+}
+STAGE4_ONLY = ("DHNM off", "Matryoshka off")
+MINED = ("retrieval_mined.jsonl", "supervised.")
+"""Names of the main job's mining outputs (corpus/retrieval_mined.jsonl*, indexed/supervised.*)."""
+
+
+def _link_entries(source: str, target: str) -> None:
+    """`target`/ as a real directory whose entries link to `source`'s: what a variant writes there
+    (mined negatives, its supervised store) stays its own."""
+    os.makedirs(target, exist_ok=True)
+    for entry in os.listdir(source):
+        if entry.startswith(MINED):
+            continue  # what mining makes: each variant (or the default it re-uses) has its own
+        if not os.path.lexists(os.path.join(target, entry)):
+            os.symlink(os.path.join(source, entry), os.path.join(target, entry))
+
+
+def _pipeline(args, directory: str, seed: int, overrides: dict):
+    """A Pipeline over `directory` sharing the main job's data and SFT checkpoint."""
+    from megatron_conan.data.tokenizer import ConanTokenizer
+    from megatron_conan.quickstart import PLANS, Pipeline
+
+    work = os.path.abspath(args.work_dir)
+    for shared in ("corpus", "indexed"):
+        _link_entries(os.path.join(work, shared), os.path.join(directory, shared))
+    for shared in ("tokenizer", "sft"):
+        if not os.path.lexists(os.path.join(directory, shared)):
+            os.symlink(os.path.join(work, shared), os.path.join(directory, shared))
+    pipeline = Pipeline(directory, PLANS[args.plan], seed, overrides)
+    with open(os.path.join(work, "corpus", "manifest.json"), encoding="utf-8") as handle:
+        pipeline.manifest = json.load(handle)
+    pipeline.paths["tokenizer"] = os.path.join(work, "tokenizer", "pydoc.model")
+    pipeline.vocab_size = ConanTokenizer(pipeline.paths["tokenizer"]).vocab_size
+    return pipeline
+
+
+def _validation(pipeline, stages: List[str]) -> Dict[str, float]:
+    from megatron_conan.eval.stages import ModelUnderTest, evaluate_models, score
+
+    instruction = pipeline.manifest["instructions"]["retrieval"]
+    models = [ModelUnderTest(stage, pipeline.path(stage, "checkpoints"), "query",
+                             max_length=pipeline.plan.max_passage_length, query_instruction=instruction)
+              for stage in stages]
+    result = evaluate_models(pipeline.path("corpus", "heldout"), models, baselines=(), splits=("validation",))
+    return {row["name"]: score(row) for row in result["rows"]}
+
+
+def run_variant(args, name: str, seed: int) -> Dict[str, float]:
+    output = os.path.abspath(args.output_dir)
+    directory = os.path.join(output, f"{name.replace(' ', '_')}-seed{seed}")
+    if os.path.exists(directory):
+        raise SystemExit(f"ablations: {directory} exists (a run of an earlier call): choose another --output-dir")
+    pipeline = _pipeline(args, directory, seed, VARIANTS[name])
+    if name in STAGE4_ONLY:
+        # the default's stage 3 and the negatives it mined, for this seed
+        default = os.path.join(output, f"default-seed{seed}")
+        os.symlink(os.path.join(default, "embed_weak"), pipeline.path("embed_weak"))
+        for folder in ("corpus", "indexed"):
+            for entry in os.listdir(os.path.join(default, folder)):
+                if not os.path.lexists(pipeline.path(folder, entry)):
+                    os.symlink(os.path.join(default, folder, entry), pipeline.path(folder, entry))
+    else:
+        pipeline.embed_weak()
+        pipeline.mine()
+    pipeline.embed_sup()
+    scores = _validation(pipeline, ["embed_weak", "embed_sup"])
+    logger.info("%s, seed %d: validation nDCG@10 stage 3 %.4f, stage 4 %.4f", name, seed,
+                scores["embed_weak"], scores["embed_sup"])
+    return scores
+
+
+def format_table(results: Dict[str, List[Dict[str, float]]], args) -> str:
+    lines = [f"Validation nDCG@10, mean +- std over seeds {list(args.seeds)} (plan {args.plan}).", "",
+             "| variant | stage 3 (embed-weak) | stage 4 (embed-sup) |", "|---|---|---|"]
+    for name, runs in results.items():
+        cells = []
+        for stage in ("embed_weak", "embed_sup"):
+            values = [run[stage] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.4f} +- {spread:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from megatron_conan.quickstart import PLANS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", default="runs/quickstart", help="a finished main job (make quickstart)")
+    parser.add_argument("--output-dir", default=None, help="default: <work-dir>/ablations")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="the plan the work dir was made with")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    args = parser.parse_args(argv)
+    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(switch, "1")
+    configure_cli_logging(our_level=logging.INFO, fmt="%(name)s: %(message)s")
+    silence_known_warnings()
+    args.output_dir = args.output_dir or os.path.join(args.work_dir, "ablations")
+    if not os.path.isfile(os.path.join(args.work_dir, "sft", "checkpoints", "latest")):
+        print(f"ablations: {args.work_dir} is not a finished main job (no sft/checkpoints/latest): "
+              "run make quickstart first", file=sys.stderr)
+        return 2
+    names = [name for name in VARIANTS if name in args.variants]
+    if any(name in STAGE4_ONLY for name in names) and "default" not in names:
+        names.insert(0, "default")  # the stage-4 variants re-use its stage 3 and mined negatives
+    results: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
+    for seed in args.seeds:
+        for name in names:
+            results[name].append(run_variant(args, name, seed))
+    table = format_table(results, args)
+    print(table)
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"seeds": args.seeds, "plan": args.plan, "results": results, "table": table}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
