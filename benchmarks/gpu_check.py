@@ -23,6 +23,7 @@ import datetime
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,18 +74,24 @@ def _run_child(part: str, cpu: bool, seconds: float, scratch: str) -> Dict:
         env["TRITON_INTERPRET"] = "1"  # Triton's kernels on CPU tensors (must precede triton's import)
     command = [sys.executable, "-m", "benchmarks.gpu_check_parts", part, "--out", out,
                "--scratch", os.path.join(scratch, part), "--seconds", f"{seconds:.0f}"] + (["--cpu"] if cpu else [])
+    # its own process group: a part stopped at its share takes the ranks it spawned with it, so they
+    # do not run on into the next part's time
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds)
+        stdout, stderr = child.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
         stopped = {"status": "partial", "reason": f"stopped at its share of {seconds:.0f} s"}
         if os.path.exists(out):  # a part that writes as it goes keeps what it measured
             with open(out, encoding="utf-8") as handle:
                 figures = json.load(handle).get("figures")
             stopped.update(figures=figures, reason=f"{stopped['reason']}, after {len(figures)} figures")
         return stopped
-    if done.returncode != 0 or not os.path.exists(out):
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"status": "failed", "reason": f"exit {done.returncode}: " + " | ".join(tail)}
+    if child.returncode != 0 or not os.path.exists(out):
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        return {"status": "failed", "reason": f"exit {child.returncode}: " + " | ".join(tail)}
     with open(out, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -123,15 +130,20 @@ def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float]
 
 
 def environment(cpu: bool) -> Dict[str, Optional[str]]:
+    """Versions from the installed metadata: importing the libraries here would cost the budget."""
+    from importlib import metadata
+
     import torch
 
     found = {"python": sys.version.split()[0], "torch": torch.__version__,
              "device": "CPU" if cpu or not torch.cuda.is_available() else torch.cuda.get_device_name()}
-    for module in ("triton", "megatron.core", "transformer_engine", "sentence_transformers"):
+    for key, distribution in (("triton", "triton"), ("megatron.core", "megatron-core"),
+                              ("transformer_engine", "transformer-engine"),
+                              ("sentence_transformers", "sentence-transformers")):
         try:
-            found[module] = getattr(__import__(module, fromlist=["__version__"]), "__version__", "?")
-        except Exception:  # noqa: BLE001 - not installed, or broken without CUDA (TE)
-            found[module] = None
+            found[key] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            found[key] = None
     return found
 
 
