@@ -75,14 +75,25 @@ def _run_child(part: str, cpu: bool, seconds: float, scratch: str) -> Dict:
     command = [sys.executable, "-m", "benchmarks.gpu_check_parts", part, "--out", out,
                "--scratch", os.path.join(scratch, part), "--seconds", f"{seconds:.0f}"] + (["--cpu"] if cpu else [])
     # its own process group: a part stopped at its share takes the ranks it spawned with it, so they
-    # do not run on into the next part's time
-    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
-    try:
-        stdout, stderr = child.communicate(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
+    # do not run on into the next part's time. Its output goes to a file, not a pipe: helper
+    # processes it leaves behind (megatron-core's checkpoint writer) would hold a pipe open.
+    log_path = os.path.join(scratch, f"{part}.log")
+    with open(log_path, "w", encoding="utf-8") as log:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            child.wait(timeout=seconds)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # the part and whatever it left running
+        except ProcessLookupError:
+            pass
+        child.wait()
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        output = log.read()
+    if timed_out:
         stopped = {"status": "partial", "reason": f"stopped at its share of {seconds:.0f} s"}
         if os.path.exists(out):  # a part that writes as it goes keeps what it measured
             with open(out, encoding="utf-8") as handle:
@@ -90,7 +101,7 @@ def _run_child(part: str, cpu: bool, seconds: float, scratch: str) -> Dict:
             stopped.update(figures=figures, reason=f"{stopped['reason']}, after {len(figures)} figures")
         return stopped
     if child.returncode != 0 or not os.path.exists(out):
-        tail = (stderr or stdout).strip().splitlines()[-3:]
+        tail = output.strip().splitlines()[-3:]
         return {"status": "failed", "reason": f"exit {child.returncode}: " + " | ".join(tail)}
     with open(out, encoding="utf-8") as handle:
         return json.load(handle)
