@@ -5,7 +5,13 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_conan-installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test install clean gpu-check
+
+# The prepared GPU check (docs/GPU.md): one GPU, within BUDGET_S seconds. It uses the Python at hand
+# (a GPU machine's own torch with CUDA), .venv's where one exists, and installs nothing.
+BUDGET_S ?= 480
+GPU_CHECK_OUT ?= .
+CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
 
 quickstart: $(STAMP)
 	$(PYTHON) -m megatron_conan.quickstart
@@ -14,6 +20,9 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 tests
 
 install: $(STAMP)
+
+gpu-check:
+	$(CHECK_PYTHON) tools/gpu_check.py --budget-s $(BUDGET_S) --out-dir $(GPU_CHECK_OUT)
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)

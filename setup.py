@@ -25,6 +25,9 @@ def _cuda_architectures(cuda_home):
     version = binding.parse_nvcc_version(subprocess.run([nvcc, "--version"], capture_output=True, text=True,
                                                         check=True).stdout)
     archs = binding.architectures_for_toolkit(version)
+    wanted = os.environ.get("CUDA_ARCHS", "").split()  # e.g. "90a": only the GPU at hand (a quicker build)
+    if wanted:
+        archs = [arch for arch in archs if arch in wanted]
     if not archs:
         raise SystemExit(f"nvcc {version[0]}.{version[1]} is older than CUDA 11.0: it cannot build the "
                          "soft-mask extension (set MEGATRON_CONAN_SKIP_CUDA_EXT=1 to skip it)")

@@ -22,6 +22,7 @@ sees its causal keys and, when m_i > 0, its future keys up to the true length.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -241,6 +242,7 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--warmup", type=int, default=None, help="default 3 on GPU, 1 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 on GPU, 2 on CPU")
+    parser.add_argument("--output-json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     defaults = dict(dtype="bf16" if gpu else "fp32", batch=2 if gpu else 1,
@@ -256,7 +258,12 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    rows = run(args)
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 
 
 def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, recompute: str,
-             steps: int, warmup: int, run_dir: str) -> dict:
+             steps: int, warmup: int, run_dir: str, num_layers: int = 0) -> dict:
     import torch
 
     from megatron_conan.config.loader import from_dict
@@ -29,7 +29,8 @@ def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, rec
 
     cfg = from_dict(RunConfig, {
         "run_dir": run_dir,
-        "model": {"recipe": recipe, "overrides": {"max_sequence_length": max(seq_length, 64)}},
+        "model": {"recipe": recipe, "overrides": {"max_sequence_length": max(seq_length, 64),
+                                                  **({"num_layers": num_layers} if num_layers else {})}},
         "optimizer": {"lr": 1e-4, "warmup_fraction": 0.0, "decay_style": "constant"},
         "train": {"train_steps": warmup + steps, "global_batch_size": micro_batch, "micro_batch_size": micro_batch,
                   "seq_length": seq_length, "precision": precision, "recompute": recompute,
@@ -44,7 +45,10 @@ def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, rec
     tokens_per_s = sum(r["tokens_per_s"] for r in records) / len(records)
     mfu = sum(r["mfu"] for r in records) / len(records)
     memory = (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else records[-1].get("memory/rss_gib")
-    return {"recipe": recipe, "seq_length": seq_length, "micro_batch": micro_batch, "precision": precision,
+    from megatron_conan.models.conan import transformer_engine_available
+
+    return {"recipe": recipe, "num_layers": num_layers or None, "transformer_engine": transformer_engine_available(),
+            "seq_length": seq_length, "micro_batch": micro_batch, "precision": precision,
             "recompute": recompute, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_gib": memory}
 
 
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-length", type=int, default=4096 if on_gpu else 64)
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2] if on_gpu else [2])
     parser.add_argument("--recompute", nargs="+", default=["none", "full"], choices=["none", "selective", "full"])
+    parser.add_argument("--num-layers", type=int, default=0,
+                        help="layers of the recipe's width to keep (0: the recipe's own; a few fit a quick check)")
     parser.add_argument("--precision", default="bf16" if on_gpu else "fp32")
     parser.add_argument("--steps", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory() as run_dir:
                     try:
                         rows.append(_measure(args.recipe, args.seq_length, micro_batch, args.precision, recompute,
-                                             args.steps, args.warmup, run_dir))
+                                             args.steps, args.warmup, run_dir, args.num_layers))
                     except torch.cuda.OutOfMemoryError:
                         rows.append({"micro_batch": micro_batch, "recompute": recompute, "error": "out of memory"})
                     if on_gpu:

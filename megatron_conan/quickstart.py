@@ -30,6 +30,7 @@ its own: recipes are built here, tools are called as library functions.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 logger = logging.getLogger("megatron_conan.quickstart")
 
@@ -96,18 +97,70 @@ PLANS = {
 }
 
 
+WORK_DIR_MARKER = ".megatron_conan_quickstart"
+"""The file that makes a directory the quickstart's own: only such a directory (or an empty one) is replaced."""
+
+
+def claim_work_dir(path: str) -> Optional[str]:
+    """Make `path` a fresh work directory carrying the marker, or return why it may not be touched.
+
+    A directory the quickstart made (it has the marker, also after an interrupted run) is replaced;
+    a missing or empty one is used; anything else is the user's and stays as it is."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path) or os.path.islink(path):
+            return f"--work-dir {path} exists and is not a directory; choose another --work-dir"
+        entries = os.listdir(path)
+        if entries and WORK_DIR_MARKER not in entries:
+            return (f"--work-dir {path} holds {len(entries)} entries the quickstart did not make (no "
+                    f"{WORK_DIR_MARKER} marker); it replaces only its own work directory: choose another "
+                    "--work-dir or empty this one")
+        if entries:
+            shutil.rmtree(path)  # a fresh run each time: resuming is what the tests check
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, WORK_DIR_MARKER), "w", encoding="utf-8") as handle:
+        handle.write("made by python -m megatron_conan.quickstart; the next run replaces this directory\n")
+    return None
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def layout_for_host(world_size: int, values: dict, gpus: int) -> Tuple[int, dict]:
+    """A stage's world and run config as this host runs them. Without GPUs, as planned: CPU ranks
+    over gloo. With a GPU per rank, as planned over NCCL. With fewer GPUs than the plan's ranks, one
+    rank on one GPU (TP=1, DP=1): rather than the whole world on the CPU (README "Parallel
+    layouts"). The global batch stays: the per-rank task batches of stage 4 grow by the lost DP."""
+    if gpus == 0 or gpus >= world_size:
+        return world_size, values
+    values = copy.deepcopy(values)
+    parallel = values.setdefault("parallel", {})
+    data_parallel = world_size // (parallel.get("tensor_parallel", 1) * parallel.get("pipeline_parallel", 1))
+    parallel.update(tensor_parallel=1, pipeline_parallel=1)
+    embedding = values.get("embedding", {})
+    if embedding.get("task_batch_sizes"):
+        embedding["task_batch_sizes"] = {task: size * data_parallel for task, size in embedding["task_batch_sizes"].items()}
+    return 1, values
+
+
 def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
     """run_distributed body: one stage's training on this rank."""
     from megatron_conan.config.loader import from_dict
+    from megatron_conan.distributed.device import current_placement
     from megatron_conan.training.config import RunConfig
     from megatron_conan.training.loop import train
 
     result = train(from_dict(RunConfig, values), stage=stage)
-    return {"losses": result.losses, "steps": result.steps_done}
+    return {"losses": result.losses, "steps": result.steps_done, "device": str(current_placement().device)}
 
 
 class Pipeline:
     """The steps of the main job over one work directory (module docstring)."""
+
+    gpus: Optional[int] = None
+    """GPUs to fit each stage's layout to (None: those present; 1 puts every stage on one rank)."""
 
     def __init__(self, work_dir: str, plan: Plan, seed: int = 0,
                  overrides: Optional[Dict[str, Dict[str, Any]]] = None):
@@ -214,16 +267,23 @@ class Pipeline:
     def _train(self, stage: str, world_size: int, values: dict) -> dict:
         from megatron_conan.distributed.spawn import run_distributed
 
+        planned = world_size
+        world_size, values = layout_for_host(world_size, values, gpu_count() if self.gpus is None else self.gpus)
+        adapted = world_size != planned
         result = run_distributed(_train_stage, world_size, args=(stage.replace("_", "-"), values), timeout_s=3600,
                                  log_level=logging.WARNING)[0]
         losses = result["losses"]
         self.results["stages"][stage] = {"run_dir": values["run_dir"], "first_loss": losses[min(losses)],
-                                         "last_loss": losses[max(losses)], "steps": result["steps"]}
+                                         "last_loss": losses[max(losses)], "steps": result["steps"],
+                                         "device": result["device"], "ranks": world_size,
+                                         "layout": "TP=1, DP=1: fewer GPUs than the plan's ranks" if adapted else "as planned"}
         return result
 
     def _loss_line(self, stage: str) -> str:
         entry = self.results["stages"][stage]
-        return f"loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f} over {entry['steps']} steps"
+        return (f"loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f} over {entry['steps']} steps "
+                f"on {entry['ranks']} x {entry['device']}"
+                + ("" if entry["layout"] == "as planned" else f" ({entry['layout']})"))
 
     def random_init(self) -> None:
         """The pretraining run's initial weights, saved untrained (0 steps, the same seed and layout):
@@ -385,8 +445,10 @@ def main(argv=None) -> int:
 
     configure_cli_logging(our_level=logging.WARNING, fmt="%(name)s: %(message)s")
     silence_known_warnings()
-    if os.path.exists(args.work_dir):
-        shutil.rmtree(args.work_dir)  # a fresh run each time: resuming is what the tests check
+    problem = claim_work_dir(args.work_dir)
+    if problem:
+        print(f"quickstart: error: {problem}", file=sys.stderr)  # user-facing: one line, nothing touched
+        return 2
     pipeline = Pipeline(args.work_dir, PLANS[args.plan], args.seed)
     started = time.perf_counter()
     for name in STEPS:

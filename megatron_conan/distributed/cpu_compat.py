@@ -1,6 +1,6 @@
 """Lets megatron-core run over gloo on a CPU-only machine (tests, the tiny quickstart).
 
-megatron-core assumes CUDA in a handful of places (see ../shared/MEGATRON_ON_CPU.md): the RNG
+megatron-core assumes CUDA in a handful of places: the RNG
 tracker, ``torch.cuda.current_device()`` as a device argument, ``device="cuda"`` tensor factories,
 ``torch.cuda.synchronize()``, ``Tensor.cuda()``, and ``param.type() == "torch.cuda.FloatTensor"``
 checks in the optimizer and grad clipping. :func:`enable_cpu_compat` routes each of them to the CPU.

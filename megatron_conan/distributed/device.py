@@ -43,11 +43,21 @@ def backend_device(backend: Optional[str] = None) -> torch.device:
     return torch.device("cpu")
 
 
+def indexed_device(device) -> torch.device:
+    """`device` with its index: "cuda" means this process's current GPU. A tensor on "cuda" reports
+    "cuda:0", and ``torch.device("cuda") != torch.device("cuda:0")``, so an index-less device in a
+    placement would refuse every tensor at the first collective."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Placement:
     """Moves batches to `device` and runs collectives on tensors that are there."""
 
     def __init__(self, device: torch.device):
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self._recorders: List[List[Record]] = []
 
     def __repr__(self) -> str:

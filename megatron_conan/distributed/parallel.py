@@ -2,7 +2,11 @@
 model-parallel groups, then the model-parallel RNG seeds.
 
 On a CPU-only machine the backend is gloo and :mod:`megatron_conan.distributed.cpu_compat` is
-enabled first; with GPUs it is NCCL and each process binds to its LOCAL_RANK device.
+enabled first; with GPUs it is NCCL and each process binds to its LOCAL_RANK device. A launcher
+that starts more processes on a node than it has GPUs is refused in one line (:func:`bind_local_gpu`):
+binding two ranks to one GPU fails inside NCCL, and a silent fallback to gloo would put the weights on
+the GPU and the batches on the CPU. To run such a world on the CPU, hide the GPUs
+(``CUDA_VISIBLE_DEVICES=``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.distributed as dist
 from megatron_conan.config.model import ParallelConfig
 from megatron_conan.distributed.cpu_compat import enable_cpu_compat
 from megatron_conan.distributed.ports import free_port
+from megatron_conan.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +43,19 @@ def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        bind_local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
     dist.init_process_group(backend=backend or default_backend(),
                             timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def bind_local_gpu(local_rank: int, gpus: int) -> None:
+    """Make GPU `local_rank` this process's device, or refuse when the node has no such GPU."""
+    if local_rank >= gpus:
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank} has no GPU: this node shows {gpus} CUDA device(s), and NCCL needs one per "
+            f"process; start at most {gpus} process(es) per node, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to "
+            "run on the CPU over gloo")
+    torch.cuda.set_device(local_rank)
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> int:

@@ -8,7 +8,9 @@ it::
 ``body(rank, world_size, *args, **kwargs)`` must be a module-level (picklable) function. Each
 process gets a free local port, ``cpu_compat`` where CUDA is absent, its own log prefix
 ``[rank N]``, and always destroys its process groups. The backend is NCCL when there is one GPU
-per rank and gloo otherwise (:func:`harness_backend`). The call returns the list of per-rank
+per rank and gloo otherwise (:func:`harness_backend`); a gloo world runs wholly on the CPU: its
+ranks start with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``), so weights, batches and collectives can
+never end up on two devices (a 2-rank world on a 1-GPU host is such a world). The call returns the list of per-rank
 return values; if any rank raises, the others are terminated and an AssertionError carries every
 failing rank's traceback, tagged by rank. A world that does not finish within ``timeout_s`` is
 killed and reported the same way, so a hung collective fails a test instead of hanging CI.
@@ -16,6 +18,7 @@ killed and reported the same way, so a hung collective fails a test instead of h
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing as mp
@@ -23,7 +26,7 @@ import os
 import queue
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from megatron_conan.distributed.ports import free_port
 from megatron_conan.known_warnings import silence_known_warnings
@@ -37,7 +40,44 @@ def harness_backend(world_size: int, cuda_device_count: int) -> str:
     return "nccl" if cuda_device_count >= world_size > 0 else "gloo"
 
 
-def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: Callable,
+def visible_gpu_count() -> int:
+    """GPUs this process sees (0 without CUDA); tests fake it to play a host with fewer GPUs."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def world_backend(world_size: int, backend: Optional[str] = None) -> str:
+    """The backend a spawned world of `world_size` uses; NCCL asked for without a GPU per rank is
+    refused here, in the parent, instead of failing in every rank."""
+    gpus = visible_gpu_count()
+    chosen = backend or harness_backend(world_size, gpus)
+    if chosen == "nccl" and gpus < world_size:
+        raise ValueError(f"backend nccl needs one GPU per rank: {world_size} ranks, {gpus} GPU(s) visible")
+    return chosen
+
+
+@contextlib.contextmanager
+def _children_environment(backend: str) -> Iterator[None]:
+    """Spawned children inherit the parent's environment as it is when they start: a gloo world's
+    ranks get CUDA hidden, so torch in them finds no GPU and cpu_compat routes megatron-core's CUDA
+    calls to the CPU, where gloo's tensors are. Otherwise weights would go to cuda:0 while the
+    batches and collectives stayed on the CPU."""
+    if backend == "nccl":
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
             args: Sequence[Any], kwargs: Dict[str, Any], results: "mp.Queue", log_level: int) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -55,11 +95,9 @@ def _worker(rank: int, world_size: int, port: int, backend: Optional[str], fn: C
 
         torch.set_num_threads(1)  # N processes share a few cores
         enable_cpu_compat()
-        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        chosen = backend or harness_backend(world_size, cuda_devices)
-        if chosen == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend=chosen, rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
         try:
             value = fn(rank, world_size, *args, **kwargs)
         finally:
@@ -87,13 +125,15 @@ def run_distributed(
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
+    backend = world_backend(world_size, backend)
     processes = [
         context.Process(target=_worker, args=(rank, world_size, port, backend, fn, tuple(args),
                                               dict(kwargs or {}), results, log_level), daemon=False)
         for rank in range(world_size)
     ]
-    for process in processes:
-        process.start()
+    with _children_environment(backend):
+        for process in processes:
+            process.start()
     values: Dict[int, Any] = {}
     errors: Dict[int, str] = {}
     deadline = time.monotonic() + timeout_s

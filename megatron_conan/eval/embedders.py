@@ -113,6 +113,7 @@ class CheckpointEmbedder(Embedder):
             read_checkpoint_info,
         )
         from megatron_conan.data.tokenizer import ConanTokenizer
+        from megatron_conan.distributed.device import Placement, current_placement
         from megatron_conan.ops.soft_mask_attention.core_attention import soft_mask_core_attention_spec
 
         info = read_checkpoint_info(checkpoint)
@@ -128,10 +129,13 @@ class CheckpointEmbedder(Embedder):
         self.matryoshka_dims = list(options["matryoshka_dims"])
         self.max_length = max_length
         self.tokenizer_threads = tokenizer_threads
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self._world = contextlib.ExitStack()
         self._world.enter_context(model_parallel_world())
+        # the world's device unless one is asked for: the GPU of this rank under NCCL, the CPU under
+        # gloo (a world whose GPUs are hidden), so weights and batches never sit on two devices
+        self.placement = Placement(device) if device else current_placement()
+        self.device = self.placement.device
+        precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         try:
             model = load_checkpoint_model(info, precision,
                                           soft_mask_core_attention_spec(self.attention.inference_config()))
@@ -169,8 +173,8 @@ class CheckpointEmbedder(Embedder):
             for slot, row in enumerate(rows):
                 input_ids[slot, :len(sequences[row])] = torch.tensor(sequences[row])
             starts = torch.full_like(lengths, prompt_tokens) if prompt_tokens else None
-            vectors = embed(self.model, input_ids.to(self.device), lengths.to(self.device), self.pooling,
-                            starts=None if starts is None else starts.to(self.device))  # [b, h]
+            input_ids, lengths, starts = self.placement.to_device((input_ids, lengths, starts))
+            vectors = embed(self.model, input_ids, lengths, self.pooling, starts=starts)  # [b, h]
             output[rows] = vectors.float().cpu().numpy()
         return output
 

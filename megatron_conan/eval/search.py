@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import numpy
 import torch
 
+from megatron_conan.distributed.device import indexed_device
+
 
 def _rows(array, start: int, stop: int, device: torch.device) -> torch.Tensor:
     block = array[start:stop]
@@ -38,7 +40,7 @@ def exact_top_k(queries, corpus, k: int, query_block: int = 1024, corpus_block: 
     if num_queries and num_docs and queries.shape[1] != corpus.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features, the corpus {corpus.shape[1]}")
     k = min(k, num_docs)
-    target = torch.device(device or "cpu")
+    target = indexed_device(device or "cpu")  # "cuda" alone means this rank's GPU
     scores_out = numpy.empty((num_queries, k), dtype=numpy.float32)
     indices_out = numpy.empty((num_queries, k), dtype=numpy.int64)
     steps = -(-num_queries // query_block) * -(-num_docs // corpus_block)

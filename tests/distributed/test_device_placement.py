@@ -69,28 +69,15 @@ def test_to_device_moves_nested_batches():
 
 
 def _recorded_training_body(rank, world_size, cfg_dict):
-    from megatron.core.models.gpt import GPTModel
-
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.device import current_placement
+    from megatron_conan.testing.placement import recording_devices
     from megatron_conan.training.config import RunConfig
     from megatron_conan.training.loop import train
 
-    placement = current_placement()
-    fed = []
-    original_forward = GPTModel.forward
-
-    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
-        fed.append((input_ids.data_ptr(), position_ids.data_ptr(), kwargs["labels"].data_ptr()))
-        return original_forward(self, input_ids, position_ids, attention_mask, *args, **kwargs)
-
-    GPTModel.forward = forward
-    try:
-        with placement.recording() as records:
-            train(from_dict(RunConfig, cfg_dict))
-    finally:
-        GPTModel.forward = original_forward
-    return {"records": records, "fed": fed, "device": placement.device}
+    with recording_devices() as seen:
+        train(from_dict(RunConfig, cfg_dict))
+    return {"records": seen.records, "fed": seen.fed, "device": current_placement().device}
 
 
 def test_training_moves_every_batch_and_collective_through_the_seam(tmp_path):
@@ -113,3 +100,13 @@ def test_training_moves_every_batch_and_collective_through_the_seam(tmp_path):
         assert len(result["fed"]) == 2 * 2  # 2 steps x 2 micro-batches per DP rank, each fed once
         for pointers in result["fed"]:
             assert set(pointers) <= moved, "a batch reached the model without passing the seam"
+
+
+def test_a_cuda_placement_names_the_ranks_gpu(monkeypatch):
+    """torch.device("cuda") != torch.device("cuda:0"): an index-less device would refuse every tensor."""
+    from megatron_conan.data.dhnm import DHNMState
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert Placement("cuda").device == torch.device("cuda", 1)
+    assert Placement(torch.device("cuda", 0)).device == torch.device("cuda", 0)
+    assert DHNMState([3, 3], placement="cuda").placement().device == torch.device("cuda", 1)

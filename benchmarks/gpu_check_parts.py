@@ -1,0 +1,216 @@
+"""The parts of the GPU check (benchmarks/gpu_check.py), one per child process:
+
+    python -m benchmarks.gpu_check_parts <part> --out result.json --scratch DIR [--cpu]
+
+Each part writes {"status": "ran" | "failed", "figures": {...}, ...} to --out. GPU shapes are the
+1.4B model's (seq 4096, head dim 112); --cpu runs the same code at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+
+def _device(cpu: bool):
+    import torch
+
+    return torch.device("cpu" if cpu else "cuda", None if cpu else torch.cuda.current_device())
+
+
+# -- part 0: every stage on one device ------------------------------------------------------------
+
+def part_stages(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    """The quickstart's pipeline at a plan smaller than its quick one, on one rank (NCCL on a GPU).
+    The figures so far are written after every step: a part stopped at its share keeps them."""
+    import dataclasses
+
+    from megatron_conan.quickstart import PLANS, STEPS, Pipeline, claim_work_dir
+
+    plan = dataclasses.replace(PLANS["quick"], pretrain_steps=3, sft_steps=2, weak_steps=2, sup_steps=2)
+    problem = claim_work_dir(scratch)
+    if problem:
+        raise RuntimeError(problem)
+    pipeline = Pipeline(scratch, plan)
+    pipeline.gpus = 1  # one device: a single rank, whatever the plan's layout
+    pipeline.say = lambda text: None  # the check prints its own lines
+    figures = {}
+    for name in STEPS[:-1]:  # all but the report's plots
+        started = time.perf_counter()
+        getattr(pipeline, name)()
+        figures[f"{name} s"] = round(time.perf_counter() - started, 1)
+        write_result(out, {"status": "partial", "figures": figures, "reason": f"stopped after {name}"})
+    for stage, entry in pipeline.results["stages"].items():
+        figures[f"{stage} loss"] = f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} on {entry['device']}"
+    final = next(row for row in pipeline.results["evaluation"]["rows"] if row["name"] == "4 embed-sup")
+    figures["evaluate nDCG@10 (stage 4)"] = round(final["ndcg_at_10"], 4)
+    return {"status": "ran", "figures": figures}
+
+
+# -- part 1: kernel correctness -------------------------------------------------------------------
+
+def _cuda_extension(device, deadline: float) -> str:
+    """'' when the CUDA extension loads, else why not; builds it for this GPU's architecture only."""
+    import subprocess
+
+    import torch
+
+    from megatron_conan.ops.soft_mask_attention import cuda_binding
+
+    if device.type != "cuda":
+        return "needs CUDA"
+    if cuda_binding.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"{major}{minor}" + ("a" if major >= 9 else "")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=repo, check=True,
+                       env=dict(os.environ, CUDA_ARCHS=arch), capture_output=True,
+                       timeout=max(1.0, deadline - time.monotonic()))
+    except (subprocess.SubprocessError, OSError) as error:
+        return f"build for sm_{arch} failed: {type(error).__name__}"
+    cuda_binding.load_extension.cache_clear()  # it remembered the failed import
+    return "" if cuda_binding.is_available() else f"built for sm_{arch} but does not load"
+
+
+def part_kernels(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    import torch
+
+    from megatron_conan.ops.soft_mask_attention.function import soft_mask_attention
+    from megatron_conan.ops.soft_mask_attention.schedule import row_mask_weights
+    from megatron_conan.testing.soft_mask import kernel_error, make_inputs, reference_with_grads
+
+    device = _device(cpu)
+    b, hq, hkv, s, d = (1, 2, 1, 48, 112) if cpu else (2, 32, 8, 1000, 112)
+    lengths = torch.tensor([s, max(1, s * 2 // 3)][:b], dtype=torch.int32, device=device)
+    # the build may take what the checks (seconds at these shapes) leave of the part's share
+    backends = {"triton": "", "cuda": _cuda_extension(device, time.monotonic() + seconds - 30)}
+    figures, skipped, ok = {}, {name: why for name, why in backends.items() if why}, True
+    for backend in (name for name, why in backends.items() if not why):
+        for dtype in (torch.float32, torch.bfloat16):
+            if cpu and dtype == torch.bfloat16 and backend == "triton":
+                skipped["triton bf16"] = "Triton's interpreter computes bf16 wrongly on CPU"
+                continue
+            for a in (0.0, 0.3, 1.0):
+                q, k, v, grad = make_inputs(int(a * 10), b, hq, hkv, s, d, dtype, device)
+                m = row_mask_weights(a, lengths, s, "len_over_pos")
+                ref = reference_with_grads(q, k, v, grad, m, lengths, torch.float64)
+                low = reference_with_grads(q, k, v, grad, m, lengths, dtype)
+                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                out = soft_mask_attention(*leaves, m, lengths, backend=backend)
+                out.backward(grad)
+                worst = max((kernel_error(got, mine, want, dtype) for got, mine, want in
+                             zip([out.detach()] + [x.grad for x in leaves], low, ref)),
+                            key=lambda found: found["error"] / found["bound"])
+                ok &= worst["ok"]
+                figures[f"{backend} {str(dtype)[6:]} a={a} error/bound"] = round(worst["error"] / worst["bound"], 3)
+    return {"status": "ran" if ok else "failed", "figures": figures, "skipped": skipped,
+            "reason": "" if ok else "a kernel's error is above 2x PyTorch's in its precision"}
+
+
+# -- parts 2-4: the benchmarks, imported ----------------------------------------------------------
+
+def part_kernel_speed(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    from benchmarks import soft_mask_attention
+
+    if cpu:
+        argv = ["--device", "cpu", "--lengths", "64", "--heads", "2", "--kv-heads", "1",
+                "--methods", "reference", "sdpa_causal", "sdpa_full", "flex", "--warmup", "0", "--repeats", "1"]
+    else:
+        argv = ["--device", "cuda", "--dtype", "bf16", "--lengths", "4096", "--methods", "triton", "cuda",
+                "sdpa_causal", "sdpa_full", "flex"]
+    rows = soft_mask_attention.main(argv + ["--head-dim", "112", "--a", "0", "0.3", "1"])
+    figures = {}
+    for row in rows:
+        for key in ("fwd", "fwd_bwd"):
+            value = row[key]
+            figures[f"s={row['seq']} a={row['a']} {row['method']} {key}"] = (
+                f"{value * 1e3:.3f} ms" if isinstance(value, float) else value)
+    return {"status": "ran", "figures": figures}
+
+
+def _benchmark_rows(module, argv: List[str], scratch: str) -> List[dict]:
+    os.makedirs(scratch, exist_ok=True)
+    path = os.path.join(scratch, "rows.json")
+    module.main(argv + ["--output-json", path])
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def part_train_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    from benchmarks import train_step
+
+    if cpu:
+        argv = ["--recipe", "tiny", "--seq-length", "64", "--micro-batch-sizes", "2", "--precision", "fp32"]
+    else:
+        argv = ["--recipe", "conan_1p4b", "--num-layers", "4", "--seq-length", "4096", "--micro-batch-sizes", "1",
+                "--precision", "bf16"]
+    rows = _benchmark_rows(train_step, argv + ["--recompute", "none", "--steps", "3", "--warmup", "1"], scratch)
+    figures = {}
+    for row in rows:
+        label = f"micro {row['micro_batch']}, TE {'on' if row.get('transformer_engine') else 'off'}"
+        if "error" in row:
+            figures[label] = row["error"]
+            continue
+        figures[f"{label} tokens/s"] = round(row["tokens_per_s"], 1)
+        figures[f"{label} MFU"] = round(row["mfu"], 4)
+        if row.get("peak_memory_gib") is not None:
+            figures[f"{label} peak GiB"] = round(row["peak_memory_gib"], 2)
+    return {"status": "ran", "figures": figures}
+
+
+def part_embed_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    from benchmarks import embed_step
+
+    if cpu:
+        argv = ["--recipe", "tiny", "--batch", "8", "--query-length", "16", "--passage-length", "32",
+                "--mini-batch-size", "4", "--precision", "fp32"]
+    else:
+        argv = ["--recipe", "conan_1p4b", "--batch", "32", "--query-length", "256", "--passage-length", "512",
+                "--mini-batch-size", "16", "--precision", "bf16"]
+    rows = _benchmark_rows(embed_step, argv + ["--rounds", "1", "--steps", "2", "--warmup", "1"], scratch)
+    figures = {}
+    for row in rows:
+        theirs = "CachedMNRL" if row["mini_batch_size"] else "MNRL"
+        figures[f"{row['mode']} ours pairs/s"] = round(row["ours_pairs_per_s"], 1)
+        figures[f"{row['mode']} {theirs} pairs/s"] = round(row["theirs_pairs_per_s"], 1)
+        figures[f"{row['mode']} ratio"] = round(row["ratio_median"], 3)
+    return {"status": "ran", "figures": figures}
+
+
+PARTS = {"stages": part_stages, "kernels": part_kernels, "kernel_speed": part_kernel_speed,
+         "train_step": part_train_step, "embed_step": part_embed_step}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=sorted(PARTS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--seconds", type=float, default=600.0, help="the part's share of the budget")
+    args = parser.parse_args(argv)
+    write_result(args.out, PARTS[args.part](args.cpu, args.scratch, args.out, args.seconds))
+    # measured: after train() a child can spend tens of seconds in exit handlers (megatron-core's
+    # checkpoint writer manager), time the budget then lacks; the result is written, so leave now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def write_result(path: str, result: Dict) -> None:
+    from megatron_conan.eval.text_io import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2, default=str)
+    write_atomically(path, write)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Issue 18 item 3: the prepared GPU check runs on CPU (--cpu) within its budget and reports every
+part: ran (with figures), partial (stopped at its share, with what it measured) or skipped (with
+its reason); bad input is one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ["stages", "kernels", "kernel_speed", "train_step", "embed_step"]
+
+
+def _check(tmp_path, *argv, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_cpu_check_reports_every_part_within_its_budget(tmp_path):
+    budget = 150
+    result = _check(tmp_path, "--cpu", "--budget-s", str(budget), "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [part["part"] for part in report["parts"]] == PARTS
+    assert report["wall_s"] <= budget
+    for part in report["parts"]:
+        assert part["status"] in ("ran", "partial", "skipped"), part
+        if part["status"] != "ran":
+            assert part["reason"], part
+        if part["status"] == "ran":
+            assert part["figures"], part
+    assert any(part["status"] == "ran" for part in report["parts"])
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| part | status | figure | value |" in table and all(f"| {name} |" in table for name in PARTS)
+
+
+def test_a_tiny_budget_skips_every_part_with_its_reason(tmp_path):
+    result = _check(tmp_path, "--cpu", "--budget-s", "5", "--out-dir", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [part["status"] for part in report["parts"]] == ["skipped"] * len(PARTS)
+    assert all("it needs" in part["reason"] for part in report["parts"])
+
+
+def test_bad_budget_is_one_line(tmp_path):
+    result = _check(tmp_path, "--cpu", "--budget-s", "-1", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "gpu_check.py: error: --budget-s must be positive, got -1"
