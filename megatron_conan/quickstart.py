@@ -294,7 +294,8 @@ class Pipeline:
                                   data={"kind": "blended", "blend": self._blend()})
         from megatron_conan.distributed.spawn import run_distributed
 
-        run_distributed(_train_stage, 2, args=("pretrain", values), timeout_s=600, log_level=logging.WARNING)
+        world_size, values = layout_for_host(2, values, gpu_count() if self.gpus is None else self.gpus)
+        run_distributed(_train_stage, world_size, args=("pretrain", values), timeout_s=600, log_level=logging.WARNING)
 
     def _blend(self) -> dict:
         return {"sources": [{"name": "docstrings", "prefix": self.path("indexed", "docstrings"), "weight": 0.8},
