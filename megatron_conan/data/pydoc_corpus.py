@@ -187,6 +187,10 @@ class PydocCorpusConfig:
     retrieval_shaped_pairs: bool = True
     """Stage-3 pairs also hold every training docstring's summary -> its titled rest, instructed as
     the retrieval task (summary-to-documentation, training families only), beside the weak pairs."""
+    inverse_cloze_pairs: int = 0
+    """Stage-3 pairs also hold up to this many inverse-cloze pairs per training docstring (Lee et
+    al. 2019): one of its later sentences -> the titled docstring without that sentence, instructed
+    as the retrieval task. More pairs of the task's shape than the summaries alone give."""
     max_retrieval_examples: Optional[int] = 3000
     """At most this many stage-4 retrieval queries; None keeps all."""
     max_mining_corpus: Optional[int] = 6000
@@ -865,7 +869,43 @@ def _pair_rows(collection: Collection, split: Split, config: PydocCorpusConfig) 
                   "positive": _titled(entry, _truncate(entry.body, config.max_passage_chars)),
                   "instruction": RETRIEVAL_INSTRUCTION}
                  for entry in split.training if entry.has_query]
+    if config.inverse_cloze_pairs:
+        rows += _inverse_cloze_rows(split, config)
     return _sample(rows, config.max_pair_examples, "pairs", config.seed)
+
+
+def _sentences(text: str) -> List[str]:
+    """The sentences of a docstring's prose paragraphs (whitespace normalised)."""
+    found = []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        flat = " ".join(paragraph.split())
+        start = 0
+        for match in _SENTENCE_END.finditer(flat):
+            word = flat[:match.start() + 1].rsplit(" ", 1)[-1].lower()
+            if word not in _ABBREVIATIONS:
+                found.append(flat[start:match.end()].strip())
+                start = match.end()
+        found.append(flat[start:].strip())
+    return [sentence for sentence in found if sentence]
+
+
+def _inverse_cloze_rows(split: Split, config: PydocCorpusConfig) -> List[dict]:
+    """Up to `config.inverse_cloze_pairs` per training docstring: a sentence after its first (the
+    summary is the retrieval pair's query) of 30 to `max_summary_chars` characters that reads as
+    prose, against the titled docstring with that sentence removed."""
+    rows = []
+    for entry in split.training:
+        sentences = _sentences(entry.text)
+        usable = [index for index, sentence in enumerate(sentences[1:], start=1)
+                  if 30 <= len(sentence) <= config.max_summary_chars and sentence[0].isupper()
+                  and sentence.rstrip()[-1:] in ".!?"]
+        rng = _rng(f"inverse-cloze:{entry.qualname}", config.seed)
+        for index in sorted(rng.sample(usable, min(config.inverse_cloze_pairs, len(usable)))):
+            rest = " ".join(sentence for number, sentence in enumerate(sentences) if number != index)
+            rows.append({"task": "pair", "query": sentences[index],
+                         "positive": _titled(entry, _truncate(rest, config.max_passage_chars)),
+                         "instruction": RETRIEVAL_INSTRUCTION})
+    return rows
 
 
 def _titled(entry: "DocEntry", text: str) -> str:
