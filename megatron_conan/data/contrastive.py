@@ -7,13 +7,15 @@ Schema (one JSON object per line; see data/README.md for the full table):
     classification  {"task", "text", "label", "negative_labels": [..], "instruction"?}
     sts             {"task", "text1", "text2", "score": finite number, "instruction"?}
 
-Store `<prefix>` (written by `tokenize_contrastive`, i.e. tools/tokenize_contrastive.py), version 2:
+Store `<prefix>` (written by `tokenize_contrastive`, i.e. tools/tokenize_contrastive.py), version 3
+(version 2, without prompt lengths, is still read):
     <prefix>.bin/.idx       megatron-core indexed dataset; one document per example whose sequences
                             are its texts, in order: anchor, positive, negatives..., candidates....
                             An instructed anchor (sts: both texts) is stored as the ids of the one
                             string `Instruct: {instruction}\nQuery: {text}`. Raw ids, no EOD.
     <prefix>.examples.npy   one `EXAMPLE_DTYPE` row per example (task code, first sequence, counts,
-                            language code, score, instructed flag, input file and line), mmap-able.
+                            language code, score, instructed flag, input file and line, prompt
+                            token count), mmap-able.
     <prefix>.meta.json      task names, language table, counts, tokenize-time instructions,
                             tokenizer identity, inputs.
 The .idx is renamed into place last: a store is complete when all four files exist.

@@ -56,9 +56,12 @@ when it is a verbatim substring of its own document (that only measures lexical 
 another held-out docstring has the same summary or another document contains it (ambiguous),
 or when a training docstring has it; a document is dropped when half or more of its word 8-grams
 occur in the training text (near-duplicates across families). All these counts are in the
-manifest. On CPython 3.11.7 with the defaults: 1,122 documents, 300 queries; BM25 (bm25s,
-English stop words) reaches nDCG@10 0.41 on the text and 0.43 on title + text, a random ranking
-0.004.
+manifest. The held-out families are then dealt, in a seeded order, to a ``validation`` and a
+``test`` split, each to the one with fewer query candidates so far: the two splits' queries come
+from disjoint families and share the one corpus; each split samples up to ``max_heldout_queries``.
+Every choice of the main job is made on validation; test is only reported. On CPython 3.11.7 with
+the defaults: 1,122 documents, 300 validation and 300 test queries; BM25 (title + text) reaches
+nDCG@10 0.449 on each, a random ranking 0.004 / 0.007.
 
 **Outputs** of `build_pydoc_corpus` (one directory, written to a temporary directory and renamed
 at the end), formats in README.md beside this file:
@@ -93,7 +96,8 @@ at the end), formats in README.md beside this file:
   ``classification_labels`` largest training families (a true, structural label; balanced up to
   ``max_classification_per_label`` per label).
 - ``heldout/corpus.jsonl`` ``{"_id", "title", "text"}``, ``heldout/queries.jsonl`` ``{"_id",
-  "text"}``, ``heldout/qrels/test.tsv`` (``query-id\\tcorpus-id\\tscore``).
+  "text"}`` (both splits' queries), ``heldout/qrels/validation.tsv`` and ``heldout/qrels/test.tsv``
+  (``query-id\\tcorpus-id\\tscore``).
 - ``manifest.json``: Python version, seed, configuration, module and record counts, the split,
   the instructions, and per file its lines, bytes and SHA-256.
 """
@@ -179,7 +183,7 @@ class PydocCorpusConfig:
     """Families are held out until their docstrings that can make a (query, document) pair
     reach this number; their other docstrings join the held-out corpus as distractors."""
     max_heldout_queries: int = 300
-    """At most this many held-out queries (a seeded sample)."""
+    """At most this many held-out queries per split, validation and test (a seeded sample)."""
     max_sft_examples: Optional[int] = 4000
     """At most this many SFT rows (a seeded sample); None keeps all."""
     max_pair_examples: Optional[int] = 6000

@@ -23,7 +23,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the tools that load an embedder."""
     parser.add_argument("--tokenizer", help="SentencePiece model (checkpoints; default: the run's data.tokenizer)")
     parser.add_argument("--max-length", type=int,
-                        help="tokens per text, EOD included (checkpoints; default 512 or the context)")
+                        help="tokens per text, EOD included (checkpoints; default: the run's embedding.max_passage_length, "
+                             "else 512, at most the context)")
     parser.add_argument("--pooling", choices=("mean", "last", "first"), help="checkpoints; default: the run's")
     parser.add_argument("--query-instruction", help="instruction of the query prompt (checkpoints; default: the run's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
