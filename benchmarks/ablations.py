@@ -26,11 +26,8 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 from typing import Dict, List
-
-from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
 
 logger = logging.getLogger("ablations")
 
@@ -113,36 +110,24 @@ def run_variant(args, name: str, seed: int) -> Dict[str, float]:
 
 
 def format_table(results: Dict[str, List[Dict[str, float]]], args) -> str:
+    from megatron_conan.quickstart import mean_std
+
     lines = [f"Validation nDCG@10, mean +- std over seeds {list(args.seeds)} (plan {args.plan}).", "",
              "| variant | stage 3 (embed-weak) | stage 4 (embed-sup) |", "|---|---|---|"]
     for name, runs in results.items():
-        cells = []
-        for stage in ("embed_weak", "embed_sup"):
-            values = [run[stage] for run in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4f} +- {spread:.4f}")
+        cells = [mean_std([run[stage] for run in runs]) for stage in ("embed_weak", "embed_sup")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    from megatron_conan.quickstart import PLANS
+    from megatron_conan.quickstart import add_study_arguments, start_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="runs/quickstart", help="a finished main job (make quickstart)")
-    parser.add_argument("--output-dir", default=None, help="default: <work-dir>/ablations")
-    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="the plan the work dir was made with")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_study_arguments(parser, "ablations")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
-    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        os.environ.setdefault(switch, "1")
-    configure_cli_logging(our_level=logging.INFO, fmt="%(name)s: %(message)s")
-    silence_known_warnings()
-    args.output_dir = args.output_dir or os.path.join(args.work_dir, "ablations")
-    if not os.path.isfile(os.path.join(args.work_dir, "sft", "checkpoints", "latest")):
-        print(f"ablations: {args.work_dir} is not a finished main job (no sft/checkpoints/latest): "
-              "run make quickstart first", file=sys.stderr)
+    if not start_study(args, "ablations", "ablations"):
         return 2
     names = [name for name in VARIANTS if name in args.variants]
     if any(name in STAGE4_ONLY for name in names) and "default" not in names:

@@ -33,8 +33,6 @@ import sys
 import time
 from typing import Dict, List
 
-from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
-
 logger = logging.getLogger("learning_vs_st")
 
 VARIANTS = ("ours, soft mask", "ours, abrupt", "sentence-transformers MNRL")
@@ -178,27 +176,25 @@ def run(args) -> Dict[str, List[dict]]:
 
 
 def format_results(results: Dict[str, List[dict]], args) -> str:
+    from megatron_conan.quickstart import mean_std
+
     lines = [f"Stage 3 from the same SFT weights and pairs: {args.steps} steps, batch {args.batch}, lr {args.lr}, "
              f"temperature {args.temperature}, clip {args.clip_grad}, GradCache chunks "
              f"{args.mini_batch_size or 'off'}; seeds {list(args.seeds)}; validation split.", "",
              "| trainer | validation nDCG@10 (mean +- std) | per seed | train time (s, mean) |", "|---|---|---|---|"]
     for variant, runs in results.items():
         scores = [run["ndcg_at_10"] for run in runs]
-        spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        lines.append(f"| {variant} | {statistics.mean(scores):.4f} +- {spread:.4f} | "
+        lines.append(f"| {variant} | {mean_std(scores)} | "
                      + " ".join(f"{value:.4f}" for value in scores)
                      + f" | {statistics.mean(run['train_s'] for run in runs):.0f} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    from megatron_conan.quickstart import PLANS
+    from megatron_conan.quickstart import PLANS, add_study_arguments, start_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="runs/quickstart", help="a finished main job (make quickstart)")
-    parser.add_argument("--output-dir", default=None, help="default: <work-dir>/learning_vs_st")
-    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="the plan the work dir was made with")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_study_arguments(parser, "learning_vs_st")
     parser.add_argument("--steps", type=int, default=None, help="default: the plan's stage-3 steps")
     parser.add_argument("--batch", type=int, default=None, help="default: the plan's stage-3 batch")
     parser.add_argument("--lr", type=float, default=None, help="default: the plan's stage-3 lr")
@@ -207,21 +203,14 @@ def main(argv=None) -> int:
     parser.add_argument("--mini-batch-size", type=int, default=0,
                         help="GradCache chunks for ours and CachedMNRL for sentence-transformers (0: plain)")
     args = parser.parse_args(argv)
-    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        os.environ.setdefault(switch, "1")
-    configure_cli_logging(our_level=logging.INFO, fmt="%(name)s: %(message)s")
-    silence_known_warnings()
+    if not start_study(args, "learning_vs_st", "learning_vs_st"):
+        return 2
     args.plan = PLANS[args.plan]
     args.steps = args.steps or args.plan.weak_steps
     args.batch = args.batch or args.plan.weak_batch
     args.lr = args.lr or args.plan.weak_lr
     args.temperature = args.temperature or args.plan.temperature
     args.clip_grad = args.clip_grad if args.clip_grad is not None else args.plan.clip_grad
-    args.output_dir = args.output_dir or os.path.join(args.work_dir, "learning_vs_st")
-    if not os.path.isfile(os.path.join(args.work_dir, "sft", "checkpoints", "latest")):
-        print(f"learning_vs_st: {args.work_dir} is not a finished main job (no sft/checkpoints/latest): "
-              "run make quickstart first", file=sys.stderr)
-        return 2
     results = run(args)
     table = format_results(results, args)
     print(table)

@@ -427,6 +427,40 @@ class Pipeline:
         return f"{len(written)} plots and report.md in {self.work_dir}"
 
 
+def add_study_arguments(parser: argparse.ArgumentParser, output_name: str) -> None:
+    """Options of a study that re-trains parts of a finished main job (benchmarks/learning_vs_st.py,
+    benchmarks/ablations.py)."""
+    parser.add_argument("--work-dir", default="runs/quickstart", help="a finished main job (make quickstart)")
+    parser.add_argument("--output-dir", default=None, help=f"default: <work-dir>/{output_name}")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="the plan the work dir was made with")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+
+
+def start_study(args, output_name: str, prog: str) -> bool:
+    """Offline switches and logging for a study; False (after one line on stderr) when
+    ``args.work_dir`` is not a finished main job."""
+    from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
+
+    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(switch, "1")
+    configure_cli_logging(our_level=logging.INFO, fmt="%(name)s: %(message)s")
+    silence_known_warnings()
+    args.output_dir = args.output_dir or os.path.join(args.work_dir, output_name)
+    if not os.path.isfile(os.path.join(args.work_dir, "sft", "checkpoints", "latest")):
+        print(f"{prog}: {args.work_dir} is not a finished main job (no sft/checkpoints/latest): run make "
+              "quickstart first", file=sys.stderr)
+        return False
+    return True
+
+
+def mean_std(values: List[float]) -> str:
+    """``mean +- sample std`` (std 0 for one value), 4 decimals."""
+    import statistics
+
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} +- {spread:.4f}"
+
+
 STEPS = ("corpus", "tokenizer", "preprocess", "pretrain", "sft", "embed_weak", "mine", "embed_sup", "export",
          "evaluate", "report")
 

@@ -120,11 +120,6 @@ def export_hf(checkpoint: str, output: str, tokenizer: Optional[str] = None, dty
     tokenizer_path = resolve_tokenizer(info, tokenizer)
     attention = _attention_of(info)
     is_causal = export_is_causal(attention, info.path)
-    if bidirectional_from_causal:
-        if not is_causal:
-            raise InputError(f"{info.path}: bidirectional_from_causal needs a causal checkpoint; its attention is "
-                             f"{attention.describe()}")
-        is_causal = False
     with hf_io.atomic_output_dir(output, overwrite) as tmp:
         _write_hf_model(tmp, info, CAUSAL_LM, torch_dtype, is_causal)
         export_tokenizer(tokenizer_path, tmp, model_max_length=info.model_config.max_sequence_length)
