@@ -186,12 +186,12 @@ class PydocCorpusConfig:
     """At most this many held-out queries per split, validation and test (a seeded sample)."""
     max_sft_examples: Optional[int] = 4000
     """At most this many SFT rows (a seeded sample); None keeps all."""
-    max_pair_examples: Optional[int] = 6000
+    max_pair_examples: Optional[int] = 10000
     """At most this many stage-3 pairs; None keeps all."""
     retrieval_shaped_pairs: bool = True
     """Stage-3 pairs also hold every training docstring's summary -> its titled rest, instructed as
     the retrieval task (summary-to-documentation, training families only), beside the weak pairs."""
-    inverse_cloze_pairs: int = 0
+    inverse_cloze_pairs: int = 2
     """Stage-3 pairs also hold up to this many inverse-cloze pairs per training docstring (Lee et
     al. 2019): one of its later sentences -> the titled docstring without that sentence, instructed
     as the retrieval task. More pairs of the task's shape than the summaries alone give."""
