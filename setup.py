@@ -82,7 +82,7 @@ setup(
         "tqdm",
         "zstandard",
         "tensorboard",
-        # export and evaluation (DESIGN.md 7b): transformers >= 5.2 reads "is_causal": false, so an
+        # export and evaluation (docs/DESIGN.md section 10): transformers >= 5.2 reads "is_causal": false, so an
         # exported LlamaModel attends bidirectionally with no custom code
         "transformers>=5.2",
         "sentence-transformers>=6.2",

@@ -1,4 +1,4 @@
-// Soft-mask attention (DESIGN.md section 3): fused CUDA forward and backward.
+// Soft-mask attention (docs/DESIGN.md section 4): fused CUDA forward and backward.
 //
 // Specification: megatron_conan/ops/soft_mask_attention/reference.py. Restated for one row i of a
 // sequence of true length L (0-based positions):

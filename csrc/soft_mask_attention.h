@@ -1,4 +1,4 @@
-// Soft-mask attention (DESIGN.md section 3), CUDA backend: host entry points.
+// Soft-mask attention (docs/DESIGN.md section 4), CUDA backend: host entry points.
 //
 // Contract (the same as the Triton kernel and the PyTorch reference in
 // megatron_conan/ops/soft_mask_attention/reference.py):

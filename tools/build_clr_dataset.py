@@ -1,5 +1,5 @@
 """Retrieval JSONL -> cross-lingual retrieval (clr) JSONL: queries translated into the paper's 26
-languages (DESIGN.md section 6), passages untouched.
+languages (docs/DESIGN.md section 7), passages untouched.
 
     python tools/build_clr_dataset.py --input retrieval.jsonl --output clr.jsonl --seed 0 \
         --translator http --base-url http://127.0.0.1:8000/v1 --model qwen2.5-7b-instruct \

@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     to_st.add_argument("--pooling", choices=("mean", "last", "first"), help="default: the run's")
     to_st.add_argument("--query-instruction", help="instruction of the `query` prompt (default: the run's)")
-    to_st.add_argument("--matryoshka-dims", type=int, nargs="+", help="default: the run's, else DESIGN.md's")
+    to_st.add_argument("--matryoshka-dims", type=int, nargs="+",
+                       help="default: the run's, else docs/DESIGN.md section 5's")
     to_st.add_argument("--max-seq-length", type=int,
                        help="tokens per text (default 512, or the model's context if shorter)")
 

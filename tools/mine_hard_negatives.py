@@ -1,5 +1,5 @@
 """Mines hard negatives for (query, positive) examples: the `negatives` + ranked `candidates` that the
-contrastive store and DHNM read (DESIGN.md section 5).
+contrastive store and DHNM read (docs/DESIGN.md section 6).
 
     python tools/mine_hard_negatives.py --input pairs.jsonl --output mined.jsonl --model out/teacher-st \
         --corpus passages.jsonl --num-negatives 7 --pool-size 32 --skip-top 5 --relative-margin 0.05

@@ -1,4 +1,4 @@
-"""Model and parallel-layout configuration, and the recipes of DESIGN.md section 2.
+"""Model and parallel-layout configuration, and the recipes of docs/DESIGN.md section 2.
 
 ``ConanModelConfig`` says what the network is; ``ParallelConfig`` says how it is split over
 processes. :func:`build_transformer_config` combines them into megatron-core's

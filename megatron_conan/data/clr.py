@@ -1,5 +1,5 @@
 """Cross-lingual retrieval (CLR) data: the queries of retrieval JSONL translated into the paper's
-26 languages (DESIGN.md section 6), passages untouched.
+26 languages (docs/DESIGN.md section 7), passages untouched.
 
     translator = HTTPTranslator("http://127.0.0.1:8000/v1", model="qwen", concurrency=8)
     report = build_clr(CLRConfig(inputs=["retrieval.jsonl"], output="clr.jsonl", seed=0),

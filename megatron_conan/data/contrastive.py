@@ -55,7 +55,7 @@ RETRIEVAL_TASKS = ("retrieval", "clr")
 LOADER_STATE_VERSION = 2
 """Version 2: a step counter and each task's (epoch, cursor) (version 1 had one epoch plan)."""
 PAPER_TASK_WEIGHTS = {"sts": 1.8, "clr": 3.0, "retrieval": 3.0, "classification": 2.8}
-"""The paper's stage-4 mix in millions of examples (DESIGN.md section 4): default task weights."""
+"""The paper's stage-4 mix in millions of examples (docs/DESIGN.md section 5): default task weights."""
 
 
 # -- reading ----------------------------------------------------------------------------------

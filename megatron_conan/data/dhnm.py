@@ -1,4 +1,4 @@
-"""Dynamic hard-negative mining (DHNM, DESIGN.md section 5, the paper's eq. 6): which candidate of
+"""Dynamic hard-negative mining (DHNM, docs/DESIGN.md section 6, the paper's eq. 6): which candidate of
 each example's ranked pool fills each hard-negative slot, and when to move on.
 
 Per example e and slot j: the pool position in use and S_0, its score cos(q, n) when first used;

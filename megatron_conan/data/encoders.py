@@ -85,7 +85,7 @@ class SFTExampleEncoder(LineEncoder):
 CONTRASTIVE_TASKS = ("pair", "retrieval", "clr", "classification", "sts")
 """Task names, in the order of their codes in the examples index."""
 INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
-"""The prompt written in front of an instructed query (DESIGN.md section 4); exported as the
+"""The prompt written in front of an instructed query (docs/DESIGN.md section 5); exported as the
 sentence-transformers prompt, so prompt + text is what the model sees at inference."""
 
 # Per task: the two leading text fields, then the list fields (negatives, candidates) if any.

@@ -1,5 +1,5 @@
 """Offline hard-negative mining: a ranked pool of hard negatives per (query, positive) example, in the
-JSONL form the contrastive store reads (``negatives`` + ``candidates``, DESIGN.md section 5).
+JSONL form the contrastive store reads (``negatives`` + ``candidates``, docs/DESIGN.md section 6).
 
 For each example, every corpus text is scored against the query (exact search, corpus streamed in
 blocks from a memory-mapped file, so memory stays bounded whatever the corpus size). Walking the

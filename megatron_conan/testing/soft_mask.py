@@ -1,5 +1,5 @@
 """Soft-mask kernel checks shared by the kernel tests and ``tools/gpu_check.py``: inputs, the
-reference with its gradients, and STYLE.md item 4's bound (the kernel's error at most 2x the error of
+reference with its gradients, and docs/DESIGN.md section 4's bound (the kernel's error at most 2x the error of
 the same PyTorch computation in the kernel's precision)."""
 
 from typing import Dict, List

@@ -191,7 +191,7 @@ class DataSection:
 
 @dataclass
 class DHNMSection:
-    """Dynamic hard-negative mining in stage 4 (DESIGN.md section 5, eq. 6; data/dhnm.py)."""
+    """Dynamic hard-negative mining in stage 4 (docs/DESIGN.md section 6; data/dhnm.py)."""
 
     enabled: bool = True
     """Replace hard negatives that became easy; off: the first K of each pool stay in use."""
@@ -205,7 +205,7 @@ class DHNMSection:
 
 @dataclass
 class EmbeddingSection:
-    """Contrastive training of the embedder (stages 3 and 4; DESIGN.md sections 4-5)."""
+    """Contrastive training of the embedder (stages 3 and 4; docs/DESIGN.md sections 5-6)."""
 
     pooling: str = "mean"
     """How token states become one embedding: `mean`, `last` or `first` (over true lengths)."""

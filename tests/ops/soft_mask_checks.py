@@ -7,7 +7,7 @@ __all__ = ["ERROR_FLOOR", "assert_within_bound", "make_inputs", "reference_with_
 
 
 def assert_within_bound(kernel, torch_low, ref, name, dtype):
-    """STYLE.md item 4: kernel error <= 2x the error of PyTorch in the kernel's precision."""
+    """docs/DESIGN.md section 4: kernel error <= 2x the error of PyTorch in the kernel's precision."""
     found = kernel_error(kernel, torch_low, ref, dtype)
     assert found["ok"], (f"{name}: kernel error {found['error']:.3e} > bound {found['bound']:.3e} "
                          f"(PyTorch {dtype} error {found['torch_error']:.3e})")

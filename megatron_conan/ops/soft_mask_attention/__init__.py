@@ -1,4 +1,4 @@
-"""Soft-mask attention (DESIGN.md section 3): causal -> bidirectional with a per-row weight m_i.
+"""Soft-mask attention (docs/DESIGN.md section 4): causal -> bidirectional with a per-row weight m_i.
 
 See README.md beside this file for the contract and the maths. Importing this package does not import
 triton (TRITON_INTERPRET must be set before triton's first import) nor megatron-core.

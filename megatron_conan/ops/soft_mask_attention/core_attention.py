@@ -76,7 +76,7 @@ _row_weights_cache = _PerMaskCache()
 
 
 class SoftMaskCoreAttention(MegatronModule):
-    """Core attention with the soft mask of DESIGN.md section 3 (a = 0: causal, a = 1: full)."""
+    """Core attention with the soft mask of docs/DESIGN.md section 4 (a = 0: causal, a = 1: full)."""
 
     def __init__(
         self,

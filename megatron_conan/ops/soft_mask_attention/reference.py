@@ -1,4 +1,4 @@
-"""The soft-mask attention specification in plain PyTorch (DESIGN.md section 3).
+"""The soft-mask attention specification in plain PyTorch (docs/DESIGN.md section 4).
 
 Canonical layout shared by every backend:
     q        [b, hq, s, d]     query heads; head h reads KV group h // (hq // hkv) (megatron GQA)
@@ -131,7 +131,7 @@ def _attention_with_lse(q, k, v, scale, mask):
 def soft_mask_attention_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  m: torch.Tensor, lengths: torch.Tensor,
                                  softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """The two-call identity of DESIGN.md section 3, an independent check of the reference:
+    """The two-call identity of docs/DESIGN.md section 4, an independent check of the reference:
 
         O_i = ((1 - m_i) e^{lse_c} O_c + m_i e^{lse_f} O_f) / ((1 - m_i) e^{lse_c} + m_i e^{lse_f})
 

@@ -1,4 +1,4 @@
-"""Soft-mask schedule: a(t) and the per-row weights m_i of DESIGN.md section 3.
+"""Soft-mask schedule: a(t) and the per-row weights m_i of docs/DESIGN.md section 4.
 
 For training step t of T steps the progress a(t) is
 
