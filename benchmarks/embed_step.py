@@ -10,7 +10,7 @@ alike; the ratio is ours / theirs per round, and its median is reported.
 
     python benchmarks/embed_step.py                          # CPU: tiny shape, batch 32, lengths 32/64
     python benchmarks/embed_step.py --recipe conan_1p4b --batch 64 --query-length 256 \\
-        --passage-length 512 --mini-batch-size 16 --precision bf16     # on a GPU (GPU_CHECKS.md B.4)
+        --passage-length 512 --mini-batch-size 16 --precision bf16     # on a GPU (docs/GPU.md, part `embed_step`)
 """
 
 from __future__ import annotations

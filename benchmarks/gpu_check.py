@@ -1,7 +1,7 @@
 """The one prepared GPU check (docs/GPU.md): every part in order within a time budget, each in a
 child process of its own so that a part that overruns its share is stopped and the rest still run.
 
-Parts, in order (GPU_CHECKS.md 0, A, B):
+Parts, in order (docs/GPU.md):
   stages        every stage a few steps on one device (NCCL on a GPU): pretrain, SFT, embed-weak,
                 embed-sup, export, evaluate (the quickstart's pipeline at a tiny plan, one rank)
   kernels       soft-mask kernels (Triton; the CUDA extension, built for this GPU only) against the

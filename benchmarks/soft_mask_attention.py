@@ -1,4 +1,4 @@
-"""Soft-mask attention: our kernels against the ways PyTorch can express it (GPU_CHECKS.md A.2).
+"""Soft-mask attention: our kernels against the ways PyTorch can express it (docs/GPU.md, part `kernel_speed`).
 
 For each length and a, forward and forward+backward wall time and TFLOP/s of:
   triton, cuda        our fused kernels (block skipping), when available for the device

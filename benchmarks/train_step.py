@@ -1,9 +1,9 @@
-"""Training-step throughput: tokens/s and MFU of the pretraining step (GPU_CHECKS.md B.3).
+"""Training-step throughput: tokens/s and MFU of the pretraining step (docs/GPU.md, part `train_step`).
 
 On a GPU (default there): recipe conan_1p4b, sequence 4096, bf16, one process, for each micro-batch
 size asked for, with and without activation recomputation. On CPU (default there): the tiny recipe
 in fp32, so the script itself is exercised by the tests. Warm-up steps are excluded; model FLOPs
-per token follow GPU_CHECKS.md (6 N_non-embedding + 6 V h + 12 L h s), MFU is over 989 TFLOP/s.
+per token follow docs/GPU.md (6 N_non-embedding + 6 V h + 12 L h s), MFU is over 989 TFLOP/s.
 
     python benchmarks/train_step.py                       # CPU: tiny
     python benchmarks/train_step.py --recipe conan_1p4b --micro-batch-sizes 1 2 4 --recompute none full

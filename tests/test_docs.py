@@ -15,7 +15,7 @@ SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist"
 MAX_BYTES = 2 << 20
 
 # this file names the patterns, so the scan skips it
-OUTSIDE = re.compile(r"\.\./shared|/work/shared|\bshared/[\w.-]*\.md|\bSTYLE\.md")
+OUTSIDE = re.compile(r"\.\./shared|/work/shared|\bshared/[\w.-]*\.md|\bSTYLE\.md|\bGPU_CHECKS\.md|\bMEGATRON_ON_CPU\.md")
 DESIGN_PATH = re.compile(r"[\w./-]*DESIGN\.md")
 CITATION = re.compile(r"docs/DESIGN\.md,?\s+sections?\s+(\d+(?:\s*(?:-|,|and)\s*\d+)*)")
 HEADING = re.compile(r"^## (\d+)\. \S", re.MULTILINE)

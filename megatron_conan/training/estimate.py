@@ -2,7 +2,7 @@
 
 Pure arithmetic on the configs (no tensors, no process groups), so it runs on a login node:
 
-* :func:`model_flops_per_token`: the model FLOPs of GPU_CHECKS.md B.3, the numerator of MFU.
+* :func:`model_flops_per_token`: the model FLOPs of the GPU check (docs/GPU.md, part `train_step`), the numerator of MFU.
 * :func:`estimate_memory_per_gpu`: weights, gradients, optimizer state and activations of the most
   loaded pipeline stage, as megatron-core keeps them (mixed precision, fp32 gradient buffers,
   optional distributed optimizer, 1F1B schedule).
@@ -42,7 +42,7 @@ def _check_precision_and_recompute(precision: str, recompute: str) -> None:
 
 
 def model_flops_per_token(model_cfg: ConanModelConfig, seq_length: int) -> float:
-    """Model FLOPs (forward + backward) per trained token, GPU_CHECKS.md B.3.
+    """Model FLOPs (forward + backward) per trained token (docs/GPU.md, part `train_step`).
 
     ``6 * N_non_embedding + 6 * vocab * hidden + 12 * layers * hidden * seq_length``: the matmuls of
     the transformer layers, the tied output layer, and the attention scores and weighted sum

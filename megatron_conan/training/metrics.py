@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional
 logger = logging.getLogger(__name__)
 
 H100_BF16_DENSE_PEAK_FLOPS = 989e12
-"""Dense bf16 tensor-core peak of an H100 SXM, the MFU denominator of GPU_CHECKS.md B.3."""
+"""Dense bf16 tensor-core peak of an H100 SXM, the MFU denominator of the GPU check (docs/GPU.md, part `train_step`)."""
 
 _GIB = float(1 << 30)
 
