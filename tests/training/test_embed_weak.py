@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_conan.testing.distributed import run_distributed
-from tests.training.conftest import read_metrics
+from tests.training.conftest import CapturingStage, assert_same_step, read_metrics
 from megatron_conan.training.embedding_stage import WeaklySupervisedStage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,21 +101,11 @@ def single_process(tmp_path_factory):
     return run_distributed(_parity_body, 1, args=({}, None, (0, 4, 2), str(run_dir)))[0]
 
 
-def _assert_same(result, reference):
-    """Loss within 1e-6; each gradient within 1e-6 of its largest entry (fp32: other batch shapes
-    and reduction orders round differently, a few ulps of entries of size ~10)."""
-    assert abs(result["loss"] - reference["loss"]) < TOL, (result["loss"], reference["loss"])
-    assert set(result["grads"]) == set(reference["grads"])
-    for name, expected in reference["grads"].items():
-        error = float((result["grads"][name] - expected).abs().max())
-        assert error <= TOL * max(1.0, float(expected.abs().max())), (name, error)
-
-
 def test_gradcache_equals_the_plain_step(single_process):
     """2 and 4 chunks of the 8-pair batch: same loss and parameter gradients as one forward."""
     assert single_process[0]["a"] == 0.5
-    _assert_same(single_process[4], single_process[0])
-    _assert_same(single_process[2], single_process[0])
+    assert_same_step(single_process[4], single_process[0])
+    assert_same_step(single_process[2], single_process[0])
 
 
 def test_two_process_layouts_equal_single_process(single_process, tmp_path):
@@ -123,8 +113,8 @@ def test_two_process_layouts_equal_single_process(single_process, tmp_path):
     for layout in ({}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "sequence_parallel": True}):
         per_rank = run_distributed(_parity_body, 2, args=(layout, single_process["weights"], (0, 2), str(tmp_path)))
         for result in per_rank:
-            _assert_same(result[0], reference)
-            _assert_same(result[2], reference)  # GradCache under DP / TP too
+            assert_same_step(result[0], reference)
+            assert_same_step(result[2], reference)  # GradCache under DP / TP too
             # every TP rank (and TP2 vs TP1) gives the same embeddings
             assert float((result["embeddings"] - single_process["embeddings"]).abs().max()) < TOL, layout
 
@@ -133,7 +123,7 @@ def test_tp2_dp2_equals_single_process(single_process, tmp_path):
     per_rank = run_distributed(_parity_body, 4, args=({"tensor_parallel": 2}, single_process["weights"], (0,),
                                                       str(tmp_path)))
     for result in per_rank:
-        _assert_same(result[0], single_process[0])
+        assert_same_step(result[0], single_process[0])
 
 
 def test_duplicate_masking_changes_the_loss(single_process, tmp_path):
