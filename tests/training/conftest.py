@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -33,6 +34,25 @@ def assert_same_step(result, reference, tol=1e-6):
     for name, expected in reference["grads"].items():
         error = float((result["grads"][name] - expected).abs().max())
         assert error <= tol * max(1.0, float(expected.abs().max())), (name, error)
+
+
+def kill_group(process):
+    """SIGKILL a run started with start_new_session=True together with its helpers (megatron-core's
+    checkpoint writer), and reap it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def communicate_or_kill(process, timeout):
+    """`process.communicate(timeout=...)`, but a run that overstays, or a test interrupted while
+    waiting, kills the run: in its own session nothing else would, and an orphaned training run
+    keeps loading the cores for every test after it (a later subset then times out)."""
+    try:
+        return process.communicate(timeout=timeout)
+    except BaseException:
+        kill_group(process)
+        raise
 
 
 def tokenize_contrastive(jsonl, prefix, tokenizer_model):

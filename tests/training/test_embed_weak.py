@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_conan.testing.distributed import run_distributed
-from tests.training.conftest import CapturingStage, assert_same_step, read_metrics
+from tests.training.conftest import CapturingStage, assert_same_step, communicate_or_kill, kill_group, read_metrics
 from megatron_conan.training.embedding_stage import WeaklySupervisedStage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -244,7 +244,7 @@ RUN = ("train.train_steps=24", "checkpoint.save_interval=4", "checkpoint.keep_la
 def uninterrupted(embedding_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     process = _launch(run_dir, embedding_data, *RUN)
-    output, _ = process.communicate(timeout=300)
+    output, _ = communicate_or_kill(process, 300)
     assert process.returncode == 0, output
     return {"run_dir": run_dir, **_metrics(run_dir)}
 
@@ -286,20 +286,23 @@ def test_a_follows_the_schedule_and_the_loss_falls(uninterrupted, embedding_data
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_interrupted_run_resumes_exactly(how, embedding_data, uninterrupted, tmp_path):
     process = _launch(tmp_path, embedding_data, *RUN)
-    _wait_for_step(tmp_path, 10, process)
+    try:
+        _wait_for_step(tmp_path, 10, process)
+    except BaseException:
+        kill_group(process)
+        raise
     if how == "sigkill":
-        os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler kills it
-        process.wait()
+        kill_group(process)  # the whole job, as a scheduler kills it
     else:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        output, _ = communicate_or_kill(process, 120)
         assert process.returncode == 0, output
     stopped_at = max(_metrics(tmp_path))
     assert stopped_at < 24, "the run ended before the signal"
     if how == "sigterm":
         assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
     process = _launch(tmp_path, embedding_data, *RUN)
-    output, _ = process.communicate(timeout=300)
+    output, _ = communicate_or_kill(process, 300)
     assert process.returncode == 0, output
     assert "resumed from" in output
     resumed = _metrics(tmp_path)
