@@ -3,7 +3,10 @@
 One embed-sup trainer (tiny shape on CPU) on a synthetic retrieval store with hard-negative pools;
 rounds alternate DHNM on (the loader's picker is the DHNM state, which prepares every global batch
 and observes every step's scores) and off (the first K of each pool, no state), so machine load hits
-both alike. Reported: samples/s of each and the per-round overhead, 1 - on / off (median).
+both alike. Reported: samples/s of each and the per-round overhead, 1 - on / off (median), and
+DHNM's activity over the steps it was on (replacements, exhausted events, valid slots scored), so a
+run with forced thresholds shows that the timed DHNM really decided (`--min-first-score 2`: every
+slot is replaced at first use; `--min-first-score -2 --max-score -2`: none ever is).
 
     python benchmarks/dhnm_overhead.py [--steps 10 --rounds 6]
 """
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--min-first-score", type=float, default=None, help="eq. 6 threshold (default: the config's)")
+    parser.add_argument("--max-score", type=float, default=None, help="eq. 6 threshold (default: the config's)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     from megatron_conan.known_warnings import configure_cli_logging
@@ -63,6 +68,7 @@ def main(argv=None) -> int:
 
     init_process_group_from_env()
     rates = {"on": [], "off": []}
+    activity = {"replacements": 0, "exhausted_now": 0, "scored_slots": 0}
     try:
         with tempfile.TemporaryDirectory() as scratch:
             data = _store(scratch, args.examples)
@@ -71,7 +77,10 @@ def main(argv=None) -> int:
                 "train": {"train_steps": 10_000, "global_batch_size": args.batch, "eval_interval": 0},
                 "data": {"kind": "contrastive", "tokenizer": data["tokenizer"], "contrastive_prefix": data["prefix"]},
                 "embedding": {"num_negatives": args.num_negatives, "max_query_length": 64,
-                              "max_passage_length": 64, "matryoshka_dims": [16, 32, 64]}})
+                              "max_passage_length": 64, "matryoshka_dims": [16, 32, 64],
+                              "dhnm": {name: value for name, value in (("min_first_score", args.min_first_score),
+                                                                       ("max_score", args.max_score))
+                                       if value is not None}}})
             stage = SupervisedStage()
             trainer = build_trainer(cfg, stage)
             ctx, dhnm = trainer.ctx, stage.dhnm
@@ -82,8 +91,10 @@ def main(argv=None) -> int:
                 started = time.perf_counter()
                 for _ in range(steps):
                     zero_grads(ctx.chunks, trainer.optimizer)
-                    stage.train_step(ctx, step)
+                    metrics = stage.train_step(ctx, step).metrics
                     optimizer_step(trainer.optimizer)
+                    for name in activity:
+                        activity[name] += int(metrics.get(f"dhnm_{name}", 0))
                     step += 1
                 return steps * args.batch / (time.perf_counter() - started)
 
@@ -100,13 +111,15 @@ def main(argv=None) -> int:
         destroy_parallel()
     overheads = [1.0 - on / off for on, off in zip(rates["on"], rates["off"])]
     row = {"samples_per_s_on": statistics.median(rates["on"]), "samples_per_s_off": statistics.median(rates["off"]),
-           "overhead_median": statistics.median(overheads), "overheads": overheads}
+           "overhead_median": statistics.median(overheads), "overheads": overheads, "dhnm": activity}
     print(f"embed-sup retrieval steps, tiny, batch {args.batch}, K={args.num_negatives}, CPU "  # user-facing
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"DHNM on  {row['samples_per_s_on']:8.1f} samples/s")
     print(f"DHNM off {row['samples_per_s_off']:8.1f} samples/s")
     print(f"overhead {row['overhead_median']:+.2%} (median of rounds: "
           + " ".join(f"{value:+.1%}" for value in overheads) + ")")
+    print(f"DHNM     {activity['replacements']} replacements, {activity['exhausted_now']} exhausted, "  # user-facing
+          f"{activity['scored_slots']} slots scored")
     if args.output_json:
         with open(args.output_json, "w") as handle:
             json.dump(row, handle, indent=2)

@@ -98,6 +98,7 @@ class DHNMStepStats:
         """Loggable names (the loop's metrics)."""
         values = {"dhnm_replacements": float(self.replacements),
                   "dhnm_exhausted_now": float(self.exhausted_now),
+                  "dhnm_scored_slots": float(self.scored_slots),
                   "dhnm_exhausted_share": self.exhausted_share}
         if self.scored_slots:
             values["dhnm_mean_score"] = self.mean_score

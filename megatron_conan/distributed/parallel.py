@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from megatron_conan.config.model import ParallelConfig
 from megatron_conan.distributed.cpu_compat import enable_cpu_compat
-from megatron_conan.distributed.ports import free_port
 from megatron_conan.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,18 +33,24 @@ def default_backend() -> str:
 def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
     """Initialise torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, srun).
 
-    With none of them set, starts a world of one on a free local port.
+    With none of them set, starts a world of one (RANK=0, WORLD_SIZE=1 in the environment) over an
+    in-process store: no port. (A port picked free, released and bound later can be taken in
+    between by another process; left in MASTER_PORT, it was bound again by the next start in this
+    process, which failed with EADDRINUSE whenever another process held it by then.)
     """
     if dist.is_initialized():
         return
     enable_cpu_compat()
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if torch.cuda.is_available():
         bind_local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
-    dist.init_process_group(backend=backend or default_backend(),
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
+        dist.init_process_group(backend=backend or default_backend(), store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend or default_backend(), timeout=timeout)
 
 
 def bind_local_gpu(local_rank: int, gpus: int) -> None:

@@ -5,12 +5,15 @@ it::
 
     results = run_distributed(body, world_size=4, args=(tmp_path,))
 
-``body(rank, world_size, *args, **kwargs)`` must be a module-level (picklable) function. Each
-process gets a free local port, ``cpu_compat`` where CUDA is absent, its own log prefix
-``[rank N]``, and always destroys its process groups. The backend is NCCL when there is one GPU
-per rank and gloo otherwise (:func:`harness_backend`); a gloo world runs wholly on the CPU: its
-ranks start with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``), so weights, batches and collectives can
-never end up on two devices (a 2-rank world on a 1-GPU host is such a world). The call returns the list of per-rank
+``body(rank, world_size, *args, **kwargs)`` must be a module-level (picklable) function. The
+caller's process holds the world's rendezvous store on a port the OS picks when it binds it, so no
+other process can take the port while the ranks start (a port picked free, released and bound by
+rank 0 seconds later, after its imports, could be). Each process gets ``cpu_compat`` where CUDA is
+absent, its own log prefix ``[rank N]``, and always destroys its process groups. The backend is
+NCCL when there is one GPU per rank and gloo otherwise (:func:`harness_backend`); a gloo world runs
+wholly on the CPU: its ranks start with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``), so weights,
+batches and collectives can never end up on two devices (a 2-rank world on a 1-GPU host is such a
+world). The call returns the list of per-rank
 return values; if any rank raises, the others are terminated and an AssertionError carries every
 failing rank's traceback, tagged by rank. A world that does not finish within ``timeout_s`` is
 killed and reported the same way, so a hung collective fails a test instead of hanging CI.
@@ -28,7 +31,6 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from megatron_conan.distributed.ports import free_port
 from megatron_conan.known_warnings import silence_known_warnings
 
 _POLL_S = 0.2
@@ -97,7 +99,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
         enable_cpu_compat()
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)  # the caller holds the server
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         try:
             value = fn(rank, world_size, *args, **kwargs)
         finally:
@@ -122,10 +125,17 @@ def run_distributed(
 ) -> List[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on `world_size` spawned ranks; see module doc.
     `log_level`: the ranks' logging level (WARNING keeps an interactive console to the point)."""
+    import datetime
+
+    import torch.distributed as dist
+
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = free_port()
     backend = world_backend(world_size, backend)
+    # bound here, on a port the OS picks, until the world is over (module doc)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    port = store.port
     processes = [
         context.Process(target=_worker, args=(rank, world_size, port, backend, fn, tuple(args),
                                               dict(kwargs or {}), results, log_level), daemon=False)

@@ -2,7 +2,8 @@
 
 Anchors (queries) stay local; the candidates (every rank's positives, and with hard negatives
 every rank's hard negatives) are all-gathered with autograd, and the label of local anchor i is
-its positive's row in the gathered candidates, ``offset(rank) + i``. With
+its positive's row in the gathered candidates, ``offset(rank) + i``. Given content keys, a text
+that occurs several times among the candidates counts once in each denominator (``infonce_loss``). With
 ``in_batch_negatives=False`` (the classification stage: text, positive label, negative labels)
 each query is scored against its own positive and its own negatives only, and nothing is gathered.
 
@@ -29,6 +30,28 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` holds; 0 when nothing does."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _first_occurrences(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bool [M]: candidate c is valid and no valid candidate before it has its key."""
+    if not len(keys):
+        return valid.clone()
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    index = torch.arange(len(keys), device=keys.device)
+    never = torch.full_like(index, len(keys))
+    first_index = never[:len(unique)].scatter_reduce(0, inverse, torch.where(valid, index, never), "amin")  # [U]
+    return valid & (first_index[inverse] == index)
+
+
+def _duplicate_candidates(candidate_keys: torch.Tensor, candidate_valid: torch.Tensor,
+                          anchor_keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bool [b, M]: the candidates left out of each anchor's denominator (infonce_loss's
+    positive_keys): every copy of the anchor's own positive other than its label, and every later copy of
+    any other text, so that each text counts once."""
+    duplicate = ((candidate_keys[None, :] == anchor_keys[:, None])
+                 | ~_first_occurrences(candidate_keys, candidate_valid)[None, :])  # [b, M]
+    duplicate[torch.arange(len(labels), device=labels.device), labels] = False
+    return duplicate
 
 
 def _check_shapes(queries, positives, hard_negatives, negative_mask) -> None:
@@ -73,11 +96,14 @@ def infonce_loss(
     ``in_batch_negatives=False``, but still used to count the global anchors for the scaling.
 
     positive_keys: int64 [b] content keys of the positives (equal texts, equal keys), gathered with
-    them: an in-batch candidate with the key of anchor i's own positive, other than that positive,
-    is left out of anchor i's denominator (a duplicate text in the global batch is a false
-    negative). None: every in-batch candidate counts. negative_keys: int64 [b, k] keys of the hard
-    negatives (with positive_keys): a gathered hard negative with the key of anchor i's own
-    positive (another query's mined negative that is i's positive) is left out of i's denominator.
+    them; negative_keys: int64 [b, k] keys of the hard negatives (used with positive_keys). With
+    keys, each text counts once in every denominator: for anchor i, candidate c (the gathered
+    positives, then the gathered hard negatives; padding slots never count) is kept iff c is i's
+    label, or key(c) differs from the key of i's own positive and c is the first valid candidate
+    with key(c). So a copy of i's positive elsewhere in the global batch (a false negative) is left
+    out, and a hub text (a hard negative of several rows, or a negative that is another row's
+    positive) is scored once, not once per copy. None: every in-batch candidate counts (hard
+    negatives without negative_keys each count as their own text).
 
     Returns ``(loss, stats)``; stats are detached: ``loss``, ``accuracy`` (share of local anchors
     whose own positive scores highest), ``positive_cosine`` (mean), ``hard_negative_cosine`` (mean
@@ -114,13 +140,12 @@ def infonce_loss(
             candidates, sizes, offset = positives, [local], 0
         labels = offset + torch.arange(local, device=queries.device)
         logits = queries @ candidates.T  # [b, N]
+        candidate_keys = None
         if positive_keys is not None:
             if positive_keys.shape != (local,):
                 raise ValueError(f"positive_keys must be [b] = [{local}], got {tuple(positive_keys.shape)}")
-            all_keys = all_gather_with_grad(positive_keys, gather_group) if gathering else positive_keys  # [N]
-            duplicate = all_keys[None, :] == positive_keys[:, None]  # [b, N]
-            duplicate[torch.arange(local, device=queries.device), labels] = False
-            logits = logits.masked_fill(duplicate, float("-inf"))
+            candidate_keys = all_gather_with_grad(positive_keys, gather_group) if gathering else positive_keys  # [N]
+        candidate_valid = torch.ones(logits.shape[1], dtype=torch.bool, device=queries.device)  # [N]
         if hard_negatives is not None:
             all_negatives, all_mask = hard_negatives, negative_mask
             if gathering:
@@ -129,15 +154,20 @@ def infonce_loss(
                 all_mask = all_gather_with_grad(negative_mask.to(torch.uint8), gather_group).bool()
             negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
             negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
-            if negative_keys is not None and positive_keys is not None:
+            logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
+            if candidate_keys is not None and negative_keys is not None:
                 if negative_keys.shape != negative_mask.shape:
                     raise ValueError(f"negative_keys must be [b, k] = {tuple(negative_mask.shape)}, "
                                      f"got {tuple(negative_keys.shape)}")
                 all_negative_keys = (all_gather_with_grad(negative_keys, gather_group) if gathering
                                      else negative_keys)  # [N, k]
-                false_negative = all_negative_keys.flatten()[None, :] == positive_keys[:, None]  # [b, N*k]
-                negative_logits = negative_logits.masked_fill(false_negative, float("-inf"))
-            logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
+                candidate_keys = torch.cat([candidate_keys, all_negative_keys.flatten()])  # [N + N*k]
+                candidate_valid = torch.cat([candidate_valid, all_mask.flatten()])  # [N + N*k]
+        if candidate_keys is not None:
+            duplicate = _duplicate_candidates(candidate_keys, candidate_valid, positive_keys, labels)  # [b, M]
+            unkeyed = logits.shape[1] - duplicate.shape[1]  # hard negatives without keys: each its own text
+            duplicate = torch.cat([duplicate, duplicate.new_zeros(local, unkeyed)], dim=1)  # [b, N (+ N*k)]
+            logits = logits.masked_fill(duplicate, float("-inf"))
         global_anchors = sum(sizes)
     else:
         positive_logits = (queries * positives).sum(-1, keepdim=True)  # [b, 1]

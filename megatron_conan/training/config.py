@@ -220,8 +220,10 @@ class EmbeddingSection:
     """Add the passage -> query term (each positive against every gathered query); the loss is then
     the mean of the two directions."""
     mask_duplicate_positives: bool = True
-    """Leave in-batch candidates whose text equals a query's own positive out of its denominator
-    (a duplicate in the global batch is a false negative)."""
+    """Count each text once in every denominator (content keys, losses/infonce.py): an in-batch
+    candidate whose text equals a query's own positive is left out of its denominator (a duplicate
+    in the global batch is a false negative), and a text that occurs several times among the
+    candidates (a hub hard negative, a negative that is another row's positive) counts once."""
     mini_batch_size: int = 0
     """GradCache: embed the local batch in chunks of this many sequences, without activations, then
     replay each chunk with the cached embedding gradient; the batch is then limited by embedding

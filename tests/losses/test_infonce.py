@@ -129,41 +129,62 @@ def test_bad_arguments_are_refused(kwargs, message):
         infonce_loss(**arguments)
 
 
-def test_duplicate_positives_are_not_negatives():
-    """Anchors 0 and 2 share a positive text: with keys, each one's denominator leaves out the
-    other's copy (a false negative), and nothing else changes."""
+def _keyed_loss(queries, positives, negatives, mask, keys, negative_keys, kept, temperature=0.05):
+    """Mean over anchors of -s_ii/t + log sum_{c in kept[i]} exp(s_ic/t); candidates are numbered
+    positives 0..b-1, then hard negatives b + j*k + m."""
+    b = queries.shape[0]
+    candidates = [positives[j] for j in range(b)]
+    if negatives is not None:
+        candidates += [negatives[j, m] for j in range(b) for m in range(negatives.shape[1])]
+    total = 0.0
+    for i in range(b):
+        total += -_cos(queries[i], positives[i]) / temperature + math.log(
+            sum(math.exp(_cos(queries[i], candidates[c]) / temperature) for c in kept[i]))
+    return total / b
+
+
+def test_duplicate_positives_are_not_negatives_and_count_once():
+    """Anchors 0 and 2 share a positive text (key 7): each one's denominator leaves out the other's
+    copy (a false negative), and anchors 1 and 3 score that text once (the first copy)."""
     queries, positives = _unit(4, 8, seed=21), _unit(4, 8, seed=22)
     positives[2] = positives[0]
     keys = torch.tensor([7, 8, 7, 9])
     loss, _ = infonce_loss(queries, positives, temperature=0.05, positive_keys=keys)
-    expected = 0.0
-    for i in range(4):
-        logits = [(_cos(queries[i], positives[j]) / 0.05) for j in range(4) if j == i or keys[j] != keys[i]]
-        own = _cos(queries[i], positives[i]) / 0.05
-        expected += -own + math.log(sum(math.exp(v) for v in logits))
-    assert abs(float(loss) - expected / 4) < 1e-10
+    kept = {0: [0, 1, 3], 1: [0, 1, 3], 2: [1, 2, 3], 3: [0, 1, 3]}  # by hand
+    assert abs(float(loss) - _keyed_loss(queries, positives, None, None, keys, None, kept)) < 1e-10
     plain, _ = infonce_loss(queries, positives, temperature=0.05)
     assert float(plain) > float(loss)
     unique, _ = infonce_loss(queries, positives, temperature=0.05, positive_keys=torch.arange(4))
     assert float(unique) == float(plain)
 
 
-def test_a_hard_negative_equal_to_a_queries_own_positive_is_left_out():
-    """Query 1's mined negative 0 is query 0's positive: with keys it leaves query 0's denominator
-    (where it would be a copy of its own positive), and stays a negative for query 1."""
-    queries, positives, negatives = _unit(2, 8, seed=31), _unit(2, 8, seed=32), _unit(2, 2, 8, seed=33)
-    negatives[1, 0] = positives[0]
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    keys, negative_keys = torch.tensor([10, 11]), torch.tensor([[20, 21], [10, 22]])
+def test_a_content_key_counts_once_in_every_denominator():
+    """A hub negative (key 20, mined for rows 0, 1 and 2), a negative that is row 1's positive
+    (key 11), a duplicate positive (key 10) and a padding slot with a key that occurs later (30):
+    the kept candidates of each anchor, written out by hand from the rule (c is the label, or its
+    key is not the anchor's positive's key and c is the first valid candidate with that key)."""
+    queries, positives, negatives = _unit(3, 8, seed=31), _unit(3, 8, seed=32), _unit(3, 2, 8, seed=33)
+    positives[2] = positives[0]
+    negatives[1, 0] = negatives[2, 1] = negatives[0, 0]  # the hub
+    negatives[2, 0] = positives[1]
+    negatives[0, 1] = negatives[1, 1]  # the padded copy: masked, so it must not hide the valid one
+    keys = torch.tensor([10, 11, 10])
+    negative_keys = torch.tensor([[20, 30], [20, 30], [11, 20]])
+    mask = torch.tensor([[True, False], [True, True], [True, True]])
+    # candidates: p0 p1 p2 | n00=3 n01=4 (masked) | n10=5 n11=6 | n20=7 n21=8
+    kept = {0: [0, 1, 3, 6],   # p2 is anchor 0's own text; n10, n21 the hub again; n20 = p1 again
+            1: [0, 1, 3, 6],   # p2 = p0 again; n20 is anchor 1's own positive
+            2: [1, 2, 3, 6]}   # p0 is anchor 2's own text; its label p2 stays
+    loss, stats = infonce_loss(queries, positives, negatives, temperature=0.05, negative_mask=mask,
+                               positive_keys=keys, negative_keys=negative_keys)
+    expected = _keyed_loss(queries, positives, negatives, mask, keys, negative_keys, kept)
+    assert abs(float(loss) - expected) < 1e-10
+    candidates = torch.cat([positives, negatives.flatten(0, 1)])
+    hits = [max(kept[i], key=lambda c: _cos(queries[i], candidates[c])) == i for i in range(3)]
+    assert abs(float(stats["accuracy"]) - sum(hits) / 3) < 1e-12
+    # without negative keys the negatives each count as their own text; positives still dedupe
     loss, _ = infonce_loss(queries, positives, negatives, temperature=0.05, negative_mask=mask,
-                           positive_keys=keys, negative_keys=negative_keys)
-    reduced = mask.clone()
-    expected = 0.0
-    for i in range(2):
-        kept = [(j, m) for j in range(2) for m in range(2) if not (negative_keys[j, m] == keys[i])]
-        logits = [_cos(queries[i], positives[j]) / 0.05 for j in range(2)]
-        logits += [_cos(queries[i], negatives[j, m]) / 0.05 for j, m in kept]
-        expected += -_cos(queries[i], positives[i]) / 0.05 + math.log(sum(math.exp(v) for v in logits))
-    assert abs(float(loss) - expected / 2) < 1e-10
-    plain, _ = infonce_loss(queries, positives, negatives, temperature=0.05, negative_mask=reduced)
-    assert float(plain) > float(loss)
+                           positive_keys=keys)
+    every_negative = [3, 5, 6, 7, 8]
+    kept = {0: [0, 1] + every_negative, 1: [0, 1] + every_negative, 2: [1, 2] + every_negative}
+    assert abs(float(loss) - _keyed_loss(queries, positives, negatives, mask, keys, None, kept)) < 1e-10

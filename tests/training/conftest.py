@@ -2,10 +2,12 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_VOCAB = 512  # the tiny model's vocabulary: no override needed
@@ -21,6 +23,36 @@ def read_metrics(run_dir):
                 record = json.loads(line)
                 by_step[record["step"]] = record
     return by_step
+
+
+def assert_same_step(result, reference, tol=1e-6):
+    """Two steps agree: the loss, and each gradient, within `tol` of its size (fp32: other batch
+    shapes and reduction orders round differently, a few ulps of values of size ~10)."""
+    assert abs(result["loss"] - reference["loss"]) < tol * max(1.0, abs(reference["loss"])), (
+        result["loss"], reference["loss"])
+    assert set(result["grads"]) == set(reference["grads"])
+    for name, expected in reference["grads"].items():
+        error = float((result["grads"][name] - expected).abs().max())
+        assert error <= tol * max(1.0, float(expected.abs().max())), (name, error)
+
+
+def kill_group(process):
+    """SIGKILL a run started with start_new_session=True together with its helpers (megatron-core's
+    checkpoint writer), and reap it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def communicate_or_kill(process, timeout):
+    """`process.communicate(timeout=...)`, but a run that overstays, or a test interrupted while
+    waiting, kills the run: in its own session nothing else would, and an orphaned training run
+    keeps loading the cores for every test after it (a later subset then times out)."""
+    try:
+        return process.communicate(timeout=timeout)
+    except BaseException:
+        kill_group(process)
+        raise
 
 
 def tokenize_contrastive(jsonl, prefix, tokenizer_model):
@@ -56,3 +88,29 @@ def supervised_store(embedding_data):
                                       tasks=("retrieval", "clr", "classification", "sts"), seed=6)
     tokenize_contrastive(directory / "supervised.jsonl", directory / "supervised", embedding_data["tokenizer"])
     return str(directory / "supervised")
+
+
+class CapturingStage:
+    """Mixin for an embedding stage: records what each step's loss saw, so a test can recompute
+    the loss independently of losses/. `captured[-1]` holds the embeddings by role handed to the
+    loss (the cached ones under GradCache) and the (loss, stats) it returned, all detached."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.captured = []
+
+    def capturing(self, loss_fn):
+        """`loss_fn` that records its inputs and outputs in `captured`."""
+        def recorded(embeddings):
+            loss, stats = loss_fn(embeddings)
+            self.captured.append({
+                "embeddings": {role: value.detach().clone() for role, value in embeddings.items()},
+                "loss": float(loss),
+                "stats": {name: value.detach().clone() if torch.is_tensor(value) else value
+                          for name, value in stats.items()}})
+            return loss, stats
+
+        return recorded
+
+    def run_contrastive(self, ctx, roles, loss_fn):
+        return super().run_contrastive(ctx, roles, self.capturing(loss_fn))

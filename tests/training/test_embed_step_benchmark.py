@@ -20,13 +20,27 @@ def test_embed_step_benchmark_runs_on_cpu(tmp_path):
     assert all(row["ours_pairs_per_s"] > 0 and row["theirs_pairs_per_s"] > 0 for row in rows)
 
 
-def test_dhnm_overhead_benchmark_runs_on_cpu(tmp_path):
-    out = tmp_path / "row.json"
+def _dhnm_benchmark(tmp_path, name, *thresholds):
+    out = tmp_path / f"{name}.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/dhnm_overhead.py", "--examples", "40", "--steps", "1", "--rounds", "1",
-         "--output-json", str(out)],
+         "--output-json", str(out), *thresholds],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    row = json.loads(out.read_text())
-    assert row["samples_per_s_on"] > 0 and row["samples_per_s_off"] > 0 and "overhead" in result.stdout
+    assert "overhead" in result.stdout and "replacements" in result.stdout
+    return json.loads(out.read_text())
+
+
+def test_dhnm_overhead_benchmark_times_a_dhnm_that_decides(tmp_path):
+    """The timed DHNM acts on what it observes: with S_0 < 2 always true every valid slot it scored
+    is replaced (or found its pool exhausted), with thresholds no cosine can cross none is."""
+    every = _dhnm_benchmark(tmp_path, "every", "--min-first-score", "2")
+    never = _dhnm_benchmark(tmp_path, "never", "--min-first-score", "-2", "--max-score", "-2")
+    for row in (every, never):
+        assert row["samples_per_s_on"] > 0 and row["samples_per_s_off"] > 0
+    # warm-up (3 steps) and one timed step with DHNM on, batch 8, K = 3: up to 96 slots
+    assert 0 < every["dhnm"]["scored_slots"] <= 96 and 0 < never["dhnm"]["scored_slots"] <= 96
+    assert every["dhnm"]["replacements"] > 0
+    assert every["dhnm"]["replacements"] + every["dhnm"]["exhausted_now"] == every["dhnm"]["scored_slots"]
+    assert never["dhnm"]["replacements"] == 0 and never["dhnm"]["exhausted_now"] == 0

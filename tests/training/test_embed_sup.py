@@ -3,7 +3,6 @@ process, a killed run resumes with the same losses, task sequence and DHNM state
 are refused."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import numpy
 import pytest
 
 from megatron_conan.testing.distributed import run_distributed
-from tests.training.conftest import read_metrics
+from tests.training.conftest import communicate_or_kill, kill_group, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny", "embed_sup.yaml")
@@ -93,21 +92,22 @@ RUN = ("train.train_steps=20", "checkpoint.save_interval=4", "checkpoint.keep_la
 def test_killed_run_resumes_losses_tasks_and_dhnm_exactly(embedding_data, supervised_store, tmp_path):
     tokenizer = embedding_data["tokenizer"]
     process = _launch(tmp_path / "full", supervised_store, tokenizer, *RUN)
-    output, _ = process.communicate(timeout=300)
+    output, _ = communicate_or_kill(process, 300)
     assert process.returncode == 0, output
     full = _metrics(tmp_path / "full")
     assert {record["task"] for record in full.values()} == {"retrieval", "clr", "classification", "sts"}
     process = _launch(tmp_path / "cut", supervised_store, tokenizer, *RUN)
     deadline = time.monotonic() + 180
-    while not (_metrics(tmp_path / "cut") and max(_metrics(tmp_path / "cut")) >= 10):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        while not (_metrics(tmp_path / "cut") and max(_metrics(tmp_path / "cut")) >= 10):
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.01)
+    finally:
+        kill_group(process)  # the kill the test makes, and no run left behind if it fails
     stopped_at = max(_metrics(tmp_path / "cut"))
     assert stopped_at < 20
     process = _launch(tmp_path / "cut", supervised_store, tokenizer, *RUN)
-    output, _ = process.communicate(timeout=300)
+    output, _ = communicate_or_kill(process, 300)
     assert process.returncode == 0, output
     resumed = _metrics(tmp_path / "cut")
     for step in range(1, 21):

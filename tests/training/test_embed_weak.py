@@ -10,9 +10,10 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_conan.testing.distributed import run_distributed
-from tests.training.conftest import read_metrics
+from tests.training.conftest import CapturingStage, assert_same_step, communicate_or_kill, kill_group, read_metrics
 from megatron_conan.training.embedding_stage import WeaklySupervisedStage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +23,7 @@ TOL = 1e-6
 SOFT_MASK_STEPS = 4  # the parity step runs at t = 2: a = 0.5, a genuinely soft mask
 
 
-class FedStage(WeaklySupervisedStage):
+class FedStage(CapturingStage, WeaklySupervisedStage):
     """Stage 3 fed by the test (step_on_batch) instead of a store and a tokenizer."""
 
     def check_inputs(self, cfg, model_config):
@@ -89,7 +90,8 @@ def _parity_body(rank, world_size, layout, full_weights, mini_batch_sizes, run_d
         zero_grads(ctx.chunks, trainer.optimizer)
         output = stage.step_on_batch(ctx, SOFT_MASK_STEPS // 2, local)
         results[mini_batch_size] = {"loss": output.loss, "a": output.metrics["soft_mask_a"],
-                                    "grads": gather_full_state_dict(ctx.chunks, ctx.model_config, source="grad")}
+                                    "grads": gather_full_state_dict(ctx.chunks, ctx.model_config, source="grad"),
+                                    "captured": stage.captured[-1]["embeddings"]}
     with torch.no_grad():
         results["embeddings"] = embed(ctx.chunks[0], batch.query_ids, batch.query_lengths)
     return results
@@ -101,21 +103,11 @@ def single_process(tmp_path_factory):
     return run_distributed(_parity_body, 1, args=({}, None, (0, 4, 2), str(run_dir)))[0]
 
 
-def _assert_same(result, reference):
-    """Loss within 1e-6; each gradient within 1e-6 of its largest entry (fp32: other batch shapes
-    and reduction orders round differently, a few ulps of entries of size ~10)."""
-    assert abs(result["loss"] - reference["loss"]) < TOL, (result["loss"], reference["loss"])
-    assert set(result["grads"]) == set(reference["grads"])
-    for name, expected in reference["grads"].items():
-        error = float((result["grads"][name] - expected).abs().max())
-        assert error <= TOL * max(1.0, float(expected.abs().max())), (name, error)
-
-
 def test_gradcache_equals_the_plain_step(single_process):
     """2 and 4 chunks of the 8-pair batch: same loss and parameter gradients as one forward."""
     assert single_process[0]["a"] == 0.5
-    _assert_same(single_process[4], single_process[0])
-    _assert_same(single_process[2], single_process[0])
+    assert_same_step(single_process[4], single_process[0])
+    assert_same_step(single_process[2], single_process[0])
 
 
 def test_two_process_layouts_equal_single_process(single_process, tmp_path):
@@ -123,8 +115,8 @@ def test_two_process_layouts_equal_single_process(single_process, tmp_path):
     for layout in ({}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "sequence_parallel": True}):
         per_rank = run_distributed(_parity_body, 2, args=(layout, single_process["weights"], (0, 2), str(tmp_path)))
         for result in per_rank:
-            _assert_same(result[0], reference)
-            _assert_same(result[2], reference)  # GradCache under DP / TP too
+            assert_same_step(result[0], reference)
+            assert_same_step(result[2], reference)  # GradCache under DP / TP too
             # every TP rank (and TP2 vs TP1) gives the same embeddings
             assert float((result["embeddings"] - single_process["embeddings"]).abs().max()) < TOL, layout
 
@@ -133,13 +125,28 @@ def test_tp2_dp2_equals_single_process(single_process, tmp_path):
     per_rank = run_distributed(_parity_body, 4, args=({"tensor_parallel": 2}, single_process["weights"], (0,),
                                                       str(tmp_path)))
     for result in per_rank:
-        _assert_same(result[0], single_process[0])
+        assert_same_step(result[0], single_process[0])
 
 
-def test_duplicate_masking_changes_the_loss(single_process, tmp_path):
-    """The fixed batch holds a duplicate positive, so the masked loss is a different number."""
+def _pair_loss_float64(captured, kept):
+    """Mean over anchors i of -s_ii/t + log sum_{j in kept[i]} exp(s_ij/t), in float64."""
+    queries, positives = (F.normalize(captured[role].double(), dim=-1) for role in ("queries", "positives"))
+    logits = queries @ positives.T / 0.05  # [8, 8]
+    return float(sum(torch.logsumexp(logits[i, kept[i]], 0) - logits[i, i] for i in range(GLOBAL_BATCH))) / GLOBAL_BATCH
+
+
+def test_a_duplicate_positive_counts_once_in_every_denominator(single_process, tmp_path):
+    """Positive 5 is a copy of positive 1. With masking, anchors 1 and 5 leave the other copy out
+    (a false negative) and every other anchor scores that text once; without it every anchor
+    scores both. Both losses are recomputed in float64 from the embeddings the step produced."""
+    everyone = list(range(GLOBAL_BATCH))
+    kept = {i: [j for j in everyone if j != 5] for i in everyone}  # the first copy (1) stays
+    kept[5] = [j for j in everyone if j != 1]  # anchor 5's own copy is its label
+    captured = single_process[0]["captured"]
+    assert abs(single_process[0]["loss"] - _pair_loss_float64(captured, kept)) < 1e-5
     unmasked = run_distributed(_unmasked_body, 1, args=(single_process["weights"], str(tmp_path)))[0]
-    assert unmasked > single_process[0]["loss"] + 1e-4
+    assert abs(unmasked - _pair_loss_float64(captured, {i: everyone for i in everyone})) < 1e-5
+    assert unmasked > single_process[0]["loss"] + 1e-3  # the case is not vacuous
 
 
 def _unmasked_body(rank, world_size, full_weights, run_dir):
@@ -202,13 +209,17 @@ def test_schedule_ends_equal_causal_and_bidirectional_attention():
 
 # -- whole runs: resume, metrics, bad input ---------------------------------------------------
 
+def _arguments(run_dir, data, *overrides):
+    return ["--config", TINY, f"run_dir={run_dir}", f"data.tokenizer={data['tokenizer']}",
+            f"data.contrastive_prefix={data['pairs']}", "checkpoint.load_dir=null", "model.soft_mask.backend=reference",
+            *overrides]
+
+
 def _launch(run_dir, data, *overrides):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "megatron_conan.training.embed_weak", "--config", TINY, f"run_dir={run_dir}",
-         f"data.tokenizer={data['tokenizer']}", f"data.contrastive_prefix={data['pairs']}", "checkpoint.load_dir=null",
-         "model.soft_mask.backend=reference", *overrides],
+        [sys.executable, "-m", "megatron_conan.training.embed_weak", *_arguments(run_dir, data, *overrides)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -233,37 +244,65 @@ RUN = ("train.train_steps=24", "checkpoint.save_interval=4", "checkpoint.keep_la
 def uninterrupted(embedding_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     process = _launch(run_dir, embedding_data, *RUN)
-    output, _ = process.communicate(timeout=300)
+    output, _ = communicate_or_kill(process, 300)
     assert process.returncode == 0, output
     return {"run_dir": run_dir, **_metrics(run_dir)}
 
 
-def test_a_follows_the_schedule_and_the_loss_falls(uninterrupted):
+def _before_and_after_body(rank, world_size, arguments, trained_checkpoint):
+    """The loss of the run's first batch with its initial weights and with its trained weights."""
+    from megatron_conan.conversion.megatron_checkpoint import read_checkpoint_info, read_full_state_dict
+    from megatron_conan.models.sharding import load_full_state_dict
+    from megatron_conan.training.entry import parse_run_config
+    from megatron_conan.training.loop import build_trainer
+
+    trained = read_full_state_dict(read_checkpoint_info(trained_checkpoint))
+    _, cfg = parse_run_config("embed-weak", arguments)
+    stage = WeaklySupervisedStage()
+    trainer = build_trainer(cfg, stage)  # the run's config and seed: its initial weights
+    ctx, last = trainer.ctx, cfg.train.steps() - 1
+    first_batch = next(iter(stage.loader))
+    result = {"initial_at_first_step": stage.step_on_batch(ctx, 0, first_batch).loss,
+              "initial": stage.step_on_batch(ctx, last, first_batch).loss}
+    load_full_state_dict(ctx.chunks, trained, ctx.model_config)
+    result["trained"] = stage.step_on_batch(ctx, last, first_batch).loss
+    return result
+
+
+def test_a_follows_the_schedule_and_the_loss_falls(uninterrupted, embedding_data, tmp_path):
+    """a(t) is logged as scheduled, and the trained model scores the run's first batch better than
+    the initial model did, both at the last step's a (the same batch, the same attention)."""
     assert sorted(step for step in uninterrupted if step != "run_dir") == list(range(1, 25))
     for step, record in ((s, r) for s, r in uninterrupted.items() if s != "run_dir"):
         assert record["soft_mask_a"] == (step - 1) / 23  # a(t) of the forward of t = step - 1 of 0..23
-    first, last = uninterrupted[1]["loss"], uninterrupted[24]["loss"]
-    assert last < first, (first, last)
+    result = run_distributed(_before_and_after_body, 1, args=(
+        _arguments(tmp_path, embedding_data, *RUN), os.path.join(uninterrupted["run_dir"], "checkpoints")))[0]
+    # the body rebuilt the run's first step: its batch, its initial weights (threads round differently)
+    assert abs(result["initial_at_first_step"] - uninterrupted[1]["loss"]) < 1e-5, result
+    assert result["trained"] < result["initial"] - 0.05, result
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_interrupted_run_resumes_exactly(how, embedding_data, uninterrupted, tmp_path):
     process = _launch(tmp_path, embedding_data, *RUN)
-    _wait_for_step(tmp_path, 10, process)
+    try:
+        _wait_for_step(tmp_path, 10, process)
+    except BaseException:
+        kill_group(process)
+        raise
     if how == "sigkill":
-        os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler kills it
-        process.wait()
+        kill_group(process)  # the whole job, as a scheduler kills it
     else:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        output, _ = communicate_or_kill(process, 120)
         assert process.returncode == 0, output
     stopped_at = max(_metrics(tmp_path))
     assert stopped_at < 24, "the run ended before the signal"
     if how == "sigterm":
         assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
     process = _launch(tmp_path, embedding_data, *RUN)
-    output, _ = process.communicate(timeout=300)
+    output, _ = communicate_or_kill(process, 300)
     assert process.returncode == 0, output
     assert "resumed from" in output
     resumed = _metrics(tmp_path)
