@@ -121,6 +121,13 @@ class Placement:
             self._check("all_gather", output)
         dist.all_gather(list(outputs), tensor, group=group)
 
+    def reduce_scatter(self, output: torch.Tensor, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        """SUM of `tensor` [k * n, ...] over the group, this rank's n rows into `output` [n, ...]."""
+        self._check("reduce_scatter", tensor)
+        self._check("reduce_scatter", output)
+        dist.reduce_scatter_tensor(output, tensor, op=dist.ReduceOp.SUM, group=group)
+        return output
+
     def broadcast(self, tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
         self._check("broadcast", tensor)
         dist.broadcast(tensor, src=src, group=group)

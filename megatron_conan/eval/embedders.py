@@ -104,7 +104,9 @@ class CheckpointEmbedder(Embedder):
 
     def __init__(self, checkpoint: str, tokenizer: Optional[str] = None, pooling: Optional[str] = None,
                  query_instruction: Optional[str] = None, max_length: Optional[int] = None, precision: Optional[str] = None,
-                 device: Optional[str] = None, tokenizer_threads: int = 1):
+                 device: Optional[str] = None, tokenizer_threads: int = 1, max_tokens_per_row: int = 0):
+        """`max_tokens_per_row` > 0: each batch runs as packed rows of that many tokens (models/packing.py)
+        instead of padded to its longest text; the vectors are the same."""
         from megatron_conan.conversion.attention import checkpoint_attention
         from megatron_conan.conversion.export import embedding_options, query_prompt, resolve_tokenizer, text_length
         from megatron_conan.conversion.megatron_checkpoint import (
@@ -129,6 +131,9 @@ class CheckpointEmbedder(Embedder):
         self.matryoshka_dims = list(options["matryoshka_dims"])
         self.max_length = max_length
         self.tokenizer_threads = tokenizer_threads
+        if max_tokens_per_row < 0:
+            raise InputError(f"max tokens per row must be >= 0, got {max_tokens_per_row}")
+        self.max_tokens_per_row = max_tokens_per_row
         self._world = contextlib.ExitStack()
         self._world.enter_context(model_parallel_world())
         # the world's device unless one is asked for: the GPU of this rank under NCCL, the CPU under
@@ -174,7 +179,8 @@ class CheckpointEmbedder(Embedder):
                 input_ids[slot, :len(sequences[row])] = torch.tensor(sequences[row])
             starts = torch.full_like(lengths, prompt_tokens) if prompt_tokens else None
             input_ids, lengths, starts = self.placement.to_device((input_ids, lengths, starts))
-            vectors = embed(self.model, input_ids, lengths, self.pooling, starts=starts)  # [b, h]
+            vectors = embed(self.model, input_ids, lengths, self.pooling, starts=starts,
+                            max_tokens_per_row=self.max_tokens_per_row)  # [b, h]
             output[rows] = vectors.float().cpu().numpy()
         return output
 
@@ -219,7 +225,7 @@ def is_sentence_transformer_dir(path: str) -> bool:
 def load_embedder(path: str, **options) -> Embedder:
     """A SentenceTransformerEmbedder for an exported directory (``modules.json``), else a
     CheckpointEmbedder (options: tokenizer, pooling, query_instruction, max_length, precision,
-    device); `device` applies to both."""
+    device, max_tokens_per_row); `device` applies to both."""
     if not os.path.exists(path):
         raise InputError(f"model {path} does not exist")
     if is_sentence_transformer_dir(path):

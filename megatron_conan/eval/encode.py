@@ -29,13 +29,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-instruction", help="instruction of the query prompt (checkpoints; default: the run's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    parser.add_argument("--max-tokens-per-row", type=int,
+                        help="checkpoints: run each batch as packed rows of this many tokens instead of padded "
+                             "(same vectors; default: padded)")
     parser.add_argument("--dim", type=int, help="Matryoshka dim: keep the first DIM features, re-normalised")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def embedder_options(args: argparse.Namespace) -> dict:
     return {"tokenizer": args.tokenizer, "max_length": args.max_length, "pooling": args.pooling,
-            "query_instruction": args.query_instruction, "device": args.device}
+            "query_instruction": args.query_instruction, "device": args.device,
+            "max_tokens_per_row": args.max_tokens_per_row}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -13,7 +13,9 @@ the incoming gradient with SUM and keeps this rank's slice: rank s ends with
 ``d(sum_r L_r)/dtheta`` that flows through its own activations. Megatron DDP all-reduces parameter
 gradients and scales them by 1/k (``gradient_scaling_factor = 1 / dp_size``), giving
 ``d((1/k) sum_r L_r)/dtheta = d((1/N) sum_i l_i)/dtheta``: exactly the gradient of the
-single-process loss on the concatenated batch. (An AVG all-reduce in backward would divide that by
+single-process loss on the concatenated batch. The backward is a reduce-scatter of the (padded)
+gradient: each rank receives only its own summed slice, half the traffic of all-reduce plus slice;
+a backend without reduce-scatter falls back to the all-reduce (same numbers). (An AVG all-reduce in backward would divide that by
 k a second time; keeping only the local gradient would drop every other rank's use of our
 candidates.) Activation gradients are not averaged by DDP, so the local slices of them,
 concatenated over ranks, are k times the single-process activation gradient.
@@ -26,11 +28,18 @@ Every rank of the group must call the gather, and later run backward through it,
 of times in the same order: they are collectives.
 
 Without an initialised torch.distributed (or with a group of one rank) the gather is the identity.
+
+Inside ``shared_gathers()`` (Matryoshka: one loss per truncation) a tensor gathered again is not
+gathered again: the first result is reused, and a tensor registered as ``fn(full)`` with a row-wise
+``fn`` (``scope.derive``: a normalised prefix) is gathered as ``fn(gather(full))``. Row-wise
+operations commute with a gather along dim 0, so the values are unchanged, the gradients of every
+use meet in one backward, and a step moves each tensor once at full width instead of once per dim.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,19 +108,97 @@ class _AllGatherWithGrad(torch.autograd.Function):
         local = ctx.sizes[ctx.rank]
         if max(ctx.sizes) == 0:
             return grad_output[start:start + local], None, None
-        # all_reduce works in place and grad_output may be shared with other graph branches
-        grad = grad_output.contiguous().clone()  # [N, ...]
-        current_placement().all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[start:start + local], None, None
+        return _sum_local_slice(grad_output, ctx.sizes, ctx.rank, ctx.group), None, None
+
+
+_reduce_scatter_works: Dict[str, bool] = {}
+"""Per backend: whether reduce_scatter_tensor ran (gloo gained it only in recent torch versions)."""
+
+
+def _sum_local_slice(grad: torch.Tensor, sizes: List[int], rank: int, group) -> torch.Tensor:
+    """This rank's rows of the SUM over the group of `grad` [N, ...] (ranks' slices of `sizes`)."""
+    placement = current_placement()
+    backend = dist.get_backend(group)
+    if _reduce_scatter_works.get(backend, True):
+        longest = max(sizes)
+        padded = grad.new_zeros((len(sizes) * longest,) + tuple(grad.shape[1:]))  # [k * longest, ...]
+        offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+        for r, (offset, size) in enumerate(zip(offsets, sizes)):
+            padded[r * longest:r * longest + size] = grad[offset:offset + size]
+        output = grad.new_empty((longest,) + tuple(grad.shape[1:]))
+        try:
+            placement.reduce_scatter(output, padded, group=group)
+            _reduce_scatter_works[backend] = True
+            return output[:sizes[rank]]
+        except (RuntimeError, NotImplementedError) as error:
+            # refused locally, before any rank communicates, so every rank falls back alike
+            if "not supported" not in str(error).lower() and "not implemented" not in str(error).lower():
+                raise
+            _reduce_scatter_works[backend] = False
+    # all_reduce works in place and grad may be shared with other graph branches
+    summed = placement.all_reduce(grad.contiguous().clone(), op=dist.ReduceOp.SUM, group=group)  # [N, ...]
+    start = sum(sizes[:rank])
+    return summed[start:start + sizes[rank]]
+
+
+class _SharedGathers:
+    """The gathers of one `shared_gathers()` scope: results by (input tensor, group), derived tensors
+    by tensor. Entries hold their tensors, so an id is never confused with a later tensor's."""
+
+    def __init__(self):
+        self.results: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}
+        self.derived: Dict[int, Tuple[torch.Tensor, torch.Tensor, Callable]] = {}  # id -> (derived, full, fn)
+
+    def derive(self, full: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fn(full), registered so that its gather is fn(gather(full)); fn must act row by row."""
+        derived = fn(full)
+        self.derived[id(derived)] = (derived, full, fn)
+        return derived
+
+    def gather(self, tensor: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
+        known = self.derived.get(id(tensor))
+        if known is not None and known[0] is tensor:
+            gathered, sizes = self.gather(known[1], group)
+            return known[2](gathered), sizes
+        key = (id(tensor), id(group))
+        done = self.results.get(key)
+        if done is not None and done[0] is tensor:
+            return done[1], done[2]
+        gathered, sizes = _gather(tensor, group)
+        self.results[key] = (tensor, gathered, sizes)
+        return gathered, sizes
+
+
+_scope: List[_SharedGathers] = []
+
+
+@contextlib.contextmanager
+def shared_gathers() -> Iterator[_SharedGathers]:
+    """A scope in which each tensor is gathered once (module docstring); `.derive(full, fn)` gives
+    tensors whose gathers are computed from the full one's."""
+    scope = _SharedGathers()
+    _scope.append(scope)
+    try:
+        yield scope
+    finally:
+        _scope.pop()
+
+
+def _gather(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
+    sizes = gather_sizes(tensor, group)
+    if len(sizes) == 1:
+        return tensor, sizes
+    if tensor.dtype == torch.bool:  # gloo cannot gather bool
+        return _AllGatherWithGrad.apply(tensor.to(torch.uint8), group, sizes).bool(), sizes
+    return _AllGatherWithGrad.apply(tensor, group, sizes), sizes
 
 
 def all_gather_with_sizes(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
                           ) -> Tuple[torch.Tensor, List[int]]:
     """`all_gather_with_grad` that also returns every rank's dim-0 size (group-rank order)."""
-    sizes = gather_sizes(tensor, group)
-    if len(sizes) == 1:
-        return tensor, sizes
-    return _AllGatherWithGrad.apply(tensor, group, sizes), sizes
+    if _scope and group_size(group) > 1:
+        return _scope[-1].gather(tensor, group)
+    return _gather(tensor, group)
 
 
 def all_gather_with_grad(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None

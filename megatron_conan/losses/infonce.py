@@ -118,11 +118,18 @@ def infonce_loss(
         raise ValueError("in_batch_negatives=False scores each query against its own negatives: "
                          "hard_negatives are required")
     compute_dtype = torch.promote_types(queries.dtype, torch.float32)
-    queries = F.normalize(queries.to(compute_dtype), dim=-1)  # [b, d]
-    positives = F.normalize(positives.to(compute_dtype), dim=-1)  # [b, d]
+
+    def normalized(x):
+        return F.normalize(x.to(compute_dtype), dim=-1)
+
+    # the gathers take the arguments themselves (then normalise: row-wise, so the same values), so
+    # that Matryoshka's shared_gathers() scope gathers each tensor once per step, not once per dim
+    raw_positives, raw_negatives = positives, hard_negatives
+    queries = normalized(queries)  # [b, d]
+    positives = normalized(positives)  # [b, d]
     local = queries.shape[0]
     if hard_negatives is not None:
-        hard_negatives = F.normalize(hard_negatives.to(compute_dtype), dim=-1)  # [b, k, d]
+        hard_negatives = normalized(hard_negatives)  # [b, k, d]
         if negative_mask is None:
             negative_mask = torch.ones(hard_negatives.shape[:2], dtype=torch.bool,
                                        device=hard_negatives.device)
@@ -134,7 +141,8 @@ def infonce_loss(
     ranks = group_size(gather_group) if gathering else 1
     if in_batch_negatives:
         if gathering:
-            candidates, sizes = all_gather_with_sizes(positives, gather_group)  # [N, d]
+            candidates, sizes = all_gather_with_sizes(raw_positives, gather_group)  # [N, d]
+            candidates = normalized(candidates)
             offset = sum(sizes[:group_rank(gather_group)])
         else:
             candidates, sizes, offset = positives, [local], 0
@@ -149,9 +157,8 @@ def infonce_loss(
         if hard_negatives is not None:
             all_negatives, all_mask = hard_negatives, negative_mask
             if gathering:
-                all_negatives = all_gather_with_grad(hard_negatives, gather_group)  # [N, k, d]
-                # gloo cannot gather bool
-                all_mask = all_gather_with_grad(negative_mask.to(torch.uint8), gather_group).bool()
+                all_negatives = normalized(all_gather_with_grad(raw_negatives, gather_group))  # [N, k, d]
+                all_mask = all_gather_with_grad(negative_mask, gather_group)
             negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
             negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
             logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]

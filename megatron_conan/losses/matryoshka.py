@@ -4,14 +4,21 @@
 
 Dims wider than the embedding are dropped and the full width is always included, so a narrow test
 model (or a model wider than the largest dim) trains on its whole embedding too.
+
+The per-dim losses run in one ``shared_gathers()`` scope (losses/gather.py): a loss that gathers
+candidates over the data-parallel group gathers them once, at full width, and each dim's prefix is
+sliced from that gather; the gradients of every dim meet in one backward collective.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from megatron_conan.losses.gather import shared_gathers
 
 DEFAULT_DIMS = (256, 512, 1024, 1536, 2048, 3072, 3584)
 
@@ -54,12 +61,18 @@ def matryoshka_loss(
     width = next(iter(widths.values()))
     per_dim, stats = {}, {}
     total = None
-    for dim in matryoshka_dims(width, dims):
-        truncated = {role: None if tensor is None else F.normalize(tensor[..., :dim], dim=-1)
-                     for role, tensor in embeddings_by_role.items()}
-        result = loss_fn(**truncated)
-        loss, stats[dim] = result if isinstance(result, tuple) else (result, {})
-        per_dim[dim] = loss
-        weighted = loss * (1.0 if weights is None else weights.get(dim, 1.0))
-        total = weighted if total is None else total + weighted
+    with shared_gathers() as scope:
+        for dim in matryoshka_dims(width, dims):
+            truncated = {role: None if tensor is None else scope.derive(tensor, functools.partial(_prefix, dim=dim))
+                         for role, tensor in embeddings_by_role.items()}
+            result = loss_fn(**truncated)
+            loss, stats[dim] = result if isinstance(result, tuple) else (result, {})
+            per_dim[dim] = loss
+            weighted = loss * (1.0 if weights is None else weights.get(dim, 1.0))
+            total = weighted if total is None else total + weighted
     return MatryoshkaLoss(total, per_dim, stats)
+
+
+def _prefix(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """The re-normalised first `dim` features (row-wise: it commutes with a gather along dim 0)."""
+    return F.normalize(tensor[..., :dim], dim=-1)

@@ -12,6 +12,11 @@ a(t) is, and a = 0 is exactly causal, a = 1 exactly bidirectional. The default `
 would take the same mask *instead of* its causal mask, which is why embedding models are always built
 with the soft-mask core attention (``SoftMaskConfig.causal()`` for a causal embedder).
 
+Packing (``max_tokens_per_row > 0``): the texts are laid back to back into rows of that many tokens
+(``models/packing.py``) and the model runs on megatron-core's thd layout, with RoPE restarting per
+text and block-diagonal soft-mask attention; the hidden states come back in the padded [s, b, h]
+layout, so pooling is the same code and a text's embedding equals its padded one.
+
 Parallelism: under tensor parallelism every TP rank computes the same hidden states (the row-parallel
 layers all-reduce), so every TP rank returns the same embedding. With sequence parallelism the
 decoder's output is split along the sequence over the TP group; it is gathered here with a backward
@@ -28,6 +33,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_conan.models.packing import pack_batch
 from megatron_conan.models.pooling import POOLING_MODES, pool
 from megatron_conan.models.sharding import unwrap
 
@@ -79,17 +85,44 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torc
     with _without_output_layer(model):
         hidden = model(input_ids=input_ids, position_ids=position_ids,
                        attention_mask=key_padding_mask(lengths, padded_len))  # [s(/tp), b, h]
-    if config.sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+    return _full_sequence(hidden, config)[:seq_len]  # [s, b, h]
 
-        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-    return hidden[:seq_len]  # [s, b, h]
+
+def _full_sequence(hidden: torch.Tensor, config) -> torch.Tensor:
+    if not config.sequence_parallel:
+        return hidden
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+
+
+def packed_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
+                         max_tokens_per_row: int) -> torch.Tensor:
+    """`hidden_states` computed on packed rows of `max_tokens_per_row` tokens: the same [s, b, h]
+    (s = the longest text; positions past a text's length hold its last token again)."""
+    config = unwrap(model).config
+    if input_ids.dim() != 2 or lengths.shape != input_ids.shape[:1]:
+        raise ValueError(f"input_ids must be [b, s] and lengths [b]; got {tuple(input_ids.shape)} "
+                         f"and {tuple(lengths.shape)}")
+    # sequence parallelism splits the flattened rows over the TP ranks: whole rows of a multiple of TP
+    tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    packed = pack_batch(input_ids, lengths, max_tokens_per_row, multiple_of=tp)
+    with _without_output_layer(model):
+        hidden = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                       packed_seq_params=packed.params)  # [t(/tp), 1, h]
+    hidden = _full_sequence(hidden, config)[:, 0]  # [t, h]
+    return hidden[packed.token_index]  # [s, b, h]
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor, pooling: str = "mean",
-          normalize: bool = True, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+          normalize: bool = True, starts: Optional[torch.Tensor] = None, max_tokens_per_row: int = 0) -> torch.Tensor:
     """Embeddings [b, h] (float32 or wider, L2-normalised unless asked not to be). `starts` [b]:
-    leading prompt tokens that attend and are attended to but are left out of the pooling."""
+    leading prompt tokens that attend and are attended to but are left out of the pooling.
+    `max_tokens_per_row` > 0: run on packed rows of that many tokens (0: right-padded)."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-    return pool(hidden_states(model, input_ids, lengths), lengths, pooling, normalize=normalize, starts=starts)
+    if max_tokens_per_row > 0:
+        hidden = packed_hidden_states(model, input_ids, lengths, max_tokens_per_row)
+    else:
+        hidden = hidden_states(model, input_ids, lengths)
+    return pool(hidden, lengths, pooling, normalize=normalize, starts=starts)

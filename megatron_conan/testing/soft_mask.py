@@ -22,10 +22,11 @@ def make_inputs(seed, b, hq, hkv, s, d, dtype, device) -> List[torch.Tensor]:
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, grad)]
 
 
-def reference_with_grads(q, k, v, grad, m, lengths, dtype) -> List[torch.Tensor]:
-    """Output and (dq, dk, dv) of the PyTorch reference computed in `dtype`."""
+def reference_with_grads(q, k, v, grad, m, lengths, dtype, windows=None) -> List[torch.Tensor]:
+    """Output and (dq, dk, dv) of the PyTorch reference computed in `dtype` (packed rows with
+    `windows`)."""
     leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-    out = soft_mask_attention_reference(*leaves, m, lengths)
+    out = soft_mask_attention_reference(*leaves, m, lengths, windows=windows)
     out.backward(grad.to(dtype))
     return [out.detach()] + [x.grad for x in leaves]
 

@@ -228,6 +228,16 @@ class EmbeddingSection:
     """GradCache: embed the local batch in chunks of this many sequences, without activations, then
     replay each chunk with the cached embedding gradient; the batch is then limited by embedding
     memory, not activation memory. 0: one forward per role with activations."""
+    mini_batch_tokens: int = 0
+    """GradCache: also close a chunk before its texts' true tokens would pass this many (a chunk
+    always holds at least one text), so a chunk of long passages costs what a chunk of short
+    queries does (sentence-transformers' `mini_batch_num_tokens`). 0: chunks by count only."""
+    packing: bool = False
+    """Embed each role (and each GradCache chunk) as packed rows: texts back to back into rows of
+    `max_tokens_per_row` tokens, attention block-diagonal per text, instead of padding every text to
+    the longest. Same embeddings and gradients (tested to 1e-5 in fp32)."""
+    max_tokens_per_row: int = 512
+    """Packed row width in tokens (widened to the longest text of the batch)."""
     drop_last: bool = True
     """Skip the partial last global batch of every task epoch (counted, logged as
     `dropped_tail_examples`): a batch of a few examples has few in-batch negatives, so its loss and
@@ -265,6 +275,10 @@ class EmbeddingSection:
             raise ConfigError(f"embedding.temperature must be > 0, got {self.temperature}")
         if self.mini_batch_size < 0:
             raise ConfigError(f"embedding.mini_batch_size must be >= 0, got {self.mini_batch_size}")
+        if self.mini_batch_tokens < 0:
+            raise ConfigError(f"embedding.mini_batch_tokens must be >= 0, got {self.mini_batch_tokens}")
+        if self.max_tokens_per_row < 1:
+            raise ConfigError(f"embedding.max_tokens_per_row must be >= 1, got {self.max_tokens_per_row}")
         if self.max_query_length < 2 or self.max_passage_length < 2:
             raise ConfigError("embedding.max_query_length and embedding.max_passage_length must be >= 2")
         if any(dim <= 0 for dim in self.matryoshka_dims):

@@ -15,7 +15,9 @@ loss is. Two ways to run it:
   embeddings only. The parameter gradients equal the plain step's (tested to 1e-6 in fp32).
 
 Roles are embedded separately (a query batch and a passage batch have different lengths); each chunk
-is cut to its own longest sequence. Every rank must call this once per step with the same roles,
+is cut to its own longest sequence, or packed (``Chunking.max_tokens_per_row``: texts back to back in
+rows, no padding between them, ``models/packing.py``). GradCache chunks hold ``mini_batch_size``
+sequences and, with ``mini_batch_tokens``, no more true tokens than that (at least one text). Every rank must call this once per step with the same roles,
 because the loss gathers over the DP group; a rank may hold zero sequences of a role.
 """
 
@@ -55,9 +57,38 @@ class Sequences:
         return Sequences(self.ids[start:stop, :width], lengths, starts)
 
 
-def _chunks(count: int, size: int) -> List[Tuple[int, int]]:
+@dataclass(frozen=True)
+class Chunking:
+    """How a role is cut and laid out for the forward."""
+
+    mini_batch_size: int = 0
+    """Sequences per GradCache chunk (0: the whole role in one forward, with activations)."""
+    mini_batch_tokens: int = 0
+    """GradCache chunks also end before their true tokens pass this (0: by count only)."""
+    max_tokens_per_row: int = 0
+    """> 0: packed rows of this many tokens; 0: right-padded."""
+
+    @property
+    def cached(self) -> bool:
+        return self.mini_batch_size > 0 or self.mini_batch_tokens > 0
+
+
+def _chunks(lengths: torch.Tensor, size: int, tokens: int = 0) -> List[Tuple[int, int]]:
+    """[start, stop) chunks of at most `size` sequences (0: no limit) and, with `tokens`, at most that
+    many true tokens (a longer sequence alone)."""
+    count = int(lengths.shape[0])
     size = size if size > 0 else max(count, 1)
-    return [(start, min(start + size, count)) for start in range(0, count, size)]
+    if tokens <= 0:
+        return [(start, min(start + size, count)) for start in range(0, count, size)]
+    chunks, start, used = [], 0, 0
+    for index, length in enumerate(lengths.tolist()):
+        if index > start and (index - start >= size or used + length > tokens):
+            chunks.append((start, index))
+            start, used = index, 0
+        used += length
+    if count:
+        chunks.append((start, count))
+    return chunks
 
 
 def _capture_rng() -> dict:
@@ -75,33 +106,44 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _embed_role(model, sequences: Sequences, pooling: str, width: int, chunk_size: int,
+def _embed_chunk(model, chunk: Sequences, pooling: str, chunking: Chunking) -> torch.Tensor:
+    return embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts,
+                 max_tokens_per_row=chunking.max_tokens_per_row)  # [c, h]
+
+
+def _role_chunks(sequences: Sequences, chunking: Chunking) -> List[Tuple[int, int]]:
+    return _chunks(sequences.lengths, chunking.mini_batch_size, chunking.mini_batch_tokens)
+
+
+def _embed_role(model, sequences: Sequences, pooling: str, width: int, chunking: Chunking,
                 rng_states: Optional[List[dict]] = None) -> torch.Tensor:
     """Embeddings [n, h] of `sequences`, chunk by chunk (recording each chunk's RNG state if asked)."""
     if len(sequences) == 0:
         # still a leaf of the graph: the loss's gathers run their backward collectives on every rank
         return torch.zeros(0, width, device=sequences.ids.device, requires_grad=torch.is_grad_enabled())
     pieces = []
-    for start, stop in _chunks(len(sequences), chunk_size):
+    for start, stop in _role_chunks(sequences, chunking):
         if rng_states is not None:
             rng_states.append(_capture_rng())
-        chunk = sequences.rows(start, stop)
-        pieces.append(embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts))  # [c, h]
+        pieces.append(_embed_chunk(model, sequences.rows(start, stop), pooling, chunking))  # [c, h]
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: LossFn, pooling: str,
                                  hidden_size: int, mini_batch_size: int = 0,
-                                 grad_scale_func: Optional[Callable] = None
+                                 grad_scale_func: Optional[Callable] = None,
+                                 chunking: Optional[Chunking] = None
                                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Embed `roles`, compute ``loss_fn``, back-propagate into the model's gradients.
 
     Returns the (unscaled, detached) loss and the statistics. ``grad_scale_func`` is the optimizer's
     loss scaler (fp16); gradients are left un-reduced over DP (the caller runs finalize_model_grads).
+    `chunking` (GradCache by count and tokens, packing) replaces `mini_batch_size` when given.
     """
     scale = grad_scale_func or (lambda loss: loss)
-    if mini_batch_size <= 0:
-        embeddings = {role: _embed_role(model, sequences, pooling, hidden_size, 0)
+    chunking = chunking or Chunking(mini_batch_size=mini_batch_size)
+    if not chunking.cached:
+        embeddings = {role: _embed_role(model, sequences, pooling, hidden_size, chunking)
                       for role, sequences in roles.items()}
         loss, stats = loss_fn(embeddings)
         if loss.requires_grad:  # a rank with no sequences and a loss without gathers has nothing to do
@@ -110,7 +152,7 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
 
     rng_states: Dict[str, List[dict]] = {role: [] for role in roles}
     with torch.no_grad():
-        cached = {role: _embed_role(model, sequences, pooling, hidden_size, mini_batch_size, rng_states[role])
+        cached = {role: _embed_role(model, sequences, pooling, hidden_size, chunking, rng_states[role])
                   for role, sequences in roles.items()}
     cached = {role: tensor.detach().requires_grad_(True) for role, tensor in cached.items()}
     loss, stats = loss_fn(cached)
@@ -120,9 +162,8 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
         gradient = cached[role].grad
         if gradient is None or len(sequences) == 0:
             continue
-        for (start, stop), state in zip(_chunks(len(sequences), mini_batch_size), rng_states[role]):
+        for (start, stop), state in zip(_role_chunks(sequences, chunking), rng_states[role]):
             _restore_rng(state)
-            chunk = sequences.rows(start, stop)
-            replayed = embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts)  # [c, h], with activations
+            replayed = _embed_chunk(model, sequences.rows(start, stop), pooling, chunking)  # [c, h], with activations
             replayed.backward(gradient[start:stop])
     return loss.detach(), stats

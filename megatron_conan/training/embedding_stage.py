@@ -38,7 +38,7 @@ from megatron_conan.ops.soft_mask_attention.core_attention import (
     soft_mask_core_attention_spec,
 )
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
-from megatron_conan.training.contrastive_step import Sequences, contrastive_forward_backward
+from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
 from megatron_conan.training.stage import Stage, StageContext, StageStepOutput
 
 logger = logging.getLogger(__name__)
@@ -223,10 +223,12 @@ class EmbeddingStage(Stage):
 
     def run_contrastive(self, ctx: StageContext, roles: Dict[str, Sequences], loss_fn):
         model = ctx.chunks[0]
+        section = ctx.cfg.embedding
+        chunking = Chunking(mini_batch_size=section.mini_batch_size, mini_batch_tokens=section.mini_batch_tokens,
+                            max_tokens_per_row=section.max_tokens_per_row if section.packing else 0)
         return contrastive_forward_backward(
-            model, roles, loss_fn, ctx.cfg.embedding.pooling, ctx.model_config.hidden_size,
-            mini_batch_size=ctx.cfg.embedding.mini_batch_size,
-            grad_scale_func=ctx.transformer_config.grad_scale_func)
+            model, roles, loss_fn, section.pooling, ctx.model_config.hidden_size,
+            grad_scale_func=ctx.transformer_config.grad_scale_func, chunking=chunking)
 
 
 class WeaklySupervisedStage(EmbeddingStage):

@@ -20,15 +20,16 @@ def _write_jsonl(path, texts, field="text"):
             handle.write(json.dumps({field: text, "id": len(text)}, ensure_ascii=False) + "\n")
 
 
-def test_encode_a_checkpoint_from_the_command_line(artifacts, tmp_path):
+@pytest.mark.parametrize("packing", [(), ("--max-tokens-per-row", "12")], ids=["padded", "packed"])
+def test_encode_a_checkpoint_from_the_command_line(artifacts, tmp_path, packing):
     """Run dir of an embedding checkpoint -> .npy equal to the library's vectors (same process type
-    as a user's: the console script's module, its own world of one)."""
+    as a user's: the console script's module, its own world of one), padded or packed."""
     texts = list(EMBEDDING_TEXTS)
     _write_jsonl(tmp_path / "texts.jsonl", texts, field="body")
     output = tmp_path / "vectors.npy"
     result = subprocess.run([sys.executable, "-m", "megatron_conan.eval.encode", artifacts["embed_checkpoint"],
                              "--input", str(tmp_path / "texts.jsonl"), "--text-field", "body", "--output", str(output),
-                             "--prompt", "query", "--dim", "16", "--batch-size", "2"],
+                             "--prompt", "query", "--dim", "16", "--batch-size", "2", *packing],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5 x 16 float32" in result.stdout

@@ -111,3 +111,30 @@ def test_sdpa_backend_matches_reference_with_gradients(seed):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     for name, a, b in zip("qkv", got_grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.5, 1.0])
+def test_packed_texts_attend_as_if_alone(a):
+    """Each text of a packed row (windows from cu_seqlens) gets the output it gets padded on its own;
+    SDPA with the windows' bias gives the same."""
+    from megatron_conan.ops.soft_mask_attention.reference import (
+        key_windows_from_cu_seqlens, soft_mask_attention_sdpa)
+    from megatron_conan.ops.soft_mask_attention.schedule import windowed_row_mask_weights
+
+    texts, width = (5, 1, 9, 3), 20  # one row: 18 tokens and 2 of padding
+    q, k, v, _ = _inputs(11, 1, 4, 2, width, 8)
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    padded_offsets = torch.tensor([0, 5, 6, 15, 20], dtype=torch.int32)
+    windows = key_windows_from_cu_seqlens(cu, padded_offsets, 1, width)
+    m = windowed_row_mask_weights(a, *windows)
+    lengths = torch.tensor([18], dtype=torch.int32)
+    packed = soft_mask_attention_reference(q, k, v, m, lengths, windows=windows)
+    torch.testing.assert_close(soft_mask_attention_sdpa(q, k, v, m, lengths, windows=windows), packed,
+                               rtol=1e-10, atol=1e-10)
+    for start, length in zip(cu[:-1].tolist(), texts):
+        part = slice(start, start + length)
+        alone_len = torch.tensor([length], dtype=torch.int32)
+        alone = soft_mask_attention_reference(q[:, :, part], k[:, :, part], v[:, :, part],
+                                              row_mask_weights(a, alone_len, length), alone_len)
+        torch.testing.assert_close(packed[:, :, part], alone, rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(packed[:, :, 18:]) == 0

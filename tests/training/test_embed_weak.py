@@ -85,22 +85,34 @@ def _parity_body(rank, world_size, layout, full_weights, mini_batch_sizes, run_d
     batch = _global_batch()
     local = _slice(batch, parallel_state.get_data_parallel_rank(), ctx.data_parallel_size)
     results = {"weights": full_weights if rank == 0 else None}
-    for mini_batch_size in mini_batch_sizes:
-        cfg.embedding.mini_batch_size = mini_batch_size
+    for setting in mini_batch_sizes:
+        # an int: GradCache chunks of that many sequences; (name, overrides of the embedding section)
+        key, overrides = (setting, {"mini_batch_size": setting}) if isinstance(setting, int) else setting
+        for name, value in {**UNCHUNKED, **overrides}.items():
+            setattr(cfg.embedding, name, value)
         zero_grads(ctx.chunks, trainer.optimizer)
         output = stage.step_on_batch(ctx, SOFT_MASK_STEPS // 2, local)
-        results[mini_batch_size] = {"loss": output.loss, "a": output.metrics["soft_mask_a"],
-                                    "grads": gather_full_state_dict(ctx.chunks, ctx.model_config, source="grad"),
-                                    "captured": stage.captured[-1]["embeddings"]}
+        results[key] = {"loss": output.loss, "a": output.metrics["soft_mask_a"],
+                        "grads": gather_full_state_dict(ctx.chunks, ctx.model_config, source="grad"),
+                        "captured": stage.captured[-1]["embeddings"]}
     with torch.no_grad():
         results["embeddings"] = embed(ctx.chunks[0], batch.query_ids, batch.query_lengths)
     return results
 
 
+UNCHUNKED = {"mini_batch_size": 0, "mini_batch_tokens": 0, "packing": False}
+# rows of 24 tokens: several texts per row, the 20-token positive nearly alone
+PACKED = ("packed", {"packing": True, "max_tokens_per_row": 24})
+PACKED_GRADCACHE = ("packed_gradcache", {"packing": True, "max_tokens_per_row": 24, "mini_batch_size": 3})
+# chunks of at most 30 true tokens: the positives (96 tokens) in 4+ chunks of uneven counts
+TOKEN_CHUNKS = ("token_chunks", {"mini_batch_size": 8, "mini_batch_tokens": 30})
+
+
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    return run_distributed(_parity_body, 1, args=({}, None, (0, 4, 2), str(run_dir)))[0]
+    settings = (0, 4, 2, PACKED, PACKED_GRADCACHE, TOKEN_CHUNKS)
+    return run_distributed(_parity_body, 1, args=({}, None, settings, str(run_dir)))[0]
 
 
 def test_gradcache_equals_the_plain_step(single_process):
@@ -110,13 +122,30 @@ def test_gradcache_equals_the_plain_step(single_process):
     assert_same_step(single_process[2], single_process[0])
 
 
+def test_packing_and_token_chunks_equal_the_plain_step(single_process):
+    """Packed rows (plain and GradCache) and GradCache chunks sized by tokens: same loss and gradients."""
+    for key in ("packed", "packed_gradcache", "token_chunks"):
+        assert_same_step(single_process[key], single_process[0])
+
+
+def test_chunks_by_tokens():
+    from megatron_conan.training.contrastive_step import _chunks
+
+    lengths = torch.tensor([14, 5, 20, 9, 40, 8])
+    assert _chunks(lengths, 8, 30) == [(0, 2), (2, 4), (4, 5), (5, 6)]  # 40 > 30 stands alone
+    assert _chunks(lengths, 2, 100) == [(0, 2), (2, 4), (4, 6)]  # the count still bounds a chunk
+    assert _chunks(lengths, 4) == [(0, 4), (4, 6)]
+
+
 def test_two_process_layouts_equal_single_process(single_process, tmp_path):
     reference = single_process[0]
     for layout in ({}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "sequence_parallel": True}):
-        per_rank = run_distributed(_parity_body, 2, args=(layout, single_process["weights"], (0, 2), str(tmp_path)))
+        per_rank = run_distributed(_parity_body, 2, args=(layout, single_process["weights"], (0, 2, PACKED_GRADCACHE),
+                                                          str(tmp_path)))
         for result in per_rank:
             assert_same_step(result[0], reference)
             assert_same_step(result[2], reference)  # GradCache under DP / TP too
+            assert_same_step(result["packed_gradcache"], reference)  # packed GradCache chunks under DP / TP / SP
             # every TP rank (and TP2 vs TP1) gives the same embeddings
             assert float((result["embeddings"] - single_process["embeddings"]).abs().max()) < TOL, layout
 

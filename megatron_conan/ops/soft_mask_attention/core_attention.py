@@ -9,6 +9,11 @@ is checkpointed with `get_soft_mask_state` / `load_soft_mask_state`.
 
 attention_mask: None (every sequence has full length) or a bool key-padding mask broadcastable as
 [b, 1, 1, s] with True = padded key, right padding only. Anything else raises.
+
+Packed rows (``models/packing.py``): megatron-core passes thd tensors q, k, v [t, heads, hn] with
+``packed_seq_params`` (a ``PackedRows``: cu_seqlens, their padded offsets and the row width); the
+flattened sequence is cut back into rows of that width and the texts become key windows, so the
+attention is block-diagonal and the soft mask applies within each text.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from .function import soft_mask_attention
+from .reference import key_windows_from_cu_seqlens
 from .schedule import SoftMaskConfig, SoftMaskSchedule
 
 
@@ -125,11 +131,10 @@ class SoftMaskCoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError("SoftMaskCoreAttention does not take packed sequences; pad "
-                                      "on the right and pass a key-padding mask")
         if attention_bias is not None:
             raise NotImplementedError("SoftMaskCoreAttention does not take an attention bias")
+        if packed_seq_params is not None:
+            return self._packed_forward(query, key, value, attention_mask, packed_seq_params)
         sq, batch, heads, head_dim = query.shape  # [sq, b, np, hn]
         if key.shape[0] != sq:
             raise ValueError(f"SoftMaskCoreAttention is self-attention over one sequence: "
@@ -149,6 +154,35 @@ class SoftMaskCoreAttention(MegatronModule):
             m, lengths, softmax_scale=self.softmax_scale, backend=config.backend,
             deterministic=config.deterministic)
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)  # [sq, b, np * hn]
+
+    def _packed_forward(self, query, key, value, attention_mask, params) -> torch.Tensor:
+        """thd q [t, np, hn], k, v [t, ng, hn] of `rows` packed rows -> [t, np * hn]."""
+        width = getattr(params, "row_width", None)
+        if params.qkv_format != "thd" or width is None:
+            raise NotImplementedError("SoftMaskCoreAttention takes packed sequences as PackedRows "
+                                      "(thd with a row width, models/packing.py)")
+        if attention_mask is not None:
+            raise ValueError("packed rows carry their texts in cu_seqlens: pass no attention mask")
+        tokens, heads, head_dim = query.shape
+        if tokens % width:
+            raise ValueError(f"{tokens} packed tokens are not whole rows of {width}")
+        rows = tokens // width
+        config = self.schedule.config
+
+        def windows_and_weights():
+            windows = key_windows_from_cu_seqlens(params.cu_seqlens_q, params.cu_seqlens_q_padded, rows, width)
+            return windows, self.schedule.row_weights(None, width, windows)  # ([r, w] x2), [r, w]
+
+        windows, m = _row_weights_cache.get(
+            params, (rows, width, query.device, self.schedule.a, config.position_scale), windows_and_weights)
+
+        def as_rows(x):
+            return x.view(rows, width, x.shape[1], head_dim).permute(0, 2, 1, 3)  # [r, heads, w, hn]
+
+        out = soft_mask_attention(as_rows(query), as_rows(key), as_rows(value), m, windows[1].max(dim=1).values,
+                                  softmax_scale=self.softmax_scale, backend=config.backend,
+                                  deterministic=config.deterministic, windows=windows)
+        return out.permute(0, 2, 1, 3).reshape(tokens, heads * head_dim)  # [t, np * hn]
 
 
 def soft_mask_core_attention_spec(soft_mask: Optional[SoftMaskConfig] = None) -> ModuleSpec:

@@ -25,7 +25,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import cuda_binding
-from .reference import check_inputs, default_softmax_scale, soft_mask_attention_reference, soft_mask_attention_sdpa
+from .reference import (Windows, check_inputs, check_windows, default_softmax_scale, soft_mask_attention_reference,
+                        soft_mask_attention_sdpa)
 from .schedule import BACKENDS
 
 AUTO_ORDER = ("triton", "cuda")
@@ -149,7 +150,7 @@ class SoftMaskAttentionFunction(torch.autograd.Function):
     """Fused forward/backward; saves q, k, v, out and the LSE (no [s, s] tensor)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, m, lengths, softmax_scale, backend, deterministic, block_counter):
+    def forward(ctx, q, k, v, m, lengths, softmax_scale, backend, deterministic, block_counter, windows):
         if backend == "cuda":
             out, lse = _launch(backend, q.device, cuda_binding.soft_mask_attention_cuda_forward,
                                q, k, v, m, lengths, softmax_scale, block_counter)
@@ -157,8 +158,8 @@ class SoftMaskAttentionFunction(torch.autograd.Function):
             from .triton_kernel import soft_mask_attention_triton_forward
 
             out, lse = _launch(backend, q.device, lambda: soft_mask_attention_triton_forward(
-                q, k, v, m, lengths, softmax_scale, block_counter=block_counter))
-        ctx.save_for_backward(q, k, v, out, lse, m, lengths)
+                q, k, v, m, lengths, softmax_scale, block_counter=block_counter, windows=windows))
+        ctx.save_for_backward(q, k, v, out, lse, m, lengths, *(windows or ()))
         ctx.softmax_scale = softmax_scale
         ctx.backend = backend
         ctx.deterministic = deterministic
@@ -167,7 +168,7 @@ class SoftMaskAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, m, lengths = ctx.saved_tensors
+        q, k, v, out, lse, m, lengths, *windows = ctx.saved_tensors
         if ctx.backend == "cuda":
             dq, dk, dv = _launch(ctx.backend, q.device, cuda_binding.soft_mask_attention_cuda_backward,
                                  grad_out.contiguous(), q, k, v, out, lse, m, lengths, ctx.softmax_scale)
@@ -175,17 +176,21 @@ class SoftMaskAttentionFunction(torch.autograd.Function):
             from .triton_kernel import soft_mask_attention_triton_backward
 
             dq, dk, dv = _launch(ctx.backend, q.device, lambda: soft_mask_attention_triton_backward(
-                grad_out, q, k, v, out, lse, m, lengths, ctx.softmax_scale, deterministic=ctx.deterministic))
-        return dq, dk, dv, None, None, None, None, None, None
+                grad_out, q, k, v, out, lse, m, lengths, ctx.softmax_scale, deterministic=ctx.deterministic,
+                windows=tuple(windows) or None))
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
                         lengths: torch.Tensor, softmax_scale: Optional[float] = None,
                         backend: str = "auto", deterministic: bool = False,
-                        block_counter: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        block_counter: Optional[torch.Tensor] = None,
+                        windows: Optional[Windows] = None) -> torch.Tensor:
     """Soft-mask attention, out [b, hq, s, d], layout and maths as in `reference.py`.
 
     q [b, hq, s, d]; k, v [b, hkv, s, d]; m float32 [b, s]; lengths int32 [b] (right padding).
+    `windows`: packed rows, the key windows (lo, hi) int32 [b, s] built from megatron's cu_seqlens
+    by `reference.key_windows_from_cu_seqlens` (`lengths` is then unused).
     `block_counter` (int32 [1], fused backends only) is incremented per key block visited.
     """
     check_inputs(q, k, v, m, lengths)
@@ -193,10 +198,18 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: to
     chosen = resolve_backend(backend, q.device, q.shape[-1])
     lengths = lengths.to(device=q.device, dtype=torch.int32)
     m = m.to(device=q.device, dtype=torch.float32)
+    if windows is not None:
+        check_windows(windows, q.shape[0], q.shape[2])
+        windows = tuple(w.to(device=q.device, dtype=torch.int32) for w in windows)
+        if chosen == "cuda" and backend == "auto":
+            chosen = "sdpa"  # the CUDA kernel reads lengths only; auto picked it as Triton is absent
+        elif chosen == "cuda":
+            raise RuntimeError("the CUDA soft-mask kernel takes right-padded rows only: use the "
+                               "'triton' (or 'sdpa') backend for packed rows")
     if chosen == "reference":
-        return soft_mask_attention_reference(q, k, v, m, lengths, scale)
+        return soft_mask_attention_reference(q, k, v, m, lengths, scale, windows=windows)
     if chosen == "sdpa":
-        return soft_mask_attention_sdpa(q, k, v, m, lengths, scale)
+        return soft_mask_attention_sdpa(q, k, v, m, lengths, scale, windows=windows)
     out, _ = SoftMaskAttentionFunction.apply(q, k, v, m, lengths, scale, chosen, deterministic,
-                                             block_counter)
+                                             block_counter, windows)
     return out

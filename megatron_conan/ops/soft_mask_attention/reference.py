@@ -12,12 +12,22 @@ Canonical layout shared by every backend:
 
 M = 0 is -inf, so m_i = 0 gives causal attention exactly and m_i = 1 bidirectional attention.
 Padded query rows output zero and receive zero gradient.
+
+Packed rows (several texts per row, megatron's thd layout cut into rows): every position i carries
+a key window [lo_i, hi_i), the text it belongs to (``key_windows_from_cu_seqlens``), and
+
+    M[i, j] = 1 (lo_i <= j <= i),  m_i (i < j < hi_i),  0 otherwise
+
+so no token attends across texts and the soft mask applies inside each text as it does padded. A
+padded row is the special case lo_i = 0, hi_i = length (``key_windows_from_lengths``); positions in
+no text have lo_i = hi_i and behave as padded rows. Every backend reads the windows, not the
+lengths, when they are given.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -40,23 +50,68 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Ten
         raise ValueError(f"lengths must be [b={b}]; got {tuple(lengths.shape)}")
 
 
+Windows = Tuple[torch.Tensor, torch.Tensor]
+"""(lo, hi), int32 [b, s] each: the keys position i may attend to, [lo_i, hi_i) (empty: no text)."""
+
+
+def key_windows_from_lengths(lengths: torch.Tensor, seq_len: int) -> Windows:
+    """Windows of right-padded rows: [0, length) for real positions, empty for padding."""
+    pos = torch.arange(seq_len, device=lengths.device).view(1, -1)
+    length = lengths.to(torch.int32).view(-1, 1)
+    hi = torch.where(pos < length, length, torch.zeros((), dtype=torch.int32, device=lengths.device))
+    return torch.zeros_like(hi), hi.to(torch.int32)
+
+
+def key_windows_from_cu_seqlens(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor, rows: int,
+                                width: int) -> Windows:
+    """Windows of `rows` packed rows of `width` positions, in megatron's thd convention: text t holds
+    flattened positions [cu_seqlens_padded[t], cu_seqlens_padded[t] + len_t), len_t = cu_seqlens[t+1]
+    - cu_seqlens[t]; the rest of its padded slot is padding. Windows are relative to the row."""
+    cu = cu_seqlens.to(torch.long)
+    starts = cu_seqlens_padded.to(torch.long)[:-1]  # [n] flattened start of each text
+    text_len = cu[1:] - cu[:-1]  # [n]
+    if len(starts) and bool(((starts % width) + text_len > width).any()):
+        raise ValueError(f"a packed text crosses a row boundary (row width {width})")
+    if len(starts) and int((starts + text_len).max()) > rows * width:
+        raise ValueError(f"packed texts end past {rows} rows of {width} positions")
+    device = cu_seqlens.device
+    text_ids = torch.repeat_interleave(torch.arange(len(starts), device=device), text_len)  # [t]
+    offset_in_text = torch.arange(len(text_ids), device=device) - cu[:-1][text_ids]  # [t]
+    flat = starts[text_ids] + offset_in_text  # [t] position of each token in the rows
+    row_start = starts % width  # [n]
+    lo = torch.zeros(rows * width, dtype=torch.int32, device=device)
+    hi = torch.zeros(rows * width, dtype=torch.int32, device=device)
+    lo[flat] = row_start[text_ids].to(torch.int32)
+    hi[flat] = (row_start + text_len)[text_ids].to(torch.int32)
+    return lo.view(rows, width), hi.view(rows, width)
+
+
+def check_windows(windows: Windows, batch: int, seq_len: int) -> None:
+    lo, hi = windows
+    if lo.shape != (batch, seq_len) or hi.shape != (batch, seq_len):
+        raise ValueError(f"key windows must be [b={batch}, s={seq_len}]; got {tuple(lo.shape)}, "
+                         f"{tuple(hi.shape)}")
+
+
 def default_softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
 def soft_mask_log_weights(m: torch.Tensor, lengths: torch.Tensor, seq_len: int,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                          dtype: torch.dtype = torch.float32, windows: Optional[Windows] = None) -> torch.Tensor:
     """log M as an additive bias, [b, 1, s, s]; rows of padded queries get 0 (no -inf rows)."""
     device = m.device
+    lo, hi = (key_windows_from_lengths(lengths, seq_len) if windows is None else windows)
+    lo = lo.to(device=device, dtype=torch.long).unsqueeze(-1)  # [b, s, 1]
+    hi = hi.to(device=device, dtype=torch.long).unsqueeze(-1)
     i = torch.arange(seq_len, device=device).view(1, seq_len, 1)  # query position
     j = torch.arange(seq_len, device=device).view(1, 1, seq_len)  # key position
-    length = lengths.to(device=device, dtype=torch.long).view(-1, 1, 1)  # [b, 1, 1]
     log_m = torch.log(m.to(dtype)).unsqueeze(-1)  # [b, s, 1], -inf where m = 0
     zero = torch.zeros((), dtype=dtype, device=device)
     minus_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
     bias = torch.where(j <= i, zero, log_m)  # [b, s, s]
-    bias = torch.where(j < length, bias, minus_inf)
-    bias = torch.where(i < length, bias, zero)  # padded rows: finite, zeroed after
+    bias = torch.where((j >= lo) & (j < hi), bias, minus_inf)
+    bias = torch.where(hi > lo, bias, zero)  # padded rows: finite, zeroed after
     return bias.unsqueeze(1)  # [b, 1, s, s]
 
 
@@ -64,7 +119,10 @@ def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
 
 
-def _valid_rows(lengths: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+def _valid_rows(lengths: torch.Tensor, seq_len: int, device, windows: Optional[Windows] = None) -> torch.Tensor:
+    if windows is not None:
+        lo, hi = windows
+        return (hi > lo).to(device).view(hi.shape[0], 1, seq_len, 1)  # [b, 1, s, 1]
     pos = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
     return pos < lengths.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)  # [b, 1, s, 1]
 
@@ -72,40 +130,47 @@ def _valid_rows(lengths: torch.Tensor, seq_len: int, device) -> torch.Tensor:
 def soft_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   m: torch.Tensor, lengths: torch.Tensor,
                                   softmax_scale: Optional[float] = None,
-                                  return_lse: bool = False):
+                                  return_lse: bool = False, windows: Optional[Windows] = None):
     """Soft-mask attention computed the obvious way, in the dtype of q (softmax in float32 for
-    16-bit inputs, as a PyTorch user would write it). Differentiable; any dtype."""
+    16-bit inputs, as a PyTorch user would write it). Differentiable; any dtype. `windows`: packed
+    rows (see the module docstring); `lengths` is then unused."""
     check_inputs(q, k, v, m, lengths)
+    if windows is not None:
+        check_windows(windows, q.shape[0], q.shape[2])
     b, hq, s, d = q.shape
     scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
     softmax_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     k = _expand_kv(k, hq)  # [b, hq, s, d]
     v = _expand_kv(v, hq)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(softmax_dtype) * scale  # [b, hq, s, s]
-    scores = scores + soft_mask_log_weights(m, lengths, s, softmax_dtype)
+    scores = scores + soft_mask_log_weights(m, lengths, s, softmax_dtype, windows)
     lse = torch.logsumexp(scores, dim=-1)  # [b, hq, s]
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)  # [b, hq, s, d]
-    valid = _valid_rows(lengths, s, q.device)
+    valid = _valid_rows(lengths, s, q.device, windows)
     out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
     if return_lse:
         return out, lse.float()
     return out
 
 
-_last_bias: list = [None, None, None, None]  # m, lengths, (seq_len, dtype), bias
+_last_bias: list = [None, None, None, None, None]  # m, lengths, windows, (seq_len, dtype), bias
 
 
-def _bias_for(m: torch.Tensor, lengths: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """soft_mask_log_weights, reused while the layers of a forward pass the same m and lengths
-    tensors (held here, so identity is never confused with a later tensor at the same address)."""
-    if _last_bias[0] is not m or _last_bias[1] is not lengths or _last_bias[2] != (seq_len, dtype):
-        _last_bias[:] = [m, lengths, (seq_len, dtype), soft_mask_log_weights(m, lengths, seq_len, dtype)]
-    return _last_bias[3]
+def _bias_for(m: torch.Tensor, lengths: torch.Tensor, seq_len: int, dtype: torch.dtype,
+              windows: Optional[Windows]) -> torch.Tensor:
+    """soft_mask_log_weights, reused while the layers of a forward pass the same m, lengths and
+    windows (held here, so identity is never confused with a later tensor at the same address)."""
+    if (_last_bias[0] is not m or _last_bias[1] is not lengths or _last_bias[2] is not windows
+            or _last_bias[3] != (seq_len, dtype)):
+        _last_bias[:] = [m, lengths, windows, (seq_len, dtype),
+                         soft_mask_log_weights(m, lengths, seq_len, dtype, windows)]
+    return _last_bias[4]
 
 
 def soft_mask_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
-                             lengths: torch.Tensor, softmax_scale: Optional[float] = None) -> torch.Tensor:
+                             lengths: torch.Tensor, softmax_scale: Optional[float] = None,
+                             windows: Optional[Windows] = None) -> torch.Tensor:
     """The same maths through torch's fused ``scaled_dot_product_attention`` with log M as a float
     mask: no [b, h, s, s] probabilities kept for backward on the CPU flash path, and torch's own
     backward. The CPU backend of ``auto``; on GPUs a fallback (the mask is materialised, so the fused
@@ -113,10 +178,12 @@ def soft_mask_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_inputs(q, k, v, m, lengths)
     b, hq, s, d = q.shape
     scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
-    bias = _bias_for(m, lengths, s, q.dtype)  # [b, 1, s, s]
+    if windows is not None:
+        check_windows(windows, b, s)
+    bias = _bias_for(m, lengths, s, q.dtype, windows)  # [b, 1, s, s]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
                                                            enable_gqa=k.shape[1] != hq)  # [b, hq, s, d]
-    valid = _valid_rows(lengths, s, q.device)
+    valid = _valid_rows(lengths, s, q.device, windows)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 

@@ -104,20 +104,32 @@ def row_mask_weights(a: float, lengths: torch.Tensor, seq_len: int,
     Computed in float64 and rounded once, so that a = 1 with `len_over_pos` gives exactly 1.0 and
     a = 0 exactly 0.0 on every valid row.
     """
+    lengths64 = lengths.to(torch.float64).reshape(-1, 1)  # [b, 1]
+    pos = torch.arange(1, seq_len + 1, dtype=torch.float64, device=lengths.device).reshape(1, -1)
+    return _weights(a, pos.expand(lengths64.shape[0], -1), lengths64.expand(-1, seq_len), position_scale)
+
+
+def windowed_row_mask_weights(a: float, lo: torch.Tensor, hi: torch.Tensor,
+                              position_scale: str = "len_over_pos") -> torch.Tensor:
+    """m_i of packed rows, float32 [b, s]: each text's rows weighted by their position in that text
+    and its length (key windows [lo_i, hi_i), see reference.py), exactly as the text alone."""
+    pos = torch.arange(1, lo.shape[-1] + 1, dtype=torch.float64, device=lo.device) - lo.to(torch.float64)
+    return _weights(a, pos, (hi - lo).to(torch.float64), position_scale)
+
+
+def _weights(a: float, pos: torch.Tensor, length: torch.Tensor, position_scale: str) -> torch.Tensor:
+    """m from 1-based positions in the text and text lengths (float64, [b, s] each); 0 outside."""
     if position_scale not in POSITION_SCALES:
         raise ValueError(f"position_scale must be one of {POSITION_SCALES}, got {position_scale!r}")
     if not 0.0 <= a <= 1.0:
         raise ValueError(f"a must be in [0, 1], got {a}")
-    lengths64 = lengths.to(torch.float64).reshape(-1, 1)  # [b, 1]
-    pos = torch.arange(1, seq_len + 1, dtype=torch.float64, device=lengths.device).reshape(1, -1)
     if position_scale == "len_over_pos":
-        m = torch.clamp(a * lengths64 / pos, max=1.0)
+        m = torch.clamp(a * length / pos, max=1.0)
     elif position_scale == "pos_over_len":
-        m = torch.clamp(a * pos / lengths64.clamp(min=1.0), max=1.0)
+        m = torch.clamp(a * pos / length.clamp(min=1.0), max=1.0)
     else:
-        m = torch.full((lengths64.shape[0], seq_len), float(a), dtype=torch.float64,
-                       device=lengths.device)
-    valid = pos <= lengths64  # row i (= pos - 1) is valid when i < L
+        m = torch.full_like(pos, float(a))
+    valid = (pos >= 1) & (pos <= length)  # row i is valid when it lies in its text
     return torch.where(valid, m, torch.zeros_like(m)).to(torch.float32)  # [b, s]
 
 
@@ -139,7 +151,10 @@ class SoftMaskSchedule:
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
-    def row_weights(self, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    def row_weights(self, lengths: torch.Tensor, seq_len: int, windows=None) -> torch.Tensor:
+        """m [b, s] for right-padded rows, or for packed rows when their key `windows` are given."""
+        if windows is not None:
+            return windowed_row_mask_weights(self.a, windows[0], windows[1], self.config.position_scale)
         return row_mask_weights(self.a, lengths, seq_len, self.config.position_scale)
 
     def state_dict(self) -> Dict[str, Any]:
