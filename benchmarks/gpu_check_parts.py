@@ -150,7 +150,12 @@ def part_train_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     else:
         argv = ["--recipe", "conan_1p4b", "--num-layers", "4", "--seq-length", "4096", "--micro-batch-sizes", "1",
                 "--precision", "bf16"]
-    rows = _benchmark_rows(train_step, argv + ["--recompute", "none", "--steps", "3", "--warmup", "1"], scratch)
+    from megatron_conan.models.conan import transformer_engine_available
+
+    # with Transformer Engine where installed, and without it (megatron-core's local layers) always
+    engines = ["on", "off"] if transformer_engine_available() else ["off"]
+    rows = _benchmark_rows(train_step, argv + ["--recompute", "none", "--steps", "3", "--warmup", "1",
+                                               "--transformer-engine", *engines], scratch)
     figures = {}
     for row in rows:
         label = f"micro {row['micro_batch']}, TE {'on' if row.get('transformer_engine') else 'off'}"

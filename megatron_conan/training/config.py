@@ -20,6 +20,9 @@ class ModelSection:
     """ConanModelConfig fields to change (e.g. vocab_size to match a tokenizer)."""
     transformer_overrides: Dict[str, Any] = field(default_factory=dict)
     """Extra megatron-core TransformerConfig fields (e.g. recompute_granularity)."""
+    transformer_engine: Optional[bool] = None
+    """Transformer Engine layers: None uses them where installed; false forces megatron-core's local
+    layers (the comparison run of benchmarks/train_step.py); true refuses to start without TE."""
     soft_mask: Optional[Dict[str, Any]] = None
     """SoftMaskConfig fields of the embedding stages' attention (stage 3: the causal ->
     bidirectional schedule, `total_steps` defaulting to the stage's steps minus one, so that the
@@ -28,6 +31,12 @@ class ModelSection:
 
     def __post_init__(self):
         self.build()  # a bad recipe name or override fails when the config loads
+        if self.transformer_engine:
+            from megatron_conan.models.conan import transformer_engine_available
+
+            if not transformer_engine_available():
+                raise ConfigError("model.transformer_engine=true: Transformer Engine is not installed "
+                                  "(pip install transformer-engine, or leave the field unset)")
 
     def build(self) -> ConanModelConfig:
         from megatron_conan.config.loader import from_dict, to_dict

@@ -143,7 +143,8 @@ def build_trainer(cfg: RunConfig, stage: Stage) -> Trainer:
         os.makedirs(cfg.run_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     logger.info("%s", describe_layout())
-    chunks = wrap_model(build_model_chunks(model_config, transformer_config, core_attention=stage.core_attention(cfg)),
+    chunks = wrap_model(build_model_chunks(model_config, transformer_config, core_attention=stage.core_attention(cfg),
+                                           use_transformer_engine=cfg.model.transformer_engine),
                         transformer_config,
                         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     optimizer = build_optimizer(

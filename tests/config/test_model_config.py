@@ -81,3 +81,19 @@ def test_unknown_transformer_override_is_named():
 def test_virtual_pipeline_needs_a_pipeline():
     with pytest.raises(ConfigError, match="virtual_pipeline_parallel"):
         ParallelConfig(pipeline_parallel=1, virtual_pipeline_parallel=2)
+
+
+def test_forcing_transformer_engine_without_it_is_one_clear_error():
+    import pytest
+
+    from megatron_conan.config.loader import from_dict
+    from megatron_conan.config.model import ConfigError
+    from megatron_conan.models.conan import transformer_engine_available
+    from megatron_conan.training.config import RunConfig
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(ConfigError, match="model.transformer_engine=true: Transformer Engine is not installed"):
+        from_dict(RunConfig, {"run_dir": "x", "model": {"transformer_engine": True}, "data": {"kind": "synthetic"}})
+    assert from_dict(RunConfig, {"run_dir": "x", "model": {"transformer_engine": False},
+                                 "data": {"kind": "synthetic"}}).model.transformer_engine is False
