@@ -73,8 +73,8 @@ class Plan:
     temperature: float = 0.05
     clip_grad: float = 10.0
     """Gradient-norm clip of the embedding stages. Their norms run 4-7 after the first steps, so a
-    clip of 1 (the pretraining default) rescaled every step; on validation a clip of 10 (only the
-    first steps' norms of ~35 are cut) did better (docs/LEARNING.md section 3)."""
+    clip of 1 (the pretraining default) rescaled every step; a clip of 10 (only the first steps'
+    norms of ~35 are cut) did better on validation (docs/LEARNING.md section 3)."""
     sup_task_weights: Dict[str, float] = dataclasses.field(
         default_factory=lambda: {"retrieval": 6.0, "classification": 1.0, "sts": 1.0})
 
@@ -84,9 +84,8 @@ PLANS = {
         corpus={}, vocab_size=4096,
         model={"hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 32,
                "ffn_hidden_size": 352, "num_layers": 4, "max_sequence_length": 256},
-        # chosen on the validation split (docs/LEARNING.md section 3): pretraining matters (stage 3 from
-        # random weights: 0.007), contrastive steps matter most, passages cut at 128 tokens lose
-        # nothing and run faster, SFT is kept short
+        # chosen on the validation split (docs/LEARNING.md section 3): pretraining matters, contrastive
+        # steps matter most, passages cut at 128 tokens lose nothing and run faster, SFT is kept short
         pretrain_steps=250, sft_steps=40, weak_steps=240, sup_steps=80, seq_length=256, lm_batch=16,
         weak_batch=64, sup_batches={"retrieval": 16, "classification": 16, "sts": 32}, num_negatives=3,
         num_candidates=8, matryoshka_dims=[16, 32, 64, 128], max_query_length=64, max_passage_length=128),

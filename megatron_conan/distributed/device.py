@@ -125,7 +125,9 @@ class Placement:
         """SUM of `tensor` [k * n, ...] over the group, this rank's n rows into `output` [n, ...]."""
         self._check("reduce_scatter", tensor)
         self._check("reduce_scatter", output)
-        dist.reduce_scatter_tensor(output, tensor, op=dist.ReduceOp.SUM, group=group)
+        # torch 2.13 renamed reduce_scatter_tensor (now deprecated, with a warning per call)
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        reduce_scatter(output, tensor, op=dist.ReduceOp.SUM, group=group)
         return output
 
     def broadcast(self, tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:

@@ -47,11 +47,11 @@ class ChunkedForwardStage(FedStage):
     RNG state of each chunk."""
 
     def run_contrastive(self, ctx, roles, loss_fn):
-        from megatron_conan.training.contrastive_step import _embed_role
+        from megatron_conan.training.contrastive_step import Chunking, _embed_role
 
-        size = ctx.cfg.embedding.mini_batch_size
+        chunking = Chunking(mini_batch_size=ctx.cfg.embedding.mini_batch_size)
         embeddings = {role: _embed_role(ctx.chunks[0], sequences, ctx.cfg.embedding.pooling,
-                                        ctx.model_config.hidden_size, size) for role, sequences in roles.items()}
+                                        ctx.model_config.hidden_size, chunking) for role, sequences in roles.items()}
         loss, stats = self.capturing(loss_fn)(embeddings)
         loss.backward()
         return loss.detach(), stats
