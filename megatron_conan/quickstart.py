@@ -452,7 +452,7 @@ def start_study(args, output_name: str, prog: str) -> bool:
     args.output_dir = args.output_dir or os.path.join(args.work_dir, output_name)
     if not os.path.isfile(os.path.join(args.work_dir, "sft", "checkpoints", "latest")):
         print(f"{prog}: {args.work_dir} is not a finished main job (no sft/checkpoints/latest): run make "
-              "quickstart first", file=sys.stderr)
+              "quickstart first", file=sys.stderr)  # user-facing: one line, then exit 2
         return False
     return True
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy
 
+from megatron_conan.errors import InputError
 from megatron_conan.eval.beir import load_beir
 from megatron_conan.eval.embedders import load_embedder, truncate_and_normalize
 from megatron_conan.eval.retrieval import DEFAULT_TOP_K, evaluate_baseline, evaluate_run, run_from_top_k
@@ -49,12 +51,8 @@ SPLITS = ("validation", "test")
 
 def _available_splits(heldout_dir: str, splits: Sequence[str]) -> List[str]:
     """The requested splits that have judgements (an older corpus has only ``test``)."""
-    import os
-
     found = [name for name in splits if os.path.isfile(os.path.join(heldout_dir, "qrels", f"{name}.tsv"))]
     if not found:
-        from megatron_conan.errors import InputError
-
         raise InputError(f"{heldout_dir}: no qrels/<split>.tsv for any of {list(splits)}")
     return found
 
