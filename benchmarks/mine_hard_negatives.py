@@ -20,8 +20,6 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # run as `python benchmarks/mine_hard_negatives.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -126,7 +124,6 @@ def _agreement(ours, theirs) -> dict:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     args = parse_args(argv)
     figures = run(args)
     print(f"hard-negative mining: {figures['pairs']} queries, corpus {figures['corpus']}, K {figures['num_negatives']}, "
