@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 from megatron_conan.config.loader import load_config
 from megatron_conan.console import command_parser, configure_logging, run_command
 from megatron_conan.training.config import RunConfig
+from megatron_conan.training.estimate import dry_run_report, format_dry_run
 
 
 def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Optional[str] = None):
@@ -27,8 +28,7 @@ def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Opti
 
 def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> str:
     """The --dry-run report: pure arithmetic, nothing is allocated; the stage's config checks run."""
-    from megatron_conan.training.estimate import dry_run_report, format_dry_run
-    from megatron_conan.training.loop import build_stage
+    from megatron_conan.training.loop import build_stage  # the training stack: see _run_stage
 
     build_stage(stage).check_config(cfg)
     model_config = cfg.model.build()
@@ -80,6 +80,8 @@ def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[
         return 0
     configure_logging(logging.INFO, f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s", logging.INFO)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # megatron-core's import warns (no Transformer Engine / Apex): imported here, after run_main has
+    # installed the known-warning filters, so that a bad-input run stays one line
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
     from megatron_conan.training.loop import train
 
