@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from megatron_conan.console import set_offline_switches
+
+set_offline_switches()  # before sentence-transformers loads: nothing here downloads
 
 
 def _batch(vocab_size: int, batch: int, query_length: int, passage_length: int, seed: int):

@@ -14,15 +14,14 @@ round is reported with its median. The two sides' negatives are compared as sets
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from megatron_conan.console import set_offline_switches
+
+set_offline_switches()  # before sentence-transformers loads: nothing here downloads
 
 
 def parse_args(argv=None) -> argparse.Namespace:

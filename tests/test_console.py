@@ -41,6 +41,12 @@ def test_every_tool_has_a_console_script():
         assert callable(getattr(importlib.import_module(module), function)), name
 
 
+def test_every_console_script_is_named_in_the_readme():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    assert not [name for name in SCRIPTS if f"`{name}" not in readme]
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_an_argument_error_is_one_line_and_exit_2(name, monkeypatch, capsys):
     for switch in OFFLINE_SWITCHES:
