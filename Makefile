@@ -8,7 +8,8 @@ STAMP := $(VENV)/.megatron_conan-installed
 .PHONY: quickstart test install clean gpu-check
 
 # The prepared GPU check (docs/GPU.md): one GPU, within BUDGET_S seconds. It uses the Python at hand
-# (a GPU machine's own torch with CUDA), .venv's where one exists, and installs nothing.
+# (a GPU machine's own torch with CUDA), .venv's where one exists, and installs nothing: run as a module
+# from the repository root, it needs no install (conan-gpu-check is the same command installed).
 BUDGET_S ?= 480
 GPU_CHECK_OUT ?= .
 CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
@@ -22,7 +23,7 @@ test: $(STAMP)
 install: $(STAMP)
 
 gpu-check:
-	$(CHECK_PYTHON) tools/gpu_check.py --budget-s $(BUDGET_S) --out-dir $(GPU_CHECK_OUT)
+	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_check --budget-s $(BUDGET_S) --out-dir $(GPU_CHECK_OUT)
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)

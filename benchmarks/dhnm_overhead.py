@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-score", type=float, default=None, help="eq. 6 threshold (default: the config's)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
-    from megatron_conan.known_warnings import configure_cli_logging
+    from megatron_conan.console import configure_logging
 
-    configure_cli_logging(our_level=logging.WARNING)  # the figures only
+    configure_logging(logging.WARNING)  # the figures only
 
     import torch
 

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from megatron_conan.console import set_offline_switches
+
+set_offline_switches()  # before sentence-transformers loads: nothing here downloads
 
 
 def _batch(vocab_size: int, batch: int, query_length: int, passage_length: int, seed: int):
@@ -153,9 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
-    from megatron_conan.known_warnings import configure_cli_logging
+    from megatron_conan.console import configure_logging
 
-    configure_cli_logging(our_level=logging.WARNING)  # the figures only
+    configure_logging(logging.WARNING)  # the figures only
 
     from megatron_conan.config.model import model_recipe
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env

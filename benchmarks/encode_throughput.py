@@ -22,10 +22,9 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # run as `python benchmarks/encode_throughput.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from megatron_conan.console import set_offline_switches
+
+set_offline_switches()  # before sentence-transformers loads: nothing here downloads
 
 SHAPES = {
     "tiny": {},

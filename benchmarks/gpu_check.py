@@ -13,7 +13,7 @@ Parts, in order (docs/GPU.md):
 Each part gets a share of the time left (unused time passes on) and is skipped, with the reason,
 when that share is below what it needs; a part still running at the end of its share is stopped
 ("partial", with the figures it wrote so far). Results: gpu_check.json and gpu_check.md (a table for
-docs/PERFORMANCE.md). The entry point is tools/gpu_check.py.
+docs/PERFORMANCE.md). The entry point is conan-gpu-check (megatron_conan/cli/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def markdown_table(report: Dict) -> str:
     env = report["environment"]
     lines = [f"GPU check, {report['date']}, {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
              f"megatron-core {env.get('megatron.core')}, budget {report['budget_s']:.0f} s, "
-             f"wall {report['wall_s']:.0f} s (`python tools/gpu_check.py"
+             f"wall {report['wall_s']:.0f} s (`conan-gpu-check"
              f"{' --cpu' if report['mode'] == 'cpu' else ''} --budget-s {report['budget_s']:.0f}`)", "",
              "| part | status | figure | value |", "|---|---|---|---|"]
     for part in report["parts"]:

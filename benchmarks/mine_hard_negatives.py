@@ -14,17 +14,14 @@ round is reported with its median. The two sides' negatives are compared as sets
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # run as `python benchmarks/mine_hard_negatives.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from megatron_conan.console import set_offline_switches
+
+set_offline_switches()  # before sentence-transformers loads: nothing here downloads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,7 +123,6 @@ def _agreement(ours, theirs) -> dict:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     args = parse_args(argv)
     figures = run(args)
     print(f"hard-negative mining: {figures['pairs']} queries, corpus {figures['corpus']}, K {figures['num_negatives']}, "

@@ -37,9 +37,6 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # run as `python benchmarks/preprocess_throughput.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

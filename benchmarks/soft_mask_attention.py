@@ -24,21 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_conan.ops.soft_mask_attention.function import resolve_backend, soft_mask_attention  # noqa: E402
-from megatron_conan.ops.soft_mask_attention.reference import (  # noqa: E402
-    soft_mask_attention_reference, soft_mask_log_weights)
-from megatron_conan.ops.soft_mask_attention.schedule import row_mask_weights  # noqa: E402
+from megatron_conan.ops.soft_mask_attention.function import resolve_backend, soft_mask_attention
+from megatron_conan.ops.soft_mask_attention.reference import soft_mask_attention_reference, soft_mask_log_weights
+from megatron_conan.ops.soft_mask_attention.schedule import row_mask_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = ("triton", "cuda", "reference", "sdpa_causal", "sdpa_full", "flex", "sdpa_float_mask",

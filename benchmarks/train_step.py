@@ -74,7 +74,9 @@ def main(argv=None) -> int:
                              "several values measure each")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from megatron_conan.console import configure_logging
+
+    configure_logging(logging.WARNING)
 
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
 

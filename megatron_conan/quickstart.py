@@ -40,6 +40,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from megatron_conan.console import configure_logging, set_offline_switches
+from megatron_conan.known_warnings import silence_known_warnings
+
 logger = logging.getLogger("megatron_conan.quickstart")
 
 
@@ -440,15 +443,20 @@ def add_study_arguments(parser: argparse.ArgumentParser, output_name: str) -> No
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 
 
+def set_up_console(our_level: int) -> None:
+    """Everything is built here: nothing may be downloaded (the spawned ranks inherit the offline
+    switches), and transformers' bars for loading and saving a 38-tensor model are noise between
+    our lines. Our messages from `our_level` up, others' warnings, known warnings silenced."""
+    set_offline_switches()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    configure_logging(our_level, "%(name)s: %(message)s")
+    silence_known_warnings()
+
+
 def start_study(args, output_name: str, prog: str) -> bool:
     """Offline switches and logging for a study; False (after one line on stderr) when
     ``args.work_dir`` is not a finished main job."""
-    from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
-
-    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        os.environ.setdefault(switch, "1")
-    configure_cli_logging(our_level=logging.INFO, fmt="%(name)s: %(message)s")
-    silence_known_warnings()
+    set_up_console(logging.INFO)
     args.output_dir = args.output_dir or os.path.join(args.work_dir, output_name)
     if not os.path.isfile(os.path.join(args.work_dir, "sft", "checkpoints", "latest")):
         print(f"{prog}: {args.work_dir} is not a finished main job (no sft/checkpoints/latest): run make "
@@ -476,14 +484,7 @@ def main(argv=None) -> int:
                         help="full: the README's run (about 10 minutes on 2 cores); quick: the same steps, tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # everything is built here: nothing may be downloaded (the spawned ranks inherit these), and
-    # transformers' bars for loading and saving a 38-tensor model are noise between our lines
-    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        os.environ.setdefault(switch, "1")
-    from megatron_conan.known_warnings import configure_cli_logging, silence_known_warnings
-
-    configure_cli_logging(our_level=logging.WARNING, fmt="%(name)s: %(message)s")
-    silence_known_warnings()
+    set_up_console(logging.WARNING)
     problem = claim_work_dir(args.work_dir)
     if problem:
         print(f"quickstart: error: {problem}", file=sys.stderr)  # user-facing: one line, nothing touched

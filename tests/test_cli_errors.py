@@ -15,7 +15,6 @@ from megatron_conan.errors import ConfigError, run_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "examples", "tiny", "pretrain.yaml")
 PRETRAIN = [sys.executable, "-m", "megatron_conan.training.pretrain"]
-TOOLS = os.path.join(REPO, "tools")
 
 
 def _env():
@@ -113,7 +112,7 @@ def tokenizer_1000(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tokenizer")
     synthetic.write_pretraining_jsonl(str(directory / "corpus.jsonl"), num_docs=200, seed=0)
-    code, stdout, stderr = _run([sys.executable, os.path.join(TOOLS, "train_tokenizer.py"), "--input",
+    code, stdout, stderr = _run([sys.executable, "-m", "megatron_conan.cli.train_tokenizer", "--input",
                                  str(directory / "corpus.jsonl"), "--model-prefix", str(directory / "tok"),
                                  "--vocab-size", "1000", "--num-threads", "1"])
     assert code == 0, stderr[-3000:]
@@ -175,20 +174,20 @@ def test_tool_input_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
     synthetic.write_pretraining_jsonl(str(corpus), num_docs=5, seed=0)
     (tmp_path / "empty.jsonl").write_text("\n\n")
     out = tmp_path / "out"
-    contrastive = [sys.executable, os.path.join(TOOLS, "tokenize_contrastive.py"), "--no-progress",
+    contrastive = [sys.executable, "-m", "megatron_conan.cli.tokenize_contrastive", "--no-progress",
                    "--output-prefix", str(out / "store")]
-    tokenizer = [sys.executable, os.path.join(TOOLS, "train_tokenizer.py"), "--model-prefix", str(out / "tok")]
+    tokenizer = [sys.executable, "-m", "megatron_conan.cli.train_tokenizer", "--model-prefix", str(out / "tok")]
     cases = {
         "missing tokenizer model": (contrastive + ["--input", str(corpus), "--tokenizer-model", "/nonexistent.model"],
-                                    "tokenize_contrastive.py", "tokenizer_model: no such file '/nonexistent.model'"),
+                                    "conan-tokenize-contrastive", "tokenizer_model: no such file '/nonexistent.model'"),
         "missing input": (contrastive + ["--input", str(tmp_path / "nope.jsonl"), "--tokenizer-model", "/x.model"],
-                          "tokenize_contrastive.py", "inputs: no such file"),
+                          "conan-tokenize-contrastive", "inputs: no such file"),
         "vocab size too small": (tokenizer + ["--input", str(corpus), "--vocab-size", "100"],
-                                 "train_tokenizer.py", "vocab_size=100 leaves no room"),
+                                 "conan-train-tokenizer", "vocab_size=100 leaves no room"),
         "no usable text": (tokenizer + ["--input", str(tmp_path / "empty.jsonl"), "--vocab-size", "1000"],
-                           "train_tokenizer.py", "no usable text in"),
+                           "conan-train-tokenizer", "no usable text in"),
         "missing tokenizer input": (tokenizer + ["--input", str(tmp_path / "nope.txt"), "--vocab-size", "1000"],
-                                    "train_tokenizer.py", str(tmp_path / "nope.txt")),
+                                    "conan-train-tokenizer", str(tmp_path / "nope.txt")),
     }
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(_run, command) for name, (command, _, _) in cases.items()}

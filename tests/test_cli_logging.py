@@ -3,7 +3,7 @@ library that sets its own logger to DEBUG when it is imported (bm25s does)."""
 
 import logging
 
-from megatron_conan.known_warnings import configure_cli_logging
+from megatron_conan.console import configure_logging
 
 
 def test_ours_from_info_theirs_from_warning(capsys):
@@ -11,8 +11,8 @@ def test_ours_from_info_theirs_from_warning(capsys):
     saved = (root.level, list(root.handlers))
     root.handlers = []
     try:
-        configure_cli_logging()
-        configure_cli_logging()  # idempotent: one handler, one filter
+        configure_logging()
+        configure_logging()  # idempotent: one handler, one filter
         chatty = logging.getLogger("bm25s")
         chatty.setLevel(logging.DEBUG)  # as bm25s does at import, after our configuration
         chatty.debug("Building index from IDs objects")

@@ -6,16 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 PARTS = ["stages", "kernels", "kernel_speed", "train_step", "embed_step"]
 
 
 def _check(tmp_path, *argv, timeout=600):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), *argv], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "megatron_conan.cli.gpu_check", *argv], cwd=tmp_path,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
@@ -50,4 +48,4 @@ def test_a_tiny_budget_skips_every_part_with_its_reason(tmp_path):
 def test_bad_budget_is_one_line(tmp_path):
     result = _check(tmp_path, "--cpu", "--budget-s", "-1", timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "gpu_check.py: error: --budget-s must be positive, got -1"
+    assert result.stderr.strip() == "conan-gpu-check: error: --budget-s must be positive, got -1"

@@ -1,65 +1,8 @@
-"""Python's own documentation -> corpora for every stage and a held-out BEIR retrieval split.
+"""`conan-build-pydoc-corpus` as a script: `python tools/build_pydoc_corpus.py ...` = `conan-build-pydoc-corpus ...` (megatron_conan/cli/build_pydoc_corpus.py)."""
 
-    python tools/build_pydoc_corpus.py --output-dir data/pydoc
-    python tools/build_pydoc_corpus.py --output-dir data/pydoc seed=1 heldout_documents=500 \
-        pretrain_target_bytes=200000000
-
-Writes pretrain.jsonl, sft.jsonl, pairs.jsonl, retrieval.jsonl, corpus.jsonl, sts.jsonl,
-classification.jsonl, heldout/{corpus.jsonl,queries.jsonl,qrels/test.tsv} and manifest.json
-(see megatron_conan/data/pydoc_corpus.py for the design, megatron_conan/data/README.md for the
-formats). Options after the flags are `key=value` fields of PydocCorpusConfig. The directory
-appears complete or not at all; an existing one is refused unless --overwrite. Bad input ends in
-one stderr line and exit status 2.
-"""
-
-import argparse
-import os
 import sys
-import time
 
-if __package__ in (None, ""):  # run as `python tools/build_pydoc_corpus.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
-    parser.add_argument("--python", help="the interpreter whose documentation to use "
-                                         "(default: this one)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="PydocCorpusConfig fields, e.g. seed=1 max_sft_examples=null")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    from megatron_conan.errors import run_main
-
-    return run_main(_main, argv)
-
-
-def _main(argv) -> int:
-    args = parse_args(argv)
-    from megatron_conan.config.loader import load_config
-    from megatron_conan.data.pydoc_corpus import PydocCorpusConfig, build_pydoc_corpus
-
-    config = load_config(PydocCorpusConfig, None, args.overrides)
-    start = time.perf_counter()
-    manifest = build_pydoc_corpus(args.output_dir, config, overwrite=args.overwrite,
-                                  python=args.python)
-    seconds = time.perf_counter() - start
-    modules = manifest["modules"]
-    print(f"Python {manifest['python']['version']} documentation: {modules['imported']} modules "  # user-facing
-          f"imported, {modules['skipped']} skipped, {modules['private']} private; "
-          f"{manifest['counts']['docstrings_kept']} docstrings, "
-          f"{manifest['counts']['topic_sections']} topic sections; "
-          f"{len(manifest['heldout_families'])} families held out")
-    for name, info in manifest["files"].items():
-        print(f"  {name:24s} {info['lines']:7,d} lines {info['bytes'] / 1e6:8.2f} MB")  # user-facing
-    print(f"wrote {args.output_dir} in {seconds:.1f} s")  # user-facing
-    return 0
-
+from megatron_conan.cli.build_pydoc_corpus import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,61 +1,8 @@
-"""Trains the project's SentencePiece tokenizer (BPE, byte fallback) on a sample of JSONL or text.
+"""`conan-train-tokenizer` as a script: `python tools/train_tokenizer.py ...` = `conan-train-tokenizer ...` (megatron_conan/cli/train_tokenizer.py)."""
 
-    python tools/train_tokenizer.py --input data/*.jsonl.zst --model-prefix tok/conan \
-        --vocab-size 150000 --max-sentences 5000000
-
-Writes <model-prefix>.model and .vocab. Files ending in .jsonl[.gz|.zst] are read as JSONL
-(--json-key), others as plain text, one sample per line.
-"""
-
-import argparse
-import logging
-import os
 import sys
 
-if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from megatron_conan.data.tokenizer import TokenizerTrainingConfig
-
-    defaults = TokenizerTrainingConfig()
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True)
-    parser.add_argument("--model-prefix", required=True)
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    parser.add_argument("--character-coverage", type=float, default=defaults.character_coverage)
-    parser.add_argument("--num-reserved", type=int, default=defaults.num_reserved)
-    parser.add_argument("--json-key", default=defaults.json_key)
-    parser.add_argument("--max-sentences", type=int, default=defaults.max_sentences)
-    parser.add_argument("--max-sentence-length", type=int, default=defaults.max_sentence_length)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--num-threads", type=int, default=defaults.num_threads)
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    """Bad input (missing files, bad options, malformed data) ends in one stderr line, status 2."""
-    from megatron_conan.errors import run_main
-
-    return run_main(_main, argv)
-
-
-def _main(argv) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
-
-    config = TokenizerTrainingConfig(
-        vocab_size=args.vocab_size, character_coverage=args.character_coverage,
-        num_reserved=args.num_reserved, json_key=args.json_key,
-        max_sentences=args.max_sentences, max_sentence_length=args.max_sentence_length,
-        seed=args.seed, num_threads=args.num_threads)
-    report = train_tokenizer(args.input, args.model_prefix, config)
-    print(f"wrote {args.model_prefix}.model ({args.vocab_size} pieces)\n{report.format()}")
-    return 0
-
+from megatron_conan.cli.train_tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""The three conversions of ``tools/convert_checkpoint.py``:
+"""The three conversions of ``conan-convert``:
 
 - :func:`export_hf`: one of our checkpoints (any TP/PP) -> an HF ``LlamaForCausalLM`` directory;
 - :func:`import_hf`: an HF Llama directory -> one of our checkpoints at a chosen TP/PP;

@@ -31,6 +31,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from megatron_conan.console import configure_logging
 from megatron_conan.known_warnings import silence_known_warnings
 
 _POLL_S = 0.2
@@ -85,7 +86,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    logging.basicConfig(level=log_level, format=f"[rank {rank}] %(name)s: %(message)s", force=True)
+    configure_logging(log_level, f"[rank {rank}] %(name)s: %(message)s", log_level, force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-rank config dumps drown the output
     silence_known_warnings()
     try:

@@ -12,11 +12,13 @@ features: a Matryoshka prefix re-normalised).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Optional, Sequence
 
-from megatron_conan.eval.embedders import PROMPT_NAMES
-from megatron_conan.known_warnings import configure_cli_logging
+from megatron_conan.console import command_parser, run_command
+from megatron_conan.eval.embedders import PROMPT_NAMES, load_embedder
+from megatron_conan.eval.text_io import check_output_file, read_texts, save_npy
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +45,7 @@ def embedder_options(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="conan-encode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("conan-encode", __doc__)
     parser.add_argument("model", help="run / checkpoints / iter_N directory, or an exported directory")
     parser.add_argument("--input", required=True, help="JSONL (.jsonl[.gz|.zst]) or a text file, one text per line")
     parser.add_argument("--output", required=True, help=".npy file to write")
@@ -58,17 +59,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Bad input (missing model or input file, malformed lines, a bad dim) ends in one stderr line
     and exit status 2."""
-    from megatron_conan.errors import run_main
-
-    return run_main(_main, argv, prog="conan-encode")
+    return run_command(_main, argv, prog="conan-encode", log_level=logging.INFO)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
-    from megatron_conan.eval.embedders import load_embedder
-    from megatron_conan.eval.text_io import check_output_file, read_texts, save_npy
-
     check_output_file(args.output)
     texts = read_texts(args.input, args.text_field)
     with load_embedder(args.model, **embedder_options(args)) as embedder:

@@ -12,16 +12,22 @@ adds BM25 and/or a seeded random ranking on the same split.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from megatron_conan.console import command_parser, run_command
+from megatron_conan.errors import InputError
+from megatron_conan.eval import retrieval
+from megatron_conan.eval.beir import load_beir
+from megatron_conan.eval.embedders import load_embedder
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
-from megatron_conan.known_warnings import configure_cli_logging
+from megatron_conan.eval.metrics import METRIC_NAMES
+from megatron_conan.eval.text_io import check_output_file, save_json
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="conan-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("conan-eval", __doc__)
     parser.add_argument("data", help="BEIR-layout directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     parser.add_argument("--model", help="run / checkpoints / iter_N directory, or an exported directory")
     parser.add_argument("--baselines", default="", help="comma-separated: bm25, random")
@@ -36,8 +42,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def format_table(results: Dict[str, Dict[str, Any]]) -> str:
     """A plain-text table: one row per system, the metrics in percent."""
-    from megatron_conan.eval.metrics import METRIC_NAMES
-
     name_width = max([len("system")] + [len(name) for name in results])
     header = f"{'system':<{name_width}}  " + "  ".join(f"{metric:>13}" for metric in METRIC_NAMES)
     rows = [header, "-" * len(header)]
@@ -49,20 +53,11 @@ def format_table(results: Dict[str, Dict[str, Any]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Bad input (a missing or malformed dataset, an unknown baseline, a missing model) ends in one
     stderr line and exit status 2."""
-    from megatron_conan.errors import run_main
-
-    return run_main(_main, argv, prog="conan-eval")
+    return run_command(_main, argv, prog="conan-eval", log_level=logging.INFO)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
-    from megatron_conan.errors import InputError
-    from megatron_conan.eval import retrieval
-    from megatron_conan.eval.beir import load_beir
-    from megatron_conan.eval.embedders import load_embedder
-    from megatron_conan.eval.text_io import check_output_file, save_json
-
     baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
     unknown = sorted(set(baselines) - set(retrieval.BASELINES))
     if unknown:

@@ -1,4 +1,4 @@
-"""Soft-mask kernel checks shared by the kernel tests and ``tools/gpu_check.py``: inputs, the
+"""Soft-mask kernel checks shared by the kernel tests and ``conan-gpu-check``: inputs, the
 reference with its gradients, and docs/DESIGN.md section 4's bound (the kernel's error at most 2x the error of
 the same PyTorch computation in the kernel's precision)."""
 

@@ -3,18 +3,18 @@ then either print the ``--dry-run`` report or train. Entry modules stay a few li
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Callable, Optional, Sequence
 
 from megatron_conan.config.loader import load_config
-from megatron_conan.errors import run_main
+from megatron_conan.console import command_parser, configure_logging, run_command
 from megatron_conan.training.config import RunConfig
+from megatron_conan.training.estimate import dry_run_report, format_dry_run
 
 
 def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Optional[str] = None):
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = command_parser(prog, description)
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print layout, batch, token budget, parameters and memory per GPU; no training")
@@ -28,8 +28,7 @@ def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Opti
 
 def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> str:
     """The --dry-run report: pure arithmetic, nothing is allocated; the stage's config checks run."""
-    from megatron_conan.training.estimate import dry_run_report, format_dry_run
-    from megatron_conan.training.loop import build_stage
+    from megatron_conan.training.loop import build_stage  # the training stack: see _run_stage
 
     build_stage(stage).check_config(cfg)
     model_config = cfg.model.build()
@@ -69,7 +68,8 @@ def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None
     """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2."""
     # named as the console script, whether started as conan-<stage>, python -m or torchrun
     prog = f"conan-{stage}"
-    return run_main(lambda args: _run_stage(description, stage, prog, args, forward_step_func), argv, prog=prog)
+    return run_command(lambda args: _run_stage(description, stage, prog, args, forward_step_func), argv, prog=prog,
+                       log_level=None)
 
 
 def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[str]],
@@ -78,8 +78,10 @@ def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[
     if args.dry_run:
         print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))  # user-facing
         return 0
-    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
+    configure_logging(logging.INFO, f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s", logging.INFO)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # megatron-core's import warns (no Transformer Engine / Apex): imported here, after run_main has
+    # installed the known-warning filters, so that a bad-input run stays one line
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
     from megatron_conan.training.loop import train
 

@@ -15,11 +15,3 @@ def artifacts(tmp_path_factory):
     from megatron_conan.testing.fixtures import build_conversion_artifacts
 
     return build_conversion_artifacts(tmp_path_factory.getbasetemp() / "conan_conversion")
-
-
-@pytest.fixture(scope="session")
-def scripts():
-    """Import a tools/ or benchmarks/ script by path (those directories are not packages)."""
-    from tests.data.conftest import load_script
-
-    return load_script

@@ -1,4 +1,4 @@
-"""convert_checkpoint.py on bad input: one stderr line, exit status 2, nothing written."""
+"""conan-convert on bad input: one stderr line, exit status 2, nothing written."""
 
 import json
 import os
@@ -6,19 +6,20 @@ import shutil
 
 import pytest
 
+from megatron_conan.cli import convert as convert_command
 from megatron_conan.conversion import hf_io
 from megatron_conan.testing.fixtures import copy_checkpoint_with_extra, embedding_run_config, soft_mask_state
 
 
 @pytest.fixture(scope="module")
-def tool(scripts):
-    return scripts("tools/convert_checkpoint.py")
+def tool():
+    return convert_command
 
 
 def _fails_cleanly(tool, capsys, argv, message, output):
     assert tool.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("convert_checkpoint.py: error: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("conan-convert: error: "), err
     assert message in err, err
     parent = os.path.dirname(os.path.abspath(output))
     assert not [name for name in os.listdir(parent) if name.startswith(f".{os.path.basename(output)}.")]

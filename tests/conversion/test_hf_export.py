@@ -12,7 +12,7 @@ from megatron_conan.conversion import hf_io
 from megatron_conan.testing.fixtures import REFERENCE_BATCH
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
+TOOL = [sys.executable, "-m", "megatron_conan.cli.convert"]
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "tp2pp2"])
@@ -66,7 +66,7 @@ def test_an_imported_checkpoint_has_the_training_layout(artifacts):
 
 
 def _tool(*args, **kwargs):
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run([*TOOL, *args], capture_output=True, text=True, timeout=600, **kwargs)
 
 
 @pytest.mark.slow

@@ -33,14 +33,8 @@ def tokenizer(tokenizer_model):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="session")
-def repo_root() -> str:
-    return REPO_ROOT
-
-
 def load_script(relative_path: str):
-    """Imports a script of the repository (tools/, benchmarks/) by path: those directories are
-    not packages on sys.path."""
+    """Imports a benchmark script by path: benchmarks/ is not a package on sys.path."""
     import importlib.util
 
     path = os.path.join(REPO_ROOT, relative_path)

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from megatron_conan.cli import build_clr as build_clr_command
 from megatron_conan.data import clr
 from megatron_conan.data.clr import (CLR_LANGUAGE_SHARES, CLRConfig, TableTranslator,
                                      assign_language, build_clr)
@@ -115,12 +116,12 @@ def endpoint():
     server.server_close()
 
 
-def test_http_endpoint_retries_reports_and_resumes(endpoint, tmp_path, scripts, capsys):
+def test_http_endpoint_retries_reports_and_resumes(endpoint, tmp_path, capsys):
     rows = 40
     source = tmp_path / "retrieval.jsonl"
     _write_rows(source, rows, language="la")  # no target is Latin: every query is translated
     output = tmp_path / "clr.jsonl"
-    tool = scripts("tools/build_clr_dataset.py")
+    tool = build_clr_command
     arguments = ["--input", str(source), "--output", str(output), "--translator", "http",
                  "--base-url", endpoint, "--model", "tiny", "--concurrency", "4", "--retries",
                  "2", "--backoff", "0.01", "--timeout", "10", "--no-progress", "--report-json",

@@ -6,6 +6,7 @@ import sys
 import numpy
 import pytest
 
+from megatron_conan.cli import preprocess as preprocess_command
 from megatron_conan.data.indexed import IndexedDatasetWriter, read_index, token_dtype_for_vocab
 from tests.data.adversarial import (  # noqa: F401  (fixtures)
     ADVERSARIAL,
@@ -47,7 +48,7 @@ def test_bytes_equal_megatron_core_builder(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("model", ["tokenizer_model", "docs_tokenizer_model"])
-def test_tool_output_equals_megatron_core_builder_on_real_text(request, model, tmp_path, scripts):
+def test_tool_output_equals_megatron_core_builder_on_real_text(request, model, tmp_path):
     """The whole tool, on Python's documentation (with its indentation) and adversarial lines,
     against the builder fed plain SentencePiece ids."""
     tokenizer_model = request.getfixturevalue(model)
@@ -63,7 +64,7 @@ def test_tool_output_equals_megatron_core_builder_on_real_text(request, model, t
     processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
     documents = [[processor.encode(text, out_type=int) + [processor.eos_id()]] for text in texts]
     for dtype in ("uint16", "int32"):
-        assert scripts("tools/preprocess_data.py").main([
+        assert preprocess_command.main([
             "--input", str(source), "--output-prefix", str(tmp_path / dtype), "--tokenizer-model",
             tokenizer_model, "--dtype", dtype, "--workers", "2", "--batch-lines", "7",
             "--no-progress"]) == 0

@@ -11,6 +11,7 @@ import pytest
 import zstandard
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron_conan.cli import preprocess as preprocess_command
 from megatron_conan.data.indexed import merge_indexed_datasets, token_dtype_for_vocab
 from megatron_conan.data.jsonl import BadLineKind, StrictModeError
 from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
@@ -131,12 +132,12 @@ def test_every_bad_kind_is_counted_and_located(tokenizer, tokenizer_model, tmp_p
     assert f"{source}:2: invalid_utf8" in report and "... 1 more" in report
 
 
-def test_strict_stops_with_nonzero_exit_and_no_output(tokenizer_model, tmp_path, scripts, capsys):
+def test_strict_stops_with_nonzero_exit_and_no_output(tokenizer_model, tmp_path, capsys):
     source = tmp_path / "bad.jsonl"
     _write_bad_input(source)
     with pytest.raises(StrictModeError, match=r"bad\.jsonl:2: invalid_utf8"):
         _run([source], tmp_path / "lib", tokenizer_model, strict=True)
-    tool = scripts("tools/preprocess_data.py")
+    tool = preprocess_command
     code = tool.main(["--input", str(source), "--output-prefix", str(tmp_path / "cli"),
                       "--tokenizer-model", tokenizer_model, "--strict", "--no-progress",
                       "--workers", "2"])
@@ -147,10 +148,10 @@ def test_strict_stops_with_nonzero_exit_and_no_output(tokenizer_model, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
 
-def test_all_bad_input_is_an_error_without_output(tokenizer_model, tmp_path, scripts, capsys):
+def test_all_bad_input_is_an_error_without_output(tokenizer_model, tmp_path, capsys):
     source = tmp_path / "bad.jsonl"
     source.write_bytes(b'{"text": ""}\n{oops\n')
-    tool = scripts("tools/preprocess_data.py")
+    tool = preprocess_command
     assert tool.main(["--input", str(source), "--output-prefix", str(tmp_path / "out"),
                       "--tokenizer-model", tokenizer_model, "--no-progress"]) == 2
     printed = capsys.readouterr()
@@ -173,14 +174,14 @@ def test_failure_midway_leaves_nothing_and_keeps_old_output(corpus_dir, tokenize
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir, repo_root):
+def _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir):
     """Starts the tool on a named pipe and feeds it half the corpus, leaving the pipe open so the
     tool is stuck mid-way; returns (process, pipe writer, output prefix)."""
     fifo = tmp_path / "input.jsonl"
     os.mkfifo(fifo)
     prefix = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, os.path.join(repo_root, "tools", "preprocess_data.py"), "--input",
+        [sys.executable, "-m", "megatron_conan.cli.preprocess", "--input",
          str(fifo), "--output-prefix", str(prefix), "--tokenizer-model", tokenizer_model,
          "--batch-lines", "10", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -197,10 +198,8 @@ def _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir, repo_root):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_leaves_no_complete_looking_output(corpus_dir, tokenizer_model, tmp_path, sig,
-                                                      repo_root):
-    process, writer, prefix = _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir,
-                                                  repo_root)
+def test_killed_run_leaves_no_complete_looking_output(corpus_dir, tokenizer_model, tmp_path, sig):
+    process, writer, prefix = _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir)
     process.send_signal(sig)
     process.wait(timeout=60)
     writer.close()
@@ -211,8 +210,8 @@ def test_killed_run_leaves_no_complete_looking_output(corpus_dir, tokenizer_mode
         assert not list(tmp_path.glob("out*.tmp-*"))
 
 
-def test_tool_reports_and_writes_json(corpus_dir, tokenizer_model, tmp_path, scripts, capsys):
-    tool = scripts("tools/preprocess_data.py")
+def test_tool_reports_and_writes_json(corpus_dir, tokenizer_model, tmp_path, capsys):
+    tool = preprocess_command
     report = tmp_path / "report.json"
     assert tool.main(["--input", str(corpus_dir / "mixed.jsonl"), "--output-prefix",
                       str(tmp_path / "out"), "--tokenizer-model", tokenizer_model,
@@ -260,11 +259,10 @@ def _half_bad(path, bad_every):
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
-def test_more_bad_lines_than_allowed_fails_after_the_full_report(tokenizer_model, tmp_path,
-                                                                  scripts, capsys):
+def test_more_bad_lines_than_allowed_fails_after_the_full_report(tokenizer_model, tmp_path, capsys):
     source = tmp_path / "some_bad.jsonl"
     _half_bad(source, bad_every=40)  # 5 of 200 lines bad: 2.5%
-    tool = scripts("tools/preprocess_data.py")
+    tool = preprocess_command
     report = tmp_path / "report.json"
     arguments = ["--input", str(source), "--tokenizer-model", tokenizer_model, "--no-progress"]
     assert tool.main(arguments + ["--output-prefix", str(tmp_path / "out"),
@@ -343,14 +341,14 @@ def test_threads_follow_the_workers(tokenizer_model, corpus_dir):
     assert make_encoder(config).num_threads == 3
 
 
-def test_tool_writes_contrastive_stores_too(tokenizer_model, tmp_path, scripts, tokenizer):
+def test_tool_writes_contrastive_stores_too(tokenizer_model, tmp_path, tokenizer):
     from megatron_conan.data.contrastive import ContrastiveStore
     from megatron_conan.data.provenance import check_tokenizer
 
     source = tmp_path / "pairs.jsonl"
     source.write_text(json.dumps({"task": "pair", "query": "what loops?", "positive": "for"})
                       + "\n", encoding="utf-8")
-    assert scripts("tools/preprocess_data.py").main([
+    assert preprocess_command.main([
         "--input", str(source), "--output-prefix", str(tmp_path / "store"), "--format",
         "contrastive", "--tokenizer-model", tokenizer_model, "--no-progress"]) == 0
     store = ContrastiveStore(str(tmp_path / "store"))

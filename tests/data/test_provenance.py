@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from megatron_conan.cli import preprocess as preprocess_command
 from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
 from megatron_conan.data.provenance import (
     TokenizerMismatchError,
@@ -78,9 +79,8 @@ def test_data_without_a_record_is_accepted_with_one_warning(datasets, tokenizer,
     assert sum("no tokenizer record" in record.message for record in caplog.records) == 1
 
 
-def test_merge_keeps_the_record_and_refuses_other_tokenizers(datasets, tokenizer, tmp_path,
-                                                             scripts, capsys):
-    tool = scripts("tools/preprocess_data.py")
+def test_merge_keeps_the_record_and_refuses_other_tokenizers(datasets, tokenizer, tmp_path, capsys):
+    tool = preprocess_command
     assert tool.main(["--merge", datasets["a"], datasets["b"], "--output-prefix",
                       str(tmp_path / "ab")]) == 0
     merged = check_tokenizer(str(tmp_path / "ab"), tokenizer)

@@ -10,11 +10,13 @@ import sys
 
 import pytest
 
+from megatron_conan.cli import preprocess as preprocess_command
+from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
+from megatron_conan.cli import train_tokenizer as train_tokenizer_command
 from megatron_conan.data import pydoc_corpus
 from megatron_conan.data.pydoc_corpus import PydocCorpusConfig
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(REPO_ROOT, "tools", "build_pydoc_corpus.py")
+TOOL = [sys.executable, "-m", "megatron_conan.cli.build_pydoc_corpus"]
 # Small limits keep the tool runs below fast; the held-out split is computed over everything.
 SMALL = ["max_sft_examples=300", "max_pair_examples=300", "max_retrieval_examples=200",
          "max_mining_corpus=400", "max_sts_anchors=40", "max_classification_per_label=20",
@@ -24,7 +26,7 @@ TRAINING_FILES = ("pretrain.jsonl", "sft.jsonl", "pairs.jsonl", "retrieval.jsonl
 
 
 def _build_command(output_dir, *overrides):
-    return [sys.executable, TOOL, "--output-dir", str(output_dir), *SMALL, *overrides]
+    return [*TOOL, "--output-dir", str(output_dir), *SMALL, *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -210,19 +212,19 @@ def _report(path):
         return json.load(stream)
 
 
-def test_outputs_are_what_the_tools_read(corpus, tmp_path, scripts):
+def test_outputs_are_what_the_tools_read(corpus, tmp_path):
     """Tokenizer training, SFT and text preprocessing, contrastive tokenization: no bad line."""
     tokenizer = str(tmp_path / "tok")
-    assert scripts("tools/train_tokenizer.py").main(
+    assert train_tokenizer_command.main(
         ["--input", str(corpus / "pretrain.jsonl"), "--model-prefix", tokenizer,
          "--vocab-size", "1000", "--num-threads", "1"]) == 0
-    runs = [("tools/preprocess_data.py", "pretrain.jsonl", ["--format", "text"]),
-            ("tools/preprocess_data.py", "sft.jsonl", ["--format", "sft"])]
-    runs += [("tools/tokenize_contrastive.py", name, [])
+    runs = [(preprocess_command, "pretrain.jsonl", ["--format", "text"]),
+            (preprocess_command, "sft.jsonl", ["--format", "sft"])]
+    runs += [(tokenize_contrastive_command, name, [])
              for name in ("pairs.jsonl", "retrieval.jsonl", "sts.jsonl", "classification.jsonl")]
-    for tool, name, extra in runs:
+    for command, name, extra in runs:
         report = tmp_path / f"{name}.report.json"
-        status = scripts(tool).main(
+        status = command.main(
             ["--input", str(corpus / name), "--output-prefix", str(tmp_path / name),
              "--tokenizer-model", tokenizer + ".model", "--no-progress", "--strict",
              "--report-json", str(report), *extra])

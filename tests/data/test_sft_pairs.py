@@ -7,6 +7,7 @@ import os
 import numpy
 import pytest
 
+from megatron_conan.cli import sft_to_pairs as sft_to_pairs_command
 from megatron_conan.data import synthetic
 from megatron_conan.data.jsonl import BadLineKind
 from megatron_conan.data.sft_pairs import SFTPairsConfig, sft_record_to_pair, sft_to_pairs
@@ -63,7 +64,7 @@ def test_conversion_counts_and_locates_bad_lines(sft_jsonl, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
 
 
-def test_teacher_filter_drops_exactly_the_low_pairs(sft_jsonl, teacher, tmp_path, scripts):
+def test_teacher_filter_drops_exactly_the_low_pairs(sft_jsonl, teacher, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(teacher, device="cpu", local_files_only=True)
@@ -74,7 +75,7 @@ def test_teacher_filter_drops_exactly_the_low_pairs(sft_jsonl, teacher, tmp_path
     scores = (embeddings[:60] * embeddings[60:]).sum(axis=1)
     threshold = float(numpy.median(scores))
     output = tmp_path / "kept.jsonl"
-    tool = scripts("tools/sft_to_pairs.py")
+    tool = sft_to_pairs_command
     assert tool.main(["--input", str(sft_jsonl), "--output", str(output), "--teacher", teacher,
                       "--min-score", str(threshold), "--no-progress", "--report-json",
                       str(tmp_path / "report.json")]) == 0
@@ -87,8 +88,8 @@ def test_teacher_filter_drops_exactly_the_low_pairs(sft_jsonl, teacher, tmp_path
     assert report["dropped_examples"][0].startswith(f"{sft_jsonl}:{first_dropped + 1} (")
 
 
-def test_bad_teacher_is_one_line_and_writes_nothing(sft_jsonl, tmp_path, scripts, capsys):
-    tool = scripts("tools/sft_to_pairs.py")
+def test_bad_teacher_is_one_line_and_writes_nothing(sft_jsonl, tmp_path, capsys):
+    tool = sft_to_pairs_command
     output = tmp_path / "pairs.jsonl"
     not_a_model = tmp_path / "plain"
     not_a_model.mkdir()

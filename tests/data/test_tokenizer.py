@@ -4,6 +4,7 @@ import numpy
 import pytest
 
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+from megatron_conan.cli import train_tokenizer as train_tokenizer_command
 from megatron_conan.data.tokenizer import (
     BOS_ID, EOS_ID, PAD_ID, UNK_ID, ConanTokenizer, TokenizerTrainingConfig, train_tokenizer)
 
@@ -44,9 +45,8 @@ def test_accepted_by_megatron_gpt_dataset_config(tokenizer):
     assert config.token_dtype_code == 8  # uint16 for a small vocab
 
 
-def test_tool_trains_from_text_and_jsonl_and_counts_bad_lines(tmp_path, corpus_dir, capsys,
-                                                               scripts):
-    train_tokenizer_tool = scripts("tools/train_tokenizer.py")
+def test_tool_trains_from_text_and_jsonl_and_counts_bad_lines(tmp_path, corpus_dir, capsys):
+    train_tokenizer_tool = train_tokenizer_command
     text = tmp_path / "plain.txt"
     text.write_text("a plain line of text\nанother строка\n", encoding="utf-8")
     bad = tmp_path / "bad.jsonl"

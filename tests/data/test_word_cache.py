@@ -175,15 +175,14 @@ def test_tokenizer_encode_batch_uses_the_cache(tokenizer):
     assert tokenizer._cached.cached and tokenizer._cached.parts > 0
 
 
-def test_the_tool_says_the_fallback_once_for_the_run(other_models, tmp_path, repo_root):
-    import os
+def test_the_tool_says_the_fallback_once_for_the_run(other_models, tmp_path):
     import subprocess
 
     source = tmp_path / "docs.jsonl"
     source.write_text("".join('{"text": "%s"}\n' % text for text in ("one two", "three")),
                       encoding="utf-8")
     completed = subprocess.run(
-        [sys.executable, os.path.join(repo_root, "tools", "preprocess_data.py"), "--input",
+        [sys.executable, "-m", "megatron_conan.cli.preprocess", "--input",
          str(source), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
          other_models["unigram"], "--workers", "2", "--no-progress"],
         capture_output=True, text=True, check=True)  # main process and both workers

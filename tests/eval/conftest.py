@@ -1,4 +1,4 @@
 """The evaluation tests share the conversion tests' fixtures (offline switches, the session's tiny
 checkpoints and exports; built once per process, see megatron_conan.testing.fixtures)."""
 
-from tests.conversion.conftest import artifacts, scripts  # noqa: F401 - fixtures (used by name)
+from tests.conversion.conftest import artifacts  # noqa: F401 - a fixture (used by name)

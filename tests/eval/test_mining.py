@@ -6,6 +6,8 @@ import zlib
 import numpy
 import pytest
 
+from megatron_conan.cli import mine as mine_command
+from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
 from megatron_conan.eval.embedders import Embedder
 from megatron_conan.eval.mining import Example, MiningConfig, mine_file, mine_hard_negatives
 
@@ -82,12 +84,12 @@ def test_too_few_candidates_are_reported_by_line_and_still_written(tmp_path):
     assert saved["too_few_negatives"]["count"] == 7
 
 
-def test_the_tool_mines_with_an_export_and_the_store_reads_it(artifacts, scripts, tmp_path, capsys):
+def test_the_tool_mines_with_an_export_and_the_store_reads_it(artifacts, tmp_path, capsys):
     from megatron_conan.data import synthetic
     from megatron_conan.data.contrastive import ContrastiveStore
 
     synthetic.write_contrastive_jsonl(str(tmp_path / "pairs.jsonl"), examples_per_task=40, tasks=("pair",), seed=4)
-    tool = scripts("tools/mine_hard_negatives.py")
+    tool = mine_command
     assert tool.main(["--input", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "mined.jsonl"),
                       "--model", artifacts["sentence_transformer"], "--num-negatives", "3", "--pool-size", "6",
                       "--no-progress"]) == 0
@@ -95,15 +97,15 @@ def test_the_tool_mines_with_an_export_and_the_store_reads_it(artifacts, scripts
     rows = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
     assert all(len(row["negatives"]) == 3 and len(row["candidates"]) == 3 for row in rows)
     assert all(row["positive"] not in row["negatives"] + row["candidates"] for row in rows)
-    assert scripts("tools/tokenize_contrastive.py").main(
+    assert tokenize_contrastive_command.main(
         ["--input", str(tmp_path / "mined.jsonl"), "--output-prefix", str(tmp_path / "store"),
          "--tokenizer-model", artifacts["tokenizer"], "--no-progress"]) == 0
     store = ContrastiveStore(str(tmp_path / "store"))
     assert store.pool_size(0) == 6
 
 
-def test_bad_records_and_options_are_refused(artifacts, scripts, tmp_path, capsys):
-    tool = scripts("tools/mine_hard_negatives.py")
+def test_bad_records_and_options_are_refused(artifacts, tmp_path, capsys):
+    tool = mine_command
     (tmp_path / "in.jsonl").write_text('{"task": "pair", "query": "q", "positive": "p"}\n'
                                        '{"task": "sts", "text1": "a", "text2": "b", "score": 1}\n')
     argv = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),

@@ -1,5 +1,5 @@
 """Shared helpers for the soft-mask kernel tests (CPU interpret mode and GPU); the checks themselves
-live in the package, where tools/gpu_check.py uses them too."""
+live in the package, where conan-gpu-check uses them too."""
 
 from megatron_conan.testing.soft_mask import ERROR_FLOOR, kernel_error, make_inputs, reference_with_grads
 

@@ -56,7 +56,7 @@ def communicate_or_kill(process, timeout):
 
 
 def tokenize_contrastive(jsonl, prefix, tokenizer_model):
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "tokenize_contrastive.py"), "--input", str(jsonl),
+    subprocess.run([sys.executable, "-m", "megatron_conan.cli.tokenize_contrastive", "--input", str(jsonl),
                     "--output-prefix", str(prefix), "--tokenizer-model", tokenizer_model, "--no-progress"],
                    check=True, capture_output=True)
 

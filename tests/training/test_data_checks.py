@@ -13,7 +13,7 @@ def test_sft_data_of_another_tokenizer_is_refused(embedding_data, tmp_path):
     from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
     synthetic.write_sft_jsonl(str(tmp_path / "sft.jsonl"), num_examples=40)
-    subprocess.run([sys.executable, "tools/preprocess_data.py", "--format", "sft", "--input", str(tmp_path / "sft.jsonl"),
+    subprocess.run([sys.executable, "-m", "megatron_conan.cli.preprocess", "--format", "sft", "--input", str(tmp_path / "sft.jsonl"),
                     "--output-prefix", str(tmp_path / "sft"), "--tokenizer-model", embedding_data["tokenizer"],
                     "--no-progress"], cwd=REPO, check=True, capture_output=True)
     train_tokenizer([str(embedding_data["dir"] / "text.jsonl")], str(tmp_path / "other"),
