@@ -44,6 +44,10 @@ class ConanModelConfig:
     """Share the input embedding and the output projection."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    embedding_init_method_std: Optional[float] = None
+    """Standard deviation of the word-embedding initialisation (None: `init_method_std`). A larger
+    value starts the residual stream as a bag of distinct token vectors that the layers add to
+    rather than drown (docs/LEARNING.md section 3 measures what this does for a small model)."""
     make_vocab_size_divisible_by: int = 128
     """Vocabulary padding unit (times the tensor-parallel size), as in Megatron-LM."""
 
@@ -189,6 +193,7 @@ def build_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
+        embedding_init_method_std=model.embedding_init_method_std,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
