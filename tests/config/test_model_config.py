@@ -97,3 +97,20 @@ def test_forcing_transformer_engine_without_it_is_one_clear_error():
         from_dict(RunConfig, {"run_dir": "x", "model": {"transformer_engine": True}, "data": {"kind": "synthetic"}})
     assert from_dict(RunConfig, {"run_dir": "x", "model": {"transformer_engine": False},
                                  "data": {"kind": "synthetic"}}).model.transformer_engine is False
+
+
+def test_embedding_init_std_reaches_megatron_and_defaults_to_the_weights_std():
+    import dataclasses
+
+    import torch
+
+    default = build_transformer_config(tiny(), ParallelConfig())
+    assert default.embedding_init_method_std == default.init_method_std == tiny().init_method_std
+    config = build_transformer_config(dataclasses.replace(tiny(), embedding_init_method_std=0.3), ParallelConfig())
+    assert config.embedding_init_method_std == 0.3 and config.init_method_std == 0.02
+    weights = torch.empty(512, 256)
+    torch.manual_seed(0)
+    config.embedding_init_method(weights)
+    assert abs(weights.std().item() - 0.3) < 0.01
+    config.init_method(weights)
+    assert abs(weights.std().item() - 0.02) < 0.001
