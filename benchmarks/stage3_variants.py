@@ -3,13 +3,15 @@
     python benchmarks/stage3_variants.py --work-dir runs/quickstart \\
         --variant steps360 '{"plan": {"weak_steps": 360}}' \\
         --variant no_cloze '{"plan": {"corpus": {"inverse_cloze_pairs": 0}}}' \\
-        --variant from_random '{"init": "random"}'
+        --variant from_random '{"init": "random"}' \\
+        --variant from_random_emb03 '{"init": "random", "plan": {"model": {"embedding_init_method_std": 0.3}}}'
 
 From a finished main job (its tokenizer and SFT checkpoint), each variant rebuilds the corpus with
 the plan's corpus options (pairs may change; the held-out split and the tokenizer's text do not),
 re-tokenizes, trains stage 3 with the plan's settings and any `plan` overrides (quickstart.Plan
-fields), and scores it on the validation split with the query prompt. `"init": "random"` starts
-stage 3 from the untrained weights instead of SFT. The test split is not touched. A seed, as the
+fields; a `model` override is merged into the plan's model fields), and scores it on the
+validation split with the query prompt. `"init": "random"` starts stage 3 from the untrained
+weights (made with the variant's model fields) instead of SFT. The test split is not touched. A seed, as the
 main job's ``--seed``, also re-draws the corpus and its held-out split. One run per variant and
 seed; the table lists each.
 """
@@ -36,7 +38,9 @@ def run_variant(args, name: str, variant: dict, seed: int) -> float:
     directory = os.path.join(os.path.abspath(args.output_dir), f"{name}-seed{seed}")
     if os.path.exists(directory):
         raise SystemExit(f"stage3_variants: {directory} exists (a run of an earlier call): choose another --output-dir")
-    plan = dataclasses.replace(PLANS[args.plan], **variant.get("plan", {}))
+    changes = dict(variant.get("plan", {}))
+    changes["model"] = {**PLANS[args.plan].model, **changes.get("model", {})}
+    plan = dataclasses.replace(PLANS[args.plan], **changes)
     pipeline = Pipeline(directory, plan, seed)
     os.makedirs(directory)
     pipeline.corpus()

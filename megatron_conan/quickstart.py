@@ -477,19 +477,51 @@ STEPS = ("corpus", "tokenizer", "preprocess", "pretrain", "sft", "embed_weak", "
          "evaluate", "report")
 
 
+def plan_with(plan: Plan, settings: List[str]) -> Plan:
+    """`plan` with ``field=value`` settings (value as JSON, else a string): a Plan field, or
+    ``model.x`` / ``corpus.x`` merged into those dicts. ValueError names a malformed or unknown one."""
+    changes: Dict[str, Any] = {}
+    fields = {field.name for field in dataclasses.fields(Plan)}
+    for setting in settings:
+        key, equals, text = setting.partition("=")
+        if not equals:
+            raise ValueError(f"--set {setting!r}: expected field=value")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        section, dot, name = key.partition(".")
+        if section not in fields or (dot and section not in ("model", "corpus")):
+            raise ValueError(f"--set {setting!r}: {key} is not a plan field (fields: {', '.join(sorted(fields))}; "
+                             "model.<ConanModelConfig field>, corpus.<PydocCorpusConfig field>)")
+        if dot:
+            changes[section] = {**changes.get(section, getattr(plan, section)), name: value}
+        else:
+            changes[key] = value
+    return dataclasses.replace(plan, **changes)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/quickstart")
     parser.add_argument("--plan", choices=sorted(PLANS), default="full",
                         help="full: the README's run (about 10 minutes on 2 cores); quick: the same steps, tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change the plan for a study: weak_steps=360, model.embedding_init_method_std=0.3 "
+                             "(docs/LEARNING.md names the runs made this way)")
     args = parser.parse_args(argv)
     set_up_console(logging.WARNING)
+    try:
+        plan = plan_with(PLANS[args.plan], args.set)
+    except ValueError as error:
+        print(f"quickstart: error: {error}", file=sys.stderr)  # user-facing: one line, nothing touched
+        return 2
     problem = claim_work_dir(args.work_dir)
     if problem:
         print(f"quickstart: error: {problem}", file=sys.stderr)  # user-facing: one line, nothing touched
         return 2
-    pipeline = Pipeline(args.work_dir, PLANS[args.plan], args.seed)
+    pipeline = Pipeline(args.work_dir, plan, args.seed)
     started = time.perf_counter()
     for name in STEPS:
         pipeline.timed(name.replace("_", "-"), getattr(pipeline, name))

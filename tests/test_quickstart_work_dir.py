@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_conan.quickstart import WORK_DIR_MARKER, claim_work_dir, layout_for_host
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +53,21 @@ def test_a_plan_is_fitted_to_the_gpus_present():
     sup = {"train": {"global_batch_size": 8}, "embedding": {"task_batch_sizes": {"retrieval": 4, "sts": 8}}}
     world, fitted = layout_for_host(2, sup, gpus=1)  # DP 2 -> 1: per-rank task batches double
     assert world == 1 and fitted["embedding"]["task_batch_sizes"] == {"retrieval": 8, "sts": 16}
+
+
+def test_plan_settings_change_fields_and_merge_model_and_corpus():
+    from megatron_conan.quickstart import PLANS, plan_with
+
+    plan = plan_with(PLANS["full"], ["weak_steps=360", "model.embedding_init_method_std=0.3", "temperature=0.02"])
+    assert (plan.weak_steps, plan.temperature) == (360, 0.02)
+    assert plan.model == {**PLANS["full"].model, "embedding_init_method_std": 0.3}
+    assert PLANS["full"].weak_steps != 360 and "embedding_init_method_std" not in PLANS["full"].model
+
+
+@pytest.mark.parametrize("setting", ["weak_steps", "no_such_field=1", "seed.x=1"])
+def test_a_bad_plan_setting_is_one_line_and_exit_2(setting, tmp_path, capsys):
+    from megatron_conan.quickstart import main
+
+    assert main(["--work-dir", str(tmp_path / "run"), "--set", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("quickstart: error: --set") and not (tmp_path / "run").exists()
