@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 
-from megatron_conan.conversion.megatron_checkpoint import read_checkpoint_info
+from megatron_conan.checkpoint.metadata import read_checkpoint_info
 from megatron_conan.testing.distributed import run_distributed
 from tests.training.test_loop import _config, _train_body
 
