@@ -148,7 +148,6 @@ class FileSet:
         self.staging = tempfile.mkdtemp(prefix=f".{first}.tmp-", dir=parent)
         self.temporary: Dict[str, str] = {
             path: os.path.join(self.staging, os.path.basename(path)) for path in self.final_paths}
-        self._done = False
 
     def tmp(self, final_path: str) -> str:
         return self.temporary[os.path.abspath(final_path)]
@@ -170,12 +169,11 @@ class FileSet:
         self.abort()
 
     def abort(self) -> None:
+        """Delete the staging directory and whatever is in it (after `commit()`: nothing)."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        self._done = True
 
     def __enter__(self) -> "FileSet":
         return self
 
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if not self._done:
-            self.abort()
+    def __exit__(self, *exc_info) -> None:
+        self.abort()
