@@ -98,3 +98,17 @@ def test_a_rename_replaces_the_destination(tmp_path):
     (tmp_path / "b").write_text("b")
     atomic_write.rename(str(tmp_path / "a"), str(tmp_path / "b"))
     assert _names(tmp_path) == ["b"] and (tmp_path / "b").read_text() == "a"
+
+
+def test_clean_up_never_removes_a_file_it_did_not_make(tmp_path):
+    target = tmp_path / "out.txt"
+    foreign = tmp_path / f"out.txt.tmp-{os.getpid()}"  # the name the old writers used, and removed
+    foreign.write_text("someone else's")
+    hidden = tmp_path / ".out.txt.tmp-abcdefgh"
+    hidden.write_text("someone else's too")
+    with pytest.raises(Stop):
+        with atomic_write.file(str(target)) as tmp:
+            assert tmp not in (str(foreign), str(hidden))
+            raise Stop
+    assert foreign.read_text() == "someone else's" and hidden.read_text() == "someone else's too"
+    assert _names(tmp_path) == sorted([".out.txt.tmp-abcdefgh", f"out.txt.tmp-{os.getpid()}"])
