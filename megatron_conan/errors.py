@@ -16,7 +16,7 @@ The classes, by what went wrong:
 - :class:`ConfigError`: a configuration value or key (also importable from
   ``megatron_conan.config.model``).
 - :class:`CheckpointMismatchError`: a checkpoint written for another model shape or layout (also
-  importable from ``megatron_conan.training.checkpointing``).
+  importable from ``megatron_conan.checkpoint.metadata``).
 - :class:`DataError`: an input data file (corpus, indexed dataset, tokenizer, contrastive store) is
   malformed or does not fit the run.
 

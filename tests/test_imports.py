@@ -1,6 +1,8 @@
 """Import structure of the package: library code never imports ``megatron_conan.testing`` (testing
-may import the library), and the modules of ``megatron_conan/data/`` import each other without
-cycles. Imports inside functions count: a lazy import is still a dependency."""
+may import the library), the modules of ``megatron_conan/data/`` import each other without cycles,
+``megatron_conan.checkpoint`` sits below training, conversion and eval (and conversion does not
+import training), and only ``megatron_conan.atomic_write`` renames files. Imports inside functions
+count: a lazy import is still a dependency."""
 
 import ast
 import os
@@ -103,3 +105,32 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"a"}}) == [["a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_checkpoint_package_sits_below_training_conversion_and_eval():
+    graph = _graph()
+    above = ("megatron_conan.training", "megatron_conan.conversion", "megatron_conan.eval")
+    offenders = sorted(f"{module} imports {target}" for module, targets in graph.items()
+                       if module.startswith("megatron_conan.checkpoint")
+                       for target in targets if target.startswith(above))
+    assert not offenders, offenders
+    conversion_to_training = sorted(f"{module} imports {target}" for module, targets in graph.items()
+                                    if module.startswith("megatron_conan.conversion")
+                                    for target in targets if target.startswith("megatron_conan.training"))
+    assert not conversion_to_training, conversion_to_training
+    assert "megatron_conan.checkpoint.save" in graph["megatron_conan.training.loop"]
+    assert "megatron_conan.checkpoint.standalone" in graph["megatron_conan.conversion.export"]
+
+
+def test_only_the_atomic_write_module_renames_files():
+    renaming = set()
+    for directory, _, files in os.walk(PACKAGE_DIR):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                with open(path, encoding="utf-8") as handle:
+                    tree = ast.parse(handle.read(), filename=path)
+                if any(isinstance(node, ast.Attribute) and node.attr in ("replace", "rename", "renames")
+                       and isinstance(node.value, ast.Name) and node.value.id == "os" for node in ast.walk(tree)):
+                    renaming.add(_module_name(path))
+    assert renaming == {"megatron_conan.atomic_write"}, sorted(renaming)

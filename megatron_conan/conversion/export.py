@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_conan.checkpoint.metadata import CheckpointInfo, read_checkpoint_info
+from megatron_conan.checkpoint.standalone import read_full_state_dict, write_checkpoint_at_layout
 from megatron_conan.config.model import ConanModelConfig, ParallelConfig
 from megatron_conan.conversion import hf_io, keymap
 from megatron_conan.conversion.attention import (
@@ -37,12 +39,6 @@ from megatron_conan.conversion.hf_config import (
     model_config_from_hf,
     read_hf_config,
     write_hf_config,
-)
-from megatron_conan.conversion.megatron_checkpoint import (
-    CheckpointInfo,
-    read_checkpoint_info,
-    read_full_state_dict,
-    write_checkpoint_at_layout,
 )
 from megatron_conan.conversion.tokenizer_export import export_tokenizer, write_tokenizer_config
 from megatron_conan.errors import InputError

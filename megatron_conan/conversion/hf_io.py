@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from megatron_conan import atomic_write
 from megatron_conan.errors import InputError
 
 SINGLE_FILE = "model.safetensors"
@@ -95,28 +94,10 @@ def check_output_dir(path: str, overwrite: bool) -> None:
 def atomic_output_dir(path: str, overwrite: bool) -> Iterator[str]:
     """Yield a temporary directory beside `path`; on success it replaces `path`, on error it goes.
 
-    An existing `path` (with `overwrite`) is moved aside first and deleted only after the rename,
-    so a failure at any point leaves either the old output or the new one, never a mixture.
+    The output is checked first (:func:`check_output_dir`), before any work; the directory is then
+    committed by :func:`megatron_conan.atomic_write.directory`, so a failure at any point leaves
+    either the old output or the new one, never a mixture.
     """
     check_output_dir(path, overwrite)
-    path = os.path.abspath(path)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
-    try:
+    with atomic_write.directory(os.path.abspath(path), overwrite) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    retired = None
-    if os.path.lexists(path):
-        retired = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-        os.rmdir(retired)
-        os.replace(path, retired)
-    os.replace(tmp, path)
-    if retired is not None:
-        if os.path.isdir(retired) and not os.path.islink(retired):
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.remove(retired)

@@ -40,6 +40,7 @@ import urllib.error
 import urllib.request
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
+from megatron_conan import atomic_write
 from megatron_conan.data.jsonl import (BadLine, BadLineError, BadLineKind, BadLineReport,
                                        parse_json_object, read_line_batches, require_text)
 from megatron_conan.errors import ConfigError, DataError, InputError
@@ -454,21 +455,15 @@ def _write_output(config: CLRConfig, translations: Dict[int, Tuple[str, str]],
                   report: CLRReport) -> None:
     """The output rows in input order, written atomically (a second pass over the inputs keeps
     only the translated queries in memory)."""
-    temporary = f"{config.output}.tmp-{os.getpid()}"
     counting = CLRReport(config.output)  # the second pass must not count lines twice
-    try:
-        with open(temporary, "w", encoding="utf-8") as out:
-            for row, record in _rows(config, counting):
-                if row.index not in translations:
-                    continue
-                query, language = translations[row.index]
-                record = dict(record, task="clr", query=query, language=language,
-                              source_query=row.query)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                report.rows += 1
-                report.languages[language] = report.languages.get(language, 0) + 1
-        os.replace(temporary, config.output)
-        report.complete = True
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_write.file(config.output) as temporary, open(temporary, "w", encoding="utf-8") as out:
+        for row, record in _rows(config, counting):
+            if row.index not in translations:
+                continue
+            query, language = translations[row.index]
+            record = dict(record, task="clr", query=query, language=language,
+                          source_query=row.query)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            report.rows += 1
+            report.languages[language] = report.languages.get(language, 0) + 1
+    report.complete = True

@@ -47,6 +47,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
+from megatron_conan import atomic_write
 from megatron_conan.distributed.device import Placement, current_placement
 from megatron_conan.errors import CheckpointMismatchError, ConfigError
 
@@ -350,14 +351,8 @@ class DHNMState:
         state = self.state_dict()
         path = self.shard_path(directory)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "wb") as stream:
-                numpy.savez(stream, meta=numpy.array(json.dumps(state.pop("meta"))), **state)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        with atomic_write.file(path) as temporary, open(temporary, "wb") as stream:
+            numpy.savez(stream, meta=numpy.array(json.dumps(state.pop("meta"))), **state)
         return path
 
     def load(self, directory: str) -> None:

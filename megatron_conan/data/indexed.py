@@ -9,10 +9,11 @@ sequence lengths, int64 byte offsets and int64 document boundaries (sequence ind
 megatron's `IndexedDatasetBuilder`, whose per-item Python loops dominate preprocessing time at
 scale. tests/data/test_indexed.py proves the bytes equal what megatron-core's builder writes.
 
-Atomicity: every output is written under a temporary name (`<final>.tmp-<pid>`) and renamed into
-place only when all of it is complete; the `.idx` is renamed last and is the marker of a complete
-dataset. An exception (strict-mode stop, SIGTERM, Ctrl-C) removes the temporaries; a SIGKILL can
-leave `*.tmp-<pid>` files but never a final `.bin`/`.idx` pair that looks complete.
+Atomicity: the outputs are one `megatron_conan.atomic_write.FileSet`, written in a hidden staging
+directory beside them (`.<name>.idx.tmp-XXXXXXXX/`) and renamed into place only when all of it is
+complete; the `.idx` is renamed last and is the marker of a complete dataset. An exception
+(strict-mode stop, SIGTERM, Ctrl-C) removes the staging directory; a SIGKILL can leave it behind but
+never a final `.bin`/`.idx` pair that looks complete.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Type
 
 import numpy
 
+from megatron_conan import atomic_write
 from megatron_conan.errors import ConfigError, DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -103,38 +105,6 @@ def read_index(prefix: str) -> IndexArrays:
     return IndexArrays(dtypes[code], lengths, pointers, documents)
 
 
-class AtomicFiles:
-    """Temporary names for a set of output files, renamed into place together by `commit()`.
-
-    Paths are renamed in the order given, so the last one marks completeness. Existing final files
-    are removed marker-first before anything is renamed, so a crash during commit never pairs a new
-    file with an old marker.
-    """
-
-    def __init__(self, final_paths: Sequence[str]):
-        self.final_paths = list(final_paths)
-        self.temporary: Dict[str, str] = {
-            path: f"{path}.tmp-{os.getpid()}" for path in self.final_paths}
-
-    def tmp(self, final_path: str) -> str:
-        return self.temporary[final_path]
-
-    def commit(self) -> None:
-        for path in self.final_paths:
-            with open(self.temporary[path], "rb+") as stream:
-                os.fsync(stream.fileno())
-        for path in reversed(self.final_paths):
-            if os.path.lexists(path):
-                os.remove(path)
-        for path in self.final_paths:
-            os.replace(self.temporary[path], path)
-
-    def abort(self) -> None:
-        for path in self.temporary.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
 def write_index(stream, dtype: Type[numpy.number], sequence_lengths: numpy.ndarray,
                 document_indices: numpy.ndarray) -> None:
     """Writes megatron-core's .idx layout (see the module docstring) to an open binary stream."""
@@ -166,7 +136,7 @@ class IndexedDatasetWriter:
         self.dtype = numpy.dtype(dtype).type
         directory = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
-        self._files = AtomicFiles([get_bin_path(prefix)]
+        self._files = atomic_write.FileSet([get_bin_path(prefix)]
                                   + [prefix + suffix for suffix in extra_suffixes]
                                   + [get_idx_path(prefix)])
         self._bin = open(self._files.tmp(get_bin_path(prefix)), "wb")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy
 
+from megatron_conan import atomic_write
 from megatron_conan.data.encoders import (
     ContrastiveExampleEncoder,
     SFTExampleEncoder,
@@ -408,7 +409,5 @@ def _report(result: PreprocessResult, report_json: Optional[str]) -> None:
 
 
 def write_report_json(result: PreprocessResult, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as stream:
+    with atomic_write.file(path) as tmp, open(tmp, "w", encoding="utf-8") as stream:
         json.dump(result.to_dict(), stream, indent=2)
-    os.replace(tmp, path)

@@ -115,7 +115,6 @@ import os
 import pkgutil
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -818,17 +817,14 @@ def write_pretraining_jsonl(path: str, target_bytes: Optional[int] = None,
                             python: Optional[str] = None) -> Tuple[int, int]:
     """Writes ``{"text"}`` lines: one pass over `iter_pretraining_texts`, or passes until
     `target_bytes` bytes (for example ~200 MB of real text for a preprocessing benchmark).
-    Written to ``<path>.tmp-<pid>`` and renamed at the end. Returns (documents, bytes)."""
+    Written atomically (`megatron_conan.atomic_write`). Returns (documents, bytes)."""
+    from megatron_conan import atomic_write  # not at the top: the collecting child runs this file isolated
+
     config = config or PydocCorpusConfig()
     collection = collect(config, python)
     documents = _pretraining_documents(collection, split_collection(collection, config))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_write.file(path) as tmp:
         result = _write_pretraining(tmp, documents, config.seed, target_bytes)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return result
 
 
@@ -1046,14 +1042,14 @@ def build_pydoc_corpus(output_dir: str, config: Optional[PydocCorpusConfig] = No
     """Writes every output into `output_dir` (see the module docstring) and returns the
     manifest. The directory is built beside its destination and renamed into place at the end;
     an existing `output_dir` is refused unless `overwrite`."""
+    from megatron_conan import atomic_write  # not at the top: the collecting child runs this file isolated
     from megatron_conan.errors import DataError
 
     config = config or PydocCorpusConfig()
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
         raise DataError(f"output directory exists: {output_dir} (pass --overwrite to replace it)")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     collection = collect(config, python)
     split = split_collection(collection, config)
     logger.info("%d docstrings and %d topic sections; %d families held out (%d documents, "
@@ -1069,8 +1065,7 @@ def build_pydoc_corpus(output_dir: str, config: Optional[PydocCorpusConfig] = No
         "classification.jsonl": [_json_line(row) for row in _classification_rows(split, config)],
         **_heldout_files(split, config),
     }
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_write.directory(output_dir, overwrite) as staging:
         _write_pretraining(os.path.join(staging, "pretrain.jsonl"),
                            _pretraining_documents(collection, split), config.seed,
                            config.pretrain_target_bytes)
@@ -1104,16 +1099,6 @@ def build_pydoc_corpus(output_dir: str, config: Optional[PydocCorpusConfig] = No
         with open(os.path.join(staging, "manifest.json"), "w", encoding="utf-8") as stream:
             json.dump(manifest, stream, indent=2, ensure_ascii=False)
             stream.write("\n")
-        if os.path.exists(output_dir):
-            old = f"{output_dir}.old-{os.getpid()}"
-            os.rename(output_dir, old)
-            os.rename(staging, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, output_dir)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
     return manifest
 
 

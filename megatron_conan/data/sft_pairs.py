@@ -20,6 +20,7 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
+from megatron_conan import atomic_write
 from megatron_conan.data.jsonl import (BadLine, BadLineError, BadLineReport, parse_json_object,
                                        read_line_batches, require_text)
 from megatron_conan.errors import ConfigError, DataError, InputError
@@ -141,10 +142,9 @@ def sft_to_pairs(config: SFTPairsConfig) -> SFTPairsReport:
     report = SFTPairsReport(config.output, bad_lines=BadLineReport(config.max_examples))
     directory = os.path.dirname(os.path.abspath(config.output))
     os.makedirs(directory, exist_ok=True)
-    temporary = f"{config.output}.tmp-{os.getpid()}"
     bar = tqdm(disable=not config.progress, unit=" lines", desc="sft->pairs", mininterval=1.0)
     try:
-        with open(temporary, "w", encoding="utf-8") as out:
+        with atomic_write.file(config.output) as temporary, open(temporary, "w", encoding="utf-8") as out:
             for batch in read_line_batches(config.inputs, max_lines=max(config.teacher_batch_size, 256)):
                 pairs, where = [], []
                 for offset, raw in enumerate(batch.lines):
@@ -171,13 +171,10 @@ def sft_to_pairs(config: SFTPairsConfig) -> SFTPairsReport:
                         report.pairs += 1
                 report.lines += len(batch.lines)
                 bar.update(len(batch.lines))
-        if report.pairs == 0:
-            raise DataError(f"no pairs to write from {config.inputs}: {report.lines} lines, "
-                            f"{report.bad_lines.total} bad, {report.dropped} dropped by the teacher")
-        os.replace(temporary, config.output)
+            if report.pairs == 0:
+                raise DataError(f"no pairs to write from {config.inputs}: {report.lines} lines, "
+                                f"{report.bad_lines.total} bad, {report.dropped} dropped by the teacher")
     finally:
         bar.close()
-        if os.path.exists(temporary):
-            os.remove(temporary)
     logger.info("%s", report.format())
     return report

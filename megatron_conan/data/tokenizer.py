@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import sentencepiece
 
 from megatron.core.tokenizers import MegatronTokenizerBase
+from megatron_conan import atomic_write
 from megatron_conan.data.jsonl import (
     BadLine,
     BadLineError,
@@ -142,11 +143,10 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str,
     logger.info("training a %d-piece tokenizer on %d sampled lines", config.vocab_size, len(sample))
     directory = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(directory, exist_ok=True)
-    tmp_prefix = f"{model_prefix}.tmp-{os.getpid()}"
-    try:
+    with atomic_write.FileSet([model_prefix + ".vocab", model_prefix + ".model"]) as files:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(sample),
-            model_prefix=tmp_prefix,
+            model_prefix=files.staging_prefix(model_prefix),
             model_type="bpe",
             vocab_size=config.vocab_size,
             character_coverage=config.character_coverage,
@@ -166,12 +166,7 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str,
             num_threads=config.num_threads,
             minloglevel=2,
         )
-        for suffix in (".vocab", ".model"):
-            os.replace(tmp_prefix + suffix, model_prefix + suffix)
-    finally:
-        for suffix in (".vocab", ".model"):
-            if os.path.exists(tmp_prefix + suffix):
-                os.remove(tmp_prefix + suffix)
+        files.commit()
     return report
 
 

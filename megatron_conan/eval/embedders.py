@@ -109,11 +109,8 @@ class CheckpointEmbedder(Embedder):
         instead of padded to its longest text; the vectors are the same."""
         from megatron_conan.conversion.attention import checkpoint_attention
         from megatron_conan.conversion.export import embedding_options, query_prompt, resolve_tokenizer, text_length
-        from megatron_conan.conversion.megatron_checkpoint import (
-            load_checkpoint_model,
-            model_parallel_world,
-            read_checkpoint_info,
-        )
+        from megatron_conan.checkpoint.metadata import read_checkpoint_info
+        from megatron_conan.checkpoint.standalone import load_checkpoint_model, model_parallel_world
         from megatron_conan.data.tokenizer import ConanTokenizer
         from megatron_conan.distributed.device import Placement, current_placement
         from megatron_conan.ops.soft_mask_attention.core_attention import soft_mask_core_attention_spec

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import numpy
 
+from megatron_conan import atomic_write
 from megatron_conan.data.jsonl import BadLineError, iter_file_lines, parse_json_object, require_text
 from megatron_conan.errors import DataError, InputError
 
@@ -72,21 +72,11 @@ def check_output_file(path: str) -> None:
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside `path`, then rename it to `path`."""
+    """Check the output (:func:`check_output_file`), then call ``write(tmp_path)`` for a temporary
+    file that :func:`megatron_conan.atomic_write.file` renames to `path`."""
     check_output_file(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
-    try:
+    with atomic_write.file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_npy(path: str, array: numpy.ndarray) -> None:

@@ -65,10 +65,10 @@ def _reference_logits(model) -> torch.Tensor:
 def _save_layouts_body(rank: int, world_size: int, directory: str, layouts: Dict[str, Tuple[int, int]],
                        extra: Dict[str, Any], seed: int, model_config: ConanModelConfig,
                        with_1p4b_shapes: bool) -> Dict[str, Any]:
-    from megatron_conan.conversion.megatron_checkpoint import build_model
+    from megatron_conan.checkpoint.save import save_checkpoint
+    from megatron_conan.checkpoint.standalone import build_model
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.sharding import load_full_state_dict
-    from megatron_conan.training.checkpointing import save_checkpoint
 
     full = tiny_full_state_dict(model_config, seed)
     result: Dict[str, Any] = {}
@@ -88,8 +88,8 @@ def _save_layouts_body(rank: int, world_size: int, directory: str, layouts: Dict
 
 def _conan_1p4b_parameter_shapes() -> Dict[str, Tuple[int, ...]]:
     """Name -> shape of every parameter of the full-size model built on the meta device (TP1)."""
+    from megatron_conan.checkpoint.standalone import build_model
     from megatron_conan.config.model import conan_1p4b
-    from megatron_conan.conversion.megatron_checkpoint import build_model
 
     with torch.device("meta"):
         (model,) = build_model(conan_1p4b())
@@ -161,7 +161,8 @@ REFERENCE_PROMPTS = (("none", None), ("query", None), ("query", 16), ("none", 16
 def _export_body(rank: int, world_size: int, made: Dict[str, Any], embed_checkpoint: str,
                  directory: str) -> Dict[str, Any]:
     from megatron_conan.conversion import export
-    from megatron_conan.conversion.megatron_checkpoint import read_checkpoint_info, read_full_state_dict
+    from megatron_conan.checkpoint.metadata import read_checkpoint_info
+    from megatron_conan.checkpoint.standalone import read_full_state_dict
     from megatron_conan.eval.embedders import CheckpointEmbedder
 
     hf = {name: export.export_hf(path, os.path.join(directory, f"hf_{name}")) for name, path in made["paths"].items()}

@@ -26,13 +26,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_conan.checkpoint.layout import read_latest
+from megatron_conan.checkpoint.load import load_checkpoint
+from megatron_conan.checkpoint.save import save_checkpoint
 from megatron_conan.config.loader import dump_config, to_dict
 from megatron_conan.config.model import build_transformer_config
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
-from megatron_conan.training import checkpointing
 from megatron_conan.training.config import RunConfig
 from megatron_conan.training.stage import Stage, StageContext
 from megatron_conan.training.step import build_optimizer, optimizer_step, wrap_model, zero_grads
@@ -169,6 +171,28 @@ def build_trainer(cfg: RunConfig, stage: Stage) -> Trainer:
     return Trainer(ctx, optimizer, scheduler)
 
 
+def _resume(cfg: RunConfig, trainer: Trainer, stage: Stage) -> Dict:
+    """Restore the run's own `latest` checkpoint (everything, the stage's state included), else the
+    weights of ``checkpoint.load_dir``; returns the restored common state (empty for a fresh run)."""
+    chunks, model_config = trainer.ctx.chunks, trainer.ctx.model_config
+    latest = read_latest(cfg.checkpoint_dir())
+    if latest is not None:
+        common = load_checkpoint(latest, chunks, trainer.optimizer, trainer.scheduler, model_config)
+        step, consumed = common["step"], common["consumed_samples"]
+        extra = common.get("extra", {})
+        # checkpoints written before the stage seam kept only the LM data position
+        stage.load_state_dict(extra.get("stage", {"consumed_samples": consumed}))
+        stage.read_checkpoint_files(latest)
+        logger.info("resumed from %s at step %d (%d samples consumed)", latest, step, consumed)
+        return common
+    if cfg.checkpoint.load_dir:
+        source = read_latest(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
+        load_checkpoint(source, chunks, trainer.optimizer, trainer.scheduler, model_config,
+                        weights_only=cfg.checkpoint.load_weights_only)
+        logger.info("initialised weights from %s", source)
+    return {}
+
+
 def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
           stage: Union[str, Stage] = "pretrain") -> RunResult:
     """Run (or resume) a training run of `stage`; collective over the torch.distributed world.
@@ -184,21 +208,8 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
     rank = dist.get_rank()
     save_dir = cfg.checkpoint_dir()
 
-    step, consumed, common = 0, 0, {}
-    latest = checkpointing.read_latest(save_dir)
-    if latest is not None:
-        common = checkpointing.load_checkpoint(latest, chunks, optimizer, scheduler, model_config)
-        step, consumed = common["step"], common["consumed_samples"]
-        extra = common.get("extra", {})
-        # checkpoints written before the stage seam kept only the LM data position
-        stage.load_state_dict(extra.get("stage", {"consumed_samples": consumed}))
-        stage.read_checkpoint_files(latest)
-        logger.info("resumed from %s at step %d (%d samples consumed)", latest, step, consumed)
-    elif cfg.checkpoint.load_dir:
-        source = checkpointing.read_latest(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
-        checkpointing.load_checkpoint(source, chunks, optimizer, scheduler, model_config,
-                                      weights_only=cfg.checkpoint.load_weights_only)
-        logger.info("initialised weights from %s", source)
+    common = _resume(cfg, trainer, stage)
+    step, consumed = common.get("step", 0), common.get("consumed_samples", 0)
 
     from megatron_conan.training.estimate import model_flops_per_token
     from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, TrainingLogger, memory_metrics
@@ -220,14 +231,14 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
     preempted = False
 
     def save():
-        checkpointing.save_checkpoint(save_dir, step, chunks, optimizer, scheduler, model_config, consumed,
-                                      extra_state={"nonfinite": guard.state_dict(),
-                                                   "soft_mask": get_soft_mask_state(chunks),
-                                                   "stage": stage.state_dict(),
-                                                   "stage_name": stage.name,
-                                                   "run_config": to_dict(cfg)},
-                                      keep_last=cfg.checkpoint.keep_last,
-                                      **_stage_file_hook(stage))
+        save_checkpoint(save_dir, step, chunks, optimizer, scheduler, model_config, consumed,
+                        extra_state={"nonfinite": guard.state_dict(),
+                                     "soft_mask": get_soft_mask_state(chunks),
+                                     "stage": stage.state_dict(),
+                                     "stage_name": stage.name,
+                                     "run_config": to_dict(cfg)},
+                        keep_last=cfg.checkpoint.keep_last,
+                        **_stage_file_hook(stage))
 
     progress = None
     if cfg.train.progress_bar and rank == 0:

@@ -54,7 +54,7 @@ def test_megatron_hf_megatron_is_bit_exact(artifacts):
 
 
 def test_an_imported_checkpoint_has_the_training_layout(artifacts):
-    from megatron_conan.training.checkpointing import read_latest
+    from megatron_conan.checkpoint.layout import read_latest
 
     imported = artifacts["imported_tp1"]
     latest = read_latest(imported)

@@ -177,7 +177,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
     config = CLRConfig([str(source)], str(tmp_path / "clr.jsonl"), seed=1, progress=False)
     with pytest.raises(KeyboardInterrupt):
         build_clr(config, _Interrupting(stop_after=12))
-    assert not (tmp_path / "clr.jsonl").exists() and not list(tmp_path.glob("clr.jsonl.tmp-*"))
+    assert not (tmp_path / "clr.jsonl").exists() and not list(tmp_path.glob(".clr.jsonl.tmp-*"))
     assert len(_read(config.progress_path)) == 12
     resumed = _Interrupting()
     report = build_clr(config, resumed)

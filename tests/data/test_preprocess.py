@@ -190,7 +190,7 @@ def _start_tool_on_fifo(tmp_path, tokenizer_model, corpus_dir):
     writer.writelines(lines[:200])
     writer.flush()
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("out.bin.tmp-*")):  # the tool has started writing
+    while not list(tmp_path.glob(".out.idx.tmp-*/out.bin")):  # the tool has started writing
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the tool never started writing"
         time.sleep(0.05)
@@ -207,7 +207,7 @@ def test_killed_run_leaves_no_complete_looking_output(corpus_dir, tokenizer_mode
     assert not IndexedDataset.exists(str(prefix))
     assert not os.path.exists(f"{prefix}.bin") and not os.path.exists(f"{prefix}.idx")
     if sig == signal.SIGTERM:  # a catchable signal also removes the temporaries
-        assert not list(tmp_path.glob("out*.tmp-*"))
+        assert not list(tmp_path.glob(".out*.tmp-*"))
 
 
 def test_tool_reports_and_writes_json(corpus_dir, tokenizer_model, tmp_path, capsys):

@@ -9,12 +9,12 @@ from megatron_conan.testing.distributed import run_distributed
 
 
 def _reshard_body(rank, world_size, checkpoint_dir):
+    from megatron_conan.checkpoint.sharded_state import load_model, save_model
     from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.testing.parity import MICRO_BATCH, SEQ_LENGTH, data_parallel_microbatches, synthetic_lm_batch
     from megatron_conan.training.lm_step import lm_forward_step
-    from megatron_conan.training.model_checkpoint import load_model, save_model
     from megatron_conan.training.step import evaluate_loss
 
     def eval_loss(chunks):

@@ -280,7 +280,8 @@ def uninterrupted(embedding_data, tmp_path_factory):
 
 def _before_and_after_body(rank, world_size, arguments, trained_checkpoint):
     """The loss of the run's first batch with its initial weights and with its trained weights."""
-    from megatron_conan.conversion.megatron_checkpoint import read_checkpoint_info, read_full_state_dict
+    from megatron_conan.checkpoint.metadata import read_checkpoint_info
+    from megatron_conan.checkpoint.standalone import read_full_state_dict
     from megatron_conan.models.sharding import load_full_state_dict
     from megatron_conan.training.entry import parse_run_config
     from megatron_conan.training.loop import build_trainer

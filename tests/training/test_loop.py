@@ -161,7 +161,7 @@ def test_resume_at_a_different_tensor_parallel_size(tmp_path):
 def _interrupted_save_body(rank, world_size, cfg_dict):
     from megatron.core import dist_checkpointing
 
-    from megatron_conan.training import checkpointing
+    from megatron_conan.checkpoint import save as saving
     from megatron_conan.training.loop import train
 
     original = dist_checkpointing.save
@@ -176,14 +176,14 @@ def _interrupted_save_body(rank, world_size, cfg_dict):
             raise RuntimeError("disk full (simulated)")
         return original(state, directory, *args, **kwargs)
 
-    checkpointing.dist_checkpointing.save = failing_save
+    saving.dist_checkpointing.save = failing_save
     try:
         train(from_dict(RunConfig, cfg_dict))
     except RuntimeError as error:
         message = str(error)
     else:
         message = None
-    checkpointing.dist_checkpointing.save = original
+    saving.dist_checkpointing.save = original
     return message
 
 

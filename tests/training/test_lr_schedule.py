@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from megatron_conan.checkpoint.load import restore_scheduler
 from megatron_conan.config.loader import from_dict
 from megatron_conan.testing.distributed import run_distributed
-from megatron_conan.training.checkpointing import restore_scheduler
 from megatron_conan.training.config import RunConfig
 from megatron_conan.training.loop import build_scheduler
 

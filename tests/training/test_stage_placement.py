@@ -30,8 +30,8 @@ def _train_recorded(rank, world_size, stage, argv):
 
 def _gather_recorded(rank, world_size):
     """Conversion's collective step: a TP2 model's full weights gathered on every rank."""
+    from megatron_conan.checkpoint.standalone import build_model
     from megatron_conan.config.model import ParallelConfig, tiny
-    from megatron_conan.conversion.megatron_checkpoint import build_model
     from megatron_conan.distributed.device import current_placement
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.sharding import gather_full_state_dict

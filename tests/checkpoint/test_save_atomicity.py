@@ -12,12 +12,14 @@ import sys
 
 import pytest
 
+from megatron_conan import atomic_write
+from megatron_conan.checkpoint import save as saving
+from megatron_conan.checkpoint.layout import checkpoint_name, read_latest, write_latest
+from megatron_conan.checkpoint.save import SAVE_POINTS
 from megatron_conan.errors import InputError
-from megatron_conan.training import checkpointing
-from megatron_conan.training.checkpointing import SAVE_POINTS, checkpoint_name, read_latest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROBE = os.path.join(REPO, "tests", "training", "checkpoint_kill_probe.py")
+PROBE = os.path.join(REPO, "tests", "checkpoint", "checkpoint_kill_probe.py")
 
 
 class _Stop(Exception):
@@ -41,18 +43,17 @@ def _fake_save(save_dir, step, content, keep_last, stop_at=None, monkeypatch=Non
         if point == stop_at:
             raise _Stop(point)
 
-    monkeypatch.setattr(checkpointing, "save_point_hook", hook)
+    monkeypatch.setattr(saving, "save_point_hook", hook)
     final = os.path.join(save_dir, checkpoint_name(step))
     os.makedirs(save_dir, exist_ok=True)
-    checkpointing._recover(save_dir)
+    saving.recover(save_dir)
     _write(final + ".partial", step, content)
-    checkpointing._reached("before_shards", final + ".partial")
-    checkpointing._reached("after_shards", final + ".partial")
-    checkpointing._publish(final + ".partial", final)
-    checkpointing._write_atomically(os.path.join(save_dir, "latest"), checkpoint_name(step) + "\n")
-    checkpointing._write_atomically(os.path.join(save_dir, checkpointing.MEGATRON_TRACKER), f"{step}\n")
-    checkpointing._reached("after_latest", final)
-    checkpointing._prune(save_dir, step, keep_last)
+    saving._reached("before_shards", final + ".partial")
+    saving._reached("after_shards", final + ".partial")
+    saving.publish(final + ".partial", final)
+    write_latest(save_dir, step)
+    saving._reached("after_latest", final)
+    saving.prune(save_dir, step, keep_last)
 
 
 @pytest.mark.parametrize("point", SAVE_POINTS)
@@ -82,7 +83,7 @@ def test_a_re_save_stopped_mid_swap_is_read_from_next_then_finished(tmp_path, mo
     assert sorted(os.listdir(save_dir)) == ["iter_0000005.next", "iter_0000005.old", "latest",
                                             "latest_checkpointed_iteration.txt"]
     assert read_latest(save_dir).endswith("iter_0000005.next") and _content(read_latest(save_dir)) == "5:new"
-    checkpointing._recover(save_dir)
+    saving.recover(save_dir)
     assert read_latest(save_dir).endswith("iter_0000005") and _content(read_latest(save_dir)) == "5:new"
     assert sorted(os.listdir(save_dir)) == ["iter_0000005", "latest", "latest_checkpointed_iteration.txt"]
 
@@ -92,7 +93,7 @@ def test_a_re_save_stopped_before_the_swap_keeps_the_old_copy(tmp_path, monkeypa
     _fake_save(save_dir, 5, "old", keep_last=2, monkeypatch=monkeypatch)
     with pytest.raises(_Stop):
         _fake_save(save_dir, 5, "new", keep_last=2, stop_at="after_rename", monkeypatch=monkeypatch)
-    checkpointing._recover(save_dir)
+    saving.recover(save_dir)
     assert _content(read_latest(save_dir)) == "5:old"
     assert sorted(os.listdir(save_dir)) == ["iter_0000005", "latest", "latest_checkpointed_iteration.txt"]
 
@@ -103,7 +104,7 @@ def test_pruning_keeps_the_newest_up_to_the_step_and_leaves_later_steps(tmp_path
         _fake_save(save_dir, step, "a", keep_last=0, monkeypatch=monkeypatch)
     # a resumed run (latest moved back to 4 by hand here) saves 5 with keep_last=1: 2 and 4 go,
     # 6 (written by a run killed before its latest moved) stays for the swap when 6 is re-saved
-    checkpointing._write_atomically(os.path.join(save_dir, "latest"), "iter_0000004\n")
+    atomic_write.text(os.path.join(save_dir, "latest"), "iter_0000004\n")
     _fake_save(save_dir, 5, "b", keep_last=1, monkeypatch=monkeypatch)
     assert sorted(name for name in os.listdir(save_dir) if name.startswith("iter_")) == ["iter_0000005",
                                                                                           "iter_0000006"]

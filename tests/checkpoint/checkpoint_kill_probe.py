@@ -1,22 +1,22 @@
 """The pretrain entry point with a save-point hook that SIGKILLs the run's whole process group at a
 named point of its N-th checkpoint save, as a scheduler's kill would land there:
 
-    python tests/training/checkpoint_kill_probe.py POINT N -- <pretrain arguments>
+    python tests/checkpoint/checkpoint_kill_probe.py POINT N -- <pretrain arguments>
 
-POINT is one of checkpointing.SAVE_POINTS; saves are counted from 1 within this process.
+POINT is one of megatron_conan.checkpoint.save.SAVE_POINTS; saves are counted from 1 within this process.
 """
 
 import os
 import signal
 import sys
 
-from megatron_conan.training import checkpointing
+from megatron_conan.checkpoint import save as saving
 from megatron_conan.training.pretrain import main
 
 
 def _install(point: str, save_number: int) -> None:
-    if point not in checkpointing.SAVE_POINTS:
-        raise SystemExit(f"unknown save point {point!r}; known: {checkpointing.SAVE_POINTS}")
+    if point not in saving.SAVE_POINTS:
+        raise SystemExit(f"unknown save point {point!r}; known: {saving.SAVE_POINTS}")
     saves = {"started": 0}
 
     def hook(reached: str, directory: str) -> None:
@@ -27,7 +27,7 @@ def _install(point: str, save_number: int) -> None:
             sys.stderr.flush()
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
-    checkpointing.save_point_hook = hook
+    saving.save_point_hook = hook
 
 
 if __name__ == "__main__":

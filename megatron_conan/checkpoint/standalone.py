@@ -1,96 +1,44 @@
-"""Our training checkpoints as the converters and evaluators see them: find one, read what it says
-(model shape, step, run config, the soft mask's state), load its weights in one process, and write
-a new one that the training stages start from (``checkpoint.load_dir``).
+"""Checkpoints outside a training run, for the converters and evaluators: load one's weights in one
+process, and write a new one that the training stages start from (``checkpoint.load_dir``).
 
 Loading goes through megatron-core ``dist_checkpointing`` into a TP1/PP1 model in a world of one
 process, which reshards whatever layout wrote the checkpoint (TP2, TP2xPP2, ...). Writing builds the
 model at the requested TP/PP in a world of ``tp * pp`` processes (spawned here when the caller runs a
-single process) and saves with :func:`megatron_conan.training.checkpointing.save_checkpoint`, so the
-result has the full layout of a training checkpoint: ``latest``, ``iter_0000000/model_optim``,
+single process) and saves with :func:`megatron_conan.checkpoint.save.save_checkpoint`, so the result
+has the full layout of a training checkpoint: ``latest``, ``iter_0000000/model_optim``,
 ``common.pt`` (with ``model_config``), ``layout.json``, RNG states.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_conan.config.model import ConanModelConfig, ParallelConfig
+from megatron_conan.checkpoint.load import load_checkpoint
+from megatron_conan.checkpoint.metadata import CheckpointInfo
+from megatron_conan.checkpoint.save import save_checkpoint
+from megatron_conan.config.model import ConanModelConfig, ParallelConfig, build_transformer_config
+from megatron_conan.distributed.cpu_compat import enable_cpu_compat
+from megatron_conan.distributed.parallel import (
+    default_backend,
+    init_process_group_from_env,
+    initialize_model_parallel,
+)
+from megatron_conan.distributed.spawn import run_distributed
 from megatron_conan.errors import CheckpointMismatchError, InputError
+from megatron_conan.models.conan import build_model_chunks
+from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
 
 logger = logging.getLogger(__name__)
 
 IMPORT_STEP = 0
 """Step number of a checkpoint written by an import."""
-
-
-@dataclasses.dataclass
-class CheckpointInfo:
-    """What one checkpoint directory (``iter_N``) says about itself."""
-
-    path: str
-    """The ``iter_N`` directory."""
-    step: int
-    """Training step it was saved at."""
-    model_config: ConanModelConfig
-    """The model shape it holds."""
-    extra: Dict[str, Any]
-    """``common.pt["extra"]``: the loop's extra state (soft mask, run config, stage state)."""
-
-    @property
-    def run_config(self) -> Dict[str, Any]:
-        """The resolved run config of the run that wrote it (empty when it did not record one)."""
-        return dict(self.extra.get("run_config") or {})
-
-    @property
-    def soft_mask(self) -> Optional[Dict[str, Any]]:
-        """``{"step", "config"}`` of the soft-mask schedule, or None (pretrain / SFT: causal)."""
-        return self.extra.get("soft_mask")
-
-    def tokenizer_path(self) -> Optional[str]:
-        """The SentencePiece model the run trained with, if it recorded one."""
-        return (self.run_config.get("data") or {}).get("tokenizer") or self.extra.get("tokenizer")
-
-    def embedding_settings(self) -> Dict[str, Any]:
-        """The run's ``embedding`` section (pooling, query_instruction, matryoshka_dims, ...)."""
-        return dict(self.run_config.get("embedding") or {})
-
-
-def resolve_checkpoint(path: str) -> str:
-    """The ``iter_N`` directory meant by `path`: itself, the newest of a checkpoints directory (its
-    ``latest``), or the newest of a run directory (``checkpoints/latest``)."""
-    from megatron_conan.training.checkpointing import LATEST, read_latest
-
-    if not os.path.exists(path):
-        raise InputError(f"checkpoint {path} does not exist")
-    if not os.path.isdir(path):
-        raise InputError(f"checkpoint {path} is not a directory")
-    if os.path.isfile(os.path.join(path, "common.pt")):
-        return path
-    for save_dir in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(save_dir, LATEST)):
-            return read_latest(save_dir)
-    raise InputError(f"{path} is not a checkpoint: no '{LATEST}' marker (checkpoints directory), no "
-                     f"common.pt (iter_N directory) and no checkpoints/{LATEST} (run directory)")
-
-
-def read_checkpoint_info(path: str) -> CheckpointInfo:
-    """Resolve `path` (see :func:`resolve_checkpoint`) and read its ``common.pt``."""
-    resolved = resolve_checkpoint(path)
-    try:
-        common = torch.load(os.path.join(resolved, "common.pt"), weights_only=False)
-        model_config = ConanModelConfig(**common["model_config"])
-    except (KeyError, TypeError, RuntimeError, EOFError) as error:
-        raise InputError(f"{resolved}/common.pt is not a checkpoint's common state ({error})") from None
-    if not os.path.isdir(os.path.join(resolved, "model_optim")):
-        raise InputError(f"{resolved} has no model_optim directory (an incomplete checkpoint)")
-    return CheckpointInfo(path=resolved, step=int(common.get("step", 0)), model_config=model_config,
-                          extra=dict(common.get("extra") or {}))
 
 
 # -- a world to load in ----------------------------------------------------------------------------
@@ -103,16 +51,6 @@ def model_parallel_world(parallel: Optional[ParallelConfig] = None) -> Iterator[
     launcher set them, else over an in-process store (no port, no environment variables left
     behind). Whatever this function created it tears down on exit.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_conan.distributed.cpu_compat import enable_cpu_compat
-    from megatron_conan.distributed.parallel import (
-        default_backend,
-        init_process_group_from_env,
-        initialize_model_parallel,
-    )
-
     parallel = parallel or ParallelConfig()
     created_world = not dist.is_initialized()
     if created_world:
@@ -133,8 +71,6 @@ def model_parallel_world(parallel: Optional[ParallelConfig] = None) -> Iterator[
 
 
 def require_single_process() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise InputError(f"loading a checkpoint for conversion or evaluation runs in one process; this "
                          f"world has {dist.get_world_size()} (run the tool without torchrun)")
@@ -148,9 +84,6 @@ def build_model(model_config: ConanModelConfig, precision: str = "fp32", core_at
     parallelism megatron-core marks a parameter as sharded only while initialising it, and the
     layout-free state-dict functions need those marks, so a sharded model is initialised.
     """
-    from megatron_conan.config.model import build_transformer_config
-    from megatron_conan.models.conan import build_model_chunks
-
     parallel = parallel or ParallelConfig()
     transformer_config = build_transformer_config(
         model_config, parallel, precision=precision,
@@ -160,8 +93,6 @@ def build_model(model_config: ConanModelConfig, precision: str = "fp32", core_at
 
 def load_checkpoint_model(info: CheckpointInfo, precision: str = "fp32", core_attention=None) -> torch.nn.Module:
     """The TP1/PP1 GPTModel with the checkpoint's weights (inside :func:`model_parallel_world`)."""
-    from megatron_conan.training.checkpointing import load_checkpoint
-
     require_single_process()
     chunks = build_model(info.model_config, precision, core_attention)
     load_checkpoint(info.path, chunks, None, None, info.model_config, weights_only=True)
@@ -171,8 +102,6 @@ def load_checkpoint_model(info: CheckpointInfo, precision: str = "fp32", core_at
 
 def read_full_state_dict(info: CheckpointInfo) -> Dict[str, torch.Tensor]:
     """The checkpoint's full (TP1/PP1-named, unpadded) weights as fp32 CPU tensors, any saved layout."""
-    from megatron_conan.models.sharding import gather_full_state_dict
-
     with model_parallel_world():
         model = load_checkpoint_model(info)
         return gather_full_state_dict([model], info.model_config)
@@ -184,11 +113,6 @@ def write_checkpoint(full_state_dict: Dict[str, torch.Tensor], model_config: Con
                      extra: Dict[str, Any]) -> None:
     """Collective inside a world whose groups are set up: shard `full_state_dict` to this layout and
     save it as step :data:`IMPORT_STEP` of `save_dir` (``latest`` written last)."""
-    from megatron.core import parallel_state
-
-    from megatron_conan.models.sharding import load_full_state_dict
-    from megatron_conan.training.checkpointing import save_checkpoint
-
     parallel = ParallelConfig(tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
                               pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size())
     chunks = build_model(model_config, parallel=parallel)
@@ -203,8 +127,6 @@ def write_checkpoint(full_state_dict: Dict[str, torch.Tensor], model_config: Con
 def _write_checkpoint_body(rank: int, world_size: int, load_state: Callable[[], Dict[str, torch.Tensor]],
                            model_config: ConanModelConfig, save_dir: str, extra: Dict[str, Any],
                            parallel: ParallelConfig) -> None:
-    from megatron_conan.distributed.parallel import initialize_model_parallel
-
     initialize_model_parallel(parallel)
     write_checkpoint(load_state(), model_config, save_dir, extra)
 
@@ -226,7 +148,5 @@ def write_checkpoint_at_layout(load_state: Callable[[], Dict[str, torch.Tensor]]
             require_single_process()
             write_checkpoint(load_state(), model_config, save_dir, extra)
         return
-    from megatron_conan.distributed.spawn import run_distributed
-
     run_distributed(_write_checkpoint_body, world_size,
                     args=(load_state, model_config, save_dir, extra, parallel), timeout_s=3600.0)

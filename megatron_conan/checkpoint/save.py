@@ -1,0 +1,155 @@
+"""Collective save of a resumable training checkpoint, and the rename protocol that keeps ``latest``
+naming a complete checkpoint at every moment (see the package docstring for the tree).
+
+A save writes everything into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N``
+and only then rewrites ``latest`` and ``latest_checkpointed_iteration.txt`` (each atomically). A
+kill at any point leaves ``latest`` naming a complete checkpoint. After ``latest`` moves,
+checkpoints beyond ``keep_last`` are renamed to ``.old`` and deleted, oldest first.
+
+Re-saving a step whose ``iter_N`` exists (a signal right after a periodic save, or a resumed run
+reaching a step a killed run had already written) never deletes the old copy before the new one is
+complete: the finished ``.partial`` becomes ``iter_N.next``, the old ``iter_N`` becomes
+``iter_N.old``, then ``iter_N.next`` becomes ``iter_N``. A kill between the last two renames leaves
+``latest`` naming the missing ``iter_N``; :func:`~megatron_conan.checkpoint.layout.read_latest`
+then returns the complete ``iter_N.next``, and the next save finishes the move.
+
+The renames go through :func:`megatron_conan.atomic_write.rename` (durable: the parent directory is
+fsynced). The shards are written by every rank through ``dist_checkpointing`` (torch's file-system
+writer fsyncs them); rank 0 does the renames once every rank is past the barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_conan import atomic_write
+from megatron_conan.checkpoint.layout import (
+    COMMON_FILE,
+    ITER_RE,
+    NEXT,
+    OLD,
+    PARTIAL,
+    RNG_DIR,
+    SHARDS_DIR,
+    checkpoint_name,
+    rng_file,
+    write_latest,
+)
+from megatron_conan.checkpoint.metadata import common_state, write_layout
+from megatron_conan.checkpoint.rng import rng_state
+from megatron_conan.checkpoint.sharded_state import sharded_state
+from megatron_conan.config.model import ConanModelConfig
+
+logger = logging.getLogger(__name__)
+
+SAVE_POINTS = ("before_shards", "after_shards", "after_rename", "during_swap", "after_latest", "during_prune")
+"""Named moments of a save, in order (``during_swap`` only when re-saving an existing step)."""
+
+save_point_hook: Optional[Callable[[str, str], None]] = None
+"""Called as ``hook(point, directory)`` at each of :data:`SAVE_POINTS`; tests kill a save there."""
+
+
+def _reached(point: str, directory: str) -> None:
+    if save_point_hook is not None:
+        save_point_hook(point, directory)
+
+
+def save_checkpoint(
+    save_dir: str,
+    step: int,
+    chunks: List[torch.nn.Module],
+    optimizer,
+    scheduler,
+    model_config: ConanModelConfig,
+    consumed_samples: int,
+    extra_state: Optional[Dict[str, Any]] = None,
+    keep_last: int = 2,
+    write_extra_files: Optional[Callable[[str], None]] = None,
+) -> str:
+    """Collective. Write a complete checkpoint for `step`, then move `latest` to it.
+
+    `write_extra_files(directory)` is called on every rank with the in-progress checkpoint
+    directory once the model, optimizer, RNG and common state are in it: files a stage writes there
+    are published (or lost to a kill) together with the rest of the checkpoint.
+    """
+    rank = dist.get_rank()
+    final = os.path.join(save_dir, checkpoint_name(step))
+    partial = final + PARTIAL
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        recover(save_dir)
+        os.makedirs(os.path.join(partial, SHARDS_DIR))
+        os.makedirs(os.path.join(partial, RNG_DIR))
+    dist.barrier()
+    _reached("before_shards", partial)
+    dist_checkpointing.save(sharded_state(chunks, optimizer, is_loading=False), os.path.join(partial, SHARDS_DIR))
+    torch.save(rng_state(), rng_file(partial, rank))
+    if rank == 0:
+        torch.save(common_state(step, consumed_samples, scheduler, model_config, extra_state),
+                   os.path.join(partial, COMMON_FILE))
+        write_layout(partial)
+    if write_extra_files is not None:
+        write_extra_files(partial)
+    dist.barrier()
+    _reached("after_shards", partial)
+    if rank == 0:
+        publish(partial, final)
+        write_latest(save_dir, step)
+        _reached("after_latest", final)
+        prune(save_dir, step, keep_last)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def publish(partial: str, final: str) -> None:
+    """Rename the finished `partial` to `final`; an existing `final` stays whole until replaced."""
+    if not os.path.exists(final):
+        atomic_write.rename(partial, final)
+        _reached("after_rename", final)
+        return
+    # `latest` may name `final`: it must stay loadable at every moment (read_latest's `.next` rule)
+    staged, retired = final + NEXT, final + OLD
+    atomic_write.rename(partial, staged)
+    _reached("after_rename", staged)
+    atomic_write.rename(final, retired)
+    _reached("during_swap", staged)
+    atomic_write.rename(staged, final)
+    shutil.rmtree(retired)
+
+
+def recover(save_dir: str) -> None:
+    """Clear what killed saves left: unfinished `.partial`s and `.old`s; finish an interrupted swap."""
+    for entry in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, entry)
+        if entry.endswith(NEXT):
+            final = path[:-len(NEXT)]
+            if os.path.isdir(final):  # the swap had not begun: the old copy is whole, drop the new one
+                shutil.rmtree(path)
+            else:
+                atomic_write.rename(path, final)
+        elif entry.endswith((PARTIAL, OLD)) and os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def prune(save_dir: str, step: int, keep_last: int) -> None:
+    """Delete checkpoints older than the `keep_last` newest up to `step` (never `step` itself).
+
+    Checkpoints of later steps (written by a killed run before its `latest` moved) are left alone: a
+    resumed run re-saves them when it gets there.
+    """
+    if keep_last <= 0:
+        return
+    steps = sorted(int(m.group(1)) for m in map(ITER_RE.match, os.listdir(save_dir)) if m)
+    for old in [s for s in steps if s <= step][:-keep_last]:
+        path = os.path.join(save_dir, checkpoint_name(old))
+        atomic_write.rename(path, path + OLD)  # the rename makes a half-deleted checkpoint unmistakable
+        _reached("during_prune", path + OLD)
+        shutil.rmtree(path + OLD)
