@@ -47,7 +47,7 @@ class ConanModelConfig:
     embedding_init_method_std: Optional[float] = None
     """Standard deviation of the word-embedding initialisation (None: `init_method_std`). A larger
     value starts the residual stream as a bag of distinct token vectors that the layers add to
-    rather than drown (docs/LEARNING.md section 3 measures what this does for a small model)."""
+    rather than drown (docs/LEARNING.md section 5 measures what this does for a small model)."""
     make_vocab_size_divisible_by: int = 128
     """Vocabulary padding unit (times the tensor-parallel size), as in Megatron-LM."""
 
