@@ -5,9 +5,11 @@ Both sides produce the same unit vectors (checked: the minimum cosine is printed
 encodes every text once per side, in chunks, the sides alternating chunk by chunk (and who goes
 first) so that machine load hits both alike; throughput is reported by wall clock and by process CPU
 time (steadier on a shared machine), with the median over rounds of the ratio ours / theirs.
+``--packing`` adds a third side: ours on packed rows (``conan-encode --max-tokens-per-row``); the
+share of padding positions of each layout is printed (both sides sort the texts by length first).
 
     python benchmarks/encode_throughput.py                         # builds a tiny model, CPU
-    python benchmarks/encode_throughput.py --shape small --texts 1024 --batch-size 64
+    python benchmarks/encode_throughput.py --shape small --texts 1024 --batch-size 64 --packing
     python benchmarks/encode_throughput.py --checkpoint runs/embed_sup --export out/conan-embedder --device cuda
 
 Texts: paragraphs of Python's own documentation (pydoc topics), 1 to ``--max-length`` tokens.
@@ -46,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=128,
                         help="texts per timed call; the two sides alternate chunk by chunk (load hits both alike)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--packing", action="store_true", help="also time ours on packed rows")
+    parser.add_argument("--max-tokens-per-row", type=int, default=512, help="packed row width (tokens)")
     parser.add_argument("--json", help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -102,6 +106,21 @@ def _timed(encode, texts, device: str):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def padding_shares(lengths, batch_size: int, max_tokens_per_row: int) -> dict:
+    """Share of the computed positions that hold no token, batches of `batch_size` texts taken in
+    length order: right-padded to each batch's longest, and packed (`models/packing.py` rows)."""
+    from megatron_conan.models.packing import first_fit_rows
+
+    ordered = sorted(lengths, reverse=True)
+    padded = packed = 0
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start:start + batch_size]
+        padded += len(batch) * batch[0]
+        packed += len(first_fit_rows(batch, max(max_tokens_per_row, batch[0]))) * max(max_tokens_per_row, batch[0])
+    tokens = sum(lengths)
+    return {"padded": 1 - tokens / padded, "packed": 1 - tokens / packed}
+
+
 def run(args) -> dict:
     import numpy
     import torch
@@ -110,36 +129,46 @@ def run(args) -> dict:
     from megatron_conan.eval.embedders import CheckpointEmbedder
 
     texts = benchmark_texts(args.texts)
+    names = ["ours", "ours packed", "theirs"] if args.packing else ["ours", "theirs"]
     with tempfile.TemporaryDirectory(prefix="encode_bench_") as work_dir:
         checkpoint, export = build_models(args, work_dir)
-        with CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device) as ours:
+        with CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device) as ours, \
+                CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device,
+                                   max_tokens_per_row=args.max_tokens_per_row) as ours_packed:
             theirs = SentenceTransformer(export, device=args.device, local_files_only=True)
             theirs.max_seq_length = args.max_length
             sides = {"ours": lambda chunk: ours.encode(chunk, batch_size=args.batch_size),
+                     "ours packed": lambda chunk: ours_packed.encode(chunk, batch_size=args.batch_size),
                      "theirs": lambda chunk: theirs.encode(chunk, batch_size=args.batch_size, convert_to_numpy=True)}
-            mean_tokens = float(numpy.mean([len(ids) for ids in ours.tokenize(texts, "")]))
-            minimum_cosine = float((sides["ours"](texts) * sides["theirs"](texts)).sum(axis=1).min())  # + warm-up
+            sides = {name: sides[name] for name in names}
+            lengths = [len(ids) for ids in ours.tokenize(texts, "")]
+            vectors = {name: encode(texts) for name, encode in sides.items()}  # + warm-up
+            minimum_cosine = {name: float((vectors[name] * vectors["theirs"]).sum(axis=1).min())
+                              for name in names if name != "theirs"}
             rounds = []
             for round_index in range(args.rounds):
                 totals = {name: [0.0, 0.0] for name in sides}
                 for start in range(0, len(texts), args.chunk):
                     chunk = texts[start:start + args.chunk]
-                    order = list(sides) if (round_index + start // args.chunk) % 2 == 0 else list(sides)[::-1]
-                    for name in order:  # alternate who goes first, chunk by chunk
+                    shift = (round_index + start // args.chunk) % len(names)
+                    for name in names[shift:] + names[:shift]:  # rotate who goes first, chunk by chunk
                         wall, cpu = _timed(sides[name], chunk, args.device)
                         totals[name][0] += wall
                         totals[name][1] += cpu
                 rounds.append(totals)
     per_round = {name: {"wall": [len(texts) / totals[name][0] for totals in rounds],
-                        "cpu": [len(texts) / totals[name][1] for totals in rounds]} for name in ("ours", "theirs")}
-    ratios = {clock: [o / t for o, t in zip(per_round["ours"][clock], per_round["theirs"][clock])]
-              for clock in ("wall", "cpu")}
+                        "cpu": [len(texts) / totals[name][1] for totals in rounds]} for name in names}
+    ratios = {name: {clock: [o / t for o, t in zip(per_round[name][clock], per_round["theirs"][clock])]
+                     for clock in ("wall", "cpu")} for name in names if name != "theirs"}
     return {"texts": len(texts), "batch_size": args.batch_size, "max_length": args.max_length, "chunk": args.chunk,
             "device": args.device, "shape": args.shape if args.checkpoint is None else checkpoint,
-            "torch_threads": torch.get_num_threads(), "minimum_cosine": minimum_cosine, "mean_tokens": mean_tokens,
+            "torch_threads": torch.get_num_threads(), "minimum_cosine": minimum_cosine,
+            "mean_tokens": float(numpy.mean(lengths)), "max_tokens_per_row": args.max_tokens_per_row,
+            "padding_share": padding_shares(lengths, args.batch_size, args.max_tokens_per_row),
             "texts_per_s": {name: {clock: statistics.median(values) for clock, values in clocks.items()}
                             for name, clocks in per_round.items()},
-            "ratio_median": {clock: statistics.median(values) for clock, values in ratios.items()},
+            "ratio_median": {name: {clock: statistics.median(values) for clock, values in clocks.items()}
+                             for name, clocks in ratios.items()},
             "ratios": ratios}
 
 
@@ -149,12 +178,18 @@ def main(argv=None) -> int:
     print(f"conan-encode vs SentenceTransformer.encode: {figures['texts']} texts, batch {figures['batch_size']}, "
           f"max length {figures['max_length']} (mean {figures['mean_tokens']:.0f} tokens), {figures['device']}, "
           f"{figures['torch_threads']} threads, {args.rounds} rounds")  # user-facing
+    shares = figures["padding_share"]
+    print(f"  padding share of the computed positions: padded {shares['padded']:.1%}"  # user-facing
+          + (f", packed {shares['packed']:.1%} (rows of {args.max_tokens_per_row} tokens)" if args.packing else ""))
     for clock, label in (("wall", "wall clock"), ("cpu", "process CPU time")):
-        rates = {name: figures["texts_per_s"][name][clock] for name in ("ours", "theirs")}
-        print(f"  {label:>16}: ours {rates['ours']:8.1f} texts/s, theirs {rates['theirs']:8.1f} texts/s, "
-              f"ratio {figures['ratio_median'][clock]:.2f}x (rounds: "
-              + ", ".join(f"{ratio:.2f}" for ratio in figures["ratios"][clock]) + ")")  # user-facing
-    print(f"  same vectors: min cosine {figures['minimum_cosine']:.6f}")  # user-facing
+        rates = figures["texts_per_s"]
+        print(f"  {label}: theirs {rates['theirs'][clock]:8.1f} texts/s")  # user-facing
+        for name, ratios in figures["ratios"].items():
+            print(f"  {label}: {name:>11} {rates[name][clock]:8.1f} texts/s, ratio "  # user-facing
+                  f"{figures['ratio_median'][name][clock]:.2f}x (rounds: "
+                  + ", ".join(f"{ratio:.2f}" for ratio in ratios[clock]) + ")")
+    print("  same vectors: min cosine " + ", ".join(  # user-facing
+        f"{name} {value:.6f}" for name, value in figures["minimum_cosine"].items()))
     if args.json:
         from megatron_conan.eval.text_io import save_json
 

@@ -20,10 +20,14 @@ def _run(args, tmp_path):
 def test_encode_benchmark_compares_equal_vectors(artifacts, tmp_path):
     figures, stdout = _run(["benchmarks/encode_throughput.py", "--checkpoint", artifacts["embed_checkpoint"],
                             "--export", artifacts["sentence_transformer"], "--texts", "24", "--chunk", "12",
-                            "--batch-size", "4", "--max-length", "64"], tmp_path)
-    assert figures["minimum_cosine"] > 0.99999
-    assert figures["texts_per_s"]["ours"]["wall"] > 0 and figures["texts_per_s"]["theirs"]["wall"] > 0
-    assert "ratio" in stdout
+                            "--batch-size", "4", "--max-length", "64", "--packing", "--max-tokens-per-row", "48"],
+                           tmp_path)
+    # padded and packed rows give sentence-transformers' vectors
+    assert set(figures["minimum_cosine"]) == {"ours", "ours packed"}
+    assert all(cosine > 0.99999 for cosine in figures["minimum_cosine"].values())
+    assert all(figures["texts_per_s"][name]["wall"] > 0 for name in ("ours", "ours packed", "theirs"))
+    assert 0 <= figures["padding_share"]["packed"] < 1 and 0 <= figures["padding_share"]["padded"] < 1
+    assert "ratio" in stdout and "padding share" in stdout
 
 
 def test_mining_benchmark_finds_the_same_negatives(artifacts, tmp_path):
