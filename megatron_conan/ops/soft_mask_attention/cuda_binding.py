@@ -147,17 +147,26 @@ def key_window_arguments(windows: Optional[Tuple[torch.Tensor, torch.Tensor]], q
     return tuple(w.to(device=q.device, dtype=torch.int32).contiguous() for w in (lo, hi))
 
 
+def _window_keywords(windows, q) -> dict:
+    """The extension's key-window arguments, only for packed rows: padded rows call it exactly as
+    before the windows existed."""
+    if windows is None:
+        return {}
+    key_lo, key_hi = key_window_arguments(windows, q)
+    return {"key_lo": key_lo, "key_hi": key_hi}
+
+
 def soft_mask_attention_cuda_forward(q, k, v, m, lengths, softmax_scale: float,
                                      block_counter: Optional[torch.Tensor] = None,
                                      windows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`windows`: packed rows' key windows (lo, hi); without them, right-padded rows of `lengths`."""
-    key_lo, key_hi = key_window_arguments(windows, q)
+    packed = _window_keywords(windows, q)
     ext = _require()
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         out, lse = ext.forward(q, k, v, m.float().contiguous(), lengths.int().contiguous(),
-                               float(softmax_scale), block_counter, stream, key_lo=key_lo, key_hi=key_hi)
+                               float(softmax_scale), block_counter, stream, **packed)
     return out, lse
 
 
@@ -165,11 +174,10 @@ def soft_mask_attention_cuda_backward(grad_out, q, k, v, out, lse, m, lengths, s
                                       windows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of the forward with the same `windows`."""
-    key_lo, key_hi = key_window_arguments(windows, q)
+    packed = _window_keywords(windows, q)
     ext = _require()
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         dq, dk, dv = ext.backward(grad_out, q, k, v, out, lse, m.float().contiguous(),
-                                  lengths.int().contiguous(), float(softmax_scale), stream,
-                                  key_lo=key_lo, key_hi=key_hi)
+                                  lengths.int().contiguous(), float(softmax_scale), stream, **packed)
     return dq, dk, dv
