@@ -79,15 +79,19 @@ def _cuda_extension(device, deadline: float) -> str:
 
 
 def part_kernels(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    """Triton and CUDA against the fp64 reference on right-padded rows and on packed rows (several
+    texts per row, texts of length 1: a row exactly full and, at GPU shapes, a ragged one)."""
     import torch
 
     from megatron_conan.ops.soft_mask_attention.function import soft_mask_attention
-    from megatron_conan.ops.soft_mask_attention.schedule import row_mask_weights
-    from megatron_conan.testing.soft_mask import kernel_error, make_inputs, reference_with_grads
+    from megatron_conan.ops.soft_mask_attention.schedule import row_mask_weights, windowed_row_mask_weights
+    from megatron_conan.testing.soft_mask import kernel_error, make_inputs, packed_windows, reference_with_grads
 
     device = _device(cpu)
     b, hq, hkv, s, d = (1, 2, 1, 48, 112) if cpu else (2, 32, 8, 1000, 112)
     lengths = torch.tensor([s, max(1, s * 2 // 3)][:b], dtype=torch.int32, device=device)
+    packed_rows = [[1, 20, 1, 26], [15, 1, 12]] if cpu else [[1, 400, 1, 598], [300, 1, 250]]
+    layouts = {"": None, "packed ": tuple(w.to(device) for w in packed_windows(packed_rows[:b], s))}
     # the build may take what the checks (seconds at these shapes) leave of the part's share
     backends = {"triton": "", "cuda": _cuda_extension(device, time.monotonic() + seconds - 30)}
     figures, skipped, ok = {}, {name: why for name, why in backends.items() if why}, True
@@ -96,19 +100,22 @@ def part_kernels(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
             if cpu and dtype == torch.bfloat16 and backend == "triton":
                 skipped["triton bf16"] = "Triton's interpreter computes bf16 wrongly on CPU"
                 continue
-            for a in (0.0, 0.3, 1.0):
-                q, k, v, grad = make_inputs(int(a * 10), b, hq, hkv, s, d, dtype, device)
-                m = row_mask_weights(a, lengths, s, "len_over_pos")
-                ref = reference_with_grads(q, k, v, grad, m, lengths, torch.float64)
-                low = reference_with_grads(q, k, v, grad, m, lengths, dtype)
-                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                out = soft_mask_attention(*leaves, m, lengths, backend=backend)
-                out.backward(grad)
-                worst = max((kernel_error(got, mine, want, dtype) for got, mine, want in
-                             zip([out.detach()] + [x.grad for x in leaves], low, ref)),
-                            key=lambda found: found["error"] / found["bound"])
-                ok &= worst["ok"]
-                figures[f"{backend} {str(dtype)[6:]} a={a} error/bound"] = round(worst["error"] / worst["bound"], 3)
+            for layout, windows in layouts.items():
+                for a in (0.0, 0.3, 1.0):
+                    q, k, v, grad = make_inputs(int(a * 10), b, hq, hkv, s, d, dtype, device)
+                    m = (row_mask_weights(a, lengths, s, "len_over_pos") if windows is None
+                         else windowed_row_mask_weights(a, *windows))
+                    ref = reference_with_grads(q, k, v, grad, m, lengths, torch.float64, windows=windows)
+                    low = reference_with_grads(q, k, v, grad, m, lengths, dtype, windows=windows)
+                    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                    out = soft_mask_attention(*leaves, m, lengths, backend=backend, windows=windows)
+                    out.backward(grad)
+                    worst = max((kernel_error(got, mine, want, dtype) for got, mine, want in
+                                 zip([out.detach()] + [x.grad for x in leaves], low, ref)),
+                                key=lambda found: found["error"] / found["bound"])
+                    ok &= worst["ok"]
+                    figures[f"{backend} {str(dtype)[6:]} {layout}a={a} error/bound"] = round(
+                        worst["error"] / worst["bound"], 3)
     return {"status": "ran" if ok else "failed", "figures": figures, "skipped": skipped,
             "reason": "" if ok else "a kernel's error is above 2x PyTorch's in its precision"}
 

@@ -1,9 +1,10 @@
 """Shared helpers for the soft-mask kernel tests (CPU interpret mode and GPU); the checks themselves
 live in the package, where conan-gpu-check uses them too."""
 
-from megatron_conan.testing.soft_mask import ERROR_FLOOR, kernel_error, make_inputs, reference_with_grads
+from megatron_conan.testing.soft_mask import (ERROR_FLOOR, kernel_error, make_inputs, packed_windows,
+                                              reference_with_grads)
 
-__all__ = ["ERROR_FLOOR", "assert_within_bound", "make_inputs", "reference_with_grads"]
+__all__ = ["ERROR_FLOOR", "assert_within_bound", "make_inputs", "packed_windows", "reference_with_grads"]
 
 
 def assert_within_bound(kernel, torch_low, ref, name, dtype):

@@ -128,3 +128,55 @@ def test_a_failing_launch_names_the_backend_and_the_gpu(monkeypatch):
         function._launch("cuda", torch.device("cuda", 0), kernel, 1, 2)
     assert isinstance(caught.value.__cause__, RuntimeError)
     assert function._launch("triton", torch.device("cuda", 0), lambda a, b: a + b, 1, 2) == 3
+
+
+def _packed_inputs():
+    from megatron_conan.ops.soft_mask_attention.schedule import windowed_row_mask_weights
+    from megatron_conan.testing.soft_mask import make_inputs, packed_windows
+
+    lo, hi = packed_windows([[1, 5, 2], [3, 4]], 8)
+    q, k, v, grad = make_inputs(0, 2, 2, 1, 8, 16, torch.float32, "cpu")
+    return q, k, v, grad, windowed_row_mask_weights(0.5, lo, hi), hi.max(dim=1).values, (lo, hi)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_packed_rows_reach_the_cuda_kernel_with_their_windows(monkeypatch, backend):
+    """Packed rows run on the CUDA extension (explicit, or `auto` without Triton) with their key
+    windows in the forward and the backward; the fake kernels stand in for the GPU."""
+    from megatron_conan.ops.soft_mask_attention.reference import soft_mask_attention_reference
+
+    monkeypatch.setattr(function, "device_facts", lambda device: _gpu((9, 0), triton=False))
+    seen = {}
+
+    def forward(q, k, v, m, lengths, softmax_scale, block_counter=None, windows=None):
+        seen["forward"] = windows
+        out, lse = soft_mask_attention_reference(q, k, v, m, lengths, softmax_scale, return_lse=True,
+                                                 windows=windows)
+        return out.detach(), lse
+
+    def backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale, windows=None):
+        seen["backward"] = windows
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    monkeypatch.setattr(cuda_binding, "soft_mask_attention_cuda_forward", forward)
+    monkeypatch.setattr(cuda_binding, "soft_mask_attention_cuda_backward", backward)
+    q, k, v, grad, m, lengths, windows = _packed_inputs()
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = function.soft_mask_attention(*leaves, m, lengths, backend=backend, windows=windows)
+    out.backward(grad)
+    for direction in ("forward", "backward"):
+        for got, given in zip(seen[direction], windows):
+            assert got.dtype == torch.int32 and torch.equal(got, given), direction
+    torch.testing.assert_close(out, soft_mask_attention_reference(q, k, v, m, lengths, windows=windows))
+
+
+def test_cuda_binding_checks_key_windows_without_the_extension():
+    q, k, v, _, m, lengths, (lo, hi) = _packed_inputs()
+    assert cuda_binding.key_window_arguments(None, q) == (None, None)
+    key_lo, key_hi = cuda_binding.key_window_arguments((lo.long().t().contiguous().t(), hi.long()), q)
+    assert key_lo.dtype == key_hi.dtype == torch.int32 and key_lo.is_contiguous()
+    assert torch.equal(key_lo, lo) and torch.equal(key_hi, hi)
+    with pytest.raises(ValueError, match=r"key windows must be \[b=2, s=8\]; got \(2, 7\), \(2, 8\)"):
+        cuda_binding.soft_mask_attention_cuda_forward(q, k, v, m, lengths, 1.0, None, (lo[:, :7], hi))
+    with pytest.raises(ValueError, match="a pair"):
+        cuda_binding.soft_mask_attention_cuda_backward(q, q, k, v, q, m, m, lengths, 1.0, (lo,))

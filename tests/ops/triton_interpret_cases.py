@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from megatron_conan.ops.soft_mask_attention.function import soft_mask_attention
-from megatron_conan.ops.soft_mask_attention.reference import key_windows_from_cu_seqlens, key_windows_from_lengths
+from megatron_conan.ops.soft_mask_attention.reference import key_windows_from_lengths
 from megatron_conan.ops.soft_mask_attention.schedule import row_mask_weights, windowed_row_mask_weights
 from megatron_conan.ops.soft_mask_attention.triton_kernel import (
     causal_block_count, soft_mask_attention_triton_backward, soft_mask_attention_triton_forward,
     visited_block_count, windowed_block_count)
 
-from soft_mask_checks import assert_within_bound, make_inputs, reference_with_grads
+from soft_mask_checks import assert_within_bound, make_inputs, packed_windows, reference_with_grads
 
 DEVICE = os.environ.get("SOFT_MASK_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE == "cuda"
@@ -118,20 +118,6 @@ def test_block_skipping_counts_visited_blocks():
     assert _count_blocks(partial, lengths, s, hq, block_m, block_n) == expected
 
 
-def _packed_windows(rows, width):
-    """Windows of texts given per row as lengths (each row's texts back to back from position 0)."""
-    lengths, starts = [], []
-    for r, texts in enumerate(rows):
-        offset = r * width
-        for length in texts:
-            lengths.append(length)
-            starts.append(offset)
-            offset += length
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    return key_windows_from_cu_seqlens(cu, torch.tensor(starts + [len(rows) * width], dtype=torch.int32),
-                                       len(rows), width)
-
-
 # rows of texts: the first exactly full, with texts of length 1; the second ragged with padding
 PACKED_ROWS = [[1, 40, 54, 1], [30, 1, 19]]
 
@@ -140,7 +126,7 @@ PACKED_ROWS = [[1, 40, 54, 1], [30, 1, 19]]
 @pytest.mark.parametrize("a", [0.0, 0.5, 1.0])
 def test_packed_rows_match_reference(a, dtype):
     s, hq, hkv, d = 96, 4, 2, 32
-    lo, hi = (w.to(DEVICE) for w in _packed_windows(PACKED_ROWS, s))
+    lo, hi = (w.to(DEVICE) for w in packed_windows(PACKED_ROWS, s))
     q, k, v, grad = make_inputs(8, 2, hq, hkv, s, d, dtype, DEVICE)
     m = windowed_row_mask_weights(a, lo, hi)
     lengths = hi.max(dim=1).values  # unused with windows
@@ -158,7 +144,7 @@ def test_packed_rows_match_reference(a, dtype):
 
 def test_packed_rows_skip_blocks_of_other_texts():
     s, hq, block = 128, 2, 16
-    lo, hi = (w.to(DEVICE) for w in _packed_windows([[16, 48, 64], [128]], s))
+    lo, hi = (w.to(DEVICE) for w in packed_windows([[16, 48, 64], [128]], s))
     m = windowed_row_mask_weights(1.0, lo, hi)
     q, k, v, _ = make_inputs(9, 2, hq, 1, s, 32, torch.float32, DEVICE)
     counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)

@@ -1,12 +1,18 @@
 """Loads the CUDA extension built from csrc/ (`megatron_conan_soft_mask_cuda`), if it was built.
 
 Its contract is the Triton kernel's (see `triton_kernel.py` and `reference.py`):
-    forward(q, k, v, m, lengths, softmax_scale, block_counter or None, cuda_stream) -> (out, lse)
-    backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale, cuda_stream) -> (dq, dk, dv)
+    forward(q, k, v, m, lengths, softmax_scale, block_counter or None, cuda_stream,
+            key_lo=None, key_hi=None) -> (out, lse)
+    backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale, cuda_stream,
+             key_lo=None, key_hi=None) -> (dq, dk, dv)
 with q [b, hq, s, d], k/v [b, hkv, s, d] on the GPU (fp16, bf16 or fp32; d <= 128, stride 1 on d),
-m float32 [b, s], lengths int32 [b]. The backward is always deterministic. The extension does not
-include c10/cuda headers (see csrc/soft_mask_attention.cu): the wrappers here make the tensors'
-device current and pass the current stream.
+m float32 [b, s], lengths int32 [b], and for packed rows the key windows (lo, hi), contiguous int32
+[b, s] each (`reference.key_windows_from_cu_seqlens`; without them, right-padded rows of `lengths`).
+Key tiles outside a query block's windows are skipped; the block counter counts what
+`triton_kernel.windowed_block_count(m, windows, hq, QUERY_BLOCK, KEY_TILE)` counts. The backward
+is always deterministic. The extension does not include c10/cuda headers (see
+csrc/soft_mask_attention.cu): the wrappers here make the tensors' device current and pass the
+current stream.
 
 Architectures: setup.py builds SASS for every architecture of :data:`ARCHITECTURES` that the nvcc
 at hand supports (:func:`architectures_for_toolkit`) and compiles the list into the extension
@@ -25,6 +31,8 @@ import torch
 
 EXTENSION_NAME = "megatron_conan_soft_mask_cuda"
 MAX_HEAD_DIM = 128  # kMaxHeadDim in csrc/soft_mask_attention.cu
+QUERY_BLOCK = 16  # kBlockRows: query rows per thread block
+KEY_TILE = 32  # kTile: keys per shared-memory tile
 ARCHS_MACRO = "MEGATRON_CONAN_CUDA_ARCHS"
 """The preprocessor define through which setup.py compiles the architecture list into the binding."""
 
@@ -122,22 +130,54 @@ def _require():
     return ext
 
 
+def key_window_arguments(windows: Optional[Tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor
+                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(key_lo, key_hi) as the extension takes them: contiguous int32 [b, s] on q's device, or
+    (None, None) for right-padded rows. Checked here, before the extension is needed, so that a
+    wrong shape is the same ValueError with or without a GPU."""
+    if windows is None:
+        return None, None
+    if len(windows) != 2:
+        raise ValueError(f"key windows must be a pair (lo, hi); got {len(windows)} tensors")
+    batch, _, seq_len, _ = q.shape
+    lo, hi = windows
+    if tuple(lo.shape) != (batch, seq_len) or tuple(hi.shape) != (batch, seq_len):
+        raise ValueError(f"key windows must be [b={batch}, s={seq_len}]; got {tuple(lo.shape)}, "
+                         f"{tuple(hi.shape)}")
+    return tuple(w.to(device=q.device, dtype=torch.int32).contiguous() for w in (lo, hi))
+
+
+def _window_keywords(windows, q) -> dict:
+    """The extension's key-window arguments, only for packed rows: padded rows call it exactly as
+    before the windows existed."""
+    if windows is None:
+        return {}
+    key_lo, key_hi = key_window_arguments(windows, q)
+    return {"key_lo": key_lo, "key_hi": key_hi}
+
+
 def soft_mask_attention_cuda_forward(q, k, v, m, lengths, softmax_scale: float,
-                                     block_counter: Optional[torch.Tensor] = None
+                                     block_counter: Optional[torch.Tensor] = None,
+                                     windows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`windows`: packed rows' key windows (lo, hi); without them, right-padded rows of `lengths`."""
+    packed = _window_keywords(windows, q)
     ext = _require()
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         out, lse = ext.forward(q, k, v, m.float().contiguous(), lengths.int().contiguous(),
-                               float(softmax_scale), block_counter, stream)
+                               float(softmax_scale), block_counter, stream, **packed)
     return out, lse
 
 
-def soft_mask_attention_cuda_backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale: float
+def soft_mask_attention_cuda_backward(grad_out, q, k, v, out, lse, m, lengths, softmax_scale: float,
+                                      windows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of the forward with the same `windows`."""
+    packed = _window_keywords(windows, q)
     ext = _require()
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         dq, dk, dv = ext.backward(grad_out, q, k, v, out, lse, m.float().contiguous(),
-                                  lengths.int().contiguous(), float(softmax_scale), stream)
+                                  lengths.int().contiguous(), float(softmax_scale), stream, **packed)
     return dq, dk, dv

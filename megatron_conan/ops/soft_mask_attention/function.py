@@ -12,6 +12,10 @@ decision is tested on CPU with any GPU and build injected):
 An explicit backend is honoured or refused with an error naming the GPU and the build; `triton` on
 CPU tensors needs TRITON_INTERPRET=1 set before triton is imported (tests only: it is slow). A
 kernel that fails at launch raises :class:`SoftMaskKernelError` naming the backend and the GPU.
+
+Packed rows (`windows`) go the same way: every backend takes the key windows, so the choice does
+not depend on the row layout (`auto` without Triton runs them on the CUDA extension, as it runs
+right-padded rows).
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ class SoftMaskAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, m, lengths, softmax_scale, backend, deterministic, block_counter, windows):
         if backend == "cuda":
             out, lse = _launch(backend, q.device, cuda_binding.soft_mask_attention_cuda_forward,
-                               q, k, v, m, lengths, softmax_scale, block_counter)
+                               q, k, v, m, lengths, softmax_scale, block_counter, windows)
         else:
             from .triton_kernel import soft_mask_attention_triton_forward
 
@@ -169,15 +173,17 @@ class SoftMaskAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, m, lengths, *windows = ctx.saved_tensors
+        windows = tuple(windows) or None
         if ctx.backend == "cuda":
             dq, dk, dv = _launch(ctx.backend, q.device, cuda_binding.soft_mask_attention_cuda_backward,
-                                 grad_out.contiguous(), q, k, v, out, lse, m, lengths, ctx.softmax_scale)
+                                 grad_out.contiguous(), q, k, v, out, lse, m, lengths, ctx.softmax_scale,
+                                 windows)
         else:
             from .triton_kernel import soft_mask_attention_triton_backward
 
             dq, dk, dv = _launch(ctx.backend, q.device, lambda: soft_mask_attention_triton_backward(
                 grad_out, q, k, v, out, lse, m, lengths, ctx.softmax_scale, deterministic=ctx.deterministic,
-                windows=tuple(windows) or None))
+                windows=windows))
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -201,11 +207,6 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: to
     if windows is not None:
         check_windows(windows, q.shape[0], q.shape[2])
         windows = tuple(w.to(device=q.device, dtype=torch.int32) for w in windows)
-        if chosen == "cuda" and backend == "auto":
-            chosen = "sdpa"  # the CUDA kernel reads lengths only; auto picked it as Triton is absent
-        elif chosen == "cuda":
-            raise RuntimeError("the CUDA soft-mask kernel takes right-padded rows only: use the "
-                               "'triton' (or 'sdpa') backend for packed rows")
     if chosen == "reference":
         return soft_mask_attention_reference(q, k, v, m, lengths, scale, windows=windows)
     if chosen == "sdpa":
