@@ -106,17 +106,20 @@ def _timed(encode, texts, device: str):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def padding_shares(lengths, batch_size: int, max_tokens_per_row: int) -> dict:
-    """Share of the computed positions that hold no token, batches of `batch_size` texts taken in
-    length order: right-padded to each batch's longest, and packed (`models/packing.py` rows)."""
+def padding_shares(lengths, chunk: int, batch_size: int, max_tokens_per_row: int) -> dict:
+    """Share of the computed positions that hold no token when each timed chunk of texts is sorted
+    by length and cut into batches of `batch_size`: right-padded to each batch's longest, and
+    packed (`models/packing.py` rows)."""
     from megatron_conan.models.packing import first_fit_rows
 
-    ordered = sorted(lengths, reverse=True)
     padded = packed = 0
-    for start in range(0, len(ordered), batch_size):
-        batch = ordered[start:start + batch_size]
-        padded += len(batch) * batch[0]
-        packed += len(first_fit_rows(batch, max(max_tokens_per_row, batch[0]))) * max(max_tokens_per_row, batch[0])
+    for first in range(0, len(lengths), chunk):
+        ordered = sorted(lengths[first:first + chunk], reverse=True)
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start:start + batch_size]
+            width = max(max_tokens_per_row, batch[0])
+            padded += len(batch) * batch[0]
+            packed += len(first_fit_rows(batch, width)) * width
     tokens = sum(lengths)
     return {"padded": 1 - tokens / padded, "packed": 1 - tokens / packed}
 
@@ -164,7 +167,7 @@ def run(args) -> dict:
             "device": args.device, "shape": args.shape if args.checkpoint is None else checkpoint,
             "torch_threads": torch.get_num_threads(), "minimum_cosine": minimum_cosine,
             "mean_tokens": float(numpy.mean(lengths)), "max_tokens_per_row": args.max_tokens_per_row,
-            "padding_share": padding_shares(lengths, args.batch_size, args.max_tokens_per_row),
+            "padding_share": padding_shares(lengths, args.chunk, args.batch_size, args.max_tokens_per_row),
             "texts_per_s": {name: {clock: statistics.median(values) for clock, values in clocks.items()}
                             for name, clocks in per_round.items()},
             "ratio_median": {name: {clock: statistics.median(values) for clock, values in clocks.items()}

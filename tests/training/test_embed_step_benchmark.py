@@ -9,15 +9,21 @@ REPO = Path(__file__).resolve().parents[2]
 def test_embed_step_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/embed_step.py", "--batch", "8", "--query-length", "8", "--passage-length", "16",
-         "--mini-batch-size", "4", "--steps", "1", "--rounds", "1", "--warmup", "1", "--output-json", str(out)],
+        [sys.executable, "benchmarks/embed_step.py", "--data", "synthetic", "--batch", "8", "--batches", "2",
+         "--query-length", "8", "--min-passage-length", "4", "--passage-length", "24", "--packing",
+         "--max-tokens-per-row", "32", "--mini-batch-size", "4", "--steps", "1", "--rounds", "1", "--warmup", "1",
+         "--output-json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "pairs/s" in result.stdout and "CachedMNRL" in result.stdout
+    assert "pairs/s" in result.stdout and "CachedMNRL" in result.stdout and "padding share" in result.stdout
     rows = json.loads(out.read_text())
-    assert [row["mode"] for row in rows] == ["plain", "cached"]
+    assert [(row["mode"], row["layout"]) for row in rows] == [
+        ("plain", "padded"), ("plain", "packed"), ("cached", "padded"), ("cached", "packed")]
     assert all(row["ours_pairs_per_s"] > 0 and row["theirs_pairs_per_s"] > 0 for row in rows)
+    # passages of 4-24 tokens padded to the longest waste positions; rows of 32 hold several texts
+    assert all(0 < row["padding_share"] < 1 for row in rows)
+    assert all(row["collectives_per_step"].get("all_reduce", 0) > 0 for row in rows)
 
 
 def _dhnm_benchmark(tmp_path, name, *thresholds):
