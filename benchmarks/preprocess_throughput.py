@@ -6,7 +6,8 @@ SentencePiece's multi-threaded batch encode and, given a checkout, Megatron-LM's
 
 Corpus: real text, Python's own documentation (`megatron_conan.data.pydoc_corpus`: standard
 library docstrings and pydoc topics, about 1.6 MB on CPython 3.11) repeated, reshuffled each pass,
-to --size-mb; `--synthetic` uses the generated multilingual corpus instead. Tokenizer: our recipe
+to --size-mb; `--once` takes each text once instead (no repetition: the word cache only gains from
+repeats within real text), `--synthetic` uses the generated multilingual corpus. Tokenizer: our recipe
 (`train_tokenizer`), --vocab-size pieces, trained on one pass of the text.
 
 Candidates, each a whole process timed from outside (interpreter start and imports included):
@@ -21,7 +22,8 @@ Candidates, each a whole process timed from outside (interpreter start and impor
   new to the cache), with a fresh word cache and with plain SentencePiece: the floor of the
   cache's gain.
 Rounds are interleaved (every round runs every candidate, in an order rotated each round) and the
-ratios are printed per round and as medians, since a shared machine's load moves single timings;
+ratios are printed per round and as medians (for the two tools also net of each one's start-up,
+which dominates a small corpus), since a shared machine's load moves single timings;
 the load average is printed with each run. Every output is compared byte for byte with the loop's.
 Also measured: the start-up of a one-document run of each tool, and with --stress-mb the peak
 resident memory of the tool's processes (on the corpus, and on never-repeating words with two
@@ -269,6 +271,11 @@ def make_corpus(args, workdir: str):
 
         documents = write_pretraining_jsonl(corpus, num_bytes=int(args.size_mb * 1e6))
         training = corpus
+    elif args.once:
+        from megatron_conan.data.pydoc_corpus import write_pretraining_jsonl
+
+        documents, _ = write_pretraining_jsonl(corpus)
+        one_pass = training = corpus
     else:
         from megatron_conan.data.pydoc_corpus import write_pretraining_jsonl
 
@@ -293,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup-runs", type=int, default=5)
     parser.add_argument("--synthetic", action="store_true",
                         help="the generated multilingual corpus instead of Python's docs")
+    parser.add_argument("--once", action="store_true",
+                        help="each documentation text once (no repetition; --size-mb is ignored)")
     parser.add_argument("--megatron-lm", metavar="DIR",
                         help="a Megatron-LM checkout whose tools/preprocess_data.py to compare")
     parser.add_argument("--megatron-lm-pythonpath", metavar="DIR",
@@ -341,11 +350,12 @@ def main(argv=None) -> int:
                 print(f"  round {round_index}: {name}: {run['seconds']:.1f} s wall, "  # user-facing
                       f"{run['cpu_seconds']:.1f} s CPU, load {run['load']:.1f}"
                       + ("" if run.get("identical", True) else "  OUTPUT DIFFERS"))
-        report = summarize(args, results, names, first_pass)
-        report["startup_seconds"] = startup(args, model, workdir)
-        for name, seconds in report["startup_seconds"].items():
+        startup_seconds = startup(args, model, workdir)
+        for name, seconds in startup_seconds.items():
             print(f"one-document run of {name}: {seconds:.2f} s (median of "  # user-facing
                   f"{args.startup_runs})")
+        report = summarize(args, results, names, first_pass, startup_seconds)
+        report["startup_seconds"] = startup_seconds
         if args.stress_mb:
             report["peak_rss"] = memory(args, corpus, model, workdir)
         if args.json_out:
@@ -353,18 +363,25 @@ def main(argv=None) -> int:
                 json.dump({"size_mb": size_mb, "documents": documents, "cpus": os.cpu_count(),
                            "vocab_size": args.vocab_size, "rounds": args.rounds,
                            "workers": args.workers, "corpus": "synthetic" if args.synthetic
-                           else "pydoc", **report}, stream, indent=2)
+                           else "pydoc once" if args.once else "pydoc repeated", **report},
+                          stream, indent=2)
     identical = all(run.get("identical", True) for runs_ in results.values() for run in runs_)
     return 0 if identical else 1
 
 
-def summarize(args, results: dict, names, first_pass) -> dict:
+def summarize(args, results: dict, names, first_pass, startup_seconds: dict) -> dict:
     """Prints the per-round ratios against the tool and the median table; returns the figures."""
     tool = f"preprocess_data --workers {args.workers}"
     per_round = {name: [results[tool][index]["tokens"] / results[tool][index]["seconds"]
                         / (run["tokens"] / run["seconds"])
                         for index, run in enumerate(results[name])]
                  for name in names if name != tool}
+    megatron = f"Megatron-LM --workers {args.workers}"
+    if megatron in results:
+        # the work itself: each round's wall time less the tool's own one-document run
+        ours_net = [run["seconds"] - startup_seconds["preprocess_data"] for run in results[tool]]
+        theirs_net = [run["seconds"] - startup_seconds["Megatron-LM"] for run in results[megatron]]
+        per_round[f"{megatron}, net of start-up"] = [t / o for t, o in zip(theirs_net, ours_net)]
     if first_pass:
         per_round["first pass, encoding only: cache vs plain"] = [
             seconds["plain"] / seconds["cache"] for seconds in first_pass]
