@@ -48,7 +48,7 @@ logger = logging.getLogger("megatron_conan.quickstart")
 
 @dataclasses.dataclass
 class Plan:
-    """How big every step is. `full` is the README's main job (about 10 minutes on 2 CPU cores);
+    """How big every step is. `full` is the README's main job (about 8 minutes on 2 CPU cores);
     `quick` is the same pipeline in a minute or two (the test)."""
 
     corpus: Dict[str, Any]
@@ -512,7 +512,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/quickstart")
     parser.add_argument("--plan", choices=sorted(PLANS), default="full",
-                        help="full: the README's run (about 10 minutes on 2 cores); quick: the same steps, tiny")
+                        help="full: the README's run (about 8 minutes on 2 cores); quick: the same steps, tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change the plan for a study: weak_steps=360, model.embedding_init_method_std=0.3 "
