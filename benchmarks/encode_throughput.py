@@ -18,6 +18,7 @@ Texts: paragraphs of Python's own documentation (pydoc topics), 1 to ``--max-len
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -135,15 +136,17 @@ def run(args) -> dict:
     names = ["ours", "ours packed", "theirs"] if args.packing else ["ours", "theirs"]
     with tempfile.TemporaryDirectory(prefix="encode_bench_") as work_dir:
         checkpoint, export = build_models(args, work_dir)
-        with CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device) as ours, \
-                CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device,
-                                   max_tokens_per_row=args.max_tokens_per_row) as ours_packed:
+        with contextlib.ExitStack() as stack:
+            ours = stack.enter_context(CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device))
+            sides = {"ours": lambda chunk: ours.encode(chunk, batch_size=args.batch_size)}
+            if args.packing:  # a second model only when it is timed
+                ours_packed = stack.enter_context(CheckpointEmbedder(
+                    checkpoint, max_length=args.max_length, device=args.device,
+                    max_tokens_per_row=args.max_tokens_per_row))
+                sides["ours packed"] = lambda chunk: ours_packed.encode(chunk, batch_size=args.batch_size)
             theirs = SentenceTransformer(export, device=args.device, local_files_only=True)
             theirs.max_seq_length = args.max_length
-            sides = {"ours": lambda chunk: ours.encode(chunk, batch_size=args.batch_size),
-                     "ours packed": lambda chunk: ours_packed.encode(chunk, batch_size=args.batch_size),
-                     "theirs": lambda chunk: theirs.encode(chunk, batch_size=args.batch_size, convert_to_numpy=True)}
-            sides = {name: sides[name] for name in names}
+            sides["theirs"] = lambda chunk: theirs.encode(chunk, batch_size=args.batch_size, convert_to_numpy=True)
             lengths = [len(ids) for ids in ours.tokenize(texts, "")]
             vectors = {name: encode(texts) for name, encode in sides.items()}  # + warm-up
             minimum_cosine = {name: float((vectors[name] * vectors["theirs"]).sum(axis=1).min())
