@@ -13,9 +13,10 @@ would take the same mask *instead of* its causal mask, which is why embedding mo
 with the soft-mask core attention (``SoftMaskConfig.causal()`` for a causal embedder).
 
 Packing (``max_tokens_per_row > 0``): the texts are laid back to back into rows of that many tokens
-(``models/packing.py``) and the model runs on megatron-core's thd layout, with RoPE restarting per
-text and block-diagonal soft-mask attention; the hidden states come back in the padded [s, b, h]
-layout, so pooling is the same code and a text's embedding equals its padded one.
+(``models/packing.py``) and the model runs on them as one sequence with megatron-core's packed
+parameters: RoPE takes each token's position in its own text (`_rotary_by_position`) and the
+soft-mask attention is block-diagonal; the hidden states come back in the padded [s, b, h] layout, so
+pooling is the same code and a text's embedding equals its padded one.
 
 Parallelism: under tensor parallelism every TP rank computes the same hidden states (the row-parallel
 layers all-reduce), so every TP rank returns the same embedding. With sequence parallelism the
@@ -88,6 +89,27 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torc
     return _full_sequence(hidden, config)[:seq_len]  # [s, b, h]
 
 
+@contextlib.contextmanager
+def _rotary_by_position(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Make megatron-core's RoPE module return the frequencies of `positions` [t] (each packed
+    token's position in its own text) instead of those of 0 .. n-1.
+
+    Every layer then rotates the flattened rows in one call. megatron-core 0.16 has no way to pass
+    per-token positions to RoPE; its thd layout restarts them per text by slicing the frequencies
+    text by text in Python, for q and k of every layer."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    modules = [module for module in unwrap(model).modules() if isinstance(module, RotaryEmbedding)]
+    if not modules:
+        raise TypeError("packed rows need a RoPE model (megatron-core RotaryEmbedding)")
+    handles = [module.register_forward_hook(lambda _module, _args, freqs: freqs[positions]) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _full_sequence(hidden: torch.Tensor, config) -> torch.Tensor:
     if not config.sequence_parallel:
         return hidden
@@ -107,7 +129,7 @@ def packed_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, length
     # sequence parallelism splits the flattened rows over the TP ranks: whole rows of a multiple of TP
     tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
     packed = pack_batch(input_ids, lengths, max_tokens_per_row, multiple_of=tp)
-    with _without_output_layer(model):
+    with _without_output_layer(model), _rotary_by_position(model, packed.position_ids[0]):
         hidden = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
                        packed_seq_params=packed.params)  # [t(/tp), 1, h]
     hidden = _full_sequence(hidden, config)[:, 0]  # [t, h]

@@ -33,7 +33,7 @@ def test_pack_batch_lays_texts_back_to_back_with_restarting_positions():
         assert torch.equal(flat[index], ids[i, :length])
         assert torch.equal(packed.position_ids[0, index], torch.arange(length))
     assert packed.padding_tokens == packed.input_ids.numel() - sum(LENGTHS)
-    assert packed.params.row_width == ROW and packed.params.qkv_format == "thd"
+    assert packed.params.row_width == ROW and packed.params.qkv_format == "sbhd"
 
 
 def _grads(model):

@@ -10,10 +10,11 @@ is checkpointed with `get_soft_mask_state` / `load_soft_mask_state`.
 attention_mask: None (every sequence has full length) or a bool key-padding mask broadcastable as
 [b, 1, 1, s] with True = padded key, right padding only. Anything else raises.
 
-Packed rows (``models/packing.py``): megatron-core passes thd tensors q, k, v [t, heads, hn] with
-``packed_seq_params`` (a ``PackedRows``: cu_seqlens, their padded offsets and the row width); the
-flattened sequence is cut back into rows of that width and the texts become key windows, so the
-attention is block-diagonal and the soft mask applies within each text.
+Packed rows (``models/packing.py``): megatron-core passes q, k, v of the flattened rows, sbhd
+[t, 1, heads, hn] (what the embedder sends) or thd [t, heads, hn], with ``packed_seq_params`` (a
+``PackedRows``: cu_seqlens, their padded offsets and the row width); the flattened sequence is cut
+back into rows of that width and the texts become key windows, so the attention is block-diagonal
+and the soft mask applies within each text.
 """
 
 from __future__ import annotations
@@ -156,11 +157,22 @@ class SoftMaskCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)  # [sq, b, np * hn]
 
     def _packed_forward(self, query, key, value, attention_mask, params) -> torch.Tensor:
-        """thd q [t, np, hn], k, v [t, ng, hn] of `rows` packed rows -> [t, np * hn]."""
+        """Packed rows: sbhd q [t, 1, np, hn] -> [t, 1, np * hn], or thd q [t, np, hn] -> [t, np * hn]
+        (k, v alike with ng heads)."""
         width = getattr(params, "row_width", None)
-        if params.qkv_format != "thd" or width is None:
+        if params.qkv_format not in ("sbhd", "thd") or width is None:
             raise NotImplementedError("SoftMaskCoreAttention takes packed sequences as PackedRows "
-                                      "(thd with a row width, models/packing.py)")
+                                      "(sbhd or thd with a row width, models/packing.py)")
+        if params.qkv_format == "sbhd":
+            if query.dim() != 4 or query.shape[1] != 1:
+                raise ValueError(f"packed sbhd rows are one flattened sequence [t, 1, heads, hn]; got "
+                                 f"{tuple(query.shape)}")
+            return self._packed_rows(query[:, 0], key[:, 0], value[:, 0], attention_mask, params,
+                                     width).unsqueeze(1)  # [t, 1, np * hn]
+        return self._packed_rows(query, key, value, attention_mask, params, width)
+
+    def _packed_rows(self, query, key, value, attention_mask, params, width: int) -> torch.Tensor:
+        """q [t, np, hn], k, v [t, ng, hn] of `rows` packed rows of `width` -> [t, np * hn]."""
         if attention_mask is not None:
             raise ValueError("packed rows carry their texts in cu_seqlens: pass no attention mask")
         tokens, heads, head_dim = query.shape
