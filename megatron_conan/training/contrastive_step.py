@@ -12,7 +12,8 @@ loss is. Two ways to run it:
   once), then replay each chunk with activations and back-propagate its slice of the cached gradient.
   The RNG state is captured before each chunk's first pass and restored for its replay, so dropout
   (if any) draws the same masks. Peak activation memory is one chunk's; the batch is limited by the
-  embeddings only. The parameter gradients equal the plain step's (tested to 1e-6 in fp32).
+  embeddings only. The parameter gradients equal the plain step's (tested to 1e-6 in fp32). Each
+  role is cut in length order (`by_length`); the loss sees the batch's own order.
 
 Roles are embedded separately (a query batch and a passage batch have different lengths); each chunk
 is cut to its own longest sequence, or packed (``Chunking.max_tokens_per_row``: texts back to back in
@@ -48,6 +49,11 @@ class Sequences:
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
+
+    def select(self, index: torch.Tensor) -> "Sequences":
+        """The sequences at `index` [m] (long), in that order."""
+        starts = None if self.starts is None else self.starts[index]
+        return Sequences(self.ids[index], self.lengths[index], starts)
 
     def rows(self, start: int, stop: int) -> "Sequences":
         """Rows [start, stop), cut to their longest sequence."""
@@ -111,6 +117,13 @@ def _embed_chunk(model, chunk: Sequences, pooling: str, chunking: Chunking) -> t
                  max_tokens_per_row=chunking.max_tokens_per_row)  # [c, h]
 
 
+def by_length(sequences: Sequences) -> torch.Tensor:
+    """[n] long: the order in which GradCache embeds a role, longest first (ties in batch order).
+    Any partition into chunks gives the same gradients; this one gives chunks of texts of like length,
+    so a 20-token query is never padded, or packed, beside a 512-token one."""
+    return torch.sort(sequences.lengths, descending=True, stable=True).indices
+
+
 def _role_chunks(sequences: Sequences, chunking: Chunking) -> List[Tuple[int, int]]:
     return _chunks(sequences.lengths, chunking.mini_batch_size, chunking.mini_batch_tokens)
 
@@ -150,11 +163,15 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
             scale(loss).backward()
         return loss.detach(), stats
 
+    order = {role: by_length(sequences) for role, sequences in roles.items()}  # sorted position -> batch index
+    roles = {role: sequences.select(order[role]) for role, sequences in roles.items()}
     rng_states: Dict[str, List[dict]] = {role: [] for role in roles}
     with torch.no_grad():
         cached = {role: _embed_role(model, sequences, pooling, hidden_size, chunking, rng_states[role])
                   for role, sequences in roles.items()}
-    cached = {role: tensor.detach().requires_grad_(True) for role, tensor in cached.items()}
+        cached = {role: torch.empty_like(tensor).index_copy_(0, order[role], tensor)  # back in batch order
+                  for role, tensor in cached.items()}
+    cached = {role: tensor.requires_grad_(True) for role, tensor in cached.items()}
     loss, stats = loss_fn(cached)
     if loss.requires_grad:
         scale(loss).backward()  # d(loss)/d(embeddings), through the gathers, for every role at once
@@ -162,6 +179,7 @@ def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: Lo
         gradient = cached[role].grad
         if gradient is None or len(sequences) == 0:
             continue
+        gradient = gradient[order[role]]  # sorted order, as the chunks run
         for (start, stop), state in zip(_role_chunks(sequences, chunking), rng_states[role]):
             _restore_rng(state)
             replayed = _embed_chunk(model, sequences.rows(start, stop), pooling, chunking)  # [c, h], with activations

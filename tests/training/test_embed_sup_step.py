@@ -47,11 +47,15 @@ class ChunkedForwardStage(FedStage):
     RNG state of each chunk."""
 
     def run_contrastive(self, ctx, roles, loss_fn):
-        from megatron_conan.training.contrastive_step import Chunking, _embed_role
+        from megatron_conan.training.contrastive_step import Chunking, _embed_role, by_length
 
         chunking = Chunking(mini_batch_size=ctx.cfg.embedding.mini_batch_size)
-        embeddings = {role: _embed_role(ctx.chunks[0], sequences, ctx.cfg.embedding.pooling,
-                                        ctx.model_config.hidden_size, chunking) for role, sequences in roles.items()}
+        embeddings = {}
+        for role, sequences in roles.items():
+            order = by_length(sequences)  # GradCache's chunks, in its order
+            in_order = _embed_role(ctx.chunks[0], sequences.select(order), ctx.cfg.embedding.pooling,
+                                   ctx.model_config.hidden_size, chunking)
+            embeddings[role] = torch.zeros_like(in_order).index_copy(0, order, in_order)
         loss, stats = self.capturing(loss_fn)(embeddings)
         loss.backward()
         return loss.detach(), stats

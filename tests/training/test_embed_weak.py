@@ -137,6 +137,39 @@ def test_chunks_by_tokens():
     assert _chunks(lengths, 4) == [(0, 4), (4, 6)]
 
 
+def test_gradcache_cuts_each_role_in_length_order(monkeypatch):
+    """GradCache chunks hold texts of like length (each chunk is cut to its longest text), and the loss
+    still sees the batch's order: same gradient as the plain step. A stand-in embedder records the
+    width of every forward."""
+    from megatron_conan.training import contrastive_step
+    from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
+
+    weight = torch.nn.Parameter(torch.tensor([[0.3, -0.2]]))
+    widths = []
+
+    def embed(model, ids, lengths, pooling, starts=None, max_tokens_per_row=0):
+        widths.append(ids.shape[1])
+        return (ids.float().sum(1, keepdim=True) + lengths[:, None]) * weight  # [c, 2]
+
+    monkeypatch.setattr(contrastive_step, "embed", embed)
+    lengths = torch.tensor([2, 12, 3, 11, 1])
+    ids = (torch.arange(12)[None, :] < lengths[:, None]).long() * torch.arange(1, 6)[:, None]
+    roles = {"query": Sequences(ids, lengths)}
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 3.0]])  # a loss that sees the order
+
+    def loss_fn(embeddings):
+        return ((embeddings["query"] - target) ** 2).sum(), {}
+
+    grads = {}
+    for chunking in (Chunking(), Chunking(mini_batch_size=2)):
+        widths.clear()
+        loss, _ = contrastive_forward_backward(None, roles, loss_fn, "mean", 2, chunking=chunking)
+        grads[chunking.mini_batch_size] = (loss, weight.grad.clone(), list(widths))
+        weight.grad = None
+    assert grads[2][2] == [12, 3, 1] * 2  # lengths 12 11 | 3 2 | 1, cached pass then replay
+    assert torch.allclose(grads[2][0], grads[0][0]) and torch.allclose(grads[2][1], grads[0][1])
+
+
 def test_two_process_layouts_equal_single_process(single_process, tmp_path):
     reference = single_process[0]
     for layout in ({}, {"tensor_parallel": 2}, {"tensor_parallel": 2, "sequence_parallel": True}):
