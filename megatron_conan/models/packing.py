@@ -81,9 +81,10 @@ class PackedBatch:
 
 def pack_batch(input_ids: torch.Tensor, lengths: torch.Tensor, max_tokens_per_row: int,
                multiple_of: int = 1) -> PackedBatch:
-    """Pack right-padded `input_ids` [n, L] with true `lengths` [n] into rows of at least
-    `max_tokens_per_row` positions (widened to the longest text and to a multiple of `multiple_of`,
-    e.g. the TP size under sequence parallelism, which splits the flattened sequence)."""
+    """Pack right-padded `input_ids` [n, L] with true `lengths` [n] into rows of `max_tokens_per_row`
+    positions (widened to the longest text), then narrowed to the fullest row, and rounded up to a
+    multiple of `multiple_of` (e.g. the TP size under sequence parallelism, which splits the
+    flattened sequence)."""
     if input_ids.dim() != 2 or lengths.shape != input_ids.shape[:1]:
         raise ValueError(f"input_ids must be [n, L] and lengths [n]; got {tuple(input_ids.shape)} "
                          f"and {tuple(lengths.shape)}")
@@ -94,6 +95,10 @@ def pack_batch(input_ids: torch.Tensor, lengths: torch.Tensor, max_tokens_per_ro
     width = max([max_tokens_per_row] + lengths_list)
     width = -(-width // multiple_of) * multiple_of
     rows = first_fit_rows(lengths_list, width)
+    # rows as wide as the fullest one: a batch smaller than one row (a GradCache chunk of queries)
+    # would otherwise carry the rest of the row as padding through every layer
+    fullest = max((sum(lengths_list[i] for i in row) for row in rows), default=1)
+    width = -(-fullest // multiple_of) * multiple_of
     order = [i for row in rows for i in row]
     starts, flat_ids, positions = [], torch.zeros(len(rows) * width, dtype=input_ids.dtype, device=device), \
         torch.zeros(len(rows) * width, dtype=torch.long, device=device)

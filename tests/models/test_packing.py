@@ -1,7 +1,7 @@
 """Packed rows give the padded embeddings and gradients: a in {0, 0.5, 1}, mean (with an instruction
-left out) and last pooling, at TP=1, TP=2 and TP=2 with sequence parallelism."""
+left out) and last pooling, at TP=1, TP=2 and TP=2 with sequence parallelism, with the rows attended
+row by row and text by text (SDPA's buckets, ops/soft_mask_attention/text_buckets.py)."""
 
-import pytest
 import torch
 
 from megatron_conan.models.packing import first_fit_rows, pack_batch
@@ -36,6 +36,31 @@ def test_pack_batch_lays_texts_back_to_back_with_restarting_positions():
     assert packed.params.row_width == ROW and packed.params.qkv_format == "sbhd"
 
 
+def test_rows_narrow_to_the_fullest_row():
+    # a batch smaller than one row (a GradCache chunk of short queries) is one row of its own tokens,
+    # rounded up to the multiple sequence parallelism needs; texts still never share a row past the budget
+    ids = torch.ones(3, 8, dtype=torch.long)
+    assert pack_batch(ids, torch.tensor([5, 8, 2]), 512).params.row_width == 15
+    assert pack_batch(ids, torch.tensor([5, 8, 2]), 512, multiple_of=4).params.row_width == 16
+    wide = pack_batch(ids, torch.tensor([5, 8, 2]), 10)
+    assert wide.params.row_width == 10 and wide.padding_tokens == 5  # rows [8, 2] and [5]
+
+
+def test_text_buckets_group_like_lengths_and_pay_off_only_against_wide_rows():
+    from megatron_conan.ops.soft_mask_attention.text_buckets import bucket_bounds, plan_text_buckets
+
+    assert bucket_bounds([512, 400, 383, 300, 40, 33, 20, 1]) == [(0, 2), (2, 4), (4, 6), (6, 8)]  # 20 and 1: short
+    assert bucket_bounds([]) == []
+    # sixteen 20-token queries in one row of 320: 16 x 400 against 320^2
+    cu = torch.arange(0, 321, 20, dtype=torch.int32)
+    plan = plan_text_buckets(cu, cu, 1, 320)
+    assert [tuple(b.token.shape) for b in plan.buckets] == [(16, 20)]
+    assert torch.equal(plan.positions, torch.arange(320))
+    # one text filling its row: the row is already the cheapest
+    full = torch.tensor([0, 320], dtype=torch.int32)
+    assert plan_text_buckets(full, full, 1, 320) is None
+
+
 def _grads(model):
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -57,7 +82,7 @@ def _body(rank, world_size, layouts):
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.models.embedder import embed
-    from megatron_conan.ops.soft_mask_attention import SoftMaskConfig
+    from megatron_conan.ops.soft_mask_attention import SoftMaskConfig, text_buckets
     from megatron_conan.ops.soft_mask_attention.core_attention import (
         set_soft_mask_step, soft_mask_core_attention_spec)
 
@@ -76,16 +101,19 @@ def _body(rank, world_size, layouts):
         for a, pooling in cases:
             set_soft_mask_step(model, round(100 * a))
             results = []
-            for row in (0, ROW):
+            # padded; packed, attended row by row; packed, attended text by text (SDPA's buckets)
+            for row, gain in ((0, 0.0), (ROW, 0.0), (ROW, float("inf"))):
+                text_buckets.GAIN = gain
                 emb = embed(model, ids, lengths, pooling, starts=starts if pooling == "mean" else None,
                             max_tokens_per_row=row)
                 (emb * weights).sum().backward()
                 results.append((emb.detach(), _grads(model)))
-            (padded, padded_grads), (packed, packed_grads) = results
-            worst[(tp, sp, a, pooling)] = (
-                float((padded - packed).abs().max()),
-                max(float((padded_grads[k] - packed_grads[k]).abs().max()) for k in padded_grads),
-                float(padded.std()))
+            (padded, padded_grads), *packed_layouts = results
+            for layout, (packed, packed_grads) in zip(("rows", "texts"), packed_layouts):
+                worst[(tp, sp, a, pooling, layout)] = (
+                    float((padded - packed).abs().max()),
+                    max(float((padded_grads[k] - packed_grads[k]).abs().max()) for k in padded_grads),
+                    float(padded.std()))
     return worst
 
 

@@ -30,9 +30,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from .function import soft_mask_attention
+from .function import resolve_backend, soft_mask_attention
 from .reference import key_windows_from_cu_seqlens
 from .schedule import SoftMaskConfig, SoftMaskSchedule
+from .text_buckets import TextBuckets, plan_text_buckets
 
 
 def lengths_from_key_padding_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int,
@@ -80,6 +81,7 @@ class _PerMaskCache:
 
 
 _row_weights_cache = _PerMaskCache()
+_text_buckets_cache = _PerMaskCache()
 
 
 class SoftMaskCoreAttention(MegatronModule):
@@ -180,6 +182,11 @@ class SoftMaskCoreAttention(MegatronModule):
             raise ValueError(f"{tokens} packed tokens are not whole rows of {width}")
         rows = tokens // width
         config = self.schedule.config
+        if resolve_backend(config.backend, query.device, head_dim) == "sdpa":  # no kernel to skip cross-text blocks
+            plan = _text_buckets_cache.get(params, (rows, width, query.device), lambda: plan_text_buckets(
+                params.cu_seqlens_q, params.cu_seqlens_q_padded, rows, width))
+            if plan is not None:
+                return self._text_buckets(query, key, value, plan)
 
         def windows_and_weights():
             windows = key_windows_from_cu_seqlens(params.cu_seqlens_q, params.cu_seqlens_q_padded, rows, width)
@@ -195,6 +202,25 @@ class SoftMaskCoreAttention(MegatronModule):
                                   softmax_scale=self.softmax_scale, backend=config.backend,
                                   deterministic=config.deterministic, windows=windows)
         return out.permute(0, 2, 1, 3).reshape(tokens, heads * head_dim)  # [t, np * hn]
+
+
+    def _text_buckets(self, query, key, value, plan: TextBuckets) -> torch.Tensor:
+        """q [t, np, hn], k, v [t, ng, hn] of packed rows, attended text by text in right-padded
+        buckets of like length (``text_buckets.py``) -> [t, np * hn]."""
+        tokens, heads, head_dim = query.shape
+        config = self.schedule.config
+        pieces = []
+        for bucket in plan.buckets:
+            def padded(x):
+                return x[bucket.token].permute(0, 2, 1, 3)  # [n_b, heads, L_b, hn]
+
+            m = self.schedule.row_weights(bucket.lengths, bucket.token.shape[1])  # [n_b, L_b]
+            out = soft_mask_attention(padded(query), padded(key), padded(value), m, bucket.lengths,
+                                      softmax_scale=self.softmax_scale, backend=config.backend,
+                                      deterministic=config.deterministic)  # [n_b, np, L_b, hn]
+            pieces.append(out.permute(0, 2, 1, 3)[bucket.keep])  # [real tokens, np, hn]
+        real = torch.cat(pieces).reshape(-1, heads * head_dim)
+        return real.new_zeros(tokens, heads * head_dim).index_copy(0, plan.positions, real)  # [t, np * hn]
 
 
 def soft_mask_core_attention_spec(soft_mask: Optional[SoftMaskConfig] = None) -> ModuleSpec:
