@@ -247,11 +247,6 @@ class EmbeddingSection:
     the longest. Same embeddings and gradients (tested to 1e-5 in fp32)."""
     max_tokens_per_row: int = 512
     """Packed row width in tokens (widened to the longest text of the batch)."""
-    pack_min_padding: float = 0.2
-    """With packing: a role or GradCache chunk is packed only when padding it to its longest text
-    would leave more than this share of its positions empty. GradCache's chunks hold texts of like
-    length, and on the CPU their padded forward beat the packed one (docs/PERFORMANCE.md); 0: always
-    pack."""
     drop_last: bool = True
     """Skip the partial last global batch of every task epoch (counted, logged as
     `dropped_tail_examples`): a batch of a few examples has few in-batch negatives, so its loss and
@@ -291,8 +286,6 @@ class EmbeddingSection:
             raise ConfigError(f"embedding.mini_batch_size must be >= 0, got {self.mini_batch_size}")
         if self.mini_batch_tokens < 0:
             raise ConfigError(f"embedding.mini_batch_tokens must be >= 0, got {self.mini_batch_tokens}")
-        if not 0 <= self.pack_min_padding < 1:
-            raise ConfigError(f"embedding.pack_min_padding must be in [0, 1), got {self.pack_min_padding}")
         if self.max_tokens_per_row < 1:
             raise ConfigError(f"embedding.max_tokens_per_row must be >= 1, got {self.max_tokens_per_row}")
         if self.max_query_length < 2 or self.max_passage_length < 2:

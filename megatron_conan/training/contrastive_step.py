@@ -17,11 +17,9 @@ loss is. Two ways to run it:
 
 Roles are embedded separately (a query batch and a passage batch have different lengths); each chunk
 is cut to its own longest sequence, or packed (``Chunking.max_tokens_per_row``: texts back to back in
-rows, no padding between them, ``models/packing.py``) where padding would fill more than
-``Chunking.pack_min_padding`` of it. GradCache chunks hold ``mini_batch_size`` sequences and, with
-``mini_batch_tokens``, no more true tokens than that (at least one text). Every rank must call this
-once per step with the same roles, because the loss gathers over the DP group; a rank may hold zero
-sequences of a role.
+rows, no padding between them, ``models/packing.py``). GradCache chunks hold ``mini_batch_size``
+sequences and, with ``mini_batch_tokens``, no more true tokens than that (at least one text). Every rank must call this once per step with the same roles,
+because the loss gathers over the DP group; a rank may hold zero sequences of a role.
 """
 
 from __future__ import annotations
@@ -75,9 +73,6 @@ class Chunking:
     """GradCache chunks also end before their true tokens pass this (0: by count only)."""
     max_tokens_per_row: int = 0
     """> 0: packed rows of this many tokens; 0: right-padded."""
-    pack_min_padding: float = 0.0
-    """With packing: pack only a role or chunk whose right-padded layout would be more than this
-    share padding (``chunk_layout``)."""
 
     @property
     def cached(self) -> bool:
@@ -117,20 +112,9 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def chunk_layout(lengths: torch.Tensor, chunking: Chunking) -> int:
-    """max_tokens_per_row for a role or chunk of these `lengths`: the configured rows where
-    right-padding would leave more than `pack_min_padding` of the positions empty, else 0
-    (right-padded). Both layouts give the same embeddings (tests/models/test_packing.py), and the
-    choice depends on the lengths alone, so a GradCache replay takes its cached pass's layout."""
-    if chunking.max_tokens_per_row <= 0 or len(lengths) == 0:
-        return 0
-    padding = 1 - int(lengths.sum()) / (len(lengths) * int(lengths.max()))
-    return chunking.max_tokens_per_row if padding > chunking.pack_min_padding else 0
-
-
 def _embed_chunk(model, chunk: Sequences, pooling: str, chunking: Chunking) -> torch.Tensor:
     return embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts,
-                 max_tokens_per_row=chunk_layout(chunk.lengths, chunking))  # [c, h]
+                 max_tokens_per_row=chunking.max_tokens_per_row)  # [c, h]
 
 
 def by_length(sequences: Sequences) -> torch.Tensor:

@@ -225,8 +225,7 @@ class EmbeddingStage(Stage):
         model = ctx.chunks[0]
         section = ctx.cfg.embedding
         chunking = Chunking(mini_batch_size=section.mini_batch_size, mini_batch_tokens=section.mini_batch_tokens,
-                            max_tokens_per_row=section.max_tokens_per_row if section.packing else 0,
-                            pack_min_padding=section.pack_min_padding)
+                            max_tokens_per_row=section.max_tokens_per_row if section.packing else 0)
         return contrastive_forward_backward(
             model, roles, loss_fn, section.pooling, ctx.model_config.hidden_size,
             grad_scale_func=ctx.transformer_config.grad_scale_func, chunking=chunking)

@@ -102,9 +102,8 @@ def _parity_body(rank, world_size, layout, full_weights, mini_batch_sizes, run_d
 
 UNCHUNKED = {"mini_batch_size": 0, "mini_batch_tokens": 0, "packing": False}
 # rows of 24 tokens: several texts per row, the 20-token positive nearly alone
-PACKED = ("packed", {"packing": True, "max_tokens_per_row": 24, "pack_min_padding": 0.0})
-PACKED_GRADCACHE = ("packed_gradcache", {"packing": True, "max_tokens_per_row": 24, "mini_batch_size": 3,
-                                         "pack_min_padding": 0.0})
+PACKED = ("packed", {"packing": True, "max_tokens_per_row": 24})
+PACKED_GRADCACHE = ("packed_gradcache", {"packing": True, "max_tokens_per_row": 24, "mini_batch_size": 3})
 # chunks of at most 30 true tokens: the positives (96 tokens) in 4+ chunks of uneven counts
 TOKEN_CHUNKS = ("token_chunks", {"mini_batch_size": 8, "mini_batch_tokens": 30})
 
@@ -169,16 +168,6 @@ def test_gradcache_cuts_each_role_in_length_order(monkeypatch):
         weight.grad = None
     assert grads[2][2] == [12, 3, 1] * 2  # lengths 12 11 | 3 2 | 1, cached pass then replay
     assert torch.allclose(grads[2][0], grads[0][0]) and torch.allclose(grads[2][1], grads[0][1])
-
-
-def test_a_chunk_is_packed_only_where_padding_would_waste_enough():
-    from megatron_conan.training.contrastive_step import Chunking, chunk_layout
-
-    rows = Chunking(max_tokens_per_row=16, pack_min_padding=0.2)
-    assert chunk_layout(torch.tensor([12, 3]), rows) == 16  # padded, 9 of 24 positions would be empty
-    assert chunk_layout(torch.tensor([12, 11]), rows) == 0  # 1 of 24: right-padded
-    assert chunk_layout(torch.tensor([12, 11]), Chunking(max_tokens_per_row=16)) == 16  # 0: always pack
-    assert chunk_layout(torch.tensor([12, 3]), Chunking()) == 0  # packing off
 
 
 def test_two_process_layouts_equal_single_process(single_process, tmp_path):
