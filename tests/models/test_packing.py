@@ -117,6 +117,39 @@ def _body(rank, world_size, layouts):
     return worst
 
 
+def _bias_count_body(rank, world_size):
+    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.distributed.parallel import initialize_model_parallel
+    from megatron_conan.models.conan import build_model_chunks
+    from megatron_conan.models.embedder import embed
+    from megatron_conan.ops.soft_mask_attention import SoftMaskConfig, reference, text_buckets
+    from megatron_conan.ops.soft_mask_attention.core_attention import soft_mask_core_attention_spec
+
+    model_config = tiny()
+    initialize_model_parallel(ParallelConfig(), seed=1234)
+    spec = soft_mask_core_attention_spec(SoftMaskConfig(total_steps=100, backend="sdpa"))
+    (model,) = build_model_chunks(model_config, build_transformer_config(model_config, ParallelConfig()),
+                                  core_attention=spec, use_transformer_engine=False)
+    text_buckets.GAIN = float("inf")
+    built = []
+    original = reference.soft_mask_log_weights
+    reference.soft_mask_log_weights = lambda *args, **kwargs: built.append(args[2]) or original(*args, **kwargs)
+    lengths = [60, 50, 20, 12, 5]  # buckets 60 50 | 20 12 5
+    ids = torch.randint(1, model_config.vocab_size, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(0))
+    embed(model, ids, torch.tensor(lengths), "mean", max_tokens_per_row=64)
+    bounds = text_buckets.bucket_bounds(lengths)
+    return {"built": built, "buckets": [lengths[start] for start, _ in bounds],
+            "layers": model_config.num_layers}
+
+
+def test_text_buckets_build_each_mask_once_per_forward():
+    """Every layer of a packed forward attends the same buckets: each bucket's mask is built by the
+    first layer and reused by the others."""
+    result = run_distributed(_bias_count_body, 1)[0]
+    assert result["layers"] > 1 and len(result["buckets"]) > 1
+    assert sorted(result["built"]) == sorted(result["buckets"])  # one mask per bucket, its width
+
+
 def _check(worst):
     for case, (emb_diff, grad_diff, spread) in worst.items():
         assert spread > 0.01, case  # the embeddings are not degenerate

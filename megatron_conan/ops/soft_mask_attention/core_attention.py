@@ -209,12 +209,15 @@ class SoftMaskCoreAttention(MegatronModule):
         buckets of like length (``text_buckets.py``) -> [t, np * hn]."""
         tokens, heads, head_dim = query.shape
         config = self.schedule.config
+        state = (self.schedule.a, config.position_scale)
+        if state not in plan.weights:
+            plan.weights[state] = [self.schedule.row_weights(bucket.lengths, bucket.token.shape[1])
+                                   for bucket in plan.buckets]  # [n_b, L_b] each
         pieces = []
-        for bucket in plan.buckets:
+        for bucket, m in zip(plan.buckets, plan.weights[state]):
             def padded(x):
                 return x[bucket.token].permute(0, 2, 1, 3)  # [n_b, heads, L_b, hn]
 
-            m = self.schedule.row_weights(bucket.lengths, bucket.token.shape[1])  # [n_b, L_b]
             out = soft_mask_attention(padded(query), padded(key), padded(value), m, bucket.lengths,
                                       softmax_scale=self.softmax_scale, backend=config.backend,
                                       deterministic=config.deterministic)  # [n_b, np, L_b, hn]

@@ -154,18 +154,23 @@ def soft_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out
 
 
-_last_bias: list = [None, None, None, None, None]  # m, lengths, windows, (seq_len, dtype), bias
+_BIAS_ENTRIES = 16
+_recent_biases: list = []  # (m, lengths, windows, (seq_len, dtype), bias), newest last
 
 
 def _bias_for(m: torch.Tensor, lengths: torch.Tensor, seq_len: int, dtype: torch.dtype,
               windows: Optional[Windows]) -> torch.Tensor:
     """soft_mask_log_weights, reused while the layers of a forward pass the same m, lengths and
-    windows (held here, so identity is never confused with a later tensor at the same address)."""
-    if (_last_bias[0] is not m or _last_bias[1] is not lengths or _last_bias[2] is not windows
-            or _last_bias[3] != (seq_len, dtype)):
-        _last_bias[:] = [m, lengths, windows, (seq_len, dtype),
-                         soft_mask_log_weights(m, lengths, seq_len, dtype, windows)]
-    return _last_bias[4]
+    windows (held here, so identity is never confused with a later tensor at the same address).
+    Several entries: packed rows attended text by text pass one (m, lengths) per bucket of texts
+    (``text_buckets.py``) in every layer."""
+    for entry in _recent_biases:
+        if entry[0] is m and entry[1] is lengths and entry[2] is windows and entry[3] == (seq_len, dtype):
+            return entry[4]
+    bias = soft_mask_log_weights(m, lengths, seq_len, dtype, windows)
+    _recent_biases.append((m, lengths, windows, (seq_len, dtype), bias))
+    del _recent_biases[:-_BIAS_ENTRIES]
+    return bias
 
 
 def soft_mask_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,

@@ -21,8 +21,8 @@ queries); `keep` [n_b, L_b] bool marks the real ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,6 +52,9 @@ class TextBuckets:
     positions: torch.Tensor
     """[sum of lengths] long: flattened packed position of every real token, bucket by bucket, in the
     order `keep` selects them."""
+    weights: Dict[Tuple, List[torch.Tensor]] = field(default_factory=dict)
+    """Soft-mask row weights m [n_b, L_b] per bucket, by schedule state: computed by the first layer
+    of a forward and handed to the others as the same tensors, so the attention's mask cache hits."""
 
 
 def bucket_bounds(sorted_lengths: List[int]) -> List[tuple]:
