@@ -84,7 +84,7 @@ class Plan:
     """The embedding stages train on packed rows of this many tokens (`embedding.packing`: texts back
     to back, attention within each text) instead of padding each text to its batch's longest; 0
     pads. As wide as the longest passage: on the CPU's SDPA a row costs width^2 attention whatever
-    it holds. On this data a stage-3 step runs 1.69x faster packed (docs/PERFORMANCE.md)."""
+    it holds. On this data a stage-3 step runs 1.68x faster packed (docs/PERFORMANCE.md)."""
 
 
 PLANS = {
