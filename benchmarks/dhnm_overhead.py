@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from megatron_conan.training.config import RunConfig
     from megatron_conan.training.embedding_stage import SupervisedStage
     from megatron_conan.training.loop import build_trainer
-    from megatron_conan.training.step import optimizer_step, zero_grads
+    from megatron_conan.training.megatron_step import optimizer_step, zero_grads
 
     init_process_group_from_env()
     rates = {"on": [], "off": []}

@@ -174,7 +174,7 @@ class _Ours:
         self.vocab_size = cfg.model.build().vocab_size
 
     def step(self, batch, packing: bool) -> None:
-        from megatron_conan.training.step import optimizer_step, zero_grads
+        from megatron_conan.training.megatron_step import optimizer_step, zero_grads
 
         ctx = self.trainer.ctx
         ctx.cfg.embedding.packing = packing  # read by the stage at every step

@@ -97,7 +97,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
     Every rank returns 2, so a launcher sees the failure everywhere; only rank 0 prints, so the
     line appears once. Errors that are not user input propagate with their traceback.
     """
-    from megatron_conan.known_warnings import silence_known_warnings
+    from megatron_conan.warning_filters import silence_known_warnings
 
     silence_known_warnings()  # noise before the one line
     try:

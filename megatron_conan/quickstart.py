@@ -41,7 +41,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_conan.console import configure_logging, set_offline_switches
-from megatron_conan.known_warnings import silence_known_warnings
+from megatron_conan.warning_filters import silence_known_warnings
 
 logger = logging.getLogger("megatron_conan.quickstart")
 

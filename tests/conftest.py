@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_conan.known_warnings import silence_known_warnings
+from megatron_conan.warning_filters import silence_known_warnings
 
 silence_known_warnings()  # megatron-core's CPU fallbacks and deprecations: noise in test output
 

@@ -16,6 +16,6 @@ Each is a `main(argv=None)` under :func:`megatron_conan.console.run_command`; `p
 megatron_conan.cli.<module>` runs the same command, and `tools/<name>.py` are thin scripts over them.
 """
 
-from megatron_conan.known_warnings import silence_known_warnings
+from megatron_conan.warning_filters import silence_known_warnings
 
 silence_known_warnings()  # before a command's module imports megatron-core: its import-time warnings are noise

@@ -18,7 +18,7 @@ from megatron_conan.data.encoders import (
     check_instructions,
     format_instruction,
 )
-from megatron_conan.data.pipeline import EncodedBatch
+from megatron_conan.data.parallel_encode import EncodedBatch
 from megatron_conan.data.preprocess import PreprocessConfig, PreprocessResult, run_to_indexed
 from megatron_conan.data.provenance import META_SUFFIX, tokenizer_record
 

@@ -16,7 +16,7 @@ from megatron_conan.data.jsonl import (
     require_text,
     require_text_list,
 )
-from megatron_conan.data.pipeline import LineEncoder
+from megatron_conan.data.parallel_encode import LineEncoder
 from megatron_conan.errors import ConfigError
 
 # -- pretraining ------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from megatron_conan.data.indexed import (
     sigterm_raises_system_exit,
 )
 from megatron_conan.data.jsonl import BadLineReport, LineBatch, StrictModeError, read_line_batches
-from megatron_conan.data.pipeline import EncodedBatch, LineEncoder, encode_batches, start_workers
+from megatron_conan.data.parallel_encode import EncodedBatch, LineEncoder, encode_batches, start_workers
 from megatron_conan.data.provenance import (
     META_SUFFIX,
     dataset_record,

@@ -32,7 +32,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from megatron_conan.console import configure_logging
-from megatron_conan.known_warnings import silence_known_warnings
+from megatron_conan.warning_filters import silence_known_warnings
 
 _POLL_S = 0.2
 

@@ -20,7 +20,7 @@ from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
-from megatron_conan.training.step import build_optimizer, train_step, wrap_model
+from megatron_conan.training.megatron_step import build_optimizer, train_step, wrap_model
 
 GLOBAL_BATCH = 8
 MICRO_BATCH = 2

@@ -5,7 +5,7 @@ the embedding dims, bidirectional attention; starts from the stage-3 checkpoint.
     torchrun --nproc-per-node 8 -m megatron_conan.training.embed_sup --config examples/conan_1p4b/embed_sup.yaml
 """
 
-from megatron_conan.training.entry import run_stage
+from megatron_conan.training.stage_main import run_stage
 
 
 def main(argv=None) -> int:

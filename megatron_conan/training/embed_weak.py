@@ -5,7 +5,7 @@ bidirectional; starts from the SFT checkpoint given as checkpoint.load_dir.
     torchrun --nproc-per-node 8 -m megatron_conan.training.embed_weak --config examples/conan_1p4b/embed_weak.yaml
 """
 
-from megatron_conan.training.entry import run_stage
+from megatron_conan.training.stage_main import run_stage
 
 
 def main(argv=None) -> int:

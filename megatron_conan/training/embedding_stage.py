@@ -82,7 +82,7 @@ class EmbeddingStage(Stage):
 
     def check_inputs(self, cfg, model_config) -> None:
         from megatron_conan.data.provenance import check_tokenizer
-        from megatron_conan.training.data_checks import load_checked_tokenizer
+        from megatron_conan.training.preflight import load_checked_tokenizer
 
         self.tokenizer = load_checked_tokenizer(cfg, model_config)
         check_tokenizer(cfg.data.contrastive_prefix, self.tokenizer)

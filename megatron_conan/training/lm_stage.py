@@ -19,7 +19,7 @@ import torch
 from megatron_conan.config.model import ConfigError
 from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
 from megatron_conan.training.stage import Stage, StageContext, StageStepOutput, check_no_soft_mask
-from megatron_conan.training.step import evaluate_loss, reduce_reports, run_schedule
+from megatron_conan.training.megatron_step import evaluate_loss, reduce_reports, run_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class LanguageModelStage(Stage):
         if cfg.data.kind == "synthetic":
             return
         from megatron_conan.data.provenance import check_tokenizer
-        from megatron_conan.training.data_checks import load_checked_tokenizer
+        from megatron_conan.training.preflight import load_checked_tokenizer
 
         self.tokenizer = load_checked_tokenizer(cfg, model_config)
         for prefix in data_prefixes(cfg):

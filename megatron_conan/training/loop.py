@@ -37,7 +37,7 @@ from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
 from megatron_conan.training.config import RunConfig
 from megatron_conan.training.stage import Stage, StageContext
-from megatron_conan.training.step import build_optimizer, optimizer_step, wrap_model, zero_grads
+from megatron_conan.training.megatron_step import build_optimizer, optimizer_step, wrap_model, zero_grads
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def train(cfg: RunConfig, forward_step_func: Optional[Callable] = None,
     common = _resume(cfg, trainer, stage)
     step, consumed = common.get("step", 0), common.get("consumed_samples", 0)
 
-    from megatron_conan.training.estimate import model_flops_per_token
+    from megatron_conan.training.dry_run import model_flops_per_token
     from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, TrainingLogger, memory_metrics
 
     metrics = TrainingLogger(os.path.join(cfg.run_dir, "tensorboard"),

@@ -4,7 +4,7 @@
   enabled, to W&B. Only one process writes: by default the first TP/DP rank of the last pipeline
   stage, the rank where megatron-core's schedule produces the loss.
 * :class:`ThroughputMeter` turns (tokens, seconds) into tokens/s, model TFLOP/s per GPU and MFU,
-  from :func:`megatron_conan.training.estimate.model_flops_per_token`.
+  from :func:`megatron_conan.training.dry_run.model_flops_per_token`.
 * :func:`memory_metrics`: peak CUDA memory, or the process RSS on CPU.
 * :class:`NonFiniteGuard`: skip steps whose loss is NaN/inf, fail after K in a row.
 """

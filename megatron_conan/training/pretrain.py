@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 8 -m megatron_conan.training.pretrain --config examples/conan_1p4b/pretrain.yaml
 """
 
-from megatron_conan.training.entry import run_stage
+from megatron_conan.training.stage_main import run_stage
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ loss mask), starting from the pretrained checkpoint given as checkpoint.load_dir
     torchrun --nproc-per-node 8 -m megatron_conan.training.sft --config examples/conan_1p4b/sft.yaml
 """
 
-from megatron_conan.training.entry import run_stage
+from megatron_conan.training.stage_main import run_stage
 
 
 def main(argv=None) -> int:

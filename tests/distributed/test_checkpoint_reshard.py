@@ -15,7 +15,7 @@ def _reshard_body(rank, world_size, checkpoint_dir):
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.testing.parity import MICRO_BATCH, SEQ_LENGTH, data_parallel_microbatches, synthetic_lm_batch
     from megatron_conan.training.lm_step import lm_forward_step
-    from megatron_conan.training.step import evaluate_loss
+    from megatron_conan.training.megatron_step import evaluate_loss
 
     def eval_loss(chunks):
         microbatches = data_parallel_microbatches(synthetic_lm_batch(tiny()))

@@ -172,7 +172,7 @@ def _fresh_dhnm(ctx, min_first_score=ACTIVE_DHNM["min_first_score"]):
 def _step(stage, trainer, batch):
     """One step on this rank's batch from zeroed gradients: what the loss saw, and what came out."""
     from megatron_conan.models.sharding import gather_full_state_dict
-    from megatron_conan.training.step import zero_grads
+    from megatron_conan.training.megatron_step import zero_grads
 
     ctx = trainer.ctx
     zero_grads(ctx.chunks, trainer.optimizer)

@@ -73,7 +73,7 @@ def _parity_body(rank, world_size, layout, full_weights, mini_batch_sizes, run_d
     from megatron_conan.models.embedder import embed
     from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
     from megatron_conan.training.loop import build_trainer
-    from megatron_conan.training.step import zero_grads
+    from megatron_conan.training.megatron_step import zero_grads
 
     cfg = _cfg(run_dir, **layout)
     stage = FedStage()
@@ -316,7 +316,7 @@ def _before_and_after_body(rank, world_size, arguments, trained_checkpoint):
     from megatron_conan.checkpoint.metadata import read_checkpoint_info
     from megatron_conan.checkpoint.standalone import read_full_state_dict
     from megatron_conan.models.sharding import load_full_state_dict
-    from megatron_conan.training.entry import parse_run_config
+    from megatron_conan.training.stage_main import parse_run_config
     from megatron_conan.training.loop import build_trainer
 
     trained = read_full_state_dict(read_checkpoint_info(trained_checkpoint))

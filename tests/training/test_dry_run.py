@@ -6,7 +6,7 @@ import tracemalloc
 import pytest
 
 from megatron_conan.config.model import ConfigError, ParallelConfig, conan_1p4b, tiny
-from megatron_conan.training.estimate import (
+from megatron_conan.training.dry_run import (
     activation_bytes_per_layer,
     dry_run_report,
     estimate_memory_per_gpu,

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 from megatron_conan.config.loader import load_config
 from megatron_conan.console import command_parser, configure_logging, run_command
 from megatron_conan.training.config import RunConfig
-from megatron_conan.training.estimate import dry_run_report, format_dry_run
+from megatron_conan.training.dry_run import dry_run_report, format_dry_run
 
 
 def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Optional[str] = None):
