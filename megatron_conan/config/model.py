@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from megatron_conan.errors import ConfigError  # noqa: F401 - re-exported: its historical import path
+from megatron_conan.errors import ConfigError
 
 
 @dataclass

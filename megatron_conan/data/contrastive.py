@@ -36,15 +36,7 @@ import numpy
 import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron_conan.data.contrastive_tokenize import (  # noqa: F401  (tokenize_contrastive re-exported)
-    EXAMPLE_DTYPE,
-    READABLE_STORE_VERSIONS,
-    EXAMPLES_SUFFIX,
-    STORE_FORMAT,
-    STORE_VERSION,
-    TASK_CODES,
-    tokenize_contrastive,
-)
+from megatron_conan.data.contrastive_tokenize import READABLE_STORE_VERSIONS, EXAMPLES_SUFFIX, STORE_FORMAT, TASK_CODES
 from megatron_conan.data.encoders import CONTRASTIVE_TASKS, check_instructions
 from megatron_conan.data.provenance import META_SUFFIX
 from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError

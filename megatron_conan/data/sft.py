@@ -3,7 +3,7 @@ covers exactly the output tokens and the final EOD.
 
 On disk (written by `tools/preprocess_data.py --format sft`): a megatron-core indexed dataset in
 which every document is one example made of two sequences, the prompt ids (see
-`format_sft_prompt`) and the output ids followed by EOD. The prompt length is the first sequence's
+`encoders.format_sft_prompt`) and the output ids followed by EOD. The prompt length is the first sequence's
 length.
 """
 
@@ -14,11 +14,6 @@ import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_conan.errors import ConfigError, DataError
-from megatron_conan.data.encoders import (  # noqa: F401  (re-exported: the template lives there)
-    SFT_PROMPT_TEMPLATE,
-    SFT_PROMPT_TEMPLATE_NO_INPUT,
-    format_sft_prompt,
-)
 
 
 def build_sft_example(prompt_ids: Sequence[int], output_ids: Sequence[int], seq_length: int,

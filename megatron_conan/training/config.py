@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from megatron_conan.config.model import ConanModelConfig, ConfigError, ParallelConfig, model_recipe
+from megatron_conan.config.model import ConanModelConfig, ParallelConfig, model_recipe
+from megatron_conan.errors import ConfigError
 
 
 @dataclass

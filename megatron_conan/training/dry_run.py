@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ConfigError, ParallelConfig
+from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ParallelConfig
+from megatron_conan.errors import ConfigError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 MEGATRON_RANK_ORDER = "tp-cp-ep-dp-pp"

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_conan.config.model import ConfigError
+from megatron_conan.errors import ConfigError
 from megatron_conan.losses.infonce import infonce_loss
 from megatron_conan.losses.matryoshka import matryoshka_loss
 from megatron_conan.ops.soft_mask_attention.core_attention import (

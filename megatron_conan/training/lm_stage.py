@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from megatron_conan.config.model import ConfigError
+from megatron_conan.errors import ConfigError
 from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
 from megatron_conan.training.stage import Stage, StageContext, StageStepOutput, check_no_soft_mask
 from megatron_conan.training.megatron_step import evaluate_loss, reduce_reports, run_schedule

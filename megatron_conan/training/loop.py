@@ -163,7 +163,7 @@ def build_trainer(cfg: RunConfig, stage: Stage) -> Trainer:
                        data_parallel_group=parallel_state.get_data_parallel_group(),
                        total_steps=total_steps)
     if cfg.train.eval_interval and not stage.supports_evaluation():
-        from megatron_conan.config.model import ConfigError
+        from megatron_conan.errors import ConfigError
 
         raise ConfigError(f"train.eval_interval: the {stage.name} stage has no in-loop evaluation "
                           "(evaluate its checkpoints with conan-eval); set train.eval_interval=0")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_conan.config.model import ConfigError
+from megatron_conan.errors import ConfigError
 
 
 def load_checked_tokenizer(cfg, model_config):

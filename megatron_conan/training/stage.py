@@ -124,7 +124,7 @@ class Stage(abc.ABC):
 
 def check_no_soft_mask(cfg, stage_name: str) -> None:
     """LM stages train next-token prediction: any a > 0 lets a position see the tokens it predicts."""
-    from megatron_conan.config.model import ConfigError
+    from megatron_conan.errors import ConfigError
 
     if cfg.model.soft_mask is not None:
         raise ConfigError(f"model.soft_mask is for the embedding stages; the {stage_name} stage trains "

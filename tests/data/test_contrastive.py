@@ -8,8 +8,8 @@ import torch
 
 from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
 from megatron_conan.data import synthetic
-from megatron_conan.data.contrastive import (
-    PAPER_TASK_WEIGHTS, ContrastiveBatch, ContrastiveLoader, ContrastiveStore, tokenize_contrastive)
+from megatron_conan.data.contrastive import PAPER_TASK_WEIGHTS, ContrastiveBatch, ContrastiveLoader, ContrastiveStore
+from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
 from megatron_conan.data.encoders import CONTRASTIVE_TASKS, format_instruction, format_query
 from megatron_conan.data.jsonl import BadLineKind, StrictModeError
 from megatron_conan.data.preprocess import PreprocessConfig

@@ -7,7 +7,8 @@ import numpy
 import pytest
 import torch
 
-from megatron_conan.data.contrastive import ContrastiveLoader, tokenize_contrastive
+from megatron_conan.data.contrastive import ContrastiveLoader
+from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
 from megatron_conan.data.dhnm import DHNMConfig, DHNMState
 from megatron_conan.data.preprocess import PreprocessConfig
 from megatron_conan.errors import CheckpointMismatchError, ConfigError

@@ -5,7 +5,8 @@ import tracemalloc
 
 import pytest
 
-from megatron_conan.config.model import ConfigError, ParallelConfig, conan_1p4b, tiny
+from megatron_conan.config.model import ParallelConfig, conan_1p4b, tiny
+from megatron_conan.errors import ConfigError
 from megatron_conan.training.dry_run import (
     activation_bytes_per_layer,
     dry_run_report,
