@@ -45,7 +45,8 @@ class ConanRMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(input_dtype)
+        # torch's fused kernel computes x * rsqrt(mean(x^2) + eps) * weight, the same float32 maths as
+        # writing it out (equal bit for bit on CPU), in one pass instead of five
+        normed = torch.nn.functional.rms_norm(hidden_states.float(), (hidden_states.shape[-1],),
+                                              self.weight.float(), self.eps)
+        return normed.to(hidden_states.dtype)
