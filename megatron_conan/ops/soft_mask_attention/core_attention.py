@@ -203,7 +203,6 @@ class SoftMaskCoreAttention(MegatronModule):
                                   deterministic=config.deterministic, windows=windows)
         return out.permute(0, 2, 1, 3).reshape(tokens, heads * head_dim)  # [t, np * hn]
 
-
     def _text_buckets(self, query, key, value, plan: TextBuckets) -> torch.Tensor:
         """q [t, np, hn], k, v [t, ng, hn] of packed rows, attended text by text in right-padded
         buckets of like length (``text_buckets.py``) -> [t, np * hn]."""
@@ -215,12 +214,9 @@ class SoftMaskCoreAttention(MegatronModule):
                                    for bucket in plan.buckets]  # [n_b, L_b] each
         pieces = []
         for bucket, m in zip(plan.buckets, plan.weights[state]):
-            def padded(x):
-                return x[bucket.token].permute(0, 2, 1, 3)  # [n_b, heads, L_b, hn]
-
-            out = soft_mask_attention(padded(query), padded(key), padded(value), m, bucket.lengths,
-                                      softmax_scale=self.softmax_scale, backend=config.backend,
-                                      deterministic=config.deterministic)  # [n_b, np, L_b, hn]
+            q, k, v = (x[bucket.token].permute(0, 2, 1, 3) for x in (query, key, value))  # [n_b, heads, L_b, hn]
+            out = soft_mask_attention(q, k, v, m, bucket.lengths, softmax_scale=self.softmax_scale,
+                                      backend=config.backend, deterministic=config.deterministic)  # [n_b, np, L_b, hn]
             pieces.append(out.permute(0, 2, 1, 3)[bucket.keep])  # [real tokens, np, hn]
         real = torch.cat(pieces).reshape(-1, heads * head_dim)
         return real.new_zeros(tokens, heads * head_dim).index_copy(0, plan.positions, real)  # [t, np * hn]
