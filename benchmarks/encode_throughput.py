@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=128,
                         help="texts per timed call; the two sides alternate chunk by chunk (load hits both alike)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="both sides' weights and activations (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--packing", action="store_true", help="also time ours on packed rows")
     parser.add_argument("--max-tokens-per-row", type=int, default=512, help="packed row width (tokens)")
     parser.add_argument("--json", help="also write the figures here")
@@ -134,18 +136,21 @@ def run(args) -> dict:
 
     texts = benchmark_texts(args.texts)
     names = ["ours", "ours packed", "theirs"] if args.packing else ["ours", "theirs"]
+    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     with tempfile.TemporaryDirectory(prefix="encode_bench_") as work_dir:
         checkpoint, export = build_models(args, work_dir)
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device))
+            ours = stack.enter_context(CheckpointEmbedder(checkpoint, max_length=args.max_length, device=args.device,
+                                                          precision=precision))
             sides = {"ours": lambda chunk: ours.encode(chunk, batch_size=args.batch_size)}
             if args.packing:  # a second model only when it is timed
                 ours_packed = stack.enter_context(CheckpointEmbedder(
-                    checkpoint, max_length=args.max_length, device=args.device,
+                    checkpoint, max_length=args.max_length, device=args.device, precision=precision,
                     max_tokens_per_row=args.max_tokens_per_row))
                 sides["ours packed"] = lambda chunk: ours_packed.encode(chunk, batch_size=args.batch_size)
             theirs = SentenceTransformer(export, device=args.device, local_files_only=True)
             theirs.max_seq_length = args.max_length
+            theirs.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
             sides["theirs"] = lambda chunk: theirs.encode(chunk, batch_size=args.batch_size, convert_to_numpy=True)
             lengths = [len(ids) for ids in ours.tokenize(texts, "")]
             vectors = {name: encode(texts) for name, encode in sides.items()}  # + warm-up
@@ -167,7 +172,7 @@ def run(args) -> dict:
     ratios = {name: {clock: [o / t for o, t in zip(per_round[name][clock], per_round["theirs"][clock])]
                      for clock in ("wall", "cpu")} for name in names if name != "theirs"}
     return {"texts": len(texts), "batch_size": args.batch_size, "max_length": args.max_length, "chunk": args.chunk,
-            "device": args.device, "shape": args.shape if args.checkpoint is None else checkpoint,
+            "device": args.device, "precision": precision, "shape": args.shape if args.checkpoint is None else checkpoint,
             "torch_threads": torch.get_num_threads(), "minimum_cosine": minimum_cosine,
             "mean_tokens": float(numpy.mean(lengths)), "max_tokens_per_row": args.max_tokens_per_row,
             "padding_share": padding_shares(lengths, args.chunk, args.batch_size, args.max_tokens_per_row),
@@ -183,6 +188,7 @@ def main(argv=None) -> int:
     figures = run(args)
     print(f"conan-encode vs SentenceTransformer.encode: {figures['texts']} texts, batch {figures['batch_size']}, "
           f"max length {figures['max_length']} (mean {figures['mean_tokens']:.0f} tokens), {figures['device']}, "
+          f"{figures['precision']}, "
           f"{figures['torch_threads']} threads, {args.rounds} rounds")  # user-facing
     shares = figures["padding_share"]
     print(f"  padding share of the computed positions: padded {shares['padded']:.1%}"  # user-facing

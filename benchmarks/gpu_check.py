@@ -9,6 +9,7 @@ Parts, in order (docs/GPU.md):
   kernel_speed  kernels against SDPA causal / full and FlexAttention (benchmarks/soft_mask_attention.py)
   train_step    pretraining tokens/s and MFU at the 1.4B width, a few layers (benchmarks/train_step.py)
   embed_step    stage-3 pairs/s against sentence-transformers' MNRL (benchmarks/embed_step.py)
+  encode        texts/s of conan-encode's embedder against SentenceTransformer.encode (benchmarks/encode_throughput.py)
 
 Each part gets a share of the time left (unused time passes on) and is skipped, with the reason,
 when that share is below what it needs; a part still running at the end of its share is stopped
@@ -54,6 +55,7 @@ PARTS = (
     Part("kernel_speed", 0.10, 30),
     Part("train_step", 0.20, 60, ("megatron.core",)),
     Part("embed_step", 0.15, 60, ("megatron.core", "sentence_transformers")),
+    Part("encode", 0.08, 45, ("megatron.core", "sentence_transformers")),
 )
 CPU_MIN_SCALE = 0.5  # tiny shapes need less than the GPU shapes' compile and warm-up
 

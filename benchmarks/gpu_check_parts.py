@@ -201,8 +201,33 @@ def part_embed_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     return {"status": "ran", "figures": figures}
 
 
+def part_encode(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
+    from benchmarks import encode_throughput
+
+    # conan-encode's embedder (padded and packed) against SentenceTransformer.encode, same precision
+    if cpu:
+        argv = ["--shape", "tiny", "--texts", "64", "--chunk", "64", "--batch-size", "16", "--max-length", "64",
+                "--max-tokens-per-row", "128", "--rounds", "1"]
+    else:
+        argv = ["--shape", "small", "--texts", "2048", "--chunk", "1024", "--batch-size", "128",
+                "--max-length", "256", "--max-tokens-per-row", "1024", "--rounds", "3", "--device", "cuda",
+                "--precision", "bf16"]
+    os.makedirs(scratch, exist_ok=True)
+    path = os.path.join(scratch, "encode.json")
+    encode_throughput.main(argv + ["--packing", "--json", path])
+    with open(path, encoding="utf-8") as handle:
+        report = json.load(handle)
+    figures = {"precision": report["precision"], "mean tokens": round(report["mean_tokens"], 1),
+               "theirs texts/s": round(report["texts_per_s"]["theirs"]["wall"], 1)}
+    for name, ratio in report["ratio_median"].items():
+        figures[f"{name} texts/s"] = round(report["texts_per_s"][name]["wall"], 1)
+        figures[f"{name} ratio"] = round(ratio["wall"], 3)
+        figures[f"{name} min cosine"] = round(report["minimum_cosine"][name], 6)
+    return {"status": "ran", "figures": figures}
+
+
 PARTS = {"stages": part_stages, "kernels": part_kernels, "kernel_speed": part_kernel_speed,
-         "train_step": part_train_step, "embed_step": part_embed_step}
+         "train_step": part_train_step, "embed_step": part_embed_step, "encode": part_encode}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PARTS = ["stages", "kernels", "kernel_speed", "train_step", "embed_step"]
+PARTS = ["stages", "kernels", "kernel_speed", "train_step", "embed_step", "encode"]
 
 
 def _check(tmp_path, *argv, timeout=600):
