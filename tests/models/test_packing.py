@@ -138,16 +138,21 @@ def _bias_count_body(rank, world_size):
     ids = torch.randint(1, model_config.vocab_size, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(0))
     embed(model, ids, torch.tensor(lengths), "mean", max_tokens_per_row=64)
     bounds = text_buckets.bucket_bounds(lengths)
-    return {"built": built, "buckets": [lengths[start] for start, _ in bounds],
+    texts_built = list(built)
+    text_buckets.GAIN = 0.0  # the same texts attended row by row: one mask for all rows, built once
+    built.clear()
+    embed(model, ids, torch.tensor(lengths), "mean", max_tokens_per_row=64)
+    return {"built": texts_built, "rows_built": list(built), "buckets": [lengths[start] for start, _ in bounds],
             "layers": model_config.num_layers}
 
 
 def test_text_buckets_build_each_mask_once_per_forward():
-    """Every layer of a packed forward attends the same buckets: each bucket's mask is built by the
+    """Every layer of a packed forward attends the same buckets (or rows): each mask is built by the
     first layer and reused by the others."""
     result = run_distributed(_bias_count_body, 1)[0]
     assert result["layers"] > 1 and len(result["buckets"]) > 1
     assert sorted(result["built"]) == sorted(result["buckets"])  # one mask per bucket, its width
+    assert len(result["rows_built"]) == 1  # packed rows: one mask for all rows, not one per layer
 
 
 def _check(worst):

@@ -27,6 +27,7 @@ lengths, when they are given.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -155,20 +156,28 @@ def soft_mask_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 _BIAS_ENTRIES = 16
-_recent_biases: list = []  # (m, lengths, windows, (seq_len, dtype), bias), newest last
+_recent_biases: list = []  # (weak reference to m, lengths, windows, (seq_len, dtype), bias), newest last
 
 
 def _bias_for(m: torch.Tensor, lengths: torch.Tensor, seq_len: int, dtype: torch.dtype,
               windows: Optional[Windows]) -> torch.Tensor:
     """soft_mask_log_weights, reused while the layers of a forward pass the same m, lengths and
-    windows (held here, so identity is never confused with a later tensor at the same address).
-    Several entries: packed rows attended text by text pass one (m, lengths) per bucket of texts
-    (``text_buckets.py``) in every layer."""
-    for entry in _recent_biases:
-        if entry[0] is m and entry[1] is lengths and entry[2] is windows and entry[3] == (seq_len, dtype):
-            return entry[4]
+    windows. Several entries: packed rows attended text by text pass one (m, lengths) per bucket of
+    texts (``text_buckets.py``) in every layer. An entry lives only as long as its m (a weak
+    reference: the caller's per-forward caches own m), so a [b, 1, s, s] bias is never kept past the
+    forward that made it, and identity cannot be confused with a later tensor at the same address."""
+    _recent_biases[:] = [entry for entry in _recent_biases if entry[0]() is not None]
+    for held_m, held_lengths, held_windows, key, bias in _recent_biases:
+        # the windows tuple is rebuilt per call, its tensors are not; with windows, lengths is unused
+        # (the packed rows path derives it anew in every layer)
+        same_windows = (held_windows is None and windows is None) or (
+            held_windows is not None and windows is not None
+            and all(held is given for held, given in zip(held_windows, windows)))
+        if (held_m() is m and same_windows and key == (seq_len, dtype)
+                and (windows is not None or held_lengths is lengths)):
+            return bias
     bias = soft_mask_log_weights(m, lengths, seq_len, dtype, windows)
-    _recent_biases.append((m, lengths, windows, (seq_len, dtype), bias))
+    _recent_biases.append((weakref.ref(m), lengths, windows, (seq_len, dtype), bias))
     del _recent_biases[:-_BIAS_ENTRIES]
     return bias
 
