@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(PYTHON) -m megatron_conan.quickstart
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests
 
 install: $(STAMP)
 

@@ -71,6 +71,10 @@ class Plan:
     matryoshka_dims: List[int]
     max_query_length: int
     max_passage_length: int
+    pretrain_lr: float = 3e-3
+    """Peak learning rate of pretraining (cosine to a tenth of it)."""
+    sft_lr: float = 3e-4
+    """Peak learning rate of SFT (linear to a tenth of it)."""
     weak_lr: float = 1e-3
     sup_lr: float = 2e-4
     temperature: float = 0.05
@@ -320,7 +324,8 @@ class Pipeline:
         blend = self._blend()
         self._train("pretrain", 2, self._run_config(
             "pretrain", parallel={"tensor_parallel": 2},
-            optimizer={"lr": 3e-3, "warmup_fraction": 0.05, "decay_style": "cosine", "min_lr": 3e-4},
+            optimizer={"lr": plan.pretrain_lr, "warmup_fraction": 0.05, "decay_style": "cosine",
+                       "min_lr": plan.pretrain_lr / 10},
             train={"train_steps": plan.pretrain_steps, "global_batch_size": plan.lm_batch,
                    "micro_batch_size": plan.lm_batch // 2},
             data={"kind": "blended", "blend": blend}))
@@ -330,7 +335,7 @@ class Pipeline:
         plan = self.plan
         self._train("sft", 2, self._run_config(
             "sft", parallel={"tensor_parallel": 2},
-            optimizer={"lr": 3e-4, "warmup_fraction": 0.05, "min_lr": 3e-5},
+            optimizer={"lr": plan.sft_lr, "warmup_fraction": 0.05, "min_lr": plan.sft_lr / 10},
             train={"train_steps": plan.sft_steps, "global_batch_size": plan.lm_batch,
                    "micro_batch_size": plan.lm_batch // 2},
             checkpoint={"load_dir": self.path("pretrain", "checkpoints")},

@@ -47,6 +47,16 @@ trap 'rm -rf "$out_dir"' EXIT
 
 shopt -s nullglob
 status=0
+# The host-compiler checks run in the background beside nvcc: each compiler is single-threaded and
+# CI has two cores.
+cuda_include="$(dirname "$(dirname "$(command -v "$nvcc")")")/include"
+host_checks=()
+for source in "$root"/csrc/*.cpp; do
+  echo "$cxx -fsyntax-only: ${source#"$root"/}"
+  "$cxx" -fsyntax-only -std=c++17 "${torch_system_includes[@]}" -isystem "$python_include" "-I$root/csrc" \
+    -isystem "$cuda_include" "${defines[@]}" "$archs_macro" "$source" &
+  host_checks+=("$!")
+done
 for source in "$root"/csrc/*.cu; do
   for arch in "${archs[@]}"; do
     echo "nvcc sm_${arch}: ${source#"$root"/}"
@@ -55,11 +65,8 @@ for source in "$root"/csrc/*.cu; do
       "$archs_macro" -o "$out_dir/$(basename "$source").sm_${arch}.o" "$source" || status=1
   done
 done
-cuda_include="$(dirname "$(dirname "$(command -v "$nvcc")")")/include"
-for source in "$root"/csrc/*.cpp; do
-  echo "$cxx -fsyntax-only: ${source#"$root"/}"
-  "$cxx" -fsyntax-only -std=c++17 "${torch_system_includes[@]}" -isystem "$python_include" "-I$root/csrc" \
-    -isystem "$cuda_include" "${defines[@]}" "$archs_macro" "$source" || status=1
+for pid in "${host_checks[@]}"; do
+  wait "$pid" || status=1
 done
 if [ "$status" -ne 0 ]; then
   echo "CUDA compile check FAILED" >&2
