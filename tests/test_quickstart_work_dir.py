@@ -58,10 +58,10 @@ def test_a_plan_is_fitted_to_the_gpus_present():
 def test_plan_settings_change_fields_and_merge_model_and_corpus():
     from megatron_conan.quickstart import PLANS, plan_with
 
-    plan = plan_with(PLANS["full"], ["weak_steps=360", "model.embedding_init_method_std=0.3", "temperature=0.02"])
+    plan = plan_with(PLANS["full"], ["weak_steps=360", "model.embedding_init_method_std=0.02", "temperature=0.02"])
     assert (plan.weak_steps, plan.temperature) == (360, 0.02)
-    assert plan.model == {**PLANS["full"].model, "embedding_init_method_std": 0.3}
-    assert PLANS["full"].weak_steps != 360 and "embedding_init_method_std" not in PLANS["full"].model
+    assert plan.model == {**PLANS["full"].model, "embedding_init_method_std": 0.02}
+    assert PLANS["full"].weak_steps != 360 and PLANS["full"].model["embedding_init_method_std"] != 0.02
 
 
 @pytest.mark.parametrize("setting", ["weak_steps", "no_such_field=1", "seed.x=1"])
