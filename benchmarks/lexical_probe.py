@@ -7,7 +7,8 @@ validation split (nDCG@10, pytrec_eval; the test split is not touched):
 
 - **bags of tokens**, no model: a query and a document as the mean of one vector per token of our
   tokenizer, cut where the main job cuts texts. `one-hot` (cosine of token counts) and `random 128`
-  (a fixed random Gaussian vector per token, the width of the main job's model), each plain and
+  (a fixed random Gaussian vector per token, the width of the main job's model; `--bag-widths`
+  adds others), each plain and
   weighted by inverse document frequency over the held-out corpus. What a model that only kept
   each token's identity would score, and what weighting rare tokens adds.
 - **each layer of each checkpoint**: the main job's own embedding (its prompt, truncation and mean
@@ -46,8 +47,9 @@ def validation_ndcg(dataset, queries: numpy.ndarray, documents: numpy.ndarray) -
     return evaluate_run(dataset, run_from_top_k(dataset, scores, indices))["ndcg_at_10"]
 
 
-def bag_baselines(dataset, tokenizer_path: str, max_length: int, width: int = 128, seed: int = 0) -> Dict[str, float]:
-    """nDCG@10 of mean token vectors (module docstring); texts cut to `max_length` - 1 tokens."""
+def bag_baselines(dataset, tokenizer_path: str, max_length: int, widths=(128,), seed: int = 0) -> Dict[str, float]:
+    """nDCG@10 of mean token vectors (module docstring), random tables at each of `widths`; texts cut
+    to `max_length` - 1 tokens."""
     from megatron_conan.data.tokenizer import ConanTokenizer
 
     tokenizer = ConanTokenizer(tokenizer_path)
@@ -61,8 +63,9 @@ def bag_baselines(dataset, tokenizer_path: str, max_length: int, width: int = 12
     for ids in document_ids:
         frequency[numpy.unique(ids)] += 1
     idf = numpy.log((len(document_ids) + 1) / (frequency + 0.5))
-    tables = {"one-hot": numpy.eye(vocab, dtype=numpy.float32),
-              f"random {width}": numpy.random.default_rng(seed).standard_normal((vocab, width)).astype(numpy.float32)}
+    tables = {"one-hot": numpy.eye(vocab, dtype=numpy.float32)}
+    for width in widths:
+        tables[f"random {width}"] = numpy.random.default_rng(seed).standard_normal((vocab, width)).astype(numpy.float32)
 
     def bag(rows: List[List[int]], table: numpy.ndarray, weights: Optional[numpy.ndarray]) -> numpy.ndarray:
         out = numpy.zeros((len(rows), table.shape[1]), dtype=numpy.float32)
@@ -123,8 +126,11 @@ def probe_checkpoint(dataset, path: str, instruction: str, max_length: int) -> D
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/quickstart")
-    parser.add_argument("--checkpoints", nargs="+", default=list(DEFAULT_CHECKPOINTS),
-                        help="stage directories of the work dir (those without checkpoints are left out)")
+    parser.add_argument("--checkpoints", nargs="*", default=list(DEFAULT_CHECKPOINTS),
+                        help="stage directories of the work dir (those without checkpoints are left out; "
+                             "none: the bags only)")
+    parser.add_argument("--bag-widths", type=int, nargs="+", default=[128],
+                        help="widths of the random token tables (128: the main job's model width)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text (the main job's passages)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
@@ -142,7 +148,8 @@ def main(argv=None) -> int:
     dataset = load_beir(heldout, "validation")
     with open(os.path.join(args.work_dir, "corpus", "manifest.json"), encoding="utf-8") as handle:
         instruction = json.load(handle)["instructions"]["retrieval"]
-    result = {"bags": bag_baselines(dataset, os.path.join(args.work_dir, "tokenizer", "pydoc.model"), args.max_length),
+    result = {"bags": bag_baselines(dataset, os.path.join(args.work_dir, "tokenizer", "pydoc.model"), args.max_length,
+                                   args.bag_widths),
               "layers": {}}
     for name, value in result["bags"].items():
         print(f"bag of tokens, {name}: validation nDCG@10 {value:.3f}")
