@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import weakref
 from typing import Dict, List, Optional, Sequence
 
 import numpy
@@ -133,6 +134,10 @@ class CheckpointEmbedder(Embedder):
         self.max_tokens_per_row = max_tokens_per_row
         self._world = contextlib.ExitStack()
         self._world.enter_context(model_parallel_world())
+        # an embedder never closed still tears its world down: when it is collected, or at exit
+        # while the modules it needs are still there (a generator left to interpreter shutdown
+        # failed in its clean-up with "Exception ignored ... model_parallel_world")
+        self._close_world = weakref.finalize(self, self._world.close)
         # the world's device unless one is asked for: the GPU of this rank under NCCL, the CPU under
         # gloo (a world whose GPUs are hidden), so weights and batches never sit on two devices
         self.placement = Placement(device) if device else current_placement()
@@ -147,7 +152,7 @@ class CheckpointEmbedder(Embedder):
                 model = Float16Module(model.config, model)
             self.model = model.to(self.device).eval()
         except BaseException:
-            self._world.close()
+            self._close_world()
             raise
         logger.info("loaded %s (step %d, %s attention, %s pooling)", info.path, info.step,
                     self.attention.describe(), self.pooling)
@@ -183,7 +188,7 @@ class CheckpointEmbedder(Embedder):
 
     def close(self) -> None:
         self.model = None
-        self._world.close()
+        self._close_world()
 
 
 class SentenceTransformerEmbedder(Embedder):

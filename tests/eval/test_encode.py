@@ -70,3 +70,15 @@ def test_a_dim_wider_than_the_model_is_refused(artifacts, tmp_path, capsys):
     assert encode.main([artifacts["sentence_transformer"], "--input", str(tmp_path / "texts.txt"),
                         "--output", str(tmp_path / "v.npy"), "--dim", "65"]) == 2
     assert "dim must be in [1, 64]" in capsys.readouterr().err
+
+
+def test_an_embedder_left_open_tears_its_world_down_quietly(artifacts):
+    """A script that never closes its CheckpointEmbedder exits cleanly: its world is torn down
+    while the modules it needs are still loaded (interpreter shutdown printed 'Exception ignored
+    in: <generator object model_parallel_world>' before)."""
+    script = ("import sys\nfrom megatron_conan.eval.embedders import CheckpointEmbedder\n"
+              "embedder = CheckpointEmbedder(sys.argv[1])\nprint(embedder.encode(['x']).shape)\n")
+    result = subprocess.run([sys.executable, "-c", script, artifacts["embed_checkpoint"]],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
