@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
     from megatron_conan.training.config import RunConfig
     from megatron_conan.training.embedding_stage import SupervisedStage
-    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.trainer import Trainer
     from megatron_conan.training.megatron_step import optimizer_step, zero_grads
 
     init_process_group_from_env()
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                                                                        ("max_score", args.max_score))
                                        if value is not None}}})
             stage = SupervisedStage()
-            trainer = build_trainer(cfg, stage)
+            trainer = Trainer(cfg, stage)
             ctx, dhnm = trainer.ctx, stage.dhnm
             step = 0
 

@@ -147,7 +147,7 @@ class _Ours:
         from megatron_conan.config.loader import from_dict
         from megatron_conan.training.config import RunConfig
         from megatron_conan.training.embedding_stage import WeaklySupervisedStage
-        from megatron_conan.training.loop import build_trainer
+        from megatron_conan.training.trainer import Trainer
 
         class FedStage(WeaklySupervisedStage):
             """Fed fixed batches by step_on_batch: no store, no tokenizer."""
@@ -169,7 +169,7 @@ class _Ours:
             "embedding": {**workload.embedding, "temperature": args.temperature, "mini_batch_size": mini_batch_size,
                           "max_tokens_per_row": args.max_tokens_per_row, "mask_duplicate_positives": False}})
         self.stage = FedStage()
-        self.trainer = build_trainer(cfg, self.stage)
+        self.trainer = Trainer(cfg, self.stage)
         self.step_index = 0
         self.vocab_size = cfg.model.build().vocab_size
 

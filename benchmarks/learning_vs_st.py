@@ -58,7 +58,7 @@ def _stage3_values(args, work: str, run_dir: str, store: str, seed: int, soft_ma
 def _train_ours(rank: int, world_size: int, values: dict) -> None:
     from megatron_conan.config.loader import from_dict
     from megatron_conan.training.config import RunConfig
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     train(from_dict(RunConfig, values), stage="embed-weak")
 
@@ -92,7 +92,7 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
     from megatron_conan.training.config import RunConfig
-    from megatron_conan.training.loop import build_scheduler
+    from megatron_conan.training.trainer import build_scheduler
 
     torch.manual_seed(seed)
     model = SentenceTransformer(export_dir, device="cpu", local_files_only=True)

@@ -26,7 +26,7 @@ def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, rec
 
     from megatron_conan.config.loader import from_dict
     from megatron_conan.training.config import RunConfig
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     cfg = from_dict(RunConfig, {
         "run_dir": run_dir,

@@ -172,7 +172,7 @@ def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.device import current_placement
     from megatron_conan.training.config import RunConfig
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     result = train(from_dict(RunConfig, values), stage=stage)
     return {"losses": result.losses, "steps": result.steps_done, "device": str(current_placement().device)}

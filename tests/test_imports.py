@@ -118,7 +118,7 @@ def test_the_checkpoint_package_sits_below_training_conversion_and_eval():
                                     if module.startswith("megatron_conan.conversion")
                                     for target in targets if target.startswith("megatron_conan.training"))
     assert not conversion_to_training, conversion_to_training
-    assert "megatron_conan.checkpoint.save" in graph["megatron_conan.training.loop"]
+    assert "megatron_conan.checkpoint.save" in graph["megatron_conan.training.trainer"]
     assert "megatron_conan.checkpoint.standalone" in graph["megatron_conan.conversion.export"]
 
 

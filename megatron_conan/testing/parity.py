@@ -19,8 +19,9 @@ from megatron_conan.distributed.parallel import initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_conan.distributed.device import current_placement
-from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
-from megatron_conan.training.megatron_step import build_optimizer, train_step, wrap_model
+from megatron_conan.training.lm_stage import LanguageModelStage
+from megatron_conan.training.megatron_step import build_optimizer, optimizer_step, wrap_model, zero_grads
+from megatron_conan.training.stage import StageContext
 
 GLOBAL_BATCH = 8
 MICRO_BATCH = 2
@@ -99,15 +100,23 @@ def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], se
     # of near-zero entries into lr-sized update differences, which says nothing about the layout.
     optimizer = build_optimizer(wrapped, transformer_config, lr=1e-2, weight_decay=0.01, clip_grad=1e9, adam_eps=1e-3,
                                 use_distributed_optimizer=layout.use_distributed_optimizer)
-    microbatches = data_parallel_microbatches(synthetic_lm_batch(model_config, ragged_loss=ragged_loss), micro_batch)
-    attach_loss_normalizer(microbatches, current_placement())
-    result = train_step(lm_forward_step, [iter(microbatches) for _ in wrapped], wrapped, optimizer,
-                        num_microbatches=len(microbatches), seq_length=SEQ_LENGTH,
-                        micro_batch_size=micro_batch)
+    # the language-model stage's own step (the Trainer's), over the fixed batch as its dataset
+    batch = synthetic_lm_batch(model_config, ragged_loss=ragged_loss)
+    samples = [{key: value[row] for key, value in batch.items()} for row in range(GLOBAL_BATCH)]
+    stage = LanguageModelStage("pretrain")
+    stage.use_data(samples, None, global_batch=GLOBAL_BATCH, micro_batch=micro_batch, seq_length=SEQ_LENGTH,
+                   data_parallel_size=parallel_state.get_data_parallel_world_size())
+    ctx = StageContext(cfg=None, model_config=model_config, transformer_config=transformer_config, chunks=wrapped,
+                       placement=current_placement(), data_parallel_rank=parallel_state.get_data_parallel_rank(),
+                       data_parallel_size=parallel_state.get_data_parallel_world_size(),
+                       data_parallel_group=parallel_state.get_data_parallel_group(), total_steps=1)
+    zero_grads(wrapped, optimizer)
+    loss = stage.train_step(ctx, 0).loss
+    _, grad_norm = optimizer_step(optimizer)
     grads = gather_full_state_dict(wrapped, model_config, source="grad")
     updated = gather_full_state_dict(wrapped, model_config)
     attention = chunks[0].decoder.layers[0].self_attention
-    return {"layout": str(layout), "loss": result.loss, "grad_norm": result.grad_norm,
+    return {"layout": str(layout), "loss": loss, "grad_norm": grad_norm,
             "initial": initial, "grads": grads, "updated": updated,
             "kv_groups_per_rank": attention.num_query_groups_per_partition,
             "qkv_rows_per_rank": attention.linear_qkv.weight.shape[0]}

@@ -39,7 +39,7 @@ from megatron_conan.ops.soft_mask_attention.core_attention import (
 )
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
 from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
-from megatron_conan.training.stage import Stage, StageContext, StageStepOutput
+from megatron_conan.training.stage import BatchPlan, Stage, StageContext, StageStepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,23 @@ class EmbeddingStage(Stage):
     def transformer_overrides(self) -> Dict[str, Any]:
         # a mean over anchors; DDP averages over DP ranks (losses/gather.py states the contract)
         return {"calculate_per_token_loss": False}
+
+    def describe_batch(self, cfg, world_size: int) -> BatchPlan:
+        # one contrastive batch per step: no micro-batches; GradCache chunks bound the activations
+        data_parallel = cfg.parallel.data_parallel(world_size)
+        per_rank = cfg.train.global_batch_size // data_parallel
+        chunk = cfg.embedding.mini_batch_size
+        text = (f"contrastive batch: {self.describe_examples(cfg, per_rank, data_parallel)}"
+                + (f"GradCache chunks of {chunk} sequences" if chunk
+                   else "no GradCache (activations of the whole per-rank batch)")
+                + f"; queries <= {cfg.embedding.max_query_length}, passages <= "
+                f"{cfg.embedding.max_passage_length} tokens")
+        return BatchPlan(micro_batch_size=chunk if chunk and per_rank % chunk == 0 else per_rank, description=text)
+
+    def describe_examples(self, cfg, per_rank: int, data_parallel: int) -> str:
+        """What one step's examples are, for :meth:`describe_batch`."""
+        return (f"{cfg.train.global_batch_size} queries ({per_rank} per DP rank), each scored against "
+                f"{cfg.train.global_batch_size} gathered positives; ")
 
     # -- data --
     def per_rank_batch_size(self, ctx: StageContext) -> int:
@@ -285,6 +302,12 @@ class SupervisedStage(EmbeddingStage):
                 hint = " (pair is stage 3's task)" if "pair" in unknown else ""
                 raise ConfigError(f"embedding.{what}: unknown task(s) {unknown}{hint}; the stage-4 tasks are "
                                   f"{list(self.tasks)}")
+
+    def describe_examples(self, cfg, per_rank: int, data_parallel: int) -> str:
+        sizes = {task: cfg.embedding.task_batch_sizes.get(task, per_rank) for task in self.tasks}
+        return ("one task per step, per DP rank: " + ", ".join(f"{t} {n}" for t, n in sizes.items())
+                + f" (retrieval/clr queries with {cfg.embedding.num_negatives} hard negatives each, "
+                f"gathered over {data_parallel} DP ranks); ")
 
     def loader_batch_size(self, ctx: StageContext):
         default = self.per_rank_batch_size(ctx)

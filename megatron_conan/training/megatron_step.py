@@ -6,14 +6,13 @@ for bf16/fp16), ``build_optimizer`` returns ``get_megatron_optimizer``'s optimiz
 of one global batch (forward, backward and ``finalize_model_grads``: DP all-reduce or
 reduce-scatter, sequence-parallel norms over TP, tied embeddings over PP), ``reduce_reports`` turns
 the per-micro-batch reports into global numbers, and ``optimizer_step`` applies the update.
-``train_step`` / ``evaluate_loss`` chain them for one language-model batch (the parity harness and
-the LM stage use them).
+``evaluate_loss`` chains them without gradients for one language-model batch. The step itself is
+the stage's (``LanguageModelStage.train_step``) and the Trainer's update: one path, which the
+layout-parity harness (``testing/parity.py``) drives too.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -105,20 +104,6 @@ def optimizer_step(optimizer) -> Tuple[bool, Optional[float]]:
     return bool(update_successful), None if grad_norm is None else float(grad_norm)
 
 
-@dataclass
-class StepResult:
-    """What one optimizer step reports (identical on every rank)."""
-
-    loss: float
-    """Mean loss over the global batch (micro-batches and DP ranks)."""
-    grad_norm: Optional[float]
-    """Global gradient norm before clipping (None when the step was skipped)."""
-    update_successful: bool
-    """False when the optimizer skipped the update (fp16 overflow, non-finite gradients)."""
-    extras: Dict[str, float]
-    """Other values the loss function reported, reduced like the loss."""
-
-
 def reduce_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
     """Global values from a schedule's per-micro-batch reports (computed on the last PP stage).
 
@@ -184,29 +169,6 @@ def run_schedule(forward_step_func, data_iterator, chunks, num_microbatches: int
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-
-
-def train_step(
-    forward_step_func: Callable,
-    data_iterator: Iterator,
-    chunks: List[DistributedDataParallel],
-    optimizer,
-    num_microbatches: int,
-    seq_length: int,
-    micro_batch_size: int,
-    loss_key: str = "lm loss",
-) -> StepResult:
-    """Forward/backward over `num_microbatches`, gradient reduction, one optimizer update."""
-    zero_grads(chunks, optimizer)
-    reported = reduce_reports(run_schedule(forward_step_func, data_iterator, chunks, num_microbatches,
-                                           seq_length, micro_batch_size, forward_only=False))
-    loss = reported.pop(loss_key, float("nan"))
-    if not math.isfinite(loss):
-        # A non-finite loss means non-finite gradients somewhere: skip the update entirely.
-        optimizer.zero_grad()
-        return StepResult(loss=loss, grad_norm=None, update_successful=False, extras=reported)
-    update_successful, grad_norm = optimizer_step(optimizer)
-    return StepResult(loss=loss, grad_norm=grad_norm, update_successful=update_successful, extras=reported)
 
 
 def evaluate_loss(

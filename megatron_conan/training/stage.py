@@ -1,8 +1,8 @@
-"""The seam between the shared training loop and a stage (pretrain, SFT, embed-weak, embed-sup).
+"""The seam between the shared Trainer and a stage (pretrain, SFT, embed-weak, embed-sup).
 
-The loop (``training/loop.py``) owns what every stage needs alike: process groups, the model and its
-wrappers, optimizer and LR schedule, checkpoints, preemption, the non-finite guard, metrics files and
-the device placement. A stage plugs in what differs:
+The Trainer (``training/trainer.py``, with its callbacks) owns what every stage needs alike: process
+groups, the model and its wrappers, optimizer and LR schedule, checkpoints, preemption, the
+non-finite guard, metrics and the device placement. A stage plugs in what differs:
 
     check_config(cfg)        refuse options the stage cannot honour, before anything is built
     check_inputs(cfg, model) check the tokenizer and data files against the model and each other
@@ -11,12 +11,14 @@ the device placement. A stage plugs in what differs:
     setup(ctx)               build its data from the run config, once the model exists
     train_step(ctx, step)    this step's forward + loss + backward over the global batch; gradients
                              reduced over DP (finalize_model_grads), no optimizer update
-    evaluate(ctx, step)      optional held-out numbers
+    evaluate(ctx, step)      optional held-out numbers (a stage that has them sets `evaluates`)
+    describe_batch(cfg, n)   its batch for the --dry-run report, planned for n GPUs
     state_dict()             its position and extra state (data cursor, DHNM, ...), checkpointed
     load_state_dict(state)   the same, restored before the first step of a resumed run
+    write_checkpoint_files / read_checkpoint_files   optional per-rank files inside a checkpoint
 
 A stage moves its batches to ``ctx.placement.device`` (``ctx.placement.to_device``) and issues its
-collectives through the placement. The loop persists the soft-mask schedule with the model (it lives
+collectives through the placement. The Trainer persists the soft-mask schedule with the model (it lives
 in the attention modules); a stage that moves a(t) does so in ``train_step``.
 (torchtitan's trainer and OLMo-core's ``TrainModule`` follow the same split.)
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -68,10 +70,22 @@ class StageStepOutput:
     """Anything else to log (accuracy, a(t), DHNM activity, ...)."""
 
 
+@dataclass
+class BatchPlan:
+    """How a stage's step reads its batch, for the --dry-run report."""
+
+    micro_batch_size: int
+    """Sequences per forward pass of one GPU (sizes the activations)."""
+    description: Optional[str] = None
+    """A line on the batch's make-up, where the report's layout lines do not say it all."""
+
+
 class Stage(abc.ABC):
-    """A training stage plugged into :func:`megatron_conan.training.loop.train`."""
+    """A training stage plugged into :class:`megatron_conan.training.trainer.Trainer`."""
 
     name: str = "stage"
+    evaluates: bool = False
+    """True when :meth:`evaluate` has held-out numbers (``train.eval_interval`` is refused otherwise)."""
 
     def check_config(self, cfg) -> None:
         """Raise ConfigError for options this stage cannot honour (called before anything is built)."""
@@ -101,8 +115,9 @@ class Stage(abc.ABC):
         """Held-out metrics after step `step`; the default stage has none."""
         return {}
 
-    def supports_evaluation(self) -> bool:
-        return type(self).evaluate is not Stage.evaluate
+    def describe_batch(self, cfg, world_size: int) -> BatchPlan:
+        """The batch of one step on `world_size` GPUs (pure arithmetic; nothing is read)."""
+        return BatchPlan(micro_batch_size=cfg.train.micro_batch_size)
 
     @abc.abstractmethod
     def state_dict(self) -> Dict[str, Any]:
@@ -120,14 +135,4 @@ class Stage(abc.ABC):
 
     def close(self) -> None:
         """Release resources at the end of the run."""
-
-
-def check_no_soft_mask(cfg, stage_name: str) -> None:
-    """LM stages train next-token prediction: any a > 0 lets a position see the tokens it predicts."""
-    from megatron_conan.errors import ConfigError
-
-    if cfg.model.soft_mask is not None:
-        raise ConfigError(f"model.soft_mask is for the embedding stages; the {stage_name} stage trains "
-                          "next-token prediction, where any bidirectional attention leaks the future "
-                          "tokens into the loss: remove model.soft_mask")
 

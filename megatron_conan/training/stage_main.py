@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from megatron_conan.config.loader import load_config
 from megatron_conan.console import command_parser, configure_logging, run_command
@@ -28,52 +28,28 @@ def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Opti
 
 def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> str:
     """The --dry-run report: pure arithmetic, nothing is allocated; the stage's config checks run."""
-    from megatron_conan.training.loop import build_stage  # the training stack: see _run_stage
+    from megatron_conan.training.stage_registry import build_stage  # the training stack: see _run_stage
 
-    build_stage(stage).check_config(cfg)
-    model_config = cfg.model.build()
-    micro_batch = cfg.train.micro_batch_size
-    contrastive = None
-    if stage.startswith("embed"):
-        # one contrastive batch per step: no micro-batches; GradCache chunks bound the activations
-        data_parallel = cfg.parallel.data_parallel(world_size)
-        per_rank = cfg.train.global_batch_size // data_parallel
-        chunk = cfg.embedding.mini_batch_size
-        micro_batch = chunk if chunk and per_rank % chunk == 0 else per_rank  # sizes the activations
-        if stage == "embed-sup":
-            sizes = {task: cfg.embedding.task_batch_sizes.get(task, per_rank)
-                     for task in ("retrieval", "clr", "classification", "sts")}
-            batches = ("one task per step, per DP rank: " + ", ".join(f"{t} {n}" for t, n in sizes.items())
-                       + f" (retrieval/clr queries with {cfg.embedding.num_negatives} hard negatives each, "
-                       f"gathered over {data_parallel} DP ranks); ")
-        else:
-            batches = (f"{cfg.train.global_batch_size} queries ({per_rank} per DP rank), each scored against "
-                       f"{cfg.train.global_batch_size} gathered positives; ")
-        contrastive = (f"contrastive batch: {batches}"
-                       + (f"GradCache chunks of {chunk} sequences" if chunk
-                          else "no GradCache (activations of the whole per-rank batch)")
-                       + f"; queries <= {cfg.embedding.max_query_length}, passages <= "
-                       f"{cfg.embedding.max_passage_length} tokens")
+    plugin = build_stage(stage)
+    plugin.check_config(cfg)
+    batch = plugin.describe_batch(cfg, world_size)
     text = format_dry_run(dry_run_report(
-        model_config, cfg.parallel, world_size,
-        global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro_batch,
+        cfg.model.build(), cfg.parallel, world_size,
+        global_batch_size=cfg.train.global_batch_size, micro_batch_size=batch.micro_batch_size,
         seq_length=cfg.train.seq_length, precision=cfg.train.precision, recompute=cfg.train.recompute,
         token_budget=cfg.train.token_budget, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     ))
-    return text if contrastive is None else f"{text}\n{contrastive}"
+    return text if batch.description is None else f"{text}\n{batch.description}"
 
 
-def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None,
-              forward_step_func: Optional[Callable] = None) -> int:
+def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None) -> int:
     """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2."""
     # named as the console script, whether started as conan-<stage>, python -m or torchrun
     prog = f"conan-{stage}"
-    return run_command(lambda args: _run_stage(description, stage, prog, args, forward_step_func), argv, prog=prog,
-                       log_level=None)
+    return run_command(lambda args: _run_stage(description, stage, prog, args), argv, prog=prog, log_level=None)
 
 
-def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[str]],
-               forward_step_func: Optional[Callable]) -> int:
+def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[str]]) -> int:
     args, cfg = parse_run_config(description, argv, prog=prog)
     if args.dry_run:
         print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))  # user-facing
@@ -83,11 +59,11 @@ def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[
     # megatron-core's import warns (no Transformer Engine / Apex): imported here, after run_main has
     # installed the known-warning filters, so that a bad-input run stays one line
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     init_process_group_from_env()
     try:
-        result = train(cfg, forward_step_func, stage=stage)
+        result = train(cfg, stage)
     finally:
         destroy_parallel()
     logging.getLogger(stage).info("done: %d steps%s", result.steps_done, " (preempted, checkpoint saved)" if result.preempted else "")

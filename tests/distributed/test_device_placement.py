@@ -73,7 +73,7 @@ def _recorded_training_body(rank, world_size, cfg_dict):
     from megatron_conan.distributed.device import current_placement
     from megatron_conan.testing.placement import recording_devices
     from megatron_conan.training.config import RunConfig
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     with recording_devices() as seen:
         train(from_dict(RunConfig, cfg_dict))

@@ -43,7 +43,7 @@ def _dhnm_state(checkpoint_dir, store_prefix, num_negatives=3):
 
 def _train_body(rank, world_size, argv):
     from megatron_conan.training.stage_main import parse_run_config
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     _, cfg = parse_run_config("embed-sup", argv)
     result = train(cfg, stage="embed-sup")

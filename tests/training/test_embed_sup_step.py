@@ -186,11 +186,11 @@ def _step(stage, trainer, batch):
 
 
 def _tasks_body(rank, world_size, run_dir):
-    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.trainer import Trainer
 
     cfg = _cfg(run_dir)
     stage = FedStage()
-    trainer = build_trainer(cfg, stage)
+    trainer = Trainer(cfg, stage)
     ctx = trainer.ctx
     results = {}
     # one trainer, the four tasks in turn: a mixed run
@@ -391,10 +391,10 @@ def _seeded_step(stage, trainer, batch, mini_batch_size, seed):
 
 
 def _dropout_body(rank, world_size, run_dir):
-    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.trainer import Trainer
 
     stage = FedStage()
-    trainer = build_trainer(_cfg(run_dir, transformer_overrides={"hidden_dropout": 0.1}), stage)
+    trainer = Trainer(_cfg(run_dir, transformer_overrides={"hidden_dropout": 0.1}), stage)
     batch = retrieval_batch()
     return {"gradcache": _seeded_step(stage, trainer, batch, 2, seed=7),
             "chunked_graph": _seeded_step(ChunkedForwardStage(), trainer, batch, 2, seed=7),

@@ -72,12 +72,12 @@ def _parity_body(rank, world_size, layout, full_weights, mini_batch_sizes, run_d
 
     from megatron_conan.models.embedder import embed
     from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
-    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.trainer import Trainer
     from megatron_conan.training.megatron_step import zero_grads
 
     cfg = _cfg(run_dir, **layout)
     stage = FedStage()
-    trainer = build_trainer(cfg, stage)
+    trainer = Trainer(cfg, stage)
     ctx = trainer.ctx
     if full_weights is None:
         full_weights = gather_full_state_dict(ctx.chunks, ctx.model_config)
@@ -213,10 +213,10 @@ def test_a_duplicate_positive_counts_once_in_every_denominator(single_process, t
 
 def _unmasked_body(rank, world_size, full_weights, run_dir):
     from megatron_conan.models.sharding import load_full_state_dict
-    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.trainer import Trainer
 
     stage = FedStage()
-    trainer = build_trainer(_cfg(run_dir, mask_duplicate_positives=False), stage)
+    trainer = Trainer(_cfg(run_dir, mask_duplicate_positives=False), stage)
     load_full_state_dict(trainer.ctx.chunks, full_weights, trainer.ctx.model_config)
     return stage.step_on_batch(trainer.ctx, SOFT_MASK_STEPS // 2, _global_batch()).loss
 
@@ -317,12 +317,12 @@ def _before_and_after_body(rank, world_size, arguments, trained_checkpoint):
     from megatron_conan.checkpoint.standalone import read_full_state_dict
     from megatron_conan.models.sharding import load_full_state_dict
     from megatron_conan.training.stage_main import parse_run_config
-    from megatron_conan.training.loop import build_trainer
+    from megatron_conan.training.trainer import Trainer
 
     trained = read_full_state_dict(read_checkpoint_info(trained_checkpoint))
     _, cfg = parse_run_config("embed-weak", arguments)
     stage = WeaklySupervisedStage()
-    trainer = build_trainer(cfg, stage)  # the run's config and seed: its initial weights
+    trainer = Trainer(cfg, stage)  # the run's config and seed: its initial weights
     ctx, last = trainer.ctx, cfg.train.steps() - 1
     first_batch = next(iter(stage.loader))
     result = {"initial_at_first_step": stage.step_on_batch(ctx, 0, first_batch).loss,

@@ -29,8 +29,9 @@ def _config(run_dir, *overrides) -> dict:
 
 
 def _train_body(rank, world_size, cfg_dict, nan_steps=()):
+    from megatron_conan.training.lm_stage import LanguageModelStage
     from megatron_conan.training.lm_step import lm_forward_step
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     forward = lm_forward_step
     if nan_steps:
@@ -44,7 +45,7 @@ def _train_body(rank, world_size, cfg_dict, nan_steps=()):
                 output = output * float("nan")
             return output, loss_func
 
-    result = train(from_dict(RunConfig, cfg_dict), forward)
+    result = train(from_dict(RunConfig, cfg_dict), LanguageModelStage("pretrain", forward))
     return {"losses": result.losses, "steps": result.steps_done, "skipped": result.skipped_steps}
 
 
@@ -162,7 +163,7 @@ def _interrupted_save_body(rank, world_size, cfg_dict):
     from megatron.core import dist_checkpointing
 
     from megatron_conan.checkpoint import save as saving
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     original = dist_checkpointing.save
     calls = {"n": 0}

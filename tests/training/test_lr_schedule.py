@@ -12,7 +12,7 @@ from megatron_conan.checkpoint.load import restore_scheduler
 from megatron_conan.config.loader import from_dict
 from megatron_conan.testing.distributed import run_distributed
 from megatron_conan.training.config import RunConfig
-from megatron_conan.training.loop import build_scheduler
+from megatron_conan.training.trainer import build_scheduler
 
 
 def _config(**optimizer) -> RunConfig:
@@ -65,7 +65,7 @@ def test_a_restored_schedule_continues_the_uninterrupted_one():
 
 
 def _run(rank, world_size, run_dir):
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     cfg = from_dict(RunConfig, {"run_dir": run_dir, "model": {"recipe": "tiny"}, "data": {"kind": "synthetic"},
                                 "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_fraction": 0.25},

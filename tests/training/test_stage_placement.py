@@ -20,7 +20,7 @@ def _train_recorded(rank, world_size, stage, argv):
     from megatron_conan.distributed.device import current_placement
     from megatron_conan.testing.placement import recording_devices
     from megatron_conan.training.stage_main import parse_run_config
-    from megatron_conan.training.loop import train
+    from megatron_conan.training.trainer import train
 
     _, cfg = parse_run_config(stage, argv)
     with recording_devices() as seen:
