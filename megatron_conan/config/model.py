@@ -239,18 +239,10 @@ def conan_1p4b() -> ConanModelConfig:
 
 
 def tiny() -> ConanModelConfig:
-    """Same family, small enough for CPU tests: splits over TP 1/2/4 and PP 1/2/4."""
-    return ConanModelConfig(
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=8,
-        num_query_groups=4,
-        head_dim=8,
-        ffn_hidden_size=160,
-        vocab_size=512,
-        max_sequence_length=256,
-        rotary_base=1_000_000.0,
-    )
+    """Same family (everything but the sizes is Conan-1.4B's), small enough for CPU tests: splits over
+    TP 1/2/4 and PP 1/2/4."""
+    return dataclasses.replace(conan_1p4b(), num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4,
+                               head_dim=8, ffn_hidden_size=160, vocab_size=512, max_sequence_length=256)
 
 
 MODEL_RECIPES = {"conan_1p4b": conan_1p4b, "tiny": tiny}

@@ -54,7 +54,9 @@ def _duplicate_candidates(candidate_keys: torch.Tensor, candidate_valid: torch.T
     return duplicate
 
 
-def _check_shapes(queries, positives, hard_negatives, negative_mask) -> None:
+def _check_arguments(queries, positives, hard_negatives, negative_mask, temperature, in_batch_negatives) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if queries.dim() != 2 or positives.shape != queries.shape:
         raise ValueError(f"queries and positives must both be [b, d], got {tuple(queries.shape)} "
                          f"and {tuple(positives.shape)}")
@@ -70,6 +72,9 @@ def _check_shapes(queries, positives, hard_negatives, negative_mask) -> None:
             raise ValueError(f"negative_mask must be bool [b, k] = "
                              f"{tuple(hard_negatives.shape[:2])}, got {negative_mask.dtype} "
                              f"{tuple(negative_mask.shape)}")
+    if not in_batch_negatives and hard_negatives is None:
+        raise ValueError("in_batch_negatives=False scores each query against its own negatives: "
+                         "hard_negatives are required")
 
 
 def infonce_loss(
@@ -111,12 +116,7 @@ def infonce_loss(
     ([b, k] cos(query_i, own negative j), padding slots included: mask them with negative_mask;
     the S_i that DHNM reuses) and ``num_anchors``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_shapes(queries, positives, hard_negatives, negative_mask)
-    if not in_batch_negatives and hard_negatives is None:
-        raise ValueError("in_batch_negatives=False scores each query against its own negatives: "
-                         "hard_negatives are required")
+    _check_arguments(queries, positives, hard_negatives, negative_mask, temperature, in_batch_negatives)
     compute_dtype = torch.promote_types(queries.dtype, torch.float32)
 
     def normalized(x):
@@ -131,8 +131,7 @@ def infonce_loss(
     if hard_negatives is not None:
         hard_negatives = normalized(hard_negatives)  # [b, k, d]
         if negative_mask is None:
-            negative_mask = torch.ones(hard_negatives.shape[:2], dtype=torch.bool,
-                                       device=hard_negatives.device)
+            negative_mask = torch.ones(hard_negatives.shape[:2], dtype=torch.bool, device=hard_negatives.device)
         # the loss of the classification variant; statistics only in the in-batch variant
         with torch.set_grad_enabled(torch.is_grad_enabled() and not in_batch_negatives):
             own_negative_cosines = torch.einsum("bd,bkd->bk", queries, hard_negatives)  # [b, k]
@@ -140,42 +139,9 @@ def infonce_loss(
     gathering = gather_group is not None and group_size(gather_group) > 1
     ranks = group_size(gather_group) if gathering else 1
     if in_batch_negatives:
-        if gathering:
-            candidates, sizes = all_gather_with_sizes(raw_positives, gather_group)  # [N, d]
-            candidates = normalized(candidates)
-            offset = sum(sizes[:group_rank(gather_group)])
-        else:
-            candidates, sizes, offset = positives, [local], 0
-        labels = offset + torch.arange(local, device=queries.device)
-        logits = queries @ candidates.T  # [b, N]
-        candidate_keys = None
-        if positive_keys is not None:
-            if positive_keys.shape != (local,):
-                raise ValueError(f"positive_keys must be [b] = [{local}], got {tuple(positive_keys.shape)}")
-            candidate_keys = all_gather_with_grad(positive_keys, gather_group) if gathering else positive_keys  # [N]
-        candidate_valid = torch.ones(logits.shape[1], dtype=torch.bool, device=queries.device)  # [N]
-        if hard_negatives is not None:
-            all_negatives, all_mask = hard_negatives, negative_mask
-            if gathering:
-                all_negatives = normalized(all_gather_with_grad(raw_negatives, gather_group))  # [N, k, d]
-                all_mask = all_gather_with_grad(negative_mask, gather_group)
-            negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
-            negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
-            logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
-            if candidate_keys is not None and negative_keys is not None:
-                if negative_keys.shape != negative_mask.shape:
-                    raise ValueError(f"negative_keys must be [b, k] = {tuple(negative_mask.shape)}, "
-                                     f"got {tuple(negative_keys.shape)}")
-                all_negative_keys = (all_gather_with_grad(negative_keys, gather_group) if gathering
-                                     else negative_keys)  # [N, k]
-                candidate_keys = torch.cat([candidate_keys, all_negative_keys.flatten()])  # [N + N*k]
-                candidate_valid = torch.cat([candidate_valid, all_mask.flatten()])  # [N + N*k]
-        if candidate_keys is not None:
-            duplicate = _duplicate_candidates(candidate_keys, candidate_valid, positive_keys, labels)  # [b, M]
-            unkeyed = logits.shape[1] - duplicate.shape[1]  # hard negatives without keys: each its own text
-            duplicate = torch.cat([duplicate, duplicate.new_zeros(local, unkeyed)], dim=1)  # [b, N (+ N*k)]
-            logits = logits.masked_fill(duplicate, float("-inf"))
-        global_anchors = sum(sizes)
+        logits, labels, global_anchors = _in_batch_logits(
+            queries, positives, raw_positives, hard_negatives, raw_negatives, negative_mask,
+            positive_keys, negative_keys, gather_group if gathering else None, normalized)
     else:
         positive_logits = (queries * positives).sum(-1, keepdim=True)  # [b, 1]
         negative_logits = own_negative_cosines.masked_fill(~negative_mask, float("-inf"))
@@ -186,22 +152,74 @@ def infonce_loss(
     per_anchor = F.cross_entropy(logits / temperature, labels, reduction="none")  # [b]
     loss = per_anchor.sum() * (ranks / max(global_anchors, 1))
 
-    with torch.no_grad():
-        anchors = torch.ones(local, dtype=torch.bool, device=queries.device)
-        hits = logits.argmax(dim=1) == labels if logits.numel() else anchors
-        stats = {
-            "loss": loss.detach().clone(),
-            "accuracy": _masked_mean(hits.to(compute_dtype), anchors),
-            "positive_cosine": _masked_mean((queries * positives).sum(-1), anchors),
-            "num_anchors": torch.tensor(local, device=queries.device),
-        }
-        # mean cosine of the anchors against everything their denominators score but their own
-        # positive (in-batch and hard negatives, masked ones left out): with positive_cosine, it
-        # tells learning (the gap widens) from collapse (both rise towards 1)
-        scored = torch.isfinite(logits)
-        scored[torch.arange(local, device=queries.device), labels] = False
-        stats["negative_cosine"] = _masked_mean(logits.masked_fill(~scored, 0.0), scored)
-        if hard_negatives is not None:
-            stats["hard_negative_cosines"] = own_negative_cosines.detach().clone()
-            stats["hard_negative_cosine"] = _masked_mean(own_negative_cosines, negative_mask)
+    stats = _statistics(loss, logits, labels, queries, positives, compute_dtype)
+    if hard_negatives is not None:
+        stats["hard_negative_cosines"] = own_negative_cosines.detach().clone()
+        stats["hard_negative_cosine"] = _masked_mean(own_negative_cosines.detach(), negative_mask)
     return loss, stats
+
+
+def _in_batch_logits(queries, positives, raw_positives, hard_negatives, raw_negatives, negative_mask,
+                     positive_keys, negative_keys, gather_group, normalized):
+    """The in-batch variant's logits [b, N (+ N*k)] against the (gathered) positives and hard
+    negatives, each text counted once where keys are given; with the labels [b] and the global
+    number of anchors. `gather_group` None: the local batch only."""
+    local = queries.shape[0]
+    if gather_group is not None:
+        candidates, sizes = all_gather_with_sizes(raw_positives, gather_group)  # [N, d]
+        candidates = normalized(candidates)
+        offset = sum(sizes[:group_rank(gather_group)])
+    else:
+        candidates, sizes, offset = positives, [local], 0
+    labels = offset + torch.arange(local, device=queries.device)
+    logits = queries @ candidates.T  # [b, N]
+    candidate_keys = None
+    if positive_keys is not None:
+        if positive_keys.shape != (local,):
+            raise ValueError(f"positive_keys must be [b] = [{local}], got {tuple(positive_keys.shape)}")
+        candidate_keys = (all_gather_with_grad(positive_keys, gather_group) if gather_group is not None
+                          else positive_keys)  # [N]
+    candidate_valid = torch.ones(logits.shape[1], dtype=torch.bool, device=queries.device)  # [N]
+    if hard_negatives is not None:
+        all_negatives, all_mask = hard_negatives, negative_mask
+        if gather_group is not None:
+            all_negatives = normalized(all_gather_with_grad(raw_negatives, gather_group))  # [N, k, d]
+            all_mask = all_gather_with_grad(negative_mask, gather_group)
+        negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
+        negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
+        logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
+        if candidate_keys is not None and negative_keys is not None:
+            if negative_keys.shape != negative_mask.shape:
+                raise ValueError(f"negative_keys must be [b, k] = {tuple(negative_mask.shape)}, "
+                                 f"got {tuple(negative_keys.shape)}")
+            all_negative_keys = (all_gather_with_grad(negative_keys, gather_group) if gather_group is not None
+                                 else negative_keys)  # [N, k]
+            candidate_keys = torch.cat([candidate_keys, all_negative_keys.flatten()])  # [N + N*k]
+            candidate_valid = torch.cat([candidate_valid, all_mask.flatten()])  # [N + N*k]
+    if candidate_keys is not None:
+        duplicate = _duplicate_candidates(candidate_keys, candidate_valid, positive_keys, labels)  # [b, M]
+        unkeyed = logits.shape[1] - duplicate.shape[1]  # hard negatives without keys: each its own text
+        duplicate = torch.cat([duplicate, duplicate.new_zeros(local, unkeyed)], dim=1)  # [b, N (+ N*k)]
+        logits = logits.masked_fill(duplicate, float("-inf"))
+    return logits, labels, sum(sizes)
+
+
+@torch.no_grad()
+def _statistics(loss, logits, labels, queries, positives, compute_dtype) -> Dict[str, torch.Tensor]:
+    """Detached loss, accuracy, positive and negative cosine means and the anchor count."""
+    local = queries.shape[0]
+    anchors = torch.ones(local, dtype=torch.bool, device=queries.device)
+    hits = logits.argmax(dim=1) == labels if logits.numel() else anchors
+    stats = {
+        "loss": loss.detach().clone(),
+        "accuracy": _masked_mean(hits.to(compute_dtype), anchors),
+        "positive_cosine": _masked_mean((queries * positives).sum(-1), anchors),
+        "num_anchors": torch.tensor(local, device=queries.device),
+    }
+    # mean cosine of the anchors against everything their denominators score but their own
+    # positive (in-batch and hard negatives, masked ones left out): with positive_cosine, it
+    # tells learning (the gap widens) from collapse (both rise towards 1)
+    scored = torch.isfinite(logits)
+    scored[torch.arange(local, device=queries.device), labels] = False
+    stats["negative_cosine"] = _masked_mean(logits.masked_fill(~scored, 0.0), scored)
+    return stats

@@ -45,31 +45,35 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def _local_layer_spec(core_attention: CoreAttention) -> ModuleSpec:
+def _layer_spec(norm, linear_qkv, core_attention: CoreAttention, linear_proj, linear_fc1, linear_fc2) -> ModuleSpec:
+    """One pre-norm layer: `norm` before attention and before the MLP (IdentityOp where the norm is
+    fused into the following linear layer), GQA self-attention, a SwiGLU MLP, no biases."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=ConanRMSNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=linear_qkv,
                     core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=linear_proj,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=ConanRMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def _local_layer_spec(core_attention: CoreAttention) -> ModuleSpec:
+    return _layer_spec(ConanRMSNorm, ColumnParallelLinear, core_attention, RowParallelLinear,
+                       ColumnParallelLinear, RowParallelLinear)
 
 
 def _transformer_engine_layer_spec(core_attention: Optional[CoreAttention]) -> ModuleSpec:
@@ -80,30 +84,8 @@ def _transformer_engine_layer_spec(core_attention: Optional[CoreAttention]) -> M
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=core_attention or TEDotProductAttention,
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
-                ),
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return _layer_spec(IdentityOp, TELayerNormColumnParallelLinear, core_attention or TEDotProductAttention,
+                       TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear)
 
 
 def conan_block_spec(
