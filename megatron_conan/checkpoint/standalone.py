@@ -23,7 +23,8 @@ from megatron.core import parallel_state
 from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.metadata import CheckpointInfo
 from megatron_conan.checkpoint.save import save_checkpoint
-from megatron_conan.config.model import ConanModelConfig, ParallelConfig, build_transformer_config
+from megatron_conan.config.model import ConanModelConfig, ParallelConfig
+from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.distributed.cpu_compat import enable_cpu_compat
 from megatron_conan.distributed.parallel import (
     default_backend,

@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_conan.config.model import ConanModelConfig, ParallelConfig, build_transformer_config, tiny
+from megatron_conan.config.model import ConanModelConfig, ParallelConfig, tiny
+from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.distributed.parallel import initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict

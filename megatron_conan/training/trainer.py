@@ -35,7 +35,7 @@ from megatron_conan.checkpoint.layout import read_latest
 from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.save import save_checkpoint
 from megatron_conan.config.loader import dump_config, to_dict
-from megatron_conan.config.model import build_transformer_config
+from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.errors import ConfigError

@@ -4,11 +4,11 @@ from megatron_conan.config.model import (
     ConanModelConfig,
     ConfigError,
     ParallelConfig,
-    build_transformer_config,
     conan_1p4b,
     model_recipe,
     tiny,
 )
+from megatron_conan.models.transformer_config import build_transformer_config
 
 
 def test_conan_1p4b_closed_form_count_is_the_papers_1503m():

@@ -10,7 +10,8 @@ from megatron_conan.testing.distributed import run_distributed
 
 def _reshard_body(rank, world_size, checkpoint_dir):
     from megatron_conan.checkpoint.sharded_state import load_model, save_model
-    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.config.model import ParallelConfig, tiny
+    from megatron_conan.models.transformer_config import build_transformer_config
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.testing.parity import MICRO_BATCH, SEQ_LENGTH, data_parallel_microbatches, synthetic_lm_batch

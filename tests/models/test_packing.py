@@ -78,7 +78,8 @@ def _grads(model):
 
 
 def _body(rank, world_size, layouts):
-    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.config.model import ParallelConfig, tiny
+    from megatron_conan.models.transformer_config import build_transformer_config
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.models.embedder import embed
@@ -118,7 +119,8 @@ def _body(rank, world_size, layouts):
 
 
 def _bias_count_body(rank, world_size):
-    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.config.model import ParallelConfig, tiny
+    from megatron_conan.models.transformer_config import build_transformer_config
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.models.embedder import embed

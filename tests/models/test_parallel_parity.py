@@ -14,7 +14,8 @@ TOL = 1e-5
 
 
 def _meta_and_reference_body(rank, world_size):
-    from megatron_conan.config.model import ParallelConfig, build_transformer_config, conan_1p4b
+    from megatron_conan.config.model import ParallelConfig, conan_1p4b
+    from megatron_conan.models.transformer_config import build_transformer_config
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.testing.parity import one_step

@@ -4,7 +4,8 @@ LlamaRMSNorm, which the export relies on), forward and gradients, against the fo
 import pytest
 import torch
 
-from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+from megatron_conan.config.model import ParallelConfig, tiny
+from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.ops.norms import ConanRMSNorm
 
 

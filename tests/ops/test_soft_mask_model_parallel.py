@@ -37,7 +37,8 @@ def _loss_and_grads(model, batch, attention_mask, model_config):
 
 
 def _body(rank, world_size, tensor_parallel, full_weights):
-    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.config.model import ParallelConfig, tiny
+    from megatron_conan.models.transformer_config import build_transformer_config
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict

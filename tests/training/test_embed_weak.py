@@ -224,7 +224,8 @@ def _unmasked_body(rank, world_size, full_weights, run_dir):
 # -- the ends of the schedule equal megatron-core's attention ------------------------------------
 
 def _ends_body(rank, world_size):
-    from megatron_conan.config.model import ParallelConfig, build_transformer_config, tiny
+    from megatron_conan.config.model import ParallelConfig, tiny
+    from megatron_conan.models.transformer_config import build_transformer_config
     from megatron_conan.distributed.parallel import initialize_model_parallel
     from megatron_conan.models.conan import build_model_chunks
     from megatron_conan.models.embedder import _without_output_layer, embed, key_padding_mask
