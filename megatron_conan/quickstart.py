@@ -236,7 +236,7 @@ class Pipeline:
 
     def _sft_as_text(self) -> str:
         """The SFT examples as plain documents: the second pretraining source of the blend."""
-        from megatron_conan.data.encoders import format_sft_prompt
+        from megatron_conan.preprocess.encoders import format_sft_prompt
 
         path = self.path("corpus", "sft_as_text.jsonl")
         with open(self.path("corpus", "sft.jsonl"), encoding="utf-8") as source, \
@@ -248,8 +248,8 @@ class Pipeline:
         return path
 
     def preprocess(self) -> str:
-        from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-        from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
+        from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+        from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 
         tokenizer = self.paths["tokenizer"]
         counts = {}
@@ -368,10 +368,10 @@ class Pipeline:
         return f"DP=2, soft mask a(t) 0 -> 1, in-batch negatives of both ranks, {self._loss_line('embed_weak')}"
 
     def mine(self) -> str:
-        from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-        from megatron_conan.data.preprocess import PreprocessConfig
         from megatron_conan.eval.embedders import load_embedder
         from megatron_conan.eval.mining import MiningConfig, mine_file
+        from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+        from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
 
         plan = self.plan
         mined = self.path("corpus", "retrieval_mined.jsonl")
