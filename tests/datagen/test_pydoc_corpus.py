@@ -13,8 +13,8 @@ import pytest
 from megatron_conan.cli import preprocess as preprocess_command
 from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
 from megatron_conan.cli import train_tokenizer as train_tokenizer_command
-from megatron_conan.data import pydoc_corpus
-from megatron_conan.data.pydoc_corpus import PydocCorpusConfig
+from megatron_conan.datagen import pydoc_corpus
+from megatron_conan.datagen.pydoc_corpus import PydocCorpusConfig
 
 TOOL = [sys.executable, "-m", "megatron_conan.cli.build_pydoc_corpus"]
 # Small limits keep the tool runs below fast; the held-out split is computed over everything.
