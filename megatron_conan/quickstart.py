@@ -2,7 +2,7 @@
 
     python -m megatron_conan.quickstart [--work-dir runs/quickstart] [--plan full|quick]
 
-From Python's own documentation (``datagen/pydoc_corpus.py``: nothing is downloaded, nothing else of the
+From Python's own documentation (``datagen/pydoc/``: nothing is downloaded, nothing else of the
 machine is read) to an embedding model, with the project's own library at every step:
 
  1. corpora: pretraining text, SFT triples, stage-3 pairs, stage-4 retrieval / STS / classification
@@ -209,7 +209,8 @@ class Pipeline:
 
     # -- data --
     def corpus(self) -> str:
-        from megatron_conan.datagen.pydoc_corpus import PydocCorpusConfig, build_pydoc_corpus
+        from megatron_conan.datagen.pydoc.config import PydocCorpusConfig
+        from megatron_conan.datagen.pydoc.write import build_pydoc_corpus
 
         manifest = build_pydoc_corpus(self.path("corpus"), PydocCorpusConfig(seed=self.seed, **self.plan.corpus))
         self.manifest = manifest
