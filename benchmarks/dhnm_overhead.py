@@ -25,8 +25,8 @@ import time
 
 
 def _store(directory: str, examples: int) -> dict:
-    from megatron_conan.data import synthetic
     from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+    from megatron_conan.datagen import synthetic
 
     synthetic.write_pretraining_jsonl(os.path.join(directory, "text.jsonl"), num_docs=300, seed=3)
     train_tokenizer([os.path.join(directory, "text.jsonl")], os.path.join(directory, "tokenizer"),

@@ -65,8 +65,8 @@ def _train_ours(rank: int, world_size: int, values: dict) -> None:
 
 def _uninstructed_store(work: str, output_dir: str) -> str:
     """The main job's stage-3 pairs without instructions, tokenized into a store."""
-    from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-    from megatron_conan.data.preprocess import PreprocessConfig
+    from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+    from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
 
     source = os.path.join(output_dir, "pairs_raw.jsonl")
     with open(os.path.join(work, "corpus", "pairs.jsonl"), encoding="utf-8") as pairs, \

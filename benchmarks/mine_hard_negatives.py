@@ -1,4 +1,4 @@
-"""Hard-negative mining throughput (queries/s): ours (``megatron_conan.eval.mining``, the library of
+"""Hard-negative mining throughput (queries/s): ours (``megatron_conan.datagen.mining``, the library of
 tools/mine_hard_negatives.py) against sentence-transformers' ``util.mine_hard_negatives``, with the
 same model, corpus, batch size and rules (skip the top ranks, keep the next K), in one process.
 
@@ -58,8 +58,8 @@ def run(args) -> dict:
     import datasets
     from sentence_transformers import SentenceTransformer, util
 
+    from megatron_conan.datagen.mining import Example, MiningConfig, mine_hard_negatives
     from megatron_conan.eval.embedders import SentenceTransformerEmbedder
-    from megatron_conan.eval.mining import Example, MiningConfig, mine_hard_negatives
 
     pairs = pydoc_pairs(args.pairs)
     corpus = list(dict.fromkeys(positive for _, positive in pairs))

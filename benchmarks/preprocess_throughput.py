@@ -4,7 +4,7 @@ SentencePiece's multi-threaded batch encode and, given a checkout, Megatron-LM's
     python benchmarks/preprocess_throughput.py --size-mb 200 --workers 2 --rounds 5 \
         --megatron-lm /tmp/megatron-lm
 
-Corpus: real text, Python's own documentation (`megatron_conan.data.pydoc_corpus`: standard
+Corpus: real text, Python's own documentation (`megatron_conan.datagen.pydoc`: standard
 library docstrings and pydoc topics, about 1.6 MB on CPython 3.11) repeated, reshuffled each pass,
 to --size-mb; `--once` takes each text once instead (no repetition: the word cache only gains from
 repeats within real text), `--synthetic` uses the generated multilingual corpus. Tokenizer: our recipe
@@ -267,17 +267,17 @@ def make_corpus(args, workdir: str):
     corpus = os.path.join(workdir, "corpus.jsonl")
     one_pass = None
     if args.synthetic:
-        from megatron_conan.data.synthetic import write_pretraining_jsonl
+        from megatron_conan.datagen.synthetic import write_pretraining_jsonl
 
         documents = write_pretraining_jsonl(corpus, num_bytes=int(args.size_mb * 1e6))
         training = corpus
     elif args.once:
-        from megatron_conan.data.pydoc_corpus import write_pretraining_jsonl
+        from megatron_conan.datagen.pydoc.write import write_pretraining_jsonl
 
         documents, _ = write_pretraining_jsonl(corpus)
         one_pass = training = corpus
     else:
-        from megatron_conan.data.pydoc_corpus import write_pretraining_jsonl
+        from megatron_conan.datagen.pydoc.write import write_pretraining_jsonl
 
         one_pass = os.path.join(workdir, "one_pass.jsonl")
         write_pretraining_jsonl(one_pass)

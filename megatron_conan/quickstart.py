@@ -2,7 +2,7 @@
 
     python -m megatron_conan.quickstart [--work-dir runs/quickstart] [--plan full|quick]
 
-From Python's own documentation (``data/pydoc_corpus.py``: nothing is downloaded, nothing else of the
+From Python's own documentation (``datagen/pydoc/``: nothing is downloaded, nothing else of the
 machine is read) to an embedding model, with the project's own library at every step:
 
  1. corpora: pretraining text, SFT triples, stage-3 pairs, stage-4 retrieval / STS / classification
@@ -209,7 +209,8 @@ class Pipeline:
 
     # -- data --
     def corpus(self) -> str:
-        from megatron_conan.data.pydoc_corpus import PydocCorpusConfig, build_pydoc_corpus
+        from megatron_conan.datagen.pydoc.config import PydocCorpusConfig
+        from megatron_conan.datagen.pydoc.write import build_pydoc_corpus
 
         manifest = build_pydoc_corpus(self.path("corpus"), PydocCorpusConfig(seed=self.seed, **self.plan.corpus))
         self.manifest = manifest
@@ -236,7 +237,7 @@ class Pipeline:
 
     def _sft_as_text(self) -> str:
         """The SFT examples as plain documents: the second pretraining source of the blend."""
-        from megatron_conan.data.encoders import format_sft_prompt
+        from megatron_conan.preprocess.encoders import format_sft_prompt
 
         path = self.path("corpus", "sft_as_text.jsonl")
         with open(self.path("corpus", "sft.jsonl"), encoding="utf-8") as source, \
@@ -248,8 +249,8 @@ class Pipeline:
         return path
 
     def preprocess(self) -> str:
-        from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-        from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
+        from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+        from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 
         tokenizer = self.paths["tokenizer"]
         counts = {}
@@ -368,10 +369,10 @@ class Pipeline:
         return f"DP=2, soft mask a(t) 0 -> 1, in-batch negatives of both ranks, {self._loss_line('embed_weak')}"
 
     def mine(self) -> str:
-        from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-        from megatron_conan.data.preprocess import PreprocessConfig
+        from megatron_conan.datagen.mining import MiningConfig, mine_file
         from megatron_conan.eval.embedders import load_embedder
-        from megatron_conan.eval.mining import MiningConfig, mine_file
+        from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+        from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
 
         plan = self.plan
         mined = self.path("corpus", "retrieval_mined.jsonl")

@@ -108,7 +108,7 @@ def test_a_good_dry_run_still_reports(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer_1000(tmp_path_factory):
     """A 1000-piece tokenizer trained by the tool itself on the repo's synthetic corpus."""
-    from megatron_conan.data import synthetic
+    from megatron_conan.datagen import synthetic
 
     directory = tmp_path_factory.mktemp("tokenizer")
     synthetic.write_pretraining_jsonl(str(directory / "corpus.jsonl"), num_docs=200, seed=0)
@@ -168,7 +168,7 @@ def test_a_checkpoint_of_another_shape_is_one_line_and_keeps_latest(tmp_path):
 
 
 def test_tool_input_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
-    from megatron_conan.data import synthetic
+    from megatron_conan.datagen import synthetic
 
     corpus = tmp_path / "pairs.jsonl"
     synthetic.write_pretraining_jsonl(str(corpus), num_docs=5, seed=0)

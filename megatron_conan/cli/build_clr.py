@@ -17,8 +17,8 @@ import argparse
 import sys
 
 from megatron_conan.console import command_parser, run_command
-from megatron_conan.data import clr
-from megatron_conan.data.preprocess import write_report_json
+from megatron_conan.datagen import clr
+from megatron_conan.preprocess.jsonl_to_indexed import write_report_json
 
 PROG = "conan-build-clr"
 

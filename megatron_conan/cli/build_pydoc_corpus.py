@@ -7,9 +7,9 @@ BEIR retrieval split.
 
 Writes pretrain.jsonl, sft.jsonl, pairs.jsonl, retrieval.jsonl, corpus.jsonl, sts.jsonl,
 classification.jsonl, heldout/{corpus.jsonl,queries.jsonl,qrels/test.tsv} and manifest.json
-(see megatron_conan/data/pydoc_corpus.py for the design, megatron_conan/data/README.md for the
-formats). Options after the flags are `key=value` fields of PydocCorpusConfig. The directory
-appears complete or not at all; an existing one is refused unless --overwrite. Bad input ends in
+(see megatron_conan/datagen/pydoc/ for the design, megatron_conan/datagen/README.md for the files
+and their formats). Options after the flags are `key=value` fields of PydocCorpusConfig. The
+directory appears complete or not at all; an existing one is refused unless --overwrite. Bad input ends in
 one stderr line and exit status 2.
 """
 
@@ -19,7 +19,8 @@ import time
 
 from megatron_conan.config.loader import load_config
 from megatron_conan.console import command_parser, run_command
-from megatron_conan.data.pydoc_corpus import PydocCorpusConfig, build_pydoc_corpus
+from megatron_conan.datagen.pydoc.config import PydocCorpusConfig
+from megatron_conan.datagen.pydoc.write import build_pydoc_corpus
 
 PROG = "conan-build-pydoc-corpus"
 

@@ -8,7 +8,7 @@
 directory, embedded by our own embedder). Input records are contrastive JSONL of task pair,
 retrieval or clr; the corpus defaults to the examples' positives. Writes the output atomically and
 a report (<output>.report.json) naming the examples whose pool is too small. Rules and formats:
-megatron_conan/eval/mining.py and megatron_conan/eval/README.md.
+megatron_conan/datagen/mining.py and megatron_conan/datagen/README.md.
 """
 
 import argparse
@@ -16,10 +16,10 @@ import logging
 import sys
 
 from megatron_conan.console import command_parser, run_command
+from megatron_conan.datagen.mining import MiningConfig, mine_file
 from megatron_conan.errors import InputError
 from megatron_conan.eval.embedders import load_embedder
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
-from megatron_conan.eval.mining import MiningConfig, mine_file
 from megatron_conan.eval.text_io import check_output_file
 
 PROG = "conan-mine"

@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from megatron_conan.console import command_parser, run_command
-from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-from megatron_conan.data.preprocess import PreprocessConfig, run_and_report
+from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, run_and_report
 
 PROG = "conan-tokenize-contrastive"
 

@@ -218,7 +218,7 @@ def text_length(model_config: ConanModelConfig, requested: Optional[int],
 
 def query_prompt(instruction: str) -> str:
     """The `query` prompt: the training instruction template around `instruction`."""
-    from megatron_conan.data.encoders import format_instruction
+    from megatron_conan.preprocess.encoders import format_instruction
 
     return format_instruction(instruction)
 

@@ -1,6 +1,9 @@
-"""Data for every stage: tokenizer, pretraining/SFT indexed data, contrastive store and loader.
+"""Data formats and what training reads: tokenizer, indexed data, pretraining/SFT datasets, contrastive
+store and loader, DHNM state.
 
-Modules (formats in README.md beside this file): `tokenizer`, `preprocess` (+ `jsonl`, `parallel_encode`,
-`encoders`, `indexed`), `pretraining`, `sft`, `contrastive`, `synthetic`. Nothing is imported here:
-preprocessing workers import only the light modules they need.
+Modules (formats in README.md beside this file): `tokenizer` (+ `word_cache`), `jsonl`, `indexed`,
+`provenance`, `pretraining`, `sft`, `lm_datasets`, `contrastive`, `dhnm`. Offline preprocessing
+(JSONL -> indexed data, the contrastive store) is in `megatron_conan.preprocess`, the generators of
+training JSONL in `megatron_conan.datagen`. Nothing is imported here: preprocessing workers import
+only the light modules they need.
 """

@@ -36,10 +36,10 @@ import numpy
 import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron_conan.data.contrastive_tokenize import READABLE_STORE_VERSIONS, EXAMPLES_SUFFIX, STORE_FORMAT, TASK_CODES
-from megatron_conan.data.encoders import CONTRASTIVE_TASKS, check_instructions
 from megatron_conan.data.provenance import META_SUFFIX
 from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError
+from megatron_conan.preprocess.contrastive_tokenize import READABLE_STORE_VERSIONS, EXAMPLES_SUFFIX, STORE_FORMAT, TASK_CODES
+from megatron_conan.preprocess.encoders import CONTRASTIVE_TASKS, check_instructions
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class ContrastiveStore:
 
     def use_task_prompt_lengths(self, tokenizer) -> None:
         """Version-2 stores: count each task's instruction prompt with `tokenizer` (see prompt_length)."""
-        from megatron_conan.data.contrastive_tokenize import prompt_token_count
+        from megatron_conan.preprocess.contrastive_tokenize import prompt_token_count
 
         self._version2_prompt_lengths = {task: prompt_token_count(tokenizer, instruction)
                                          for task, instruction in self.instructions.items()}

@@ -3,8 +3,8 @@ covers exactly the output tokens and the final EOD.
 
 On disk (written by `tools/preprocess_data.py --format sft`): a megatron-core indexed dataset in
 which every document is one example made of two sequences, the prompt ids (see
-`encoders.format_sft_prompt`) and the output ids followed by EOD. The prompt length is the first sequence's
-length.
+`megatron_conan.preprocess.encoders.format_sft_prompt`) and the output ids followed by EOD. The
+prompt length is the first sequence's length.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple

@@ -228,7 +228,7 @@ class ConanTokenizer(MegatronTokenizerBase):
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("ConanTokenizer has no chat template; SFT prompts are built by "
-                                  "megatron_conan.data.encoders.format_sft_prompt")
+                                  "megatron_conan.preprocess.encoders.format_sft_prompt")
 
     # -- vocabulary --
     @property

@@ -1,3 +1,3 @@
 """Evaluation and embedding tools (README.md beside this file): embedders over our checkpoints and
-exported directories, exact search, retrieval metrics and baselines, the MTEB wrapper, and
-hard-negative mining."""
+exported directories, exact search, retrieval metrics and baselines, and the MTEB wrapper
+(hard-negative mining, which uses them, is in `megatron_conan.datagen.mining`)."""

@@ -31,8 +31,8 @@ REFERENCE_BATCH = torch.tensor([[5, 17, 300, 42, 7, 99, 256, 3], [400, 2, 81, 81
 def train_tiny_tokenizer(directory: str, vocab_size: int = 512) -> str:
     """A SentencePiece model of the project's kind (BPE, byte fallback, identity normalisation)
     trained on the repository's synthetic multilingual text; returns the ``.model`` path."""
-    from megatron_conan.data import synthetic
     from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+    from megatron_conan.datagen import synthetic
 
     os.makedirs(directory, exist_ok=True)
     corpus = os.path.join(directory, "tokenizer_corpus.jsonl")

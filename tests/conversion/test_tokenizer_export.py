@@ -5,9 +5,9 @@ import os
 import pytest
 
 from megatron_conan.conversion.tokenizer_export import export_tokenizer
-from megatron_conan.data.encoders import format_instruction
 from megatron_conan.data.tokenizer import EOS_ID, ConanTokenizer
 from megatron_conan.errors import InputError
+from megatron_conan.preprocess.encoders import format_instruction
 from megatron_conan.testing.tiny_models import pydoc_texts
 
 MULTILINGUAL = [

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from megatron_conan.data import synthetic
 from megatron_conan.data.tokenizer import ConanTokenizer, TokenizerTrainingConfig, train_tokenizer
+from megatron_conan.datagen import synthetic
 
 TINY_VOCAB = 1000
 

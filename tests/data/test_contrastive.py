@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
-from megatron_conan.data import synthetic
 from megatron_conan.data.contrastive import PAPER_TASK_WEIGHTS, ContrastiveBatch, ContrastiveLoader, ContrastiveStore
-from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
-from megatron_conan.data.encoders import CONTRASTIVE_TASKS, format_instruction, format_query
 from megatron_conan.data.jsonl import BadLineKind, StrictModeError
-from megatron_conan.data.preprocess import PreprocessConfig
 from megatron_conan.data.tokenizer import ConanTokenizer, TokenizerTrainingConfig, train_tokenizer
+from megatron_conan.datagen import synthetic
 from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError
+from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+from megatron_conan.preprocess.encoders import CONTRASTIVE_TASKS, format_instruction, format_query
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
 
 PER_TASK = 11
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from megatron_conan.data.contrastive import ContrastiveLoader
-from megatron_conan.data.contrastive_tokenize import tokenize_contrastive
 from megatron_conan.data.dhnm import DHNMConfig, DHNMState
-from megatron_conan.data.preprocess import PreprocessConfig
 from megatron_conan.errors import CheckpointMismatchError, ConfigError
+from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
 from megatron_conan.testing.distributed import run_distributed
 
 f32 = numpy.float32

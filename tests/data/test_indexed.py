@@ -92,7 +92,7 @@ def test_read_index_refuses_other_files(tmp_path):
 def test_preprocessing_path_imports_neither_torch_nor_megatron():
     """What the tool and its workers import (the workers unpickle an encoder from these modules)."""
     code = ("import sys\n"
-            "import megatron_conan.data.preprocess, megatron_conan.data.encoders\n"
+            "import megatron_conan.preprocess.jsonl_to_indexed, megatron_conan.preprocess.encoders\n"
             "import megatron_conan.data.provenance, megatron_conan.data.indexed\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron'))\n"
             "print(heavy)\n")

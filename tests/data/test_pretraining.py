@@ -3,9 +3,9 @@ import pytest
 import torch
 import yaml
 
-from megatron_conan.data import synthetic
-from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
 from megatron_conan.data.pretraining import BlendedDataConfig, DataSource, build_pretrain_datasets
+from megatron_conan.datagen import synthetic
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 
 WEIGHTS = {"news": 0.1, "qa": 0.2, "web": 0.3, "multilingual": 0.4}
 

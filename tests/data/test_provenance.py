@@ -9,7 +9,6 @@ import shutil
 import pytest
 
 from megatron_conan.cli import preprocess as preprocess_command
-from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
 from megatron_conan.data.provenance import (
     TokenizerMismatchError,
     check_tokenizer,
@@ -18,6 +17,7 @@ from megatron_conan.data.provenance import (
 )
 from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
 from megatron_conan.errors import DataError, InputError
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ import numpy
 import pytest
 import torch
 
-from megatron_conan.data import synthetic
 from megatron_conan.data.jsonl import BadLineKind
-from megatron_conan.errors import DataError
-from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
-from megatron_conan.data.encoders import format_sft_prompt
 from megatron_conan.data.sft import SFTDataset, build_sft_datasets, build_sft_example, split_indices
+from megatron_conan.datagen import synthetic
+from megatron_conan.errors import DataError
+from megatron_conan.preprocess.encoders import format_sft_prompt
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 
 PAD, EOD = 0, 3
 

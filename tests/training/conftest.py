@@ -64,8 +64,8 @@ def tokenize_contrastive(jsonl, prefix, tokenizer_model):
 @pytest.fixture(scope="session")
 def embedding_data(tmp_path_factory):
     """A 512-piece tokenizer and a store of `pair` examples (synthetic multilingual text)."""
-    from megatron_conan.data import synthetic
     from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+    from megatron_conan.datagen import synthetic
 
     directory = tmp_path_factory.mktemp("embedding_data")
     synthetic.write_pretraining_jsonl(str(directory / "text.jsonl"), num_docs=300, seed=3)
@@ -81,7 +81,7 @@ def embedding_data(tmp_path_factory):
 def supervised_store(embedding_data):
     """A store of the four stage-4 tasks (retrieval / clr with negatives and candidate pools,
     classification, sts), with the embedding_data tokenizer."""
-    from megatron_conan.data import synthetic
+    from megatron_conan.datagen import synthetic
 
     directory = embedding_data["dir"]
     synthetic.write_contrastive_jsonl(str(directory / "supervised.jsonl"), examples_per_task=48,

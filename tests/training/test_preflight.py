@@ -9,8 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_sft_data_of_another_tokenizer_is_refused(embedding_data, tmp_path):
-    from megatron_conan.data import synthetic
     from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+    from megatron_conan.datagen import synthetic
 
     synthetic.write_sft_jsonl(str(tmp_path / "sft.jsonl"), num_examples=40)
     subprocess.run([sys.executable, "-m", "megatron_conan.cli.preprocess", "--format", "sft", "--input", str(tmp_path / "sft.jsonl"),

@@ -114,7 +114,7 @@ class Example:
 
 def read_examples(path: str, embedder, query_prompt: str) -> List[Example]:
     """The (query, positive) records of a contrastive JSONL file; other tasks are refused by line."""
-    from megatron_conan.data.encoders import format_instruction
+    from megatron_conan.preprocess.encoders import format_instruction
 
     default_prefix = embedder.prompt_text(query_prompt)
     examples = []

@@ -3,7 +3,7 @@
 The main process reads and decompresses input in `LineBatch`es and writes results; worker processes
 parse, validate and tokenize. Results come back in input order, with at most a few batches per
 worker in flight, so memory stays bounded whatever the input size. Workers are spawned (no fork of
-a process holding torch threads) and import only this module, `jsonl`, `word_cache`, numpy and
+a process holding torch threads) and import only this module, `data.jsonl`, `data.word_cache`, numpy and
 sentencepiece (never torch or megatron-core: a worker is ready in a fraction of a second).
 """
 

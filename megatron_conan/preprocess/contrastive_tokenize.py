@@ -2,8 +2,8 @@
 
 The store's layout is described in `megatron_conan.data.contrastive` (which reads it) and in
 data/README.md; its format constants live here, with the writer, so that reading imports writing
-and not the other way round: this module builds on `preprocess.run_to_indexed` and, like the rest
-of the preprocessing path, imports neither torch nor megatron-core.
+and not the other way round: this module builds on `jsonl_to_indexed.run_to_indexed` and, like the
+rest of the preprocessing path, imports neither torch nor megatron-core.
 """
 
 import dataclasses
@@ -12,15 +12,15 @@ from typing import Any, Dict, List
 
 import numpy
 
-from megatron_conan.data.encoders import (
+from megatron_conan.data.provenance import META_SUFFIX, tokenizer_record
+from megatron_conan.preprocess.encoders import (
     CONTRASTIVE_TASKS,
     INSTRUCTION_TEMPLATE,
     check_instructions,
     format_instruction,
 )
-from megatron_conan.data.parallel_encode import EncodedBatch
-from megatron_conan.data.preprocess import PreprocessConfig, PreprocessResult, run_to_indexed
-from megatron_conan.data.provenance import META_SUFFIX, tokenizer_record
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, PreprocessResult, run_to_indexed
+from megatron_conan.preprocess.parallel_encode import EncodedBatch
 
 STORE_FORMAT = "megatron_conan.contrastive"
 STORE_VERSION = 3

@@ -9,10 +9,10 @@ import threading
 import pytest
 
 from megatron_conan.cli import build_clr as build_clr_command
-from megatron_conan.data import clr
-from megatron_conan.data.clr import (CLR_LANGUAGE_SHARES, CLRConfig, TableTranslator,
-                                     assign_language, build_clr)
 from megatron_conan.data.jsonl import BadLineKind
+from megatron_conan.datagen import clr
+from megatron_conan.datagen.clr import (CLR_LANGUAGE_SHARES, CLRConfig, TableTranslator,
+                                        assign_language, build_clr)
 
 CHI_SQUARE_25_DF_P001 = 52.62  # the 0.999 quantile of chi-square with 25 degrees of freedom
 

@@ -4,7 +4,7 @@ positive, optionally filtered by a teacher embedding model (pairs it scores belo
     report = sft_to_pairs(SFTPairsConfig(inputs=["sft.jsonl"], output="pairs.jsonl",
                                          teacher="models/teacher", min_score=0.4))
 
-Input: SFT JSONL (`instruction`, `input`?, `output`; data/README.md). Output: `pair` JSONL
+Input: SFT JSONL (`instruction`, `input`?, `output`; megatron_conan/data/README.md). Output: `pair` JSONL
 (`{"task": "pair", "query", "positive"}`) for tools/tokenize_contrastive.py, in input order,
 written to a temporary file and renamed when complete. Bad lines are counted per kind with their
 `file:line`; pairs the teacher drops are counted and the first few listed with their scores:

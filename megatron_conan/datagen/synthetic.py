@@ -194,7 +194,7 @@ def _query_for(rng: random.Random, passage: str, lang: str) -> str:
 
 
 def contrastive_example(rng: random.Random, task: str, index: int) -> Dict:
-    """One example of `task` in the contrastive JSONL schema (see data/README.md)."""
+    """One example of `task` in the contrastive JSONL schema (see megatron_conan/data/README.md)."""
     lang = _pick_language(rng)
     topic = rng.choice(_TOPICS)
     if task == "pair":

@@ -1,6 +1,6 @@
 import json
 
-from megatron_conan.data import synthetic
+from megatron_conan.datagen import synthetic
 
 
 def test_documents_are_deterministic_and_cover_scripts(tmp_path):

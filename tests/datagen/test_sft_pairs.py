@@ -8,9 +8,9 @@ import numpy
 import pytest
 
 from megatron_conan.cli import sft_to_pairs as sft_to_pairs_command
-from megatron_conan.data import synthetic
 from megatron_conan.data.jsonl import BadLineKind
-from megatron_conan.data.sft_pairs import SFTPairsConfig, sft_record_to_pair, sft_to_pairs
+from megatron_conan.datagen import synthetic
+from megatron_conan.datagen.sft_pairs import SFTPairsConfig, sft_record_to_pair, sft_to_pairs
 from megatron_conan.errors import DataError
 
 for _switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):

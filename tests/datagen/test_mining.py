@@ -8,8 +8,8 @@ import pytest
 
 from megatron_conan.cli import mine as mine_command
 from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
+from megatron_conan.datagen.mining import Example, MiningConfig, mine_file, mine_hard_negatives
 from megatron_conan.eval.embedders import Embedder
-from megatron_conan.eval.mining import Example, MiningConfig, mine_file, mine_hard_negatives
 
 
 class TableEmbedder(Embedder):
@@ -85,8 +85,8 @@ def test_too_few_candidates_are_reported_by_line_and_still_written(tmp_path):
 
 
 def test_the_tool_mines_with_an_export_and_the_store_reads_it(artifacts, tmp_path, capsys):
-    from megatron_conan.data import synthetic
     from megatron_conan.data.contrastive import ContrastiveStore
+    from megatron_conan.datagen import synthetic
 
     synthetic.write_contrastive_jsonl(str(tmp_path / "pairs.jsonl"), examples_per_task=40, tasks=("pair",), seed=4)
     tool = mine_command

@@ -1,7 +1,7 @@
 """The three line encoders (pretraining text, SFT, contrastive) and the record schemas they check.
 
 Worker-side code: imports neither torch nor megatron. The on-disk layouts these produce are
-described in data/README.md.
+described in megatron_conan/data/README.md.
 """
 
 import math
@@ -16,8 +16,8 @@ from megatron_conan.data.jsonl import (
     require_text,
     require_text_list,
 )
-from megatron_conan.data.parallel_encode import LineEncoder
 from megatron_conan.errors import ConfigError
+from megatron_conan.preprocess.parallel_encode import LineEncoder
 
 # -- pretraining ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_conan.cli import preprocess as preprocess_command
 from megatron_conan.data.indexed import merge_indexed_datasets, token_dtype_for_vocab
 from megatron_conan.data.jsonl import BadLineKind, StrictModeError
-from megatron_conan.data.preprocess import PreprocessConfig, preprocess_jsonl
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 from tests.data.adversarial import docs_texts, docs_tokenizer_model  # noqa: F401  (fixtures)
 
 
@@ -241,8 +241,8 @@ def test_byte_order_mark_at_the_start_of_a_file_is_accepted(tokenizer, tokenizer
 
 
 def test_tokenizer_training_accepts_a_byte_order_mark(tmp_path):
-    from megatron_conan.data.tokenizer import iter_training_lines
     from megatron_conan.data.jsonl import BadLineReport
+    from megatron_conan.data.tokenizer import iter_training_lines
 
     text, jsonl = tmp_path / "a.txt", tmp_path / "b.jsonl"
     text.write_bytes(b"\xef\xbb\xbfplain line\nsecond\n")
@@ -305,8 +305,8 @@ def test_cache_on_and_off_write_identical_files(corpus_dir, request, tmp_path, w
 
 def test_verify_sample_passes_and_catches_a_wrong_encoding(corpus_dir, tokenizer_model,
                                                            tmp_path, monkeypatch):
-    from megatron_conan.data.preprocess import VerificationError
     from megatron_conan.data.word_cache import CachedEncoder
+    from megatron_conan.preprocess.jsonl_to_indexed import VerificationError
 
     result = _run([corpus_dir / "mixed.jsonl"], tmp_path / "ok", tokenizer_model,
                   verify_sample=50, workers=2)
@@ -327,8 +327,8 @@ def test_verify_sample_passes_and_catches_a_wrong_encoding(corpus_dir, tokenizer
 
 
 def test_threads_follow_the_workers(tokenizer_model, corpus_dir):
-    from megatron_conan.data.preprocess import make_encoder
     from megatron_conan.data.word_cache import default_threads
+    from megatron_conan.preprocess.jsonl_to_indexed import make_encoder
 
     cores = len(os.sched_getaffinity(0))
     config = PreprocessConfig([str(corpus_dir / "mixed.jsonl")], "unused", tokenizer_model,

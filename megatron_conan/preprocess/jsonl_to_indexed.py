@@ -5,10 +5,10 @@
   sequence per document (what `GPTDataset` reads).
 - `sft`: `{"instruction", "input"?, "output"}` -> one document of two sequences, the prompt ids
   and the output ids + EOD (read by `megatron_conan.data.sft.SFTDataset`).
-- `contrastive`: written by `megatron_conan.data.contrastive_tokenize` on top of `run_to_indexed`
+- `contrastive`: written by `megatron_conan.preprocess.contrastive_tokenize` on top of `run_to_indexed`
   (this module does not know that format's store; the dependency points one way).
 
-This path imports neither torch nor megatron-core (tests/data/test_preprocess_speed.py checks):
+This path imports neither torch nor megatron-core (tests/data/test_indexed.py checks):
 workers start in a fraction of a second, and the pool starts before the main process does
 anything else.
 """
@@ -24,18 +24,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy
 
 from megatron_conan import atomic_write
-from megatron_conan.data.encoders import (
-    ContrastiveExampleEncoder,
-    SFTExampleEncoder,
-    TextDocumentEncoder,
-)
 from megatron_conan.data.indexed import (
     IndexedDatasetWriter,
     parse_dtype,
     sigterm_raises_system_exit,
 )
 from megatron_conan.data.jsonl import BadLineReport, LineBatch, StrictModeError, read_line_batches
-from megatron_conan.data.parallel_encode import EncodedBatch, LineEncoder, encode_batches, start_workers
 from megatron_conan.data.provenance import (
     META_SUFFIX,
     dataset_record,
@@ -44,6 +38,12 @@ from megatron_conan.data.provenance import (
 )
 from megatron_conan.data.word_cache import cache_refusal, default_threads, report_fallback
 from megatron_conan.errors import ConfigError, DataError
+from megatron_conan.preprocess.encoders import (
+    ContrastiveExampleEncoder,
+    SFTExampleEncoder,
+    TextDocumentEncoder,
+)
+from megatron_conan.preprocess.parallel_encode import EncodedBatch, LineEncoder, encode_batches, start_workers
 
 logger = logging.getLogger(__name__)
 
@@ -373,9 +373,9 @@ def preprocess_jsonl(config: PreprocessConfig) -> PreprocessResult:
     """Tokenizes `config.inputs` (format `text` or `sft`) into `<output_prefix>.bin/.idx` and its
     tokenizer record, atomically. Raises `StrictModeError` in strict mode at the first bad line;
     on any error no output is left. Format `contrastive` is written by
-    `megatron_conan.data.contrastive_tokenize.tokenize_contrastive`."""
+    `megatron_conan.preprocess.contrastive_tokenize.tokenize_contrastive`."""
     if config.format == "contrastive":
-        raise ConfigError("format contrastive is written by megatron_conan.data.contrastive_"
+        raise ConfigError("format contrastive is written by megatron_conan.preprocess.contrastive_"
                           "tokenize.tokenize_contrastive (tools/tokenize_contrastive.py)")
     return run_to_indexed(config)
 

@@ -13,8 +13,10 @@ import pytest
 from megatron_conan.cli import preprocess as preprocess_command
 from megatron_conan.cli import tokenize_contrastive as tokenize_contrastive_command
 from megatron_conan.cli import train_tokenizer as train_tokenizer_command
-from megatron_conan.data import pydoc_corpus
-from megatron_conan.data.pydoc_corpus import PydocCorpusConfig
+from megatron_conan.datagen.pydoc import clean as pydoc_clean
+from megatron_conan.datagen.pydoc import split as pydoc_split
+from megatron_conan.datagen.pydoc import write as pydoc_write
+from megatron_conan.datagen.pydoc.config import PydocCorpusConfig
 
 TOOL = [sys.executable, "-m", "megatron_conan.cli.build_pydoc_corpus"]
 # Small limits keep the tool runs below fast; the held-out split is computed over everything.
@@ -77,7 +79,7 @@ def test_byte_identical_across_processes_and_hash_seeds(builds):
 
 
 def test_another_seed_holds_out_other_families(corpus, tmp_path):
-    manifest = pydoc_corpus.build_pydoc_corpus(str(tmp_path / "seed1"), PydocCorpusConfig(
+    manifest = pydoc_write.build_pydoc_corpus(str(tmp_path / "seed1"), PydocCorpusConfig(
         seed=1, max_sft_examples=50, max_pair_examples=50, max_retrieval_examples=50,
         max_mining_corpus=60, max_sts_anchors=5, max_classification_per_label=5))
     assert manifest["heldout_families"] != _manifest(corpus)["heldout_families"]
@@ -144,7 +146,7 @@ def test_heldout_is_beir_and_consistent(corpus):
     for split, split_rows in rows_of.items():
         for _, document_id, _ in split_rows:
             top = document_id.split(".")[0]
-            assert pydoc_corpus._FAMILIES.get(top, top) in splits[split], (split, document_id)
+            assert pydoc_clean._FAMILIES.get(top, top) in splits[split], (split, document_id)
     for query_id, document_id, score in rows:
         assert document_id in document_text and int(score) == 1
         # The query is never a verbatim part of its document.
@@ -171,7 +173,7 @@ def _word_8grams(text):
 def test_heldout_shares_no_module_and_no_text_with_training(corpus):
     manifest = _manifest(corpus)
     held = set(manifest["heldout_families"])
-    families = pydoc_corpus._FAMILIES
+    families = pydoc_clean._FAMILIES
 
     def family_of(name):
         top = name.split(".")[0]
@@ -236,7 +238,7 @@ def test_outputs_are_what_the_tools_read(corpus, tmp_path):
 
 def test_task_files_are_well_formed(corpus):
     retrieval = _jsonl(corpus / "retrieval.jsonl")
-    assert {row["instruction"] for row in retrieval} == {pydoc_corpus.RETRIEVAL_INSTRUCTION}
+    assert {row["instruction"] for row in retrieval} == {pydoc_write.RETRIEVAL_INSTRUCTION}
     assert all("negatives" not in row for row in retrieval)
     mining = {row["text"] for row in _jsonl(corpus / "corpus.jsonl")}
     assert {row["positive"] for row in retrieval} <= mining
@@ -267,8 +269,8 @@ def _closest_relation(anchor, partner):
 
 def test_sts_score_is_the_closest_structural_relation(corpus):
     config = PydocCorpusConfig(max_sts_anchors=40)
-    split = pydoc_corpus.split_collection(pydoc_corpus.collect(config), config)
-    triples = pydoc_corpus.sts_pairs(split, config)
+    split = pydoc_split.split_collection(pydoc_clean.collect(config), config)
+    triples = pydoc_write.sts_pairs(split, config)
     assert {level for _, _, level in triples} == {0, 1, 2, 3, 4}
     for anchor, partner, level in triples:
         assert _closest_relation(anchor, partner) == level, (anchor.qualname, partner.qualname)
@@ -281,11 +283,11 @@ def test_sts_score_is_the_closest_structural_relation(corpus):
 
 
 def test_pretraining_stream_repeats_to_a_target_size(corpus, tmp_path):
-    one_pass = list(pydoc_corpus.iter_pretraining_texts())
+    one_pass = list(pydoc_write.iter_pretraining_texts())
     assert one_pass == [row["text"] for row in _jsonl(corpus / "pretrain.jsonl")]
     target = 3 * _manifest(corpus)["files"]["pretrain.jsonl"]["bytes"] // 2
     path = tmp_path / "big.jsonl"
-    documents, written = pydoc_corpus.write_pretraining_jsonl(str(path), target_bytes=target)
+    documents, written = pydoc_write.write_pretraining_jsonl(str(path), target_bytes=target)
     assert written == path.stat().st_size >= target
     texts = [row["text"] for row in _jsonl(path)]
     assert len(texts) == documents > len(one_pass)
