@@ -1,8 +1,8 @@
 """Import structure of the package: library code never imports ``megatron_conan.testing`` (testing
 may import the library), the modules of ``megatron_conan/data/``, ``preprocess/`` and ``datagen/``
-import each other without cycles, ``megatron_conan.checkpoint`` sits below training, conversion and eval (and conversion does not
-import training), and only ``megatron_conan.atomic_write`` renames files. Imports inside functions
-count: a lazy import is still a dependency."""
+import each other without cycles, ``megatron_conan.checkpoint`` sits below training, conversion and
+eval (and conversion does not import training), and only ``megatron_conan.atomic_write`` renames
+files. Imports inside functions count: a lazy import is still a dependency."""
 
 import ast
 import os
