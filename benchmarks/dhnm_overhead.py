@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.embedding_stage import SupervisedStage
     from megatron_conan.training.trainer import Trainer
     from megatron_conan.training.megatron_step import optimizer_step, zero_grads

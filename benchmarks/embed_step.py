@@ -101,7 +101,7 @@ def quickstart_workload(args) -> Workload:
     from megatron_conan.config.loader import load_config
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
 
     config_path = os.path.join(args.work_dir, "embed_weak", "config.yaml")
     if not os.path.isfile(config_path):
@@ -145,7 +145,7 @@ class _Ours:
 
     def __init__(self, args, workload: Workload, run_dir: str, mini_batch_size: int):
         from megatron_conan.config.loader import from_dict
-        from megatron_conan.training.config import RunConfig
+        from megatron_conan.config.run import RunConfig
         from megatron_conan.training.embedding_stage import WeaklySupervisedStage
         from megatron_conan.training.trainer import Trainer
 

@@ -57,7 +57,7 @@ def _stage3_values(args, work: str, run_dir: str, store: str, seed: int, soft_ma
 
 def _train_ours(rank: int, world_size: int, values: dict) -> None:
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import train
 
     train(from_dict(RunConfig, values), stage="embed-weak")
@@ -91,7 +91,7 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
     from megatron_conan.config.loader import from_dict
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import build_scheduler
 
     torch.manual_seed(seed)

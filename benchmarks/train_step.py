@@ -25,7 +25,7 @@ def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, rec
     import torch
 
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import train
 
     cfg = from_dict(RunConfig, {

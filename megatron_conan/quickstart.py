@@ -171,7 +171,7 @@ def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
     """run_distributed body: one stage's training on this rank."""
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.device import current_placement
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import train
 
     result = train(from_dict(RunConfig, values), stage=stage)

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_conan import atomic_write
+from megatron_conan.config.run import DHNMConfig
 from megatron_conan.distributed.device import Placement, current_placement
 from megatron_conan.errors import CheckpointMismatchError, ConfigError
 
@@ -55,29 +56,6 @@ STATE_FORMAT = "megatron_conan.dhnm"
 STATE_VERSION = 1
 SHARD_DIRECTORY = "dhnm"
 _SHARD_NAME = re.compile(r"shard_(\d{5})_of_(\d{5})\.npz$")
-
-
-@dataclasses.dataclass
-class DHNMConfig:
-    """Eq. 6 and the number of hard-negative slots."""
-
-    num_negatives: int = 7
-    """K: hard-negative slots per query (the loader's num_negatives; the paper uses 7)."""
-    min_first_score: float = 0.4
-    """Replace a negative whose score at first use, S_0, is below this (too easy from the start)."""
-    drop_ratio: float = 1.2
-    """Replace when `drop_ratio * S_i < S_0` (the negative became much easier) ..."""
-    max_score: float = 0.7
-    """... and `S_i` is below this."""
-
-    def __post_init__(self) -> None:
-        if self.num_negatives < 1:
-            raise ConfigError(f"dhnm.num_negatives must be >= 1, got {self.num_negatives}")
-        for name in ("min_first_score", "drop_ratio", "max_score"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"dhnm.{name} must be finite, got {getattr(self, name)}")
-        if self.drop_ratio <= 0:
-            raise ConfigError(f"dhnm.drop_ratio must be > 0, got {self.drop_ratio}")
 
 
 @dataclasses.dataclass
@@ -119,17 +97,22 @@ class DHNMState:
     """This DP rank's share of the DHNM state; also the loader's negative picker (module doc).
 
     `pool_sizes`: [num_examples] pool size (negatives + candidates) of every example of the store
-    (`ContrastiveStore.pool_sizes()`; 0 for examples without DHNM). `group`: the data-parallel
+    (`ContrastiveStore.pool_sizes()`; 0 for examples without DHNM). `num_negatives`: K, the
+    hard-negative slots per query (the loader's; the paper uses 7). `config`: the thresholds
+    (default: the paper's). `group`: the data-parallel
     process group (None: the default group when torch.distributed is initialised and dp_size > 1).
     `placement`: where the collectives' tensors live (a `Placement`, or a torch.device; default:
     the current process group's, i.e. CUDA under NCCL and CPU under gloo).
     """
 
-    def __init__(self, pool_sizes: Sequence[int], config: Optional[DHNMConfig] = None,
+    def __init__(self, pool_sizes: Sequence[int], num_negatives: int, config: Optional[DHNMConfig] = None,
                  dp_rank: int = 0, dp_size: int = 1, group=None,
                  placement: Union[Placement, torch.device, str, None] = None):
+        if num_negatives < 1:
+            raise ConfigError(f"DHNM needs hard-negative slots: num_negatives must be >= 1, got {num_negatives}")
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        self.num_negatives = int(num_negatives)
         self.config = config or DHNMConfig()
         self.dp_rank, self.dp_size, self.group = dp_rank, dp_size, group
         if placement is None or isinstance(placement, Placement):
@@ -146,10 +129,6 @@ class DHNMState:
         self.reset()
 
     # -- the state --
-    @property
-    def num_negatives(self) -> int:
-        return self.config.num_negatives
-
     def reset(self) -> None:
         """Every owned example back to its initial slots (positions 0..K-1, no S_0)."""
         k, rows = self.num_negatives, len(self._pool)

@@ -317,18 +317,14 @@ class SupervisedStage(EmbeddingStage):
         return {"task_weights": dict(ctx.cfg.embedding.task_weights) or None}
 
     def setup(self, ctx: StageContext) -> None:
-        from megatron_conan.data.dhnm import DHNMConfig, DHNMState
+        from megatron_conan.data.dhnm import DHNMState
 
         super().setup(ctx)
         embedding = ctx.cfg.embedding
         if embedding.dhnm.enabled and embedding.num_negatives > 0:
-            thresholds = embedding.dhnm
-            self.dhnm = DHNMState(
-                self.loader.store.pool_sizes(),
-                DHNMConfig(num_negatives=embedding.num_negatives, min_first_score=thresholds.min_first_score,
-                           drop_ratio=thresholds.drop_ratio, max_score=thresholds.max_score),
-                dp_rank=ctx.data_parallel_rank, dp_size=ctx.data_parallel_size,
-                group=ctx.data_parallel_group, placement=ctx.placement)
+            self.dhnm = DHNMState(self.loader.store.pool_sizes(), embedding.num_negatives, embedding.dhnm,
+                                  dp_rank=ctx.data_parallel_rank, dp_size=ctx.data_parallel_size,
+                                  group=ctx.data_parallel_group, placement=ctx.placement)
             self.loader.negative_picker = self.dhnm
 
     # -- state: the loader position (task sequence) here, the DHNM shards as checkpoint files --

@@ -8,8 +8,8 @@ import os
 from typing import Optional, Sequence
 
 from megatron_conan.config.loader import load_config
+from megatron_conan.config.run import RunConfig
 from megatron_conan.console import command_parser, configure_logging, run_command
-from megatron_conan.training.config import RunConfig
 from megatron_conan.training.dry_run import dry_run_report, format_dry_run
 
 

@@ -35,14 +35,14 @@ from megatron_conan.checkpoint.layout import read_latest
 from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.save import save_checkpoint
 from megatron_conan.config.loader import dump_config, to_dict
-from megatron_conan.models.transformer_config import build_transformer_config
+from megatron_conan.config.run import RunConfig
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.errors import ConfigError
 from megatron_conan.models.conan import build_model_chunks
+from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
 from megatron_conan.training.callbacks import Callback, default_callbacks
-from megatron_conan.training.config import RunConfig
 from megatron_conan.training.dry_run import model_flops_per_token
 from megatron_conan.training.megatron_step import build_optimizer, optimizer_step, wrap_model, zero_grads
 from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, memory_metrics

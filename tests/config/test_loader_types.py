@@ -15,7 +15,7 @@ import yaml
 from megatron_conan.config.loader import apply_overrides, convert, from_dict, load_config
 from megatron_conan.config.model import ConanModelConfig
 from megatron_conan.errors import ConfigError, InputError
-from megatron_conan.training.config import RunConfig
+from megatron_conan.config.run import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny", "pretrain.yaml")

@@ -7,8 +7,9 @@ import numpy
 import pytest
 import torch
 
+from megatron_conan.config.run import DHNMConfig
 from megatron_conan.data.contrastive import ContrastiveLoader
-from megatron_conan.data.dhnm import DHNMConfig, DHNMState
+from megatron_conan.data.dhnm import DHNMState
 from megatron_conan.errors import CheckpointMismatchError, ConfigError
 from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
 from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
@@ -48,7 +49,7 @@ BOUNDARIES = [
 
 @pytest.mark.parametrize("first, current, replaced", BOUNDARIES)
 def test_eq6_decisions_at_every_boundary(first, current, replaced):
-    state = DHNMState([10], DHNMConfig(num_negatives=1))
+    state = DHNMState([10], 1)
     stats = _observe_one(state, 0, [first])  # the first use records S_0 (and applies eq. 6)
     first_use_replaced = f32(first) < f32(0.4)
     assert stats.replacements == int(first_use_replaced)
@@ -64,18 +65,20 @@ def test_eq6_decisions_at_every_boundary(first, current, replaced):
 
 
 def test_thresholds_are_configurable():
-    config = DHNMConfig(num_negatives=1, min_first_score=0.2, drop_ratio=1.5, max_score=0.9)
-    state = DHNMState([10, 10], config)
+    config = DHNMConfig(min_first_score=0.2, drop_ratio=1.5, max_score=0.9)
+    state = DHNMState([10, 10], 1, config)
     _observe_one(state, 0, [0.3])  # kept: 0.3 >= 0.2
     assert _observe_one(state, 0, [0.2]).replacements == 0  # 1.5 * 0.2 == 0.3: not below
     assert _observe_one(state, 1, [0.3]).replacements == 0
     assert _observe_one(state, 1, [below(0.2)]).replacements == 1
-    with pytest.raises(ConfigError, match="dhnm.drop_ratio"):
+    with pytest.raises(ConfigError, match="embedding.dhnm.drop_ratio"):
         DHNMConfig(drop_ratio=0)
+    with pytest.raises(ConfigError, match="num_negatives must be >= 1"):
+        DHNMState([10], 0)
 
 
 def test_masked_slots_never_change_the_state():
-    state = DHNMState([9, 9], DHNMConfig(num_negatives=3))
+    state = DHNMState([9, 9], 3)
     _observe_one(state, 0, [0.5, 0.6, 0.7])
     before = state.state_dict()
     for scores in ([0.0, 0.0, 0.0], [float("nan")] * 3, [-1.0, 5.0, 0.1]):
@@ -110,7 +113,7 @@ def pool_store(tmp_path_factory, tokenizer_model):
 
 def test_replacement_is_the_next_unused_candidate_the_next_time_drawn(pool_store, tokenizer):
     loader = ContrastiveLoader(pool_store, tokenizer, batch_size=4, num_negatives=2, seed=3)
-    state = DHNMState(loader.store.pool_sizes(), DHNMConfig(num_negatives=2))
+    state = DHNMState(loader.store.pool_sizes(), 2)
     loader.negative_picker = state
     batches = iter(loader)
 
@@ -199,7 +202,7 @@ def _merged(states_dicts):
 
 def _dp_body(rank, world, directory):
     pool_sizes, plan = _observation_steps()
-    state = DHNMState(pool_sizes, DHNMConfig(num_negatives=3), dp_rank=rank, dp_size=world,
+    state = DHNMState(pool_sizes, 3, dp_rank=rank, dp_size=world,
                       placement=torch.device("cpu"))
     stats = _run_steps(state, plan, rank, world)
     state.save(directory)
@@ -209,7 +212,7 @@ def _dp_body(rank, world, directory):
 
 def test_dp2_makes_the_same_decisions_as_dp1_and_checkpoints_reshard(tmp_path):
     pool_sizes, plan = _observation_steps()
-    single = DHNMState(pool_sizes, DHNMConfig(num_negatives=3))
+    single = DHNMState(pool_sizes, 3)
     single_stats = [vars(step) for step in _run_steps(single, plan, 0, 1)]
     assert sum(step["replacements"] for step in single_stats) > 5  # the plan exercises eq. 6
     assert sum(step["exhausted_now"] for step in single_stats) > 0
@@ -223,7 +226,7 @@ def test_dp2_makes_the_same_decisions_as_dp1_and_checkpoints_reshard(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dhnm").iterdir()) == [
         "shard_00000_of_00002.npz", "shard_00001_of_00002.npz"]
     for world in (1, 4):  # load the DP=2 checkpoint under DP=1 and DP=4
-        states = [DHNMState(pool_sizes, DHNMConfig(num_negatives=3), dp_rank=rank, dp_size=world)
+        states = [DHNMState(pool_sizes, 3, dp_rank=rank, dp_size=world)
                   for rank in range(world)]
         for state in states:
             state.load(str(tmp_path))
@@ -237,19 +240,19 @@ def test_dp2_makes_the_same_decisions_as_dp1_and_checkpoints_reshard(tmp_path):
 
 
 def test_checkpoint_mismatches_are_refused(tmp_path):
-    state = DHNMState([5, 5, 5], DHNMConfig(num_negatives=2), dp_rank=1, dp_size=2)
+    state = DHNMState([5, 5, 5], 2, dp_rank=1, dp_size=2)
     state.save(str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="ranks \\[0\\] of 2 are missing"):
-        DHNMState([5, 5, 5], DHNMConfig(num_negatives=2)).load(str(tmp_path))
-    DHNMState([5, 5, 5], DHNMConfig(num_negatives=2), dp_rank=0, dp_size=2).save(str(tmp_path))
+        DHNMState([5, 5, 5], 2).load(str(tmp_path))
+    DHNMState([5, 5, 5], 2, dp_rank=0, dp_size=2).save(str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="num_negatives=2, this run has 3"):
-        DHNMState([5, 5, 5], DHNMConfig(num_negatives=3)).load(str(tmp_path))
+        DHNMState([5, 5, 5], 3).load(str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="num_examples=3, this run has 4"):
-        DHNMState([5, 5, 5, 5], DHNMConfig(num_negatives=2)).load(str(tmp_path))
+        DHNMState([5, 5, 5, 5], 2).load(str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="load the checkpoint.s shards with load"):
-        DHNMState([5, 5, 5], DHNMConfig(num_negatives=2)).load_state_dict(state.state_dict())
+        DHNMState([5, 5, 5], 2).load_state_dict(state.state_dict())
     with pytest.raises(CheckpointMismatchError, match="expected the DHNM shards of one DP size"):
-        DHNMState([5, 5, 5], DHNMConfig(num_negatives=2)).load(str(tmp_path / "nowhere"))
-    assert DHNMState([5, 5, 5], DHNMConfig(num_negatives=2), dp_rank=0, dp_size=2).save(
+        DHNMState([5, 5, 5], 2).load(str(tmp_path / "nowhere"))
+    assert DHNMState([5, 5, 5], 2, dp_rank=0, dp_size=2).save(
         str(tmp_path / "other"), writer=False) is None
     assert not (tmp_path / "other").exists()

@@ -72,7 +72,7 @@ def _recorded_training_body(rank, world_size, cfg_dict):
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.device import current_placement
     from megatron_conan.testing.placement import recording_devices
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import train
 
     with recording_devices() as seen:
@@ -109,4 +109,4 @@ def test_a_cuda_placement_names_the_ranks_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert Placement("cuda").device == torch.device("cuda", 1)
     assert Placement(torch.device("cuda", 0)).device == torch.device("cuda", 0)
-    assert DHNMState([3, 3], placement="cuda").placement().device == torch.device("cuda", 1)
+    assert DHNMState([3, 3], 2, placement="cuda").placement().device == torch.device("cuda", 1)

@@ -42,7 +42,7 @@ def _stage_on_one_device(rank, world_size, values):
 
     from megatron_conan.config.loader import from_dict
     from megatron_conan.testing.placement import recording_devices
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import train
 
     with recording_devices() as seen:

@@ -31,11 +31,11 @@ _metrics = read_metrics
 def _dhnm_state(checkpoint_dir, store_prefix, num_negatives=3):
     """The whole DHNM state of a checkpoint's shards, loaded as one process's state."""
     from megatron_conan.data.contrastive import ContrastiveStore
-    from megatron_conan.data.dhnm import DHNMConfig, DHNMState
+    from megatron_conan.data.dhnm import DHNMState
 
     with open(os.path.join(checkpoint_dir, "latest")) as handle:
         path = os.path.join(checkpoint_dir, handle.read().strip())
-    state = DHNMState(ContrastiveStore(store_prefix).pool_sizes(), DHNMConfig(num_negatives=num_negatives))
+    state = DHNMState(ContrastiveStore(store_prefix).pool_sizes(), num_negatives)
     state.load(path)
     return {"positions": state.positions.copy(), "first_scores": state.first_scores.copy(),
             "cursor": state.cursor.copy(), "exhausted": state.exhausted.copy()}

@@ -63,7 +63,7 @@ class ChunkedForwardStage(FedStage):
 
 def _cfg(run_dir, **model):
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
 
     return from_dict(RunConfig, {
         "run_dir": str(run_dir), "model": {"recipe": "tiny", **model},
@@ -161,10 +161,11 @@ def _shard(batch, rank, world_size):
 # -- the runs ------------------------------------------------------------------------------------
 
 def _fresh_dhnm(ctx, min_first_score=ACTIVE_DHNM["min_first_score"]):
-    from megatron_conan.data.dhnm import DHNMConfig, DHNMState
+    from megatron_conan.config.run import DHNMConfig
+    from megatron_conan.data.dhnm import DHNMState
 
     thresholds = {**ACTIVE_DHNM, "min_first_score": min_first_score}
-    return DHNMState([POOL_SIZE] * GLOBAL_BATCH, DHNMConfig(num_negatives=K, **thresholds),
+    return DHNMState([POOL_SIZE] * GLOBAL_BATCH, K, DHNMConfig(**thresholds),
                      dp_rank=ctx.data_parallel_rank, dp_size=ctx.data_parallel_size,
                      group=ctx.data_parallel_group, placement=ctx.placement)
 

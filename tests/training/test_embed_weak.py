@@ -35,7 +35,7 @@ class FedStage(CapturingStage, WeaklySupervisedStage):
 
 def _cfg(run_dir, tensor_parallel=1, sequence_parallel=False, **embedding):
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.training.config import RunConfig
+    from megatron_conan.config.run import RunConfig
 
     return from_dict(RunConfig, {
         "run_dir": str(run_dir), "model": {"recipe": "tiny", "soft_mask": {

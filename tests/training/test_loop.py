@@ -12,7 +12,7 @@ import pytest
 
 from megatron_conan.config.loader import apply_overrides, from_dict, to_dict
 from megatron_conan.testing.distributed import run_distributed
-from megatron_conan.training.config import RunConfig
+from megatron_conan.config.run import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny", "pretrain.yaml")

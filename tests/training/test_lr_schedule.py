@@ -11,7 +11,7 @@ import torch
 from megatron_conan.checkpoint.load import restore_scheduler
 from megatron_conan.config.loader import from_dict
 from megatron_conan.testing.distributed import run_distributed
-from megatron_conan.training.config import RunConfig
+from megatron_conan.config.run import RunConfig
 from megatron_conan.training.trainer import build_scheduler
 
 

@@ -1,4 +1,6 @@
-"""Run configuration shared by the stage entry points (one YAML recipe per run, see examples/)."""
+"""Run configuration shared by the stage entry points (one YAML recipe per run, see examples/): the
+sections of ``RunConfig`` and their checks. Loading (YAML, overrides, types) is ``config/loader.py``;
+the model's architecture and parallel layout are ``config/model.py``."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from megatron_conan.config.loader import from_dict, to_dict
 from megatron_conan.config.model import ConanModelConfig, ParallelConfig, model_recipe
 from megatron_conan.errors import ConfigError
 
@@ -40,8 +43,6 @@ class ModelSection:
                                   "(pip install transformer-engine, or leave the field unset)")
 
     def build(self) -> ConanModelConfig:
-        from megatron_conan.config.loader import from_dict, to_dict
-
         # the recipe's fields, then the overrides, converted and checked like any config value
         return from_dict(ConanModelConfig, {**to_dict(model_recipe(self.recipe)), **self.overrides},
                          "model.overrides")
@@ -200,17 +201,25 @@ class DataSection:
 
 
 @dataclass
-class DHNMSection:
-    """Dynamic hard-negative mining in stage 4 (docs/DESIGN.md section 6; data/dhnm.py)."""
+class DHNMConfig:
+    """Dynamic hard-negative mining in stage 4, the paper's eq. 6 (docs/DESIGN.md section 6): the
+    ``embedding.dhnm`` section, and what ``data/dhnm.py``'s ``DHNMState`` applies."""
 
     enabled: bool = True
     """Replace hard negatives that became easy; off: the first K of each pool stay in use."""
     min_first_score: float = 0.4
-    """Replace a negative whose score at first use, S_0, is below this."""
+    """Replace a negative whose score at first use, S_0, is below this (too easy from the start)."""
     drop_ratio: float = 1.2
-    """Replace when drop_ratio * S_i < S_0 ..."""
+    """Replace when `drop_ratio * S_i < S_0` (the negative became much easier) ..."""
     max_score: float = 0.7
-    """... and S_i is below this."""
+    """... and `S_i` is below this."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_first_score", "drop_ratio", "max_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"embedding.dhnm.{name} must be finite, got {getattr(self, name)}")
+        if self.drop_ratio <= 0:
+            raise ConfigError(f"embedding.dhnm.drop_ratio must be > 0, got {self.drop_ratio}")
 
 
 @dataclass
@@ -273,7 +282,7 @@ class EmbeddingSection:
     train.global_batch_size / data-parallel size."""
     cosent_scale: float = 20.0
     """CoSENT scale (1 / tau) for the sts task."""
-    dhnm: DHNMSection = field(default_factory=DHNMSection)
+    dhnm: DHNMConfig = field(default_factory=DHNMConfig)
     """Dynamic hard-negative mining of the retrieval and clr tasks (stage 4)."""
 
     def __post_init__(self):
