@@ -29,7 +29,11 @@ from typing import Any, Dict, Optional
 import torch
 from megatron.core.distributed import finalize_model_grads
 
+from megatron_conan.data.contrastive import ContrastiveLoader
+from megatron_conan.data.dhnm import DHNMState
+from megatron_conan.data.provenance import check_tokenizer
 from megatron_conan.errors import ConfigError
+from megatron_conan.losses.cosent import cosent_loss
 from megatron_conan.losses.infonce import infonce_loss
 from megatron_conan.losses.matryoshka import matryoshka_loss
 from megatron_conan.ops.soft_mask_attention.core_attention import (
@@ -39,6 +43,7 @@ from megatron_conan.ops.soft_mask_attention.core_attention import (
 )
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
 from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
+from megatron_conan.training.preflight import load_checked_tokenizer
 from megatron_conan.training.stage import BatchPlan, Stage, StageContext, StageStepOutput
 
 logger = logging.getLogger(__name__)
@@ -81,9 +86,6 @@ class EmbeddingStage(Stage):
         self.soft_mask_config(cfg)
 
     def check_inputs(self, cfg, model_config) -> None:
-        from megatron_conan.data.provenance import check_tokenizer
-        from megatron_conan.training.preflight import load_checked_tokenizer
-
         self.tokenizer = load_checked_tokenizer(cfg, model_config)
         check_tokenizer(cfg.data.contrastive_prefix, self.tokenizer)
 
@@ -135,8 +137,6 @@ class EmbeddingStage(Stage):
         return self.per_rank_batch_size(ctx)
 
     def setup(self, ctx: StageContext) -> None:
-        from megatron_conan.data.contrastive import ContrastiveLoader
-
         cfg, embedding = ctx.cfg, ctx.cfg.embedding
         self.loader = ContrastiveLoader(
             cfg.data.contrastive_prefix, self.tokenizer, self.loader_batch_size(ctx),
@@ -317,8 +317,6 @@ class SupervisedStage(EmbeddingStage):
         return {"task_weights": dict(ctx.cfg.embedding.task_weights) or None}
 
     def setup(self, ctx: StageContext) -> None:
-        from megatron_conan.data.dhnm import DHNMState
-
         super().setup(ctx)
         embedding = ctx.cfg.embedding
         if embedding.dhnm.enabled and embedding.num_negatives > 0:
@@ -382,8 +380,6 @@ class SupervisedStage(EmbeddingStage):
 
     def _task_loss(self, ctx: StageContext, batch, keys):
         """loss_fn(queries, positives[, hard_negatives]) -> (loss, stats) for the batch's task."""
-        from megatron_conan.losses.cosent import cosent_loss
-
         embedding, group = ctx.cfg.embedding, ctx.data_parallel_group
         if batch.task == "sts":
             def sts_loss(queries, positives):

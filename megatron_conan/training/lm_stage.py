@@ -14,10 +14,12 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from megatron_conan.data.lm_datasets import build_lm_datasets, data_prefixes, step_microbatches
+from megatron_conan.data.provenance import check_tokenizer
 from megatron_conan.errors import ConfigError
 from megatron_conan.training.lm_step import attach_loss_normalizer, lm_forward_step
-from megatron_conan.training.stage import Stage, StageContext, StageStepOutput
 from megatron_conan.training.megatron_step import evaluate_loss, reduce_reports, run_schedule
+from megatron_conan.training.preflight import load_checked_tokenizer
+from megatron_conan.training.stage import Stage, StageContext, StageStepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +55,6 @@ class LanguageModelStage(Stage):
     def check_inputs(self, cfg, model_config) -> None:
         if cfg.data.kind == "synthetic":
             return
-        from megatron_conan.data.provenance import check_tokenizer
-        from megatron_conan.training.preflight import load_checked_tokenizer
-
         self.tokenizer = load_checked_tokenizer(cfg, model_config)
         for prefix in data_prefixes(cfg):
             check_tokenizer(prefix, self.tokenizer)
