@@ -33,11 +33,11 @@ logger = logging.getLogger("ablations")
 
 VARIANTS: Dict[str, Dict[str, Dict[str, object]]] = {
     "default": {},
-    "abrupt switch": {"embed_weak": {"model.soft_mask.fixed_a": 1.0}},
-    "causal only": {"embed_weak": {"model.soft_mask.fixed_a": 0.0}, "embed_sup": {"model.soft_mask.fixed_a": 0.0}},
-    "DHNM off": {"embed_sup": {"embedding.dhnm.enabled": False}},
-    "Matryoshka off": {"embed_sup": {"embedding.matryoshka_dims": []}},
-    "instruction in mean": {"embed_weak": {"embedding.pool_prompt": True}, "embed_sup": {"embedding.pool_prompt": True}},
+    "abrupt switch": {"embed-weak": {"model.soft_mask.fixed_a": 1.0}},
+    "causal only": {"embed-weak": {"model.soft_mask.fixed_a": 0.0}, "embed-sup": {"model.soft_mask.fixed_a": 0.0}},
+    "DHNM off": {"embed-sup": {"embedding.dhnm.enabled": False}},
+    "Matryoshka off": {"embed-sup": {"embedding.matryoshka_dims": []}},
+    "instruction in mean": {"embed-weak": {"embedding.pool_prompt": True}, "embed-sup": {"embedding.pool_prompt": True}},
 }
 STAGE4_ONLY = ("DHNM off", "Matryoshka off")
 MINED = ("retrieval_mined.jsonl", "supervised.")
@@ -94,7 +94,7 @@ def run_variant(args, name: str, seed: int) -> Dict[str, float]:
     if name in STAGE4_ONLY:
         # the default's stage 3 and the negatives it mined, for this seed
         default = os.path.join(output, f"default-seed{seed}")
-        os.symlink(os.path.join(default, "embed_weak"), pipeline.path("embed_weak"))
+        os.symlink(os.path.join(default, "embed-weak"), pipeline.path("embed-weak"))
         for folder in ("corpus", "indexed"):
             for entry in os.listdir(os.path.join(default, folder)):
                 if not os.path.lexists(pipeline.path(folder, entry)):
@@ -103,9 +103,9 @@ def run_variant(args, name: str, seed: int) -> Dict[str, float]:
         pipeline.embed_weak()
         pipeline.mine()
     pipeline.embed_sup()
-    scores = _validation(pipeline, ["embed_weak", "embed_sup"])
+    scores = _validation(pipeline, ["embed-weak", "embed-sup"])
     logger.info("%s, seed %d: validation nDCG@10 stage 3 %.4f, stage 4 %.4f", name, seed,
-                scores["embed_weak"], scores["embed_sup"])
+                scores["embed-weak"], scores["embed-sup"])
     return scores
 
 
@@ -115,7 +115,7 @@ def format_table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     lines = [f"Validation nDCG@10, mean +- std over seeds {list(args.seeds)} (plan {args.plan}).", "",
              "| variant | stage 3 (embed-weak) | stage 4 (embed-sup) |", "|---|---|---|"]
     for name, runs in results.items():
-        cells = [mean_std([run[stage] for run in runs]) for stage in ("embed_weak", "embed_sup")]
+        cells = [mean_std([run[stage] for run in runs]) for stage in ("embed-weak", "embed-sup")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ Data (``--data``):
   synthetic   --batches batches of random ids: --query-length-token queries beside passages drawn
               uniformly from --min-passage-length to --passage-length tokens
   quickstart  --batches batches of the main job's own stage-3 pairs (``--work-dir``, the run's
-              tokenizer, truncation and model shape from ``embed_weak/config.yaml``)
+              tokenizer, truncation and model shape from ``embed-weak/config.yaml``)
 Each run prints the share of padding tokens of each layout and the collectives each step calls.
 
     python benchmarks/embed_step.py                                  # CPU: tiny shape, fixed batch
@@ -102,8 +102,9 @@ def quickstart_workload(args) -> Workload:
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
     from megatron_conan.config.run import RunConfig
+    from megatron_conan.quickstart import stage_dir
 
-    config_path = os.path.join(args.work_dir, "embed_weak", "config.yaml")
+    config_path = os.path.join(stage_dir(args.work_dir, "embed-weak"), "config.yaml")
     if not os.path.isfile(config_path):
         raise SystemExit(f"embed_step: error: no {config_path}: run the main job first "
                          f"(python -m megatron_conan.quickstart) or pass its --work-dir")

@@ -42,7 +42,7 @@ def part_stages(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     for name in STEPS[:-1]:  # all but the report's plots
         started = time.perf_counter()
         getattr(pipeline, name)()
-        figures[f"{name} s"] = round(time.perf_counter() - started, 1)
+        figures[f"{name.replace('_', '-')} s"] = round(time.perf_counter() - started, 1)  # step names as stage ids
         write_result(out, {"status": "partial", "figures": figures, "reason": f"stopped after {name}"})
     for stage, entry in pipeline.results["stages"].items():
         figures[f"{stage} loss"] = f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} on {entry['device']}"

@@ -1,6 +1,6 @@
 """How much of the held-out task is word matching, and where a model keeps or loses it.
 
-    python benchmarks/lexical_probe.py --work-dir runs/quickstart [--checkpoints random_init sft embed_weak]
+    python benchmarks/lexical_probe.py --work-dir runs/quickstart [--checkpoints random_init sft embed-weak]
 
 Reads a finished main job (its held-out split, tokenizer and stage checkpoints) and scores on the
 validation split (nDCG@10, pytrec_eval; the test split is not touched):
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import numpy
 
-DEFAULT_CHECKPOINTS = ("random_init", "pretrain", "sft", "embed_weak", "embed_sup")
+DEFAULT_CHECKPOINTS = ("random_init", "pretrain", "sft", "embed-weak", "embed-sup")
 
 
 def unit_rows(vectors: numpy.ndarray) -> numpy.ndarray:
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from megatron_conan.console import configure_logging, set_offline_switches
     from megatron_conan.eval.beir import load_beir
+    from megatron_conan.quickstart import stage_dir
     from megatron_conan.warning_filters import silence_known_warnings
 
     set_offline_switches()
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     for name, value in result["bags"].items():
         print(f"bag of tokens, {name}: validation nDCG@10 {value:.3f}")
     for name in args.checkpoints:
-        path = os.path.join(args.work_dir, name, "checkpoints")
+        path = os.path.join(stage_dir(args.work_dir, name), "checkpoints")
         if os.path.isdir(path):
             result["layers"][name] = probe_checkpoint(dataset, path, instruction, args.max_length)
             print(f"{name}: " + "  ".join(f"{layer} {value:.3f}" for layer, value in result["layers"][name].items()))

@@ -54,7 +54,7 @@ def run_variant(args, name: str, variant: dict, seed: int) -> float:
     else:
         os.symlink(os.path.join(work, "sft"), pipeline.path("sft"))
     pipeline.embed_weak()
-    model = ModelUnderTest("embed_weak", pipeline.path("embed_weak", "checkpoints"), "query",
+    model = ModelUnderTest("embed-weak", pipeline.path("embed-weak", "checkpoints"), "query",
                            max_length=plan.max_passage_length,
                            query_instruction=pipeline.manifest["instructions"]["retrieval"])
     result = evaluate_models(pipeline.path("corpus", "heldout"), [model], baselines=(), splits=("validation",))

@@ -293,7 +293,7 @@ class Pipeline:
         planned = world_size
         world_size, values = layout_for_host(world_size, values, gpu_count() if self.gpus is None else self.gpus)
         adapted = world_size != planned
-        result = run_distributed(_train_stage, world_size, args=(stage.replace("_", "-"), values), timeout_s=3600,
+        result = run_distributed(_train_stage, world_size, args=(stage, values), timeout_s=3600,
                                  log_level=logging.WARNING)[0]
         losses = result["losses"]
         self.results["stages"][stage] = {"run_dir": values["run_dir"], "first_loss": losses[min(losses)],
@@ -358,15 +358,15 @@ class Pipeline:
 
     def embed_weak(self) -> str:
         plan = self.plan
-        self._train("embed_weak", 2, self._run_config(
-            "embed_weak", model={"soft_mask": {"schedule": "linear", "position_scale": "len_over_pos"}},
+        self._train("embed-weak", 2, self._run_config(
+            "embed-weak", model={"soft_mask": {"schedule": "linear", "position_scale": "len_over_pos"}},
             optimizer={"lr": plan.weak_lr, "warmup_fraction": 0.05, "min_lr": plan.weak_lr / 10,
                        "clip_grad": plan.clip_grad},
             train={"train_steps": plan.weak_steps, "global_batch_size": plan.weak_batch},
             checkpoint={"load_dir": self.path("sft", "checkpoints")},
             data={"kind": "contrastive", "contrastive_prefix": self.path("indexed", "pairs")},
             embedding=self._embedding(temperature=plan.temperature)))
-        return f"DP=2, soft mask a(t) 0 -> 1, in-batch negatives of both ranks, {self._loss_line('embed_weak')}"
+        return f"DP=2, soft mask a(t) 0 -> 1, in-batch negatives of both ranks, {self._loss_line('embed-weak')}"
 
     def mine(self) -> str:
         from megatron_conan.datagen.mining import MiningConfig, mine_file
@@ -378,7 +378,7 @@ class Pipeline:
         mined = self.path("corpus", "retrieval_mined.jsonl")
         config = MiningConfig(num_negatives=plan.num_negatives, pool_size=plan.num_negatives + plan.num_candidates,
                               skip_top=2, batch_size=64)
-        with load_embedder(self.path("embed_weak", "checkpoints"), max_length=plan.max_passage_length) as embedder:
+        with load_embedder(self.path("embed-weak", "checkpoints"), max_length=plan.max_passage_length) as embedder:
             report = mine_file(self.path("corpus", "retrieval.jsonl"), mined, embedder, config,
                                corpus_path=self.path("corpus", "corpus.jsonl"), show_progress=True)
         inputs = [mined, self.path("corpus", "sts.jsonl"), self.path("corpus", "classification.jsonl")]
@@ -395,25 +395,25 @@ class Pipeline:
 
     def embed_sup(self) -> str:
         plan = self.plan
-        self._train("embed_sup", 2, self._run_config(
+        self._train("embed-sup", 2, self._run_config(
             # gentle: measured, lr 1e-3 for 120 steps on these 1.5k supervised pairs (other module
             # families than the held-out ones) lowers held-out nDCG below stage 3's
-            "embed_sup", optimizer={"lr": plan.sup_lr, "warmup_fraction": 0.05, "min_lr": plan.sup_lr / 10,
+            "embed-sup", optimizer={"lr": plan.sup_lr, "warmup_fraction": 0.05, "min_lr": plan.sup_lr / 10,
                                     "clip_grad": plan.clip_grad},
             train={"train_steps": plan.sup_steps, "global_batch_size": 2 * plan.sup_batches["retrieval"]},
-            checkpoint={"load_dir": self.path("embed_weak", "checkpoints")},
+            checkpoint={"load_dir": self.path("embed-weak", "checkpoints")},
             data={"kind": "contrastive", "contrastive_prefix": self.path("indexed", "supervised")},
             embedding=self._embedding(temperature=plan.temperature, num_negatives=plan.num_negatives,
                                       task_batch_sizes=plan.sup_batches, matryoshka_dims=plan.matryoshka_dims,
                                       # the held-out task is retrieval: most steps are retrieval steps
                                       task_weights=plan.sup_task_weights)))
-        return f"DP=2, DHNM hard negatives, Matryoshka {plan.matryoshka_dims}, {self._loss_line('embed_sup')}"
+        return f"DP=2, DHNM hard negatives, Matryoshka {plan.matryoshka_dims}, {self._loss_line('embed-sup')}"
 
     def export(self) -> str:
         from megatron_conan.conversion.export import export_sentence_transformer
 
         os.makedirs(self.path("export"), exist_ok=True)
-        self.paths["export"] = export_sentence_transformer(self.path("embed_sup", "checkpoints"),
+        self.paths["export"] = export_sentence_transformer(self.path("embed-sup", "checkpoints"),
                                                            self.path("export", "conan-pydoc"), overwrite=True,
                                                            max_seq_length=self.plan.max_passage_length)
         return f"sentence-transformers directory {self.paths['export']}"
@@ -434,8 +434,8 @@ class Pipeline:
         models = [checkpoint("0 random init (mean-pooled)", "random_init"),
                   checkpoint("1 pretrain (mean-pooled)", "pretrain"),
                   checkpoint("2 SFT (mean-pooled)", "sft"),
-                  checkpoint("3 embed-weak", "embed_weak"),
-                  checkpoint("4 embed-sup", "embed_sup"),
+                  checkpoint("3 embed-weak", "embed-weak"),
+                  checkpoint("4 embed-sup", "embed-sup"),
                   ModelUnderTest("4 embed-sup, exported", self.paths["export"], "query")]
         self.results["evaluation"] = evaluate_models(self.path("corpus", "heldout"), models,
                                                      matryoshka_of="4 embed-sup", dims=self.plan.matryoshka_dims)
@@ -470,6 +470,15 @@ def set_up_console(our_level: int) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure_logging(our_level, "%(name)s: %(message)s")
     silence_known_warnings()
+
+
+def stage_dir(work_dir: str, stage: str) -> str:
+    """The run directory of `stage` (a stage id, ``embed-weak``) in a finished main job. Work
+    directories made before the stage ids were spelled one way name it ``embed_weak``: that one is
+    returned where it is the one present."""
+    path = os.path.join(work_dir, stage)
+    legacy = os.path.join(work_dir, stage.replace("-", "_"))
+    return legacy if not os.path.isdir(path) and os.path.isdir(legacy) else path
 
 
 def start_study(args, output_name: str, prog: str) -> bool:

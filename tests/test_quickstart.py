@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_conan.training.stage_registry import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,9 +40,11 @@ def test_quickstart_end_to_end(tmp_path):
                  "plots/loss.png", "plots/soft_mask.png", "plots/dhnm.png", "plots/ndcg_by_stage.png",
                  "plots/matryoshka.png", "export/conan-pydoc/modules.json"):
         assert (work / name).exists(), name
-    for stage in ("random_init", "pretrain", "sft", "embed_weak", "embed_sup"):
+    for stage in ("random_init", "pretrain", "sft", "embed-weak", "embed-sup"):
         assert (work / stage / "checkpoints" / "latest").exists(), stage
     results = json.loads((work / "results.json").read_text())
+    assert set(results["stages"]) == set(STAGES)  # the stage ids, spelled as everywhere else
+    assert set(STAGES) <= set(results["timings"])
     rows = {row["name"]: row["splits"] for row in results["evaluation"]["rows"]}
     assert set(rows["4 embed-sup"]) == {"validation", "test"}
     # the export and its checkpoint embed alike, on both splits

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_conan.quickstart import WORK_DIR_MARKER, claim_work_dir, layout_for_host
+from megatron_conan.quickstart import WORK_DIR_MARKER, claim_work_dir, layout_for_host, stage_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,11 @@ def test_a_bad_plan_setting_is_one_line_and_exit_2(setting, tmp_path, capsys):
     assert main(["--work-dir", str(tmp_path / "run"), "--set", setting]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("quickstart: error: --set") and not (tmp_path / "run").exists()
+
+
+def test_stage_dirs_are_stage_ids_and_older_work_dirs_still_read(tmp_path):
+    assert stage_dir(str(tmp_path), "embed-weak") == str(tmp_path / "embed-weak")  # nothing there yet
+    (tmp_path / "embed_sup").mkdir()  # a work dir made before the ids were spelled one way
+    assert stage_dir(str(tmp_path), "embed-sup") == str(tmp_path / "embed_sup")
+    (tmp_path / "embed-sup").mkdir()
+    assert stage_dir(str(tmp_path), "embed-sup") == str(tmp_path / "embed-sup")

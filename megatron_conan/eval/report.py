@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-STAGE_TITLES = {"pretrain": "1 pretrain", "sft": "2 SFT", "embed_weak": "3 embed-weak", "embed_sup": "4 embed-sup"}
+STAGE_TITLES = {"pretrain": "1 pretrain", "sft": "2 SFT", "embed-weak": "3 embed-weak", "embed-sup": "4 embed-sup"}
 
 
 def read_metrics(run_dir: str) -> List[dict]:
@@ -155,10 +155,10 @@ def write_report(work_dir: str, results: Dict[str, Any]) -> List[str]:
         return written[-1]
 
     _plot_losses(plt, runs, target("loss.png"))
-    if "embed_weak" in runs:
-        _plot_soft_mask(plt, runs["embed_weak"], target("soft_mask.png"))
-    if "embed_sup" in runs:
-        _plot_dhnm(plt, runs["embed_sup"], target("dhnm.png"))
+    if "embed-weak" in runs:
+        _plot_soft_mask(plt, runs["embed-weak"], target("soft_mask.png"))
+    if "embed-sup" in runs:
+        _plot_dhnm(plt, runs["embed-sup"], target("dhnm.png"))
     _plot_ndcg(plt, evaluation["rows"], target("ndcg_by_stage.png"))
     if evaluation.get("matryoshka"):
         _plot_matryoshka(plt, evaluation["matryoshka"], evaluation["rows"], target("matryoshka.png"))
