@@ -1,12 +1,14 @@
 """Blended pretraining data: weighted indexed-dataset sources -> megatron-core train/valid/test.
 
-    cfg = BlendedDataConfig.from_yaml("examples/tiny/data.yaml")
+    cfg = BlendedDataConfig.from_dict({"sources": [{"prefix": "data/web", "weight": 0.7},
+                                                   {"prefix": "data/code", "weight": 0.3}], "split": "98,1,1"})
     train, valid, test = build_pretrain_datasets(cfg, tokenizer, seq_length=2048,
                                                  num_samples=(1_000_000, 10_000, 10_000))
 
 Items are `GPTDataset` dicts: tokens, labels (shifted by one), loss_mask, position_ids. Sampling is
 megatron-core's: per source a `GPTDataset` over its split of documents, mixed by a `BlendedDataset`
-whose index is deterministic for the seed; all indices are cached in `cache_dir`.
+whose index is deterministic for the seed; all indices are cached in `cache_dir`. A run config's
+``data.blend`` section holds these fields (examples/conan_1p4b/pretrain.yaml).
 """
 
 import contextlib
