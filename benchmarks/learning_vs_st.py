@@ -107,7 +107,7 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr,
                                   betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2), eps=cfg.optimizer.adam_eps)
-    scheduler = build_scheduler(optimizer, cfg, args.steps)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, args.steps)
     loader = ContrastiveLoader(store, ConanTokenizer(os.path.join(work, "tokenizer", "pydoc.model")), args.batch,
                                seed=seed, max_query_length=args.plan.max_query_length,
                                max_passage_length=args.plan.max_passage_length, tasks=["pair"], drop_last=True)

@@ -15,11 +15,12 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_conan.config.model import ConanModelConfig, ParallelConfig, tiny
-from megatron_conan.models.transformer_config import build_transformer_config
+from megatron_conan.config.run import OptimizerSection
+from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.models.sharding import gather_full_state_dict, load_full_state_dict
-from megatron_conan.distributed.device import current_placement
+from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.training.lm_stage import LanguageModelStage
 from megatron_conan.training.megatron_step import build_optimizer, optimizer_step, wrap_model, zero_grads
 from megatron_conan.training.stage import StageContext
@@ -99,7 +100,8 @@ def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], se
     wrapped = wrap_model(chunks, transformer_config, use_distributed_optimizer=layout.use_distributed_optimizer)
     # adam_eps well above gradient round-off: with eps 1e-8, Adam turns 1e-9 gradient differences
     # of near-zero entries into lr-sized update differences, which says nothing about the layout.
-    optimizer = build_optimizer(wrapped, transformer_config, lr=1e-2, weight_decay=0.01, clip_grad=1e9, adam_eps=1e-3,
+    section = OptimizerSection(lr=1e-2, weight_decay=0.01, clip_grad=1e9, adam_eps=1e-3)
+    optimizer = build_optimizer(wrapped, transformer_config, section,
                                 use_distributed_optimizer=layout.use_distributed_optimizer)
     # the language-model stage's own step (the Trainer's), over the fixed batch as its dataset
     batch = synthetic_lm_batch(model_config, ragged_loss=ragged_loss)

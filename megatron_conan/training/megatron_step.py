@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_conan.config.run import OptimizerSection
 from megatron_conan.distributed.device import current_placement
 
 
@@ -57,28 +58,19 @@ def wrap_model(
     return wrapped
 
 
-def build_optimizer(
-    chunks: List[DistributedDataParallel],
-    transformer_config: TransformerConfig,
-    lr: float,
-    min_lr: float = 0.0,
-    weight_decay: float = 0.0,
-    clip_grad: float = 1.0,
-    adam_beta1: float = 0.9,
-    adam_beta2: float = 0.95,
-    adam_eps: float = 1e-8,
-    use_distributed_optimizer: bool = False,
-):
-    """AdamW through ``get_megatron_optimizer`` (mixed precision follows the model's config)."""
+def build_optimizer(chunks: List[DistributedDataParallel], transformer_config: TransformerConfig,
+                    section: OptimizerSection, use_distributed_optimizer: bool = False):
+    """AdamW of the run's optimizer section through ``get_megatron_optimizer`` (mixed precision
+    follows the model's config)."""
     config = OptimizerConfig(
         optimizer="adam",
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        adam_beta1=adam_beta1,
-        adam_beta2=adam_beta2,
-        adam_eps=adam_eps,
-        clip_grad=clip_grad,
+        lr=section.lr,
+        min_lr=section.min_lr,
+        weight_decay=section.weight_decay,
+        adam_beta1=section.adam_beta1,
+        adam_beta2=section.adam_beta2,
+        adam_eps=section.adam_eps,
+        clip_grad=section.clip_grad,
         bf16=transformer_config.bf16,
         fp16=transformer_config.fp16,
         params_dtype=transformer_config.params_dtype,

@@ -35,7 +35,7 @@ from megatron_conan.checkpoint.layout import read_latest
 from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.save import save_checkpoint
 from megatron_conan.config.loader import dump_config, to_dict
-from megatron_conan.config.run import RunConfig
+from megatron_conan.config.run import OptimizerSection, RunConfig
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.errors import ConfigError
@@ -205,13 +205,9 @@ def _build(cfg: RunConfig, stage: Stage):
                                            use_transformer_engine=cfg.model.transformer_engine),
                         transformer_config,
                         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    optimizer = build_optimizer(
-        chunks, transformer_config, lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, weight_decay=cfg.optimizer.weight_decay,
-        clip_grad=cfg.optimizer.clip_grad, adam_beta1=cfg.optimizer.adam_beta1,
-        adam_beta2=cfg.optimizer.adam_beta2, adam_eps=cfg.optimizer.adam_eps,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    optimizer = build_optimizer(chunks, transformer_config, cfg.optimizer,
+                                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     ctx = StageContext(cfg=cfg, model_config=model_config, transformer_config=transformer_config, chunks=chunks,
                        placement=current_placement(),
                        data_parallel_rank=parallel_state.get_data_parallel_rank(),
@@ -232,8 +228,8 @@ def _transformer_overrides(cfg: RunConfig, stage: Stage) -> Dict:
     return overrides
 
 
-def build_scheduler(optimizer, cfg: RunConfig, total_steps: int) -> OptimizerParamScheduler:
-    """The LR schedule, holding the lr of the *next* update.
+def build_scheduler(optimizer, section: OptimizerSection, total_steps: int) -> OptimizerParamScheduler:
+    """The LR schedule of the run's optimizer section, holding the lr of the *next* update.
 
     megatron-core's scheduler gives ``lr(n)`` after ``n`` calls to ``step``, and ``lr(0)`` is the
     warm-up's ``init_lr`` (0): stepped only after each update, the first update of every run would
@@ -241,12 +237,12 @@ def build_scheduler(optimizer, cfg: RunConfig, total_steps: int) -> OptimizerPar
     at ``lr(k)``: linear warm-up ``k / warmup * lr`` to the peak, then the decay, reaching ``min_lr`` at
     update ``total_steps``. A checkpoint stores ``num_steps = updates + 1``; resuming restores it.
     """
-    warmup = int(round(cfg.optimizer.warmup_fraction * total_steps))
+    warmup = int(round(section.warmup_fraction * total_steps))
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
+        optimizer, init_lr=0.0, max_lr=section.lr, min_lr=section.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
-        lr_decay_style=cfg.optimizer.decay_style,
-        start_wd=cfg.optimizer.weight_decay, end_wd=cfg.optimizer.weight_decay,
+        lr_decay_style=section.decay_style,
+        start_wd=section.weight_decay, end_wd=section.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
     )
     scheduler.step(increment=1)

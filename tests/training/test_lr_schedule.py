@@ -33,7 +33,7 @@ def _applied(scheduler, optimizer, updates):
 
 def test_the_first_update_warms_up_and_the_last_reaches_min_lr():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_scheduler(optimizer, _config(), total_steps=20)  # warm-up: 2 updates
+    scheduler = build_scheduler(optimizer, _config().optimizer, total_steps=20)  # warm-up: 2 updates
     lrs = _applied(scheduler, optimizer, 20)
     assert lrs[0] == pytest.approx(5e-4)  # 1/2 of the peak, not 0
     assert lrs[1] == pytest.approx(1e-3)
@@ -43,7 +43,7 @@ def test_the_first_update_warms_up_and_the_last_reaches_min_lr():
 
 def test_without_warm_up_update_k_runs_at_the_decay_after_k_steps():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_scheduler(optimizer, _config(warmup_fraction=0.0), total_steps=10)
+    scheduler = build_scheduler(optimizer, _config(warmup_fraction=0.0).optimizer, total_steps=10)
     lrs = _applied(scheduler, optimizer, 10)
     cosine = [1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * k / 10)) for k in range(1, 11)]
     assert lrs == pytest.approx(cosine)
@@ -52,7 +52,7 @@ def test_without_warm_up_update_k_runs_at_the_decay_after_k_steps():
 def test_a_restored_schedule_continues_the_uninterrupted_one():
     def fresh():
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return optimizer, build_scheduler(optimizer, _config(), total_steps=20)
+        return optimizer, build_scheduler(optimizer, _config().optimizer, total_steps=20)
 
     optimizer, scheduler = fresh()
     uninterrupted = _applied(scheduler, optimizer, 20)
@@ -80,6 +80,6 @@ def test_the_logged_lr_is_the_lr_the_update_applied(tmp_path):
     with open(os.path.join(tmp_path, "metrics.jsonl")) as handle:
         logged = [json.loads(line)["lr"] for line in handle]
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    expected = _applied(build_scheduler(optimizer, _config(warmup_fraction=0.25), total_steps=4), optimizer, 4)
+    expected = _applied(build_scheduler(optimizer, _config(warmup_fraction=0.25).optimizer, total_steps=4), optimizer, 4)
     assert logged == pytest.approx(expected)
     assert logged[0] > 0
