@@ -78,6 +78,7 @@ setup(
         "sentencepiece",
         "protobuf",  # sentencepiece's model proto, read by the per-word encoding cache
         "pyyaml",
+        "pydantic>=2.7",  # typed loading of the run configs (config/loader.py)
         "pybind11",
         "tqdm",
         "zstandard",

@@ -1,64 +1,84 @@
-"""YAML recipes -> nested dataclasses, with dotted command-line overrides.
+"""YAML recipes -> nested config dataclasses, typed and checked by pydantic, with dotted overrides.
 
     cfg = load_config(RunConfig, "examples/tiny/pretrain.yaml", ["optimizer.lr=3e-4", "parallel.tensor_parallel=2"])
 
-Values (from YAML or overrides, both parsed as YAML) are converted to the declared field types:
-int (``1e6`` is accepted when integral, ``abc`` and ``1.5`` are refused), float, bool (what YAML
-reads as a bool, ``0``/``1``, or the same words quoted; ``maybe`` is refused), str, ``Optional``,
-``Union`` (first member that accepts the value), ``List``, ``Dict`` (keys and values) and nested
-dataclass sections. Unknown keys are refused with the closest valid key of the whole config
-suggested. Every error is a :class:`ConfigError` naming the dotted field; value checks stay in each
-dataclass's ``__post_init__``.
+The config classes are plain dataclasses (their fields carry the docs; their ``__post_init__`` the
+value checks). pydantic v2 validates a nested mapping against them in lax mode: ``1e6`` or ``3.0``
+for an int (not ``1.5``), ints for floats, ``yes`` / ``off`` / ``0`` / ``1`` for bools, numbers
+for strings (``run_dir: 2024``), ``Optional``, ``Literal``, ``List``, ``Tuple``, ``Dict`` (keys too)
+and nested sections. On top of pydantic's rules: unknown keys are refused (with the closest valid key
+of the whole config suggested), NaN and infinity are refused for floats, and a YAML bool is not taken
+as a number (nor a float as a bool). Every error is one :class:`ConfigError` line naming the dotted
+field: ``train.train_steps must be an integer, got 'abc'``.
+
+YAML is read as YAML 1.2 reads numbers: ``3e12`` and ``1e-4`` are floats (PyYAML's YAML 1.1 reads
+them as strings).
 """
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import difflib
-import math
-import types
+import functools
+import re
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
+import pydantic
 import yaml
 
 from megatron_conan.errors import ConfigError
 
 T = TypeVar("T")
 
-_TRUE_WORDS = frozenset({"true", "yes", "on", "y", "1"})
-_FALSE_WORDS = frozenset({"false", "no", "off", "n", "0"})
+# extra keys are refused by the dataclasses' own __init__ (pydantic reports unexpected_keyword_argument);
+# the config reaches nested sections through the one-item tuple the adapter wraps the class in
+_PYDANTIC_CONFIG = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
-def _field_types(cls) -> Dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e6``, ``3e12`` and ``-1E-4`` as floats (YAML 1.2's float rule)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(source) -> Any:
+    """One YAML document (an open recipe file, whose name errors then give, or an override's text)
+    as this loader reads it."""
+    return yaml.load(source, Loader=_YamlLoader)
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _dataclass_in(annotation) -> Optional[type]:
+    """The dataclass a field holds, directly or inside Optional / List / Dict."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def config_keys(cls, path: str = "") -> List[str]:
     """Every dotted key of dataclass `cls`, sections included (``train``, ``train.lr``, …)."""
     keys = []
-    for name, annotation in _field_types(cls).items():
+    for name, annotation in typing.get_type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
         key = _join(path, name)
         keys.append(key)
         nested = _dataclass_in(annotation)
         if nested is not None:
             keys.extend(config_keys(nested, key))
     return keys
-
-
-def _dataclass_in(annotation) -> Optional[type]:
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
 
 
 def suggest_key(key: str, valid: Sequence[str], siblings: Sequence[str] = ()) -> Optional[str]:
@@ -85,154 +105,131 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, str) else repr(value)
 
 
-def _to_int(value: Any, path: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{path} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    number = value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{path} must be an integer, got {value!r}") from None
-    if isinstance(number, float) and math.isfinite(number) and number.is_integer():
-        return int(number)
-    raise ConfigError(f"{path} must be an integer, got {_describe(value)}")
+# pydantic error types -> what the field must be
+_MUST_BE = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "iterable_type": "a list",
+    "dict_type": "a mapping", "dataclass_type": "a mapping", "dataclass_args_type": "a mapping",
+}
 
 
-def _to_float(value: Any, path: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{path} must be a number, got {value!r}")
-    number = None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        # PyYAML (YAML 1.1) reads `3e12` and `1e-4` without a dot as strings
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if number is None or math.isnan(number):  # NaN passes every range check in __post_init__
-        raise ConfigError(f"{path} must be a number, got {_describe(value)}")
-    return number
-
-
-def _to_bool(value: Any, path: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
-        return value.strip().lower() in _TRUE_WORDS
-    raise ConfigError(f"{path} must be true or false, got {_describe(value)}")
-
-
-def _to_str(value: Any, path: str) -> str:
-    if isinstance(value, str):
-        return value
-    # a number where a name or path is expected (`run_dir: 2024`) is taken as written; a bool is
-    # YAML having read `no` / `off`, which is almost never meant as text
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ConfigError(f"{path} must be a string, got {_describe(value)}")
-
-
-def convert(value: Any, annotation: Any, path: str, scope: Optional[Tuple[type, str]] = None) -> Any:
-    """`value` as the declared type `annotation`; ConfigError naming `path` when it cannot be."""
-    if annotation is Any or annotation is object:
-        return value
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{path} must be one of {list(args)}, got {_describe(value)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{path} must be set, got null")
-        errors = []
-        members = [arg for arg in args if arg is not type(None)]
-        # a value already of a member's type takes that member (an int stays an int in Union[int, float])
-        exact = [arg for arg in members if isinstance(arg, type) and type(value) is arg]
-        for member in exact + [arg for arg in members if arg not in exact]:
-            try:
-                return convert(value, member, path, scope)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path} does not fit any of its types: "
-                          + "; ".join(errors))
-    if value is None:
-        raise ConfigError(f"{path} must be set, got null")
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        return from_dict(annotation, value, path, scope)
-    if origin in (list, tuple, collections.abc.Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {_describe(value)}")
-        if origin is tuple and args and args[-1] is not Ellipsis:  # Tuple[int, str]: one type per place
-            if len(value) != len(args):
-                raise ConfigError(f"{path} must have {len(args)} items, got {len(value)}")
-            item_types = list(args)
+def _dotted(path: str, loc: Tuple) -> str:
+    """pydantic's location -> ``section.field[0].key``; a dict key's own error -> ``field key 'x'``."""
+    if "[key]" in loc:  # (..., field, the key, "[key]"): the error is the key's, named by _error_line
+        loc = loc[:loc.index("[key]") - 1]
+    for part in loc:
+        if isinstance(part, int):
+            path = f"{path}[{part}]"
         else:
-            item_types = [args[0] if args else Any] * len(value)
-        items = [convert(item, item_type, f"{path}[{index}]", scope)
-                 for index, (item, item_type) in enumerate(zip(value, item_types))]
-        return tuple(items) if origin is tuple else items
-    if origin in (dict, collections.abc.Mapping):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping, got {_describe(value)}")
-        key_type, value_type = args if args else (Any, Any)
-        return {convert(key, key_type, f"{path} key {key!r}"): convert(item, value_type, _join(path, str(key)), scope)
-                for key, item in value.items()}
-    if annotation is bool:
-        return _to_bool(value, path)
-    if annotation is int:
-        return _to_int(value, path)
-    if annotation is float:
-        return _to_float(value, path)
-    if annotation is str:
-        return _to_str(value, path)
-    return value
+            path = _join(path, str(part))
+    return path
 
 
-def from_dict(cls: Type[T], values: Dict[str, Any], path: str = "",
-              scope: Optional[Tuple[type, str]] = None) -> T:
-    """Build dataclass `cls` from a nested dict, converting each value to its field's type.
+def _owner(cls, loc: Tuple):
+    """The dataclass whose field `loc[-1]` is (walking sections, list items and dict values)."""
+    owner = cls
+    for part in loc[:-1]:
+        fields = {f.name for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else set()
+        if part in fields:
+            owner = _dataclass_in(typing.get_type_hints(owner)[part]) or owner
+    return owner
 
-    Unknown keys raise ConfigError naming the dotted path and the closest valid key of the whole
-    config: `scope` is (outermost config class, its path), `(cls, path)` by default.
-    """
-    scope = scope or (cls, path)
+
+def _union_members(errors: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The errors that are the first error's value failing each member of a Union (same input,
+    same place, the member's name last in the location); [] when the first error is no such one."""
+    first = errors[0]
+    members = [error for error in errors if error.get("input") is first.get("input")
+               and len(error["loc"]) == len(first["loc"]) and error["loc"][:-1] == first["loc"][:-1]]
+    return members if len(members) > 1 else []
+
+
+def _message(errors: List[Dict[str, Any]], cls, path: str) -> str:
+    """pydantic's errors as the one line users see: the first error, or every member of a Union the
+    value fits none of."""
+    members = _union_members(errors)
+    if not members:
+        return _error_line(errors[0], cls, path)
+    lines = [_error_line({**error, "loc": error["loc"][:-1]}, cls, path) for error in members]
+    return f"{_dotted(path, members[0]['loc'][1:-1])} does not fit any of its types: " + "; ".join(lines)
+
+
+def _error_line(error: Dict[str, Any], cls, path: str) -> str:
+    """One pydantic error as one line naming the dotted field."""
+    loc = error["loc"][1:]  # past the adapter's tuple index
+    kind, value = error["type"], error.get("input")
+    where = _dotted(path, loc)
+    if kind == "value_error":  # a __post_init__ check, or a nested from_dict: already a full message
+        raised = error["ctx"]["error"]
+        return str(raised) if isinstance(raised, ConfigError) else f"{where}: {raised}"
+    if kind == "unexpected_keyword_argument":
+        owner = _owner(cls, loc)
+        parent = where.rsplit(".", 1)[0] if "." in where else ""
+        siblings = [_join(parent, f.name) for f in dataclasses.fields(owner)] if dataclasses.is_dataclass(owner) else []
+        suggestion = suggest_key(where, config_keys(cls, path), siblings)
+        return f"unknown config key {where}" + (f"; did you mean {suggestion}?" if suggestion else "")
+    if kind in ("missing_argument", "missing"):
+        return f"{where} is required"
+    if "[key]" in loc:
+        where = f"{where} key {loc[loc.index('[key]') - 1]!r}"
+    if value is None:
+        return f"{where} must be set, got null"
+    if kind == "literal_error":
+        return f"{where} must be one of {error['ctx']['expected']}, got {_describe(value)}"
+    if kind in ("too_long", "too_short"):
+        return f"{where} must have {error['ctx'].get('max_length', error['ctx'].get('min_length'))} items, " \
+               f"got {error['ctx']['actual_length']}"
+    if kind in _MUST_BE:
+        return f"{where} must be {_MUST_BE[kind]}, got {_describe(value)}"
+    return f"{where}: {error['msg']}"
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(annotation) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(Tuple[annotation], config=_PYDANTIC_CONFIG)
+
+
+def _refuse_bool_numbers(raw: Any, built: Any, where: str) -> None:
+    """pydantic's lax mode takes ``true`` as 1 and ``1.0`` as true: refuse both, walking the input
+    beside what it became."""
+    if isinstance(raw, bool) and isinstance(built, (int, float)) and not isinstance(built, bool):
+        raise ConfigError(f"{where} must be {'an integer' if isinstance(built, int) else 'a number'}, got {raw!r}")
+    if isinstance(raw, float) and isinstance(built, bool):
+        raise ConfigError(f"{where} must be true or false, got {_describe(raw)}")
+    if isinstance(raw, dict):
+        for key, item in raw.items():
+            if dataclasses.is_dataclass(built) and hasattr(built, str(key)):
+                _refuse_bool_numbers(item, getattr(built, str(key)), _join(where, str(key)))
+            elif isinstance(built, dict) and key in built:
+                _refuse_bool_numbers(item, built[key], _join(where, str(key)))
+    elif isinstance(raw, (list, tuple)) and isinstance(built, (list, tuple)) and len(raw) == len(built):
+        for index, (item, made) in enumerate(zip(raw, built)):
+            _refuse_bool_numbers(item, made, f"{where}[{index}]")
+
+
+def convert(value: Any, annotation: Any, path: str) -> Any:
+    """`value` as the declared type `annotation` (a dataclass, or any field type); ConfigError
+    naming `path` when it cannot be."""
+    try:
+        built = _adapter(annotation).validate_python((value,))[0]
+    except pydantic.ValidationError as error:
+        cls = annotation if dataclasses.is_dataclass(annotation) else None
+        raise ConfigError(_message(error.errors(), cls, path)) from None
+    _refuse_bool_numbers(value, built, path)
+    return built
+
+
+def from_dict(cls: Type[T], values: Dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a nested mapping; errors name keys under `path`."""
     if not isinstance(values, dict):
         raise ConfigError(f"{path or cls.__name__} must be a mapping, got {_describe(values)}")
-    types = _field_types(cls)
-    for name in values:
-        if name not in types:
-            key = _join(path, str(name))
-            root, root_path = scope
-            suggestion = suggest_key(key, [_join(root_path, k) for k in config_keys(root)],
-                                     [_join(path, k) for k in types])
-            raise ConfigError(f"unknown config key {key}" + (f"; did you mean {suggestion}?" if suggestion else ""))
-    for field in dataclasses.fields(cls):
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        if required and field.init and field.name not in values:
-            raise ConfigError(f"{_join(path, field.name)} is required")
-    kwargs = {name: convert(value, types[name], _join(path, name), scope) for name, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ConfigError(f"{path or cls.__name__}: {error}") from None
+    return convert(values, cls, path)
 
 
 def to_dict(obj) -> Any:
-    """Dataclasses -> plain dicts (for writing the resolved config)."""
+    """Dataclasses -> plain dicts and lists (for writing the resolved config)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -243,7 +240,7 @@ def to_dict(obj) -> Any:
 
 
 def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``a.b.c=value`` strings to a nested dict (in place, also returned)."""
+    """Apply ``a.b.c=value`` strings (each value read as YAML) to a nested dict (in place, also returned)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
@@ -258,7 +255,7 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = read_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {key.strip()}: the value {raw!r} is not valid YAML") from None
     return values
@@ -269,7 +266,7 @@ def load_config(cls: Type[T], path: Optional[str], overrides: Sequence[str] = ()
     values: Dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
+            values = read_yaml(handle)
         if values is None:
             values = {}
         if not isinstance(values, dict):
