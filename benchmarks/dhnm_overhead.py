@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import EmbeddingConfig
     from megatron_conan.training.embedding_stage import SupervisedStage
     from megatron_conan.training.trainer import Trainer
     from megatron_conan.training.megatron_step import optimizer_step, zero_grads
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as scratch:
             data = _store(scratch, args.examples)
-            cfg = from_dict(RunConfig, {
+            cfg = from_dict(EmbeddingConfig, {
                 "run_dir": os.path.join(scratch, "run"), "model": {"recipe": "tiny"},
                 "train": {"train_steps": 10_000, "global_batch_size": args.batch, "eval_interval": 0},
                 "data": {"kind": "contrastive", "tokenizer": data["tokenizer"], "contrastive_prefix": data["prefix"]},

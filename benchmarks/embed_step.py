@@ -98,17 +98,16 @@ def random_workload(args, vocab_size: int) -> Workload:
 
 def quickstart_workload(args) -> Workload:
     """Batches of the main job's stage-3 pairs, tokenized, instructed and cut as its stage 3 does."""
-    from megatron_conan.config.loader import load_config
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import load_run_config
     from megatron_conan.quickstart import stage_dir
 
     config_path = os.path.join(stage_dir(args.work_dir, "embed-weak"), "config.yaml")
     if not os.path.isfile(config_path):
         raise SystemExit(f"embed_step: error: no {config_path}: run the main job first "
                          f"(python -m megatron_conan.quickstart) or pass its --work-dir")
-    run = load_config(RunConfig, config_path)
+    run = load_run_config("embed-weak", config_path)  # a run's config.yaml, of any version
     embedding = run.embedding
     loader = ContrastiveLoader(run.data.contrastive_prefix, ConanTokenizer(run.data.tokenizer), args.batch,
                                seed=args.seed, max_query_length=embedding.max_query_length,
@@ -146,7 +145,7 @@ class _Ours:
 
     def __init__(self, args, workload: Workload, run_dir: str, mini_batch_size: int):
         from megatron_conan.config.loader import from_dict
-        from megatron_conan.config.run import RunConfig
+        from megatron_conan.config.run import EmbeddingConfig
         from megatron_conan.training.embedding_stage import WeaklySupervisedStage
         from megatron_conan.training.trainer import Trainer
 
@@ -159,7 +158,7 @@ class _Ours:
             def setup(self, ctx):
                 pass
 
-        cfg = from_dict(RunConfig, {
+        cfg = from_dict(EmbeddingConfig, {
             "run_dir": run_dir,
             "model": {"recipe": args.recipe, "soft_mask": {"total_steps": 1000},
                       "overrides": workload.model_overrides},

@@ -56,11 +56,10 @@ def _stage3_values(args, work: str, run_dir: str, store: str, seed: int, soft_ma
 
 
 def _train_ours(rank: int, world_size: int, values: dict) -> None:
-    from megatron_conan.config.loader import from_dict
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import run_config_from_dict
     from megatron_conan.training.trainer import train
 
-    train(from_dict(RunConfig, values), stage="embed-weak")
+    train(run_config_from_dict("embed-weak", values), stage="embed-weak")
 
 
 def _uninstructed_store(work: str, output_dir: str) -> str:
@@ -91,7 +90,7 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
     from megatron_conan.config.loader import from_dict
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import OptimizerSection
     from megatron_conan.training.trainer import build_scheduler
 
     torch.manual_seed(seed)
@@ -102,12 +101,11 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
             if args.mini_batch_size else losses.MultipleNegativesRankingLoss(model, scale=scale))
     decay = [p for p in model.parameters() if p.dim() >= 2]  # megatron-core: no decay on norms and biases
     rest = [p for p in model.parameters() if p.dim() < 2]
-    cfg = from_dict(RunConfig, {"run_dir": output, "model": {"recipe": "tiny"}, "data": {"kind": "synthetic"},
-                                "optimizer": {"lr": args.lr, "warmup_fraction": 0.05, "min_lr": args.lr / 10}})
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
+    section = from_dict(OptimizerSection, {"lr": args.lr, "warmup_fraction": 0.05, "min_lr": args.lr / 10}, "optimizer")
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": section.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr,
-                                  betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2), eps=cfg.optimizer.adam_eps)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, args.steps)
+                                  betas=(section.adam_beta1, section.adam_beta2), eps=section.adam_eps)
+    scheduler = build_scheduler(optimizer, section, args.steps)
     loader = ContrastiveLoader(store, ConanTokenizer(os.path.join(work, "tokenizer", "pydoc.model")), args.batch,
                                seed=seed, max_query_length=args.plan.max_query_length,
                                max_passage_length=args.plan.max_passage_length, tasks=["pair"], drop_last=True)

@@ -25,10 +25,10 @@ def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, rec
     import torch
 
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import LanguageModelConfig
     from megatron_conan.training.trainer import train
 
-    cfg = from_dict(RunConfig, {
+    cfg = from_dict(LanguageModelConfig, {
         "run_dir": run_dir,
         "model": {"recipe": recipe, "overrides": {"max_sequence_length": max(seq_length, 64),
                                                   **({"num_layers": num_layers} if num_layers else {})},

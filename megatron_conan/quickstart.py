@@ -169,12 +169,11 @@ def layout_for_host(world_size: int, values: dict, gpus: int) -> Tuple[int, dict
 
 def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
     """run_distributed body: one stage's training on this rank."""
-    from megatron_conan.config.loader import from_dict
+    from megatron_conan.config.run import run_config_from_dict
     from megatron_conan.distributed.device import current_placement
-    from megatron_conan.config.run import RunConfig
     from megatron_conan.training.trainer import train
 
-    result = train(from_dict(RunConfig, values), stage=stage)
+    result = train(run_config_from_dict(stage, values), stage=stage)
     return {"losses": result.losses, "steps": result.steps_done, "device": str(current_placement().device)}
 
 

@@ -56,28 +56,30 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _dataclass_in(annotation) -> Optional[type]:
-    """The dataclass a field holds, directly or inside Optional / List / Dict."""
+def _dataclasses_in(annotation) -> List[type]:
+    """The dataclasses a field holds, directly or inside Optional / Union / List / Dict (a data
+    section's variants are several)."""
     if dataclasses.is_dataclass(annotation):
-        return annotation
+        return [annotation]
+    found: List[type] = []
     for arg in typing.get_args(annotation):
-        found = _dataclass_in(arg)
-        if found is not None:
-            return found
-    return None
+        found.extend(cls for cls in _dataclasses_in(arg) if cls not in found)
+    return found
+
+
+def _field_names(cls) -> List[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def config_keys(cls, path: str = "") -> List[str]:
     """Every dotted key of dataclass `cls`, sections included (``train``, ``train.lr``, …)."""
-    keys = []
-    for name, annotation in typing.get_type_hints(cls).items():
-        if name not in {f.name for f in dataclasses.fields(cls)}:
-            continue
+    keys: List[str] = []
+    hints = typing.get_type_hints(cls)
+    for name in _field_names(cls):
         key = _join(path, name)
         keys.append(key)
-        nested = _dataclass_in(annotation)
-        if nested is not None:
-            keys.extend(config_keys(nested, key))
+        for nested in _dataclasses_in(hints[name]):
+            keys.extend(k for k in config_keys(nested, key) if k not in keys)
     return keys
 
 
@@ -115,8 +117,25 @@ _MUST_BE = {
 }
 
 
+def _walk(cls, loc: Tuple) -> Tuple[Tuple, Optional[type]]:
+    """pydantic's location without the variant tags of a discriminated union (``("data", "blended",
+    "x")`` -> ``("data", "x")``), and the dataclass that holds its last part (None when unknown)."""
+    variants, clean, owner = ([cls] if cls is not None else []), [], None
+    for part in loc:
+        if len(variants) > 1 and isinstance(part, str):
+            tagged = [variant for variant in variants if getattr(variant, "kind", None) == part]
+            if tagged:
+                variants = tagged
+                continue
+        clean.append(part)
+        owner = variants[0] if len(variants) == 1 else None
+        if owner is not None and part in _field_names(owner):
+            variants = _dataclasses_in(typing.get_type_hints(owner)[part]) or variants
+    return tuple(clean), owner
+
+
 def _dotted(path: str, loc: Tuple) -> str:
-    """pydantic's location -> ``section.field[0].key``; a dict key's own error -> ``field key 'x'``."""
+    """A clean location -> ``section.field[0].key``; a dict key's own error -> the dict's field."""
     if "[key]" in loc:  # (..., field, the key, "[key]"): the error is the key's, named by _error_line
         loc = loc[:loc.index("[key]") - 1]
     for part in loc:
@@ -125,16 +144,6 @@ def _dotted(path: str, loc: Tuple) -> str:
         else:
             path = _join(path, str(part))
     return path
-
-
-def _owner(cls, loc: Tuple):
-    """The dataclass whose field `loc[-1]` is (walking sections, list items and dict values)."""
-    owner = cls
-    for part in loc[:-1]:
-        fields = {f.name for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else set()
-        if part in fields:
-            owner = _dataclass_in(typing.get_type_hints(owner)[part]) or owner
-    return owner
 
 
 def _union_members(errors: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -153,22 +162,23 @@ def _message(errors: List[Dict[str, Any]], cls, path: str) -> str:
     if not members:
         return _error_line(errors[0], cls, path)
     lines = [_error_line({**error, "loc": error["loc"][:-1]}, cls, path) for error in members]
-    return f"{_dotted(path, members[0]['loc'][1:-1])} does not fit any of its types: " + "; ".join(lines)
+    return f"{_dotted(path, _walk(cls, members[0]['loc'][1:-1])[0])} does not fit any of its types: " + "; ".join(lines)
 
 
 def _error_line(error: Dict[str, Any], cls, path: str) -> str:
     """One pydantic error as one line naming the dotted field."""
-    loc = error["loc"][1:]  # past the adapter's tuple index
+    loc, owner = _walk(cls, error["loc"][1:])  # [1:]: past the adapter's tuple index
     kind, value = error["type"], error.get("input")
     where = _dotted(path, loc)
     if kind == "value_error":  # a __post_init__ check, or a nested from_dict: already a full message
         raised = error["ctx"]["error"]
         return str(raised) if isinstance(raised, ConfigError) else f"{where}: {raised}"
     if kind == "unexpected_keyword_argument":
-        owner = _owner(cls, loc)
         parent = where.rsplit(".", 1)[0] if "." in where else ""
-        siblings = [_join(parent, f.name) for f in dataclasses.fields(owner)] if dataclasses.is_dataclass(owner) else []
+        siblings = [_join(parent, name) for name in _field_names(owner)] if owner is not None else []
         suggestion = suggest_key(where, config_keys(cls, path), siblings)
+        if suggestion == where and owner is not None and hasattr(owner, "kind"):  # a key of another variant
+            return f"unknown config key {where} for {parent}.kind={owner.kind}"
         return f"unknown config key {where}" + (f"; did you mean {suggestion}?" if suggestion else "")
     if kind in ("missing_argument", "missing"):
         return f"{where} is required"
@@ -176,6 +186,8 @@ def _error_line(error: Dict[str, Any], cls, path: str) -> str:
         where = f"{where} key {loc[loc.index('[key]') - 1]!r}"
     if value is None:
         return f"{where} must be set, got null"
+    if kind == "union_tag_invalid":
+        return f"{where}.kind must be one of {error['ctx']['expected_tags']}, got {_describe(error['ctx']['tag'])}"
     if kind == "literal_error":
         return f"{where} must be one of {error['ctx']['expected']}, got {_describe(value)}"
     if kind in ("too_long", "too_short"):
@@ -261,18 +273,22 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
     return values
 
 
+def read_recipe(path: Optional[str]) -> Dict[str, Any]:
+    """A YAML recipe's mapping of sections ({} without a path)."""
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        values = read_yaml(handle)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping of sections, got {_describe(values)}")
+    return values
+
+
 def load_config(cls: Type[T], path: Optional[str], overrides: Sequence[str] = ()) -> T:
     """Read a YAML recipe (or start empty), apply overrides, build `cls`."""
-    values: Dict[str, Any] = {}
-    if path:
-        with open(path, encoding="utf-8") as handle:
-            values = read_yaml(handle)
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a recipe is a YAML mapping of sections, got {_describe(values)}")
-    apply_overrides(values, list(overrides))
-    return from_dict(cls, values)
+    return from_dict(cls, apply_overrides(read_recipe(path), list(overrides)))
 
 
 def dump_config(cfg, path: str) -> None:

@@ -1,15 +1,18 @@
 """Run configuration shared by the stage entry points (one YAML recipe per run, see examples/): the
-sections of ``RunConfig`` and their checks. Loading (YAML, overrides, types) is ``config/loader.py``;
-the model's architecture and parallel layout are ``config/model.py``."""
+sections of ``RunConfig``, each stage's config class and their checks. The data sections are
+``config/data.py``; loading (YAML, overrides, types) is ``config/loader.py``; the model's
+architecture and parallel layout are ``config/model.py``."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Sequence
 
-from megatron_conan.config.loader import from_dict, to_dict
+from megatron_conan.config.data import (BlendedData, ContrastiveData, LanguageModelData, SFTData, SyntheticData,
+                                        data_kind)
+from megatron_conan.config.loader import apply_overrides, from_dict, read_recipe, to_dict
 from megatron_conan.config.model import ConanModelConfig, ParallelConfig, model_recipe
 from megatron_conan.errors import ConfigError
 
@@ -173,34 +176,6 @@ class CheckpointSection:
 
 
 @dataclass
-class DataSection:
-    """Stage data: blended indexed prefixes (pretrain), an SFT prefix, a contrastive store (embedding
-    stages); `synthetic` for smoke runs."""
-
-    kind: str = "synthetic"
-    """`blended` (pretraining), `sft`, `contrastive` (embedding stages), or `synthetic` (random
-    tokens, no files)."""
-    tokenizer: Optional[str] = None
-    """SentencePiece model path (vocab_size of the model follows it when set)."""
-    blend: Dict[str, Any] = field(default_factory=dict)
-    """BlendedDataConfig fields for kind=blended (sources, split, cache_dir, seed)."""
-    sft_prefix: Optional[str] = None
-    """Indexed SFT data prefix for kind=sft."""
-    split: str = "98,2,0"
-    """train,valid,test split for kind=sft."""
-    contrastive_prefix: Optional[str] = None
-    """Contrastive store prefix for kind=contrastive (tools/tokenize_contrastive.py)."""
-
-    def __post_init__(self):
-        if self.kind not in ("blended", "sft", "contrastive", "synthetic"):
-            raise ConfigError(f"data.kind must be blended, sft, contrastive or synthetic, got {self.kind!r}")
-        if self.kind == "blended":
-            from megatron_conan.data.pretraining import BlendedDataConfig
-
-            BlendedDataConfig.from_dict(dict(self.blend), "data.blend")  # a misspelt key fails at load, not at step 0
-
-
-@dataclass
 class DHNMConfig:
     """Dynamic hard-negative mining in stage 4, the paper's eq. 6 (docs/DESIGN.md section 6): the
     ``embedding.dhnm`` section, and what ``data/dhnm.py``'s ``DHNMState`` applies."""
@@ -314,7 +289,8 @@ class EmbeddingSection:
 
 @dataclass
 class RunConfig:
-    """Everything one training run needs; written resolved to <run_dir>/config.yaml."""
+    """The sections every stage's run has; each stage's config adds its data (and its own sections).
+    Written resolved to <run_dir>/config.yaml."""
 
     run_dir: str = "runs/tiny"
     """Logs, TensorBoard events, the resolved config and (by default) checkpoints."""
@@ -323,8 +299,70 @@ class RunConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    data: DataSection = field(default_factory=DataSection)
-    embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
 
     def checkpoint_dir(self) -> str:
         return self.checkpoint.save_dir or os.path.join(self.run_dir, "checkpoints")
+
+
+@dataclass
+class LanguageModelConfig(RunConfig):
+    """A pretraining or SFT run: the shared sections and blended, SFT or synthetic data."""
+
+    data: LanguageModelData = field(default_factory=SyntheticData)
+
+
+@dataclass
+class EmbeddingConfig(RunConfig):
+    """A contrastive run (embed-weak, embed-sup): the shared sections, a contrastive store and the
+    embedding section."""
+
+    data: ContrastiveData = field(default_factory=ContrastiveData)
+    embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
+
+
+STAGE_CONFIGS: Dict[str, type] = {"pretrain": LanguageModelConfig, "sft": LanguageModelConfig,
+                                  "embed-weak": EmbeddingConfig, "embed-sup": EmbeddingConfig}
+"""The config class of each stage id (training/stage_registry.py has the stages themselves)."""
+
+
+def config_class(stage: str) -> type:
+    """The config class of stage id `stage`."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CONFIGS)}")
+    return STAGE_CONFIGS[stage]
+
+
+# What a config.yaml written before the per-stage configs holds beyond its stage's sections: every
+# stage had every data key and the embedding section. They load back when they hold these defaults
+# (written by the old layout, meaning nothing); set to anything else they are refused as unknown keys.
+_EARLIER_DATA_DEFAULTS = {"blend": {}, "sft_prefix": None, "split": "98,2,0", "contrastive_prefix": None}
+
+
+def _drop_earlier_layout_defaults(values: Dict[str, Any], cls: type) -> Dict[str, Any]:
+    values = dict(values)
+    if "embedding" in values and "embedding" not in {f.name for f in fields(cls)}:
+        if values["embedding"] == to_dict(EmbeddingSection()):
+            del values["embedding"]
+    data = values.get("data")
+    if isinstance(data, dict):
+        variant = {"blended": BlendedData, "sft": SFTData, "synthetic": SyntheticData,
+                   "contrastive": ContrastiveData}.get(data_kind(data))
+        if variant is not None:
+            own = {f.name for f in fields(variant)}
+            values["data"] = {key: value for key, value in data.items()
+                              if key in own or key not in _EARLIER_DATA_DEFAULTS or value != _EARLIER_DATA_DEFAULTS[key]}
+    return values
+
+
+def load_run_config(stage: str, path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Stage `stage`'s config from a YAML recipe (or a run's written config.yaml, including one
+    written before the per-stage configs) plus dotted overrides."""
+    cls = config_class(stage)
+    values = apply_overrides(read_recipe(path), list(overrides))
+    return from_dict(cls, _drop_earlier_layout_defaults(values, cls))
+
+
+def run_config_from_dict(stage: str, values: Dict[str, Any]) -> RunConfig:
+    """Stage `stage`'s config from a nested mapping (a written run config included)."""
+    cls = config_class(stage)
+    return from_dict(cls, _drop_earlier_layout_defaults(values, cls))

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_conan.data.pretraining import BlendedDataConfig, build_pretrain_datasets
+from megatron_conan.data.pretraining import build_pretrain_datasets
 from megatron_conan.data.sft import build_sft_datasets
 
 
@@ -63,8 +63,7 @@ def build_lm_datasets(cfg, model_config, tokenizer, num_train_samples: int, num_
         return (SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_train_samples, 1), cfg.train.seed),
                 SyntheticLMDataset(model_config.vocab_size, cfg.train.seq_length, max(num_valid_samples, 1), cfg.train.seed + 1))
     if data.kind == "blended":
-        blend = BlendedDataConfig.from_dict(dict(data.blend))
-        train, valid, _ = build_pretrain_datasets(blend, tokenizer, cfg.train.seq_length,
+        train, valid, _ = build_pretrain_datasets(data.blend, tokenizer, cfg.train.seq_length,
                                                   (num_train_samples, num_valid_samples, 0))
         return train, valid
     train, valid, _ = build_sft_datasets(data.sft_prefix, tokenizer, cfg.train.seq_length, split=data.split,
@@ -75,7 +74,7 @@ def build_lm_datasets(cfg, model_config, tokenizer, num_train_samples: int, num_
 def data_prefixes(cfg):
     """The indexed datasets a language-model run reads."""
     if cfg.data.kind == "blended":
-        return [source.prefix for source in BlendedDataConfig.from_dict(dict(cfg.data.blend)).sources]
+        return [source.prefix for source in cfg.data.blend.sources]
     if cfg.data.kind == "sft":
         return [cfg.data.sft_prefix]
     return []

@@ -78,9 +78,6 @@ class EmbeddingStage(Stage):
                 f"parallel.pipeline_parallel={cfg.parallel.pipeline_parallel}: the {self.name} stage does not "
                 "support pipeline parallelism (the contrastive loss couples the whole batch); use tensor and "
                 "data parallelism, and embedding.mini_batch_size (GradCache) to bound activation memory")
-        if cfg.data.kind != "contrastive":
-            raise ConfigError(f"data.kind={cfg.data.kind!r}: the {self.name} stage reads a contrastive store "
-                              "(data.kind=contrastive, data.contrastive_prefix=...)")
         if not cfg.data.contrastive_prefix:
             raise ConfigError("data.contrastive_prefix is required for data.kind=contrastive")
         self.soft_mask_config(cfg)

@@ -46,9 +46,6 @@ class LanguageModelStage(Stage):
             raise ConfigError(f"model.soft_mask is for the embedding stages; the {self.name} stage trains "
                               "next-token prediction, where any bidirectional attention leaks the future "
                               "tokens into the loss: remove model.soft_mask")
-        if cfg.data.kind not in ("blended", "sft", "synthetic"):
-            raise ConfigError(f"data.kind={cfg.data.kind!r}: the {self.name} stage reads blended, sft or "
-                              "synthetic data")
         if cfg.data.kind == "sft" and not cfg.data.sft_prefix:
             raise ConfigError("data.sft_prefix is required for data.kind=sft")
 

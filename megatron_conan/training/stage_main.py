@@ -7,14 +7,15 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from megatron_conan.config.loader import load_config
-from megatron_conan.config.run import RunConfig
+from megatron_conan.config.run import RunConfig, load_run_config
 from megatron_conan.console import command_parser, configure_logging, run_command
 from megatron_conan.training.dry_run import dry_run_report, format_dry_run
 
 
-def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Optional[str] = None):
-    parser = command_parser(prog, description)
+def parse_run_config(stage: str, argv: Optional[Sequence[str]], prog: Optional[str] = None,
+                     description: Optional[str] = None):
+    """(arguments, the config of stage id `stage`) from a stage's command line."""
+    parser = command_parser(prog, description or f"the {stage} stage")
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print layout, batch, token budget, parameters and memory per GPU; no training")
@@ -22,7 +23,7 @@ def parse_run_config(description: str, argv: Optional[Sequence[str]], prog: Opti
                         help="GPUs to plan for with --dry-run (default: WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4 train.train_steps=1000")
     args = parser.parse_args(argv)
-    cfg = load_config(RunConfig, args.config, args.overrides)
+    cfg = load_run_config(stage, args.config, args.overrides)
     return args, cfg
 
 
@@ -50,7 +51,7 @@ def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None
 
 
 def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[str]]) -> int:
-    args, cfg = parse_run_config(description, argv, prog=prog)
+    args, cfg = parse_run_config(stage, argv, prog=prog, description=description)
     if args.dry_run:
         print(dry_run_text(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), stage))  # user-facing
         return 0

@@ -35,7 +35,7 @@ from megatron_conan.checkpoint.layout import read_latest
 from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.save import save_checkpoint
 from megatron_conan.config.loader import dump_config, to_dict
-from megatron_conan.config.run import OptimizerSection, RunConfig
+from megatron_conan.config.run import STAGE_CONFIGS, OptimizerSection, RunConfig
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
 from megatron_conan.errors import ConfigError
@@ -185,6 +185,9 @@ class Trainer:
 def _build(cfg: RunConfig, stage: Stage):
     """Process groups, the model with the stage's attention, DDP, optimizer, LR schedule and the
     stage's data: (StageContext, optimizer, scheduler). Collective."""
+    expected = STAGE_CONFIGS.get(stage.name)
+    if expected is not None and not isinstance(cfg, expected):
+        raise ConfigError(f"the {stage.name} stage takes its config as {expected.__name__}, not {type(cfg).__name__}")
     stage.check_config(cfg)
     if cfg.train.eval_interval and not stage.evaluates:
         raise ConfigError(f"train.eval_interval: the {stage.name} stage has no in-loop evaluation "

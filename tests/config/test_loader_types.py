@@ -13,17 +13,24 @@ import pytest
 import torch
 import yaml
 
-from megatron_conan.config.loader import apply_overrides, convert, dump_config, from_dict, load_config, to_dict
+from megatron_conan.config.loader import convert, dump_config, from_dict, load_config, to_dict
 from megatron_conan.config.model import ConanModelConfig
 from megatron_conan.errors import ConfigError, InputError
-from megatron_conan.config.run import RunConfig
+from megatron_conan.config.run import (STAGE_CONFIGS, EmbeddingConfig, EmbeddingSection, LanguageModelConfig,
+                                       load_run_config, run_config_from_dict)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(REPO, "examples", "tiny", "pretrain.yaml")
+TINY = os.path.join(REPO, "examples", "tiny", "embed_weak.yaml")  # every section but the LM data kinds
+RECIPES = sorted(glob.glob(os.path.join(REPO, "examples", "*", "*.yaml")))
 
 
-def _load(*overrides) -> RunConfig:
-    return load_config(RunConfig, TINY, list(overrides))
+def _stage_of(recipe: str) -> str:
+    """examples/<size>/<stage>.yaml -> the stage id."""
+    return os.path.basename(recipe)[:-len(".yaml")].replace("_", "-")
+
+
+def _load(*overrides) -> EmbeddingConfig:
+    return load_config(EmbeddingConfig, TINY, list(overrides))
 
 
 def _refused(*overrides) -> str:
@@ -160,12 +167,33 @@ def test_unknown_keys_name_the_path_and_suggest_the_closest(override, suggestion
     assert message.split(";")[0].endswith(".".join(key if key[0] != "optimiser" else key[:1]))
 
 
+def _refused_pretrain(*overrides) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_run_config("pretrain", os.path.join(REPO, "examples", "tiny", "pretrain.yaml"), list(overrides))
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
 def test_keys_inside_list_items_and_blends_are_checked_at_load():
-    message = _refused("data.kind=blended", "data.blend={sources: [{prefix: x, wieght: 2}]}")
+    message = _refused_pretrain("data.kind=blended", "data.blend={sources: [{prefix: x, wieght: 2}]}")
     assert message == "unknown config key data.blend.sources[0].wieght; did you mean data.blend.sources[0].weight?"
-    assert _refused("data.kind=blended") == "data.blend.sources is required"
-    assert "sources[].weight must be positive" in _refused("data.kind=blended",
-                                                           "data.blend={sources: [{prefix: x, weight: 0}]}")
+    assert _refused_pretrain("data.kind=blended") == "data.blend is required for data.kind=blended"
+    assert _refused_pretrain("data.kind=blended", "data.blend={}") == "data.blend.sources is required"
+    assert "sources[].weight must be positive" in _refused_pretrain("data.kind=blended",
+                                                                    "data.blend={sources: [{prefix: x, weight: 0}]}")
+
+
+def test_each_stage_takes_its_own_data_kinds_and_sections():
+    assert _refused_pretrain("data.kind=contrastive") == \
+        "data.kind must be one of 'blended', 'sft', 'synthetic', got 'contrastive'"
+    assert _refused_pretrain("data.kind=sft", "data.contrastive_prefix=x").startswith(
+        "unknown config key data.contrastive_prefix")
+    assert _refused_pretrain("data.sft_prefix=x") == "unknown config key data.sft_prefix for data.kind=synthetic"
+    assert _refused_pretrain("embedding.temperature=0.1").startswith("unknown config key embedding")
+    assert _refused("data.kind=blended") == "data.kind must be one of 'contrastive', got 'blended'"
+    assert load_run_config("sft", None, ["data.kind=sft", "data.sft_prefix=p"]).data.sft_prefix == "p"
+    assert load_run_config("pretrain", None, []).data.kind == "synthetic"  # no kind: synthetic, as before
+    assert load_run_config("embed-sup", None, ["data.contrastive_prefix=p"]).data.kind == "contrastive"
 
 
 @pytest.mark.parametrize("override,field", [
@@ -189,30 +217,31 @@ def test_a_recipe_that_is_not_a_mapping_is_refused(tmp_path):
     recipe = tmp_path / "list.yaml"
     recipe.write_text("- train\n- model\n")
     with pytest.raises(ConfigError, match=r"list\.yaml: a recipe is a YAML mapping of sections"):
-        load_config(RunConfig, str(recipe))
+        load_run_config("pretrain", str(recipe))
 
 
-@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(REPO, "examples", "*", "*.yaml"))),
-                         ids=lambda path: os.path.relpath(path, REPO))
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: os.path.relpath(path, REPO))
 def test_every_shipped_recipe_loads(recipe):
-    with open(recipe, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle)
-    cfg = from_dict(RunConfig, apply_overrides(values, []))
+    cfg = load_run_config(_stage_of(recipe), recipe)
+    assert type(cfg) is STAGE_CONFIGS[_stage_of(recipe)]
     cfg.model.build()
 
 
 def _check_example(key: str, value: str) -> None:
     """`key` names a field of RunConfig (or of the model, under model.overrides) and `value` converts to
     its type; the rest of the config may still need other keys (data.kind=blended needs a blend)."""
-    owner, annotation = RunConfig, RunConfig
-    parts = key.split(".")
+    owner = EmbeddingConfig if key.split(".")[0] != "data" or key.split(".")[-1] == "contrastive_prefix" \
+        else LanguageModelConfig
+    annotation, parts = owner, key.split(".")
     if parts[:2] == ["model", "overrides"] and len(parts) == 3:
         owner, parts = ConanModelConfig, parts[2:]
     for part in parts:
         types = typing.get_type_hints(owner)
         assert part in {f.name for f in dataclasses.fields(owner)}, f"example {key}={value}: no such key"
         annotation = types[part]
-        owner = next((arg for arg in (annotation, *typing.get_args(annotation)) if dataclasses.is_dataclass(arg)), None)
+        variants = [arg for arg in (annotation, *typing.get_args(annotation)) if dataclasses.is_dataclass(arg)]
+        owner = next((v for v in variants if len(parts) > 1 and parts[-1] in {f.name for f in dataclasses.fields(v)}),
+                     variants[0] if variants else None)
         if owner is None:
             break
     convert(yaml.safe_load(value), annotation, key)
@@ -243,7 +272,7 @@ def test_every_example_in_a_stage_help_text_is_a_valid_key(module, capsys):
 
 
 def test_every_override_example_in_the_readmes_and_recipes_is_a_valid_key():
-    sections = {field.name for field in dataclasses.fields(RunConfig)}
+    sections = {field.name for cls in (EmbeddingConfig, LanguageModelConfig) for field in dataclasses.fields(cls)}
     texts = [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "examples", "**", "*"), recursive=True)]
     checked = 0
     for path in texts:
@@ -266,12 +295,12 @@ def test_the_example_check_refuses_bad_examples():
         _check_example("train.train_steps", "many")
 
 
-@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(REPO, "examples", "*", "*.yaml"))),
-                         ids=lambda path: os.path.relpath(path, REPO))
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: os.path.relpath(path, REPO))
 def test_a_written_config_loads_back_unchanged(recipe, tmp_path):
-    cfg = load_config(RunConfig, recipe, ["optimizer.lr=3e-4", "train.token_budget=3e12", "run_dir=2024"])
+    stage = _stage_of(recipe)
+    cfg = load_run_config(stage, recipe, ["optimizer.lr=3e-4", "train.token_budget=3e12", "run_dir=2024"])
     dump_config(cfg, str(tmp_path / "config.yaml"))
-    assert load_config(RunConfig, str(tmp_path / "config.yaml")) == cfg
+    assert load_run_config(stage, str(tmp_path / "config.yaml")) == cfg
 
 
 def test_the_run_config_of_a_checkpoint_written_before_the_typed_loader_reads_the_same():
@@ -279,4 +308,14 @@ def test_the_run_config_of_a_checkpoint_written_before_the_typed_loader_reads_th
     common = os.path.join(REPO, "tests", "checkpoint", "fixtures", "embed_sup_e88d666", "checkpoints",
                           "iter_0000003", "common.pt")
     written = torch.load(common, weights_only=False)["extra"]["run_config"]
-    assert to_dict(from_dict(RunConfig, written)) == written
+    # every stage had every data key then: those of other kinds, at their defaults, mean nothing
+    data = {key: value for key, value in written["data"].items() if key not in ("blend", "sft_prefix", "split")}
+    assert to_dict(run_config_from_dict("embed-sup", written)) == {**written, "data": data}
+    # a pretraining run's config.yaml of that layout: every data key and the embedding section, unused
+    pretrain = {**written, "data": {**written["data"], "kind": "synthetic", "contrastive_prefix": None},
+                "embedding": to_dict(EmbeddingSection())}
+    expected = {key: value for key, value in written.items() if key != "embedding"}
+    expected["data"] = {"kind": "synthetic", "tokenizer": written["data"]["tokenizer"]}
+    assert to_dict(run_config_from_dict("pretrain", pretrain)) == expected
+    with pytest.raises(ConfigError, match="unknown config key data.sft_prefix"):  # set: it meant something
+        run_config_from_dict("pretrain", {**pretrain, "data": {**pretrain["data"], "sft_prefix": "p"}})

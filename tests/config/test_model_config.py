@@ -89,13 +89,13 @@ def test_forcing_transformer_engine_without_it_is_one_clear_error():
     from megatron_conan.config.loader import from_dict
     from megatron_conan.errors import ConfigError
     from megatron_conan.models.conan import transformer_engine_available
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import LanguageModelConfig
 
     if transformer_engine_available():
         pytest.skip("Transformer Engine is installed here")
     with pytest.raises(ConfigError, match="model.transformer_engine=true: Transformer Engine is not installed"):
-        from_dict(RunConfig, {"run_dir": "x", "model": {"transformer_engine": True}, "data": {"kind": "synthetic"}})
-    assert from_dict(RunConfig, {"run_dir": "x", "model": {"transformer_engine": False},
+        from_dict(LanguageModelConfig, {"run_dir": "x", "model": {"transformer_engine": True}, "data": {"kind": "synthetic"}})
+    assert from_dict(LanguageModelConfig, {"run_dir": "x", "model": {"transformer_engine": False},
                                  "data": {"kind": "synthetic"}}).model.transformer_engine is False
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 import yaml
 
-from megatron_conan.data.pretraining import BlendedDataConfig, DataSource, build_pretrain_datasets
+from megatron_conan.config.data import BlendedDataConfig, DataSource
+from megatron_conan.data.pretraining import build_pretrain_datasets
 from megatron_conan.datagen import synthetic
 from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl
 

@@ -72,11 +72,11 @@ def _recorded_training_body(rank, world_size, cfg_dict):
     from megatron_conan.config.loader import from_dict
     from megatron_conan.distributed.device import current_placement
     from megatron_conan.testing.placement import recording_devices
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import LanguageModelConfig
     from megatron_conan.training.trainer import train
 
     with recording_devices() as seen:
-        train(from_dict(RunConfig, cfg_dict))
+        train(from_dict(LanguageModelConfig, cfg_dict))
     return {"records": seen.records, "fed": seen.fed, "device": current_placement().device}
 
 

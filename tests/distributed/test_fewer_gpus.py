@@ -42,11 +42,11 @@ def _stage_on_one_device(rank, world_size, values):
 
     from megatron_conan.config.loader import from_dict
     from megatron_conan.testing.placement import recording_devices
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import LanguageModelConfig
     from megatron_conan.training.trainer import train
 
     with recording_devices() as seen:
-        train(from_dict(RunConfig, values))
+        train(from_dict(LanguageModelConfig, values))
     return {"cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "cuda_available": torch.cuda.is_available(),
             "backend": dist.get_backend(), "devices": sorted(map(str, seen.devices())), "kinds": sorted(seen.kinds())}
 

@@ -5,10 +5,16 @@ import ast
 import os
 from types import SimpleNamespace
 
+import pytest
+
+from megatron_conan.config.loader import from_dict
+from megatron_conan.config.run import STAGE_CONFIGS, LanguageModelConfig
+from megatron_conan.errors import ConfigError
+
 from megatron_conan.training.callbacks import (Checkpointing, ConsoleLog, Evaluation, MetricsFile, Preemption,
                                                ProgressBar, ScalarSink, default_callbacks)
 from megatron_conan.training.stage_registry import STAGES, build_stage
-from megatron_conan.training.trainer import StepRecord
+from megatron_conan.training.trainer import StepRecord, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,3 +84,9 @@ def test_every_entry_point_runs_a_registered_stage_and_every_stage_has_one():
                 used.add(node.args[1].value)
     assert used == set(STAGES)
     assert {build_stage(stage_id).name for stage_id in STAGES} == set(STAGES)
+    assert set(STAGE_CONFIGS) == set(STAGES)  # each stage's config class is named by the same ids
+
+
+def test_a_stage_refuses_another_stages_config(tmp_path):
+    with pytest.raises(ConfigError, match="the embed-weak stage takes its config as EmbeddingConfig, not LanguageModelConfig"):
+        train(from_dict(LanguageModelConfig, {"run_dir": str(tmp_path)}), stage="embed-weak")

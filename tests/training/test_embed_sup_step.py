@@ -63,9 +63,9 @@ class ChunkedForwardStage(FedStage):
 
 def _cfg(run_dir, **model):
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import EmbeddingConfig
 
-    return from_dict(RunConfig, {
+    return from_dict(EmbeddingConfig, {
         "run_dir": str(run_dir), "model": {"recipe": "tiny", **model},
         "train": {"train_steps": 4, "global_batch_size": GLOBAL_BATCH, "eval_interval": 0},
         "data": {"kind": "contrastive", "contrastive_prefix": "unused-fed-by-the-test"},

@@ -35,9 +35,9 @@ class FedStage(CapturingStage, WeaklySupervisedStage):
 
 def _cfg(run_dir, tensor_parallel=1, sequence_parallel=False, **embedding):
     from megatron_conan.config.loader import from_dict
-    from megatron_conan.config.run import RunConfig
+    from megatron_conan.config.run import EmbeddingConfig
 
-    return from_dict(RunConfig, {
+    return from_dict(EmbeddingConfig, {
         "run_dir": str(run_dir), "model": {"recipe": "tiny", "soft_mask": {
             "total_steps": SOFT_MASK_STEPS, "backend": "reference"}},
         "parallel": {"tensor_parallel": tensor_parallel, "sequence_parallel": sequence_parallel},

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_conan.config.loader import apply_overrides, from_dict, to_dict
 from megatron_conan.testing.distributed import run_distributed
-from megatron_conan.config.run import RunConfig
+from megatron_conan.config.run import LanguageModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny", "pretrain.yaml")
@@ -25,7 +25,7 @@ def _config(run_dir, *overrides) -> dict:
         values = yaml.safe_load(handle)
     values["run_dir"] = str(run_dir)
     apply_overrides(values, ["train.eval_interval=0", "train.log_interval=1", *overrides])
-    return to_dict(from_dict(RunConfig, values))
+    return to_dict(from_dict(LanguageModelConfig, values))
 
 
 def _train_body(rank, world_size, cfg_dict, nan_steps=()):
@@ -45,7 +45,7 @@ def _train_body(rank, world_size, cfg_dict, nan_steps=()):
                 output = output * float("nan")
             return output, loss_func
 
-    result = train(from_dict(RunConfig, cfg_dict), LanguageModelStage("pretrain", forward))
+    result = train(from_dict(LanguageModelConfig, cfg_dict), LanguageModelStage("pretrain", forward))
     return {"losses": result.losses, "steps": result.steps_done, "skipped": result.skipped_steps}
 
 
@@ -179,7 +179,7 @@ def _interrupted_save_body(rank, world_size, cfg_dict):
 
     saving.dist_checkpointing.save = failing_save
     try:
-        train(from_dict(RunConfig, cfg_dict))
+        train(from_dict(LanguageModelConfig, cfg_dict))
     except RuntimeError as error:
         message = str(error)
     else:

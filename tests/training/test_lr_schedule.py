@@ -11,12 +11,12 @@ import torch
 from megatron_conan.checkpoint.load import restore_scheduler
 from megatron_conan.config.loader import from_dict
 from megatron_conan.testing.distributed import run_distributed
-from megatron_conan.config.run import RunConfig
+from megatron_conan.config.run import LanguageModelConfig
 from megatron_conan.training.trainer import build_scheduler
 
 
-def _config(**optimizer) -> RunConfig:
-    return from_dict(RunConfig, {"run_dir": "unused", "model": {"recipe": "tiny"},
+def _config(**optimizer) -> LanguageModelConfig:
+    return from_dict(LanguageModelConfig, {"run_dir": "unused", "model": {"recipe": "tiny"},
                                  "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_fraction": 0.1,
                                                "decay_style": "cosine", **optimizer},
                                  "data": {"kind": "synthetic"}})
@@ -67,7 +67,7 @@ def test_a_restored_schedule_continues_the_uninterrupted_one():
 def _run(rank, world_size, run_dir):
     from megatron_conan.training.trainer import train
 
-    cfg = from_dict(RunConfig, {"run_dir": run_dir, "model": {"recipe": "tiny"}, "data": {"kind": "synthetic"},
+    cfg = from_dict(LanguageModelConfig, {"run_dir": run_dir, "model": {"recipe": "tiny"}, "data": {"kind": "synthetic"},
                                 "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_fraction": 0.25},
                                 "train": {"train_steps": 4, "global_batch_size": 2, "micro_batch_size": 2,
                                           "seq_length": 16, "log_interval": 1, "eval_interval": 0},
