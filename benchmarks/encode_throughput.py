@@ -7,9 +7,6 @@ first) so that machine load hits both alike; throughput is reported by wall cloc
 time (steadier on a shared machine), with the median over rounds of the ratio ours / theirs.
 ``--packing`` adds a third side: ours on packed rows (``conan-encode --max-tokens-per-row``); the
 share of padding positions of each layout is printed (both sides sort the texts by length first).
-Ours cuts batches by tokens (``token_budget_batches``: at most batch size x the longest text's
-tokens each); ``--count-batches`` adds ours cut as sentence-transformers cuts them, batch-size texts
-each, as a side of its own.
 
     python benchmarks/encode_throughput.py                         # builds a tiny model, CPU
     python benchmarks/encode_throughput.py --shape small --texts 1024 --batch-size 64 --packing
@@ -55,8 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="both sides' weights and activations (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--packing", action="store_true", help="also time ours on packed rows")
-    parser.add_argument("--count-batches", action="store_true",
-                        help="also time ours with batches of --batch-size texts (sentence-transformers' cut)")
     parser.add_argument("--max-tokens-per-row", type=int, default=512, help="packed row width (tokens)")
     parser.add_argument("--json", help="also write the figures here")
     return parser.parse_args(argv)
@@ -116,16 +111,15 @@ def _timed(encode, texts, device: str):
 
 def padding_shares(lengths, chunk: int, batch_size: int, max_tokens_per_row: int) -> dict:
     """Share of the computed positions that hold no token when each timed chunk of texts is sorted
-    by length and cut into our batches (`token_budget_batches`): right-padded to each batch's
-    longest, and packed (`models/packing.py` rows)."""
-    from megatron_conan.eval.embedders import token_budget_batches
+    by length and cut into batches of `batch_size`: right-padded to each batch's longest, and
+    packed (`models/packing.py` rows)."""
     from megatron_conan.models.packing import first_fit_rows
 
     padded = packed = 0
     for first in range(0, len(lengths), chunk):
         ordered = sorted(lengths[first:first + chunk], reverse=True)
-        for cut in token_budget_batches(ordered, batch_size):
-            batch = ordered[cut]
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start:start + batch_size]
             width = max(max_tokens_per_row, batch[0])
             padded += len(batch) * batch[0]
             packed += len(first_fit_rows(batch, width)) * width
@@ -141,7 +135,7 @@ def run(args) -> dict:
     from megatron_conan.eval.embedders import CheckpointEmbedder
 
     texts = benchmark_texts(args.texts)
-    names = ["ours"] + ["ours packed"] * args.packing + ["ours by count"] * args.count_batches + ["theirs"]
+    names = ["ours", "ours packed", "theirs"] if args.packing else ["ours", "theirs"]
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     with tempfile.TemporaryDirectory(prefix="encode_bench_") as work_dir:
         checkpoint, export = build_models(args, work_dir)
@@ -154,11 +148,6 @@ def run(args) -> dict:
                     checkpoint, max_length=args.max_length, device=args.device, precision=precision,
                     max_tokens_per_row=args.max_tokens_per_row))
                 sides["ours packed"] = lambda chunk: ours_packed.encode(chunk, batch_size=args.batch_size)
-            if args.count_batches:
-                ours_by_count = stack.enter_context(CheckpointEmbedder(
-                    checkpoint, max_length=args.max_length, device=args.device, precision=precision,
-                    batch_by_tokens=False))
-                sides["ours by count"] = lambda chunk: ours_by_count.encode(chunk, batch_size=args.batch_size)
             theirs = SentenceTransformer(export, device=args.device, local_files_only=True)
             theirs.max_seq_length = args.max_length
             theirs.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
@@ -208,7 +197,7 @@ def main(argv=None) -> int:
         rates = figures["texts_per_s"]
         print(f"  {label}: theirs {rates['theirs'][clock]:8.1f} texts/s")  # user-facing
         for name, ratios in figures["ratios"].items():
-            print(f"  {label}: {name:>13} {rates[name][clock]:8.1f} texts/s, ratio "  # user-facing
+            print(f"  {label}: {name:>11} {rates[name][clock]:8.1f} texts/s, ratio "  # user-facing
                   f"{figures['ratio_median'][name][clock]:.2f}x (rounds: "
                   + ", ".join(f"{ratio:.2f}" for ratio in ratios[clock]) + ")")
     print("  same vectors: min cosine " + ", ".join(  # user-facing

@@ -105,12 +105,9 @@ class CheckpointEmbedder(Embedder):
 
     def __init__(self, checkpoint: str, tokenizer: Optional[str] = None, pooling: Optional[str] = None,
                  query_instruction: Optional[str] = None, max_length: Optional[int] = None, precision: Optional[str] = None,
-                 device: Optional[str] = None, tokenizer_threads: int = 1, max_tokens_per_row: int = 0,
-                 batch_by_tokens: bool = True):
+                 device: Optional[str] = None, tokenizer_threads: int = 1, max_tokens_per_row: int = 0):
         """`max_tokens_per_row` > 0: each batch runs as packed rows of that many tokens (models/packing.py)
-        instead of padded to its longest text; the vectors are the same. `batch_by_tokens`: batches
-        of shorter texts hold more texts (see :func:`token_budget_batches`); false: `batch_size`
-        texts per batch, as sentence-transformers batches."""
+        instead of padded to its longest text; the vectors are the same."""
         from megatron_conan.conversion.attention import checkpoint_attention
         from megatron_conan.conversion.export import embedding_options, query_prompt, resolve_tokenizer, text_length
         from megatron_conan.checkpoint.metadata import read_checkpoint_info
@@ -135,7 +132,6 @@ class CheckpointEmbedder(Embedder):
         if max_tokens_per_row < 0:
             raise InputError(f"max tokens per row must be >= 0, got {max_tokens_per_row}")
         self.max_tokens_per_row = max_tokens_per_row
-        self.batch_by_tokens = batch_by_tokens
         self._world = contextlib.ExitStack()
         self._world.enter_context(model_parallel_world())
         # an embedder never closed still tears its world down: when it is collected, or at exit
@@ -176,12 +172,9 @@ class CheckpointEmbedder(Embedder):
         # the prompt's tokens, counted alone as sentence-transformers counts them (include_prompt)
         prompt_tokens = len(self.tokenizer.encode(prefix)) if prefix and not self.pool_prompt else 0
         order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index]))
-        lengths_desc = [len(sequences[index]) for index in order]
-        batches = (token_budget_batches(lengths_desc, batch_size) if self.batch_by_tokens
-                   else [slice(start, start + batch_size) for start in range(0, len(order), batch_size)])
         output = numpy.empty((len(sequences), self.dim), dtype=numpy.float32)
-        for batch in tqdm(batches, desc="encoding", unit="batch", disable=not show_progress):
-            rows = order[batch]
+        for start in tqdm(range(0, len(order), batch_size), desc="encoding", unit="batch", disable=not show_progress):
+            rows = order[start:start + batch_size]
             lengths = torch.tensor([len(sequences[row]) for row in rows])
             input_ids = torch.full((len(rows), int(lengths.max())), self.tokenizer.pad, dtype=torch.long)
             for slot, row in enumerate(rows):
@@ -227,23 +220,6 @@ class SentenceTransformerEmbedder(Embedder):
         return numpy.asarray(embeddings, dtype=numpy.float32)
 
 
-def token_budget_batches(lengths_desc: Sequence[int], batch_size: int) -> List[slice]:
-    """Batches over texts sorted longest first, each at most ``batch_size`` times the longest text's
-    length in padded tokens: the first batch is `batch_size` texts, as a count would cut it, and
-    batches of shorter texts hold more of them (10 tokens each after 128-token ones: 12x as many), so
-    the batch's memory stays that of the first while the forward passes, whose fixed cost a small
-    model feels, are fewer."""
-    if not lengths_desc:
-        return []
-    budget = batch_size * max(lengths_desc[0], 1)
-    batches, start = [], 0
-    while start < len(lengths_desc):
-        count = max(1, budget // max(lengths_desc[start], 1))
-        batches.append(slice(start, start + count))
-        start += count
-    return batches
-
-
 def is_sentence_transformer_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "modules.json"))
 
@@ -251,7 +227,7 @@ def is_sentence_transformer_dir(path: str) -> bool:
 def load_embedder(path: str, **options) -> Embedder:
     """A SentenceTransformerEmbedder for an exported directory (``modules.json``), else a
     CheckpointEmbedder (options: tokenizer, pooling, query_instruction, max_length, precision,
-    device, max_tokens_per_row, batch_by_tokens); `device` applies to both."""
+    device, max_tokens_per_row); `device` applies to both."""
     if not os.path.exists(path):
         raise InputError(f"model {path} does not exist")
     if is_sentence_transformer_dir(path):

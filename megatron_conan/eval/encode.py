@@ -30,11 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=("mean", "last", "first"), help="checkpoints; default: the run's")
     parser.add_argument("--query-instruction", help="instruction of the query prompt (checkpoints; default: the run's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="texts per forward pass (default 32); checkpoints cut batches by tokens: at most "
-                             "BATCH_SIZE x the longest text's tokens, so batches of short texts hold more")
-    parser.add_argument("--batch-by-count", action="store_true",
-                        help="checkpoints: BATCH_SIZE texts per batch whatever their length")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     parser.add_argument("--max-tokens-per-row", type=int,
                         help="checkpoints: run each batch as packed rows of this many tokens instead of padded "
                              "(same vectors; default: padded)")
@@ -45,8 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def embedder_options(args: argparse.Namespace) -> dict:
     return {"tokenizer": args.tokenizer, "max_length": args.max_length, "pooling": args.pooling,
             "query_instruction": args.query_instruction, "device": args.device,
-            "max_tokens_per_row": args.max_tokens_per_row,
-            "batch_by_tokens": False if args.batch_by_count else None}
+            "max_tokens_per_row": args.max_tokens_per_row}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -9,7 +9,6 @@ import numpy
 import pytest
 
 from megatron_conan.eval import encode
-from megatron_conan.eval.embedders import token_budget_batches
 from megatron_conan.testing.fixtures import EMBEDDING_TEXTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,12 +20,10 @@ def _write_jsonl(path, texts, field="text"):
             handle.write(json.dumps({field: text, "id": len(text)}, ensure_ascii=False) + "\n")
 
 
-@pytest.mark.parametrize("packing", [(), ("--max-tokens-per-row", "12"), ("--batch-by-count",)],
-                         ids=["padded", "packed", "by-count"])
+@pytest.mark.parametrize("packing", [(), ("--max-tokens-per-row", "12")], ids=["padded", "packed"])
 def test_encode_a_checkpoint_from_the_command_line(artifacts, tmp_path, packing):
     """Run dir of an embedding checkpoint -> .npy equal to the library's vectors (same process type
-    as a user's: the console script's module, its own world of one), padded or packed, batches cut
-    by tokens (the default) or by count."""
+    as a user's: the console script's module, its own world of one), padded or packed."""
     texts = list(EMBEDDING_TEXTS)
     _write_jsonl(tmp_path / "texts.jsonl", texts, field="body")
     output = tmp_path / "vectors.npy"
@@ -85,13 +82,3 @@ def test_an_embedder_left_open_tears_its_world_down_quietly(artifacts):
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
-
-
-def test_token_budget_batches_keep_the_first_batch_s_padded_size():
-    lengths = [128] * 3 + [64] * 4 + [10] * 30  # sorted longest first, as the embedder sorts them
-    batches = token_budget_batches(lengths, 2)
-    assert batches[0] == slice(0, 2)  # the first batch is what a count would cut
-    assert [i for cut in batches for i in range(len(lengths))[cut]] == list(range(len(lengths)))  # all, once, in order
-    assert all(len(lengths[cut]) * lengths[cut][0] <= 2 * 128 for cut in batches)  # padded tokens within the budget
-    assert [len(lengths[cut]) for cut in batches] == [2, 2, 4, 25, 4]  # shorter texts, more of them
-    assert token_budget_batches([], 4) == [] and token_budget_batches([0, 0], 1) == [slice(0, 1), slice(1, 2)]
