@@ -41,8 +41,12 @@ from megatron_conan.conversion.hf_config import (
     write_hf_config,
 )
 from megatron_conan.conversion.tokenizer_export import export_tokenizer, write_tokenizer_config
+from megatron_conan.data.tokenizer import ConanTokenizer
 from megatron_conan.errors import InputError
+from megatron_conan.losses.matryoshka import DEFAULT_DIMS, matryoshka_dims as usable_dims
+from megatron_conan.models.pooling import POOLING_MODES
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
+from megatron_conan.preprocess.encoders import format_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +64,6 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 
 def resolve_tokenizer(info: CheckpointInfo, tokenizer: Optional[str]) -> str:
     """The SentencePiece model to export with `info`'s weights; its vocabulary must fit the model."""
-    from megatron_conan.data.tokenizer import ConanTokenizer
-
     path = tokenizer or info.tokenizer_path()
     if path is None:
         raise InputError(f"{info.path}: its run config names no tokenizer (data.tokenizer); pass --tokenizer")
@@ -144,8 +146,6 @@ def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paral
               overwrite: bool = False) -> str:
     """Write the HF Llama model in `hf_dir` as a checkpoint directory (``latest`` + ``iter_0000000``)
     at the given TP/PP, ready for ``checkpoint.load_dir``; returns `output`."""
-    from megatron_conan.data.tokenizer import ConanTokenizer
-
     values = read_hf_config(hf_dir)
     model_config = model_config_from_hf(values, hf_dir)
     architecture = values["architectures"][0]
@@ -179,10 +179,6 @@ def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paral
 
 def embedding_options(info: CheckpointInfo, pooling: Optional[str], query_instruction: Optional[str],
                        matryoshka_dims: Optional[Sequence[int]], pool_prompt: Optional[bool] = None) -> Dict[str, Any]:
-    from megatron_conan.losses.matryoshka import DEFAULT_DIMS
-    from megatron_conan.losses.matryoshka import matryoshka_dims as usable_dims
-    from megatron_conan.models.pooling import POOLING_MODES
-
     settings = info.embedding_settings()
     pooling = pooling or settings.get("pooling") or "mean"
     if pooling not in POOLING_MODES:
@@ -218,8 +214,6 @@ def text_length(model_config: ConanModelConfig, requested: Optional[int],
 
 def query_prompt(instruction: str) -> str:
     """The `query` prompt: the training instruction template around `instruction`."""
-    from megatron_conan.preprocess.encoders import format_instruction
-
     return format_instruction(instruction)
 
 

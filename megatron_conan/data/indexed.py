@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Type
 import numpy
 
 from megatron_conan import atomic_write
+from megatron_conan.data.provenance import META_SUFFIX, merged_record, write_record
 from megatron_conan.errors import ConfigError, DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -226,8 +227,6 @@ def merge_indexed_datasets(prefixes: Sequence[str], output_prefix: str) -> Index
     share one dtype, and their tokenizer records (`provenance`) one tokenizer; the merged dataset
     gets the combined record. Returns the (committed) writer, whose counters describe the
     result."""
-    from megatron_conan.data.provenance import META_SUFFIX, merged_record, write_record
-
     if not prefixes:
         raise ConfigError("nothing to merge")
     for prefix in prefixes:

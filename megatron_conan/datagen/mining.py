@@ -36,6 +36,7 @@ import numpy
 from megatron_conan.errors import DataError, InputError
 from megatron_conan.eval.search import exact_top_k
 from megatron_conan.eval.text_io import iter_jsonl_records, read_texts, record_text, save_json, write_atomically
+from megatron_conan.preprocess.encoders import format_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,6 @@ class Example:
 
 def read_examples(path: str, embedder, query_prompt: str) -> List[Example]:
     """The (query, positive) records of a contrastive JSONL file; other tasks are refused by line."""
-    from megatron_conan.preprocess.encoders import format_instruction
-
     default_prefix = embedder.prompt_text(query_prompt)
     examples = []
     for number, record in iter_jsonl_records(path):

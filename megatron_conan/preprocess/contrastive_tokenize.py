@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 import numpy
 
 from megatron_conan.data.provenance import META_SUFFIX, tokenizer_record
+from megatron_conan.data.tokenizer import ConanTokenizer
 from megatron_conan.preprocess.encoders import (
     CONTRASTIVE_TASKS,
     INSTRUCTION_TEMPLATE,
@@ -70,8 +71,6 @@ def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
             return 0
         if instruction not in prompt_lengths:
             if not tokenizers:
-                from megatron_conan.data.tokenizer import ConanTokenizer
-
                 tokenizers.append(ConanTokenizer(config.tokenizer_model))
             prompt_lengths[instruction] = min(prompt_token_count(tokenizers[0], instruction), 65535)
         return prompt_lengths[instruction]

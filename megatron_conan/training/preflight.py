@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 
+from megatron_conan.data.tokenizer import ConanTokenizer
 from megatron_conan.errors import ConfigError
 
 
 def load_checked_tokenizer(cfg, model_config):
     """The run's ConanTokenizer (``data.tokenizer``), refused unless its vocabulary is the model's."""
-    from megatron_conan.data.tokenizer import ConanTokenizer
-
     path = cfg.data.tokenizer
     if not path:
         raise ConfigError(f"data.tokenizer is required for data.kind={cfg.data.kind}")
