@@ -34,10 +34,16 @@ class ModelSection:
     """SoftMaskConfig fields of the embedding stages' attention (stage 3: the causal ->
     bidirectional schedule, `total_steps` defaulting to the stage's steps minus one, so that the
     first step is causal and the last bidirectional; stage 4: bidirectional
-    unless set). Pretrain and SFT refuse it."""
+    unless set). Pretrain and SFT refuse it. Checked and typed as SoftMaskConfig fields when the
+    config loads; it stays the mapping of the keys set, laid over the stage's default."""
 
     def __post_init__(self):
         self.build()  # a bad recipe name or override fails when the config loads
+        if self.soft_mask is not None:
+            from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig  # torch: not at config import
+
+            checked = from_dict(SoftMaskConfig, self.soft_mask, "model.soft_mask")
+            self.soft_mask = {key: getattr(checked, key) for key in self.soft_mask}  # the keys set, typed
         if self.transformer_engine:
             from megatron_conan.models.conan import transformer_engine_available
 

@@ -319,3 +319,13 @@ def test_the_run_config_of_a_checkpoint_written_before_the_typed_loader_reads_th
     assert to_dict(run_config_from_dict("pretrain", pretrain)) == expected
     with pytest.raises(ConfigError, match="unknown config key data.sft_prefix"):  # set: it meant something
         run_config_from_dict("pretrain", {**pretrain, "data": {**pretrain["data"], "sft_prefix": "p"}})
+
+
+def test_the_soft_mask_overlay_is_checked_when_the_config_loads():
+    soft_mask = _load("model.soft_mask={schedule: quadratic, total_steps: 1e3}").model.soft_mask
+    assert soft_mask == {"schedule": "quadratic", "total_steps": 1000}  # the keys set: laid over the stage's default
+    assert type(soft_mask["total_steps"]) is int
+    assert _refused("model.soft_mask={schedul: linear}") == \
+        "unknown config key model.soft_mask.schedul; did you mean model.soft_mask.schedule?"
+    assert _refused("model.soft_mask={total_steps: many}") == "model.soft_mask.total_steps must be an integer, got 'many'"
+    assert "SoftMaskConfig.fixed_a must be None or in [0, 1]" in _refused("model.soft_mask={fixed_a: 2}")
