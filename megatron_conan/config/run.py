@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
-from megatron_conan.config.data import (BlendedData, ContrastiveData, LanguageModelData, SFTData, SyntheticData,
-                                        data_kind)
+from megatron_conan.config.data import DATA_KINDS, ContrastiveData, LanguageModelData, SyntheticData, data_kind
 from megatron_conan.config.loader import apply_overrides, from_dict, read_recipe, to_dict
 from megatron_conan.config.model import ConanModelConfig, ParallelConfig, model_recipe
 from megatron_conan.errors import ConfigError
@@ -351,8 +350,7 @@ def _drop_earlier_layout_defaults(values: Dict[str, Any], cls: type) -> Dict[str
             del values["embedding"]
     data = values.get("data")
     if isinstance(data, dict):
-        variant = {"blended": BlendedData, "sft": SFTData, "synthetic": SyntheticData,
-                   "contrastive": ContrastiveData}.get(data_kind(data))
+        variant = DATA_KINDS.get(data_kind(data))
         if variant is not None:
             own = {f.name for f in fields(variant)}
             values["data"] = {key: value for key, value in data.items()
@@ -363,9 +361,7 @@ def _drop_earlier_layout_defaults(values: Dict[str, Any], cls: type) -> Dict[str
 def load_run_config(stage: str, path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
     """Stage `stage`'s config from a YAML recipe (or a run's written config.yaml, including one
     written before the per-stage configs) plus dotted overrides."""
-    cls = config_class(stage)
-    values = apply_overrides(read_recipe(path), list(overrides))
-    return from_dict(cls, _drop_earlier_layout_defaults(values, cls))
+    return run_config_from_dict(stage, apply_overrides(read_recipe(path), list(overrides)))
 
 
 def run_config_from_dict(stage: str, values: Dict[str, Any]) -> RunConfig:
