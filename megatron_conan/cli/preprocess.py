@@ -17,7 +17,6 @@ import sys
 
 from megatron_conan.console import command_parser, run_command
 from megatron_conan.data.indexed import merge_indexed_datasets
-from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
 from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl, run_and_report
 
 PROG = "conan-preprocess"
@@ -82,7 +81,14 @@ def _main(argv) -> int:
         max_bad_fraction=args.max_bad_fraction, max_bad_line_examples=args.max_bad_line_examples,
         verify_sample=args.verify_sample, word_cache=not args.no_word_cache,
         cache_mb=args.cache_mb, batch_lines=args.batch_lines, progress=not args.no_progress)
-    run = tokenize_contrastive if args.format == "contrastive" else preprocess_jsonl
+    run = preprocess_jsonl
+    if args.format == "contrastive":
+        # Imported here, not at the top: it needs the shared tokenizer class and so megatron-core
+        # and torch (~4 s per process on 2 cores). Spawned workers import this module again, and
+        # the text, SFT and merge paths need neither.
+        from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
+
+        run = tokenize_contrastive
     return run_and_report(config, args.report_json, run)
 
 
