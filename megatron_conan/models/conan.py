@@ -5,7 +5,8 @@ biases); parallelism lives elsewhere (``megatron_conan.distributed``). The core-
 pluggable: the soft-mask kernel of stage 3 drops in there without touching anything else.
 
 With Transformer Engine installed the spec uses its fused norm+linear layers and attention; without
-it, megatron-core's local layers and our sequence-parallel-capable :class:`ConanRMSNorm`.
+it, megatron-core's local layers (``models/local_layers.py``: the same layers minus two per-call
+costs) and our sequence-parallel-capable :class:`ConanRMSNorm`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Optional, Union
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.models.local_layers import ConanColumnParallelLinear, ConanMLP, ConanRowParallelLinear
 from megatron_conan.ops.norms import ConanRMSNorm
 
 CoreAttention = Union[type, ModuleSpec]
@@ -45,7 +46,7 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def _layer_spec(norm, linear_qkv, core_attention: CoreAttention, linear_proj, linear_fc1, linear_fc2) -> ModuleSpec:
+def _layer_spec(norm, linear_qkv, core_attention: CoreAttention, linear_proj, mlp: Union[type, ModuleSpec]) -> ModuleSpec:
     """One pre-norm layer: `norm` before attention and before the MLP (IdentityOp where the norm is
     fused into the following linear layer), GQA self-attention, a SwiGLU MLP, no biases."""
     return ModuleSpec(
@@ -65,15 +66,17 @@ def _layer_spec(norm, linear_qkv, core_attention: CoreAttention, linear_proj, li
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
 def _local_layer_spec(core_attention: CoreAttention) -> ModuleSpec:
-    return _layer_spec(ConanRMSNorm, ColumnParallelLinear, core_attention, RowParallelLinear,
-                       ColumnParallelLinear, RowParallelLinear)
+    # ConanMLP as a class, not a ModuleSpec: megatron-core's layer passes its TP group only to an MLP
+    # spec of exactly its own class and logs a warning for any other; the class builds its own local
+    # linear layers on the model-parallel TP group, which is the layer's
+    return _layer_spec(ConanRMSNorm, ConanColumnParallelLinear, core_attention, ConanRowParallelLinear, ConanMLP)
 
 
 def _transformer_engine_layer_spec(core_attention: Optional[CoreAttention]) -> ModuleSpec:
@@ -84,8 +87,10 @@ def _transformer_engine_layer_spec(core_attention: Optional[CoreAttention]) -> M
         TERowParallelLinear,
     )
 
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
+                                                          linear_fc2=TERowParallelLinear))
     return _layer_spec(IdentityOp, TELayerNormColumnParallelLinear, core_attention or TEDotProductAttention,
-                       TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear)
+                       TERowParallelLinear, mlp)
 
 
 def conan_block_spec(
