@@ -5,7 +5,9 @@ optimizer), plain and with GradCache, on right-padded batches and, with ``--pack
 rows (``embedding.packing``: texts back to back in rows of ``--max-tokens-per-row`` tokens).
 Theirs: sentence-transformers training a Hugging Face ``LlamaModel`` of the same shape
 (``is_causal: false``, mean pooling, Normalize) with ``MultipleNegativesRankingLoss`` and, against
-our GradCache, ``CachedMultipleNegativesRankingLoss`` with the same mini-batch size; AdamW, the same
+our GradCache, ``CachedMultipleNegativesRankingLoss`` with the same mini-batch size (and, with
+``--mini-batch-tokens N``, both sides again with chunks cut by true tokens instead: ours
+``embedding.mini_batch_tokens``, theirs ``mini_batch_num_tokens``, the same N); AdamW, the same
 batches, the same temperature (scale = 1 / temperature). Rounds are interleaved (ours padded, ours
 packed, theirs, ...) so that machine load hits every side alike; the ratio is ours / theirs per
 round, and its median is reported.
@@ -143,7 +145,7 @@ def padding_shares(workload: Workload, max_tokens_per_row: int) -> Dict[str, flo
 class _Ours:
     """The embed-weak stage fed fixed batches, one world of one process; `packing` per step."""
 
-    def __init__(self, args, workload: Workload, run_dir: str, mini_batch_size: int):
+    def __init__(self, args, workload: Workload, run_dir: str, mini_batch_size: int, mini_batch_tokens: int = 0):
         from megatron_conan.config.loader import from_dict
         from megatron_conan.config.run import EmbeddingConfig
         from megatron_conan.training.embedding_stage import WeaklySupervisedStage
@@ -167,6 +169,7 @@ class _Ours:
             "optimizer": {"lr": 1e-5, "warmup_fraction": 0.0, "decay_style": "constant"},
             "data": {"kind": "contrastive", "contrastive_prefix": "unused"},
             "embedding": {**workload.embedding, "temperature": args.temperature, "mini_batch_size": mini_batch_size,
+                          "mini_batch_tokens": mini_batch_tokens,
                           "max_tokens_per_row": args.max_tokens_per_row, "mask_duplicate_positives": False}})
         self.stage = FedStage()
         self.trainer = Trainer(cfg, self.stage)
@@ -187,7 +190,7 @@ class _Ours:
 class _Theirs:
     """sentence-transformers training a Hugging Face Llama of the same shape."""
 
-    def __init__(self, args, model_config, directory: str, mini_batch_size: int):
+    def __init__(self, args, model_config, directory: str, mini_batch_size: int, mini_batch_tokens: int = 0):
         import torch
         from sentence_transformers import SentenceTransformer, losses, models
         from tokenizers import Tokenizer
@@ -214,8 +217,13 @@ class _Theirs:
                                                   models.Normalize()], device=device)
         self.model.train()
         scale = 1.0 / args.temperature
-        self.loss = (losses.CachedMultipleNegativesRankingLoss(self.model, scale=scale, mini_batch_size=mini_batch_size)
-                     if mini_batch_size else losses.MultipleNegativesRankingLoss(self.model, scale=scale))
+        if mini_batch_tokens:  # chunks by true tokens (mini_batch_size is then not read)
+            self.loss = losses.CachedMultipleNegativesRankingLoss(self.model, scale=scale,
+                                                                  mini_batch_num_tokens=mini_batch_tokens)
+        elif mini_batch_size:
+            self.loss = losses.CachedMultipleNegativesRankingLoss(self.model, scale=scale, mini_batch_size=mini_batch_size)
+        else:
+            self.loss = losses.MultipleNegativesRankingLoss(self.model, scale=scale)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.device = device
 
@@ -285,6 +293,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens-per-row", type=int, default=512, help="packed row width (tokens)")
     parser.add_argument("--mini-batch-size", type=int, default=16 if on_gpu else 8,
                         help="GradCache chunk (ours) = CachedMNRL mini_batch_size (theirs); 0: plain only")
+    parser.add_argument("--mini-batch-tokens", type=int, default=0,
+                        help="also time GradCache with chunks of at most this many true tokens on both sides "
+                             "(ours embedding.mini_batch_tokens, theirs mini_batch_num_tokens); 0: not timed")
     parser.add_argument("--precision", default="bf16" if on_gpu else "fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
@@ -319,13 +330,14 @@ def main(argv=None) -> int:
     init_process_group_from_env()
     synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     rows = []
-    modes = [("plain", 0)] + ([("cached", args.mini_batch_size)] if args.mini_batch_size else [])
+    modes = ([("plain", 0, 0)] + ([("cached", args.mini_batch_size, 0)] if args.mini_batch_size else [])
+             + ([("tokens", 0, args.mini_batch_tokens)] if args.mini_batch_tokens else []))
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            for label, mini_batch_size in modes:
-                ours = _Ours(args, workload, os.path.join(scratch, f"ours_{label}"), mini_batch_size)
+            for label, mini_batch_size, mini_batch_tokens in modes:
+                ours = _Ours(args, workload, os.path.join(scratch, f"ours_{label}"), mini_batch_size, mini_batch_tokens)
                 theirs = _Theirs(args, ours.trainer.ctx.model_config, os.path.join(scratch, f"theirs_{label}"),
-                                 mini_batch_size)
+                                 mini_batch_size, mini_batch_tokens)
                 sides = {**{layout: (ours, layout == "packed") for layout in layouts}, "theirs": (theirs, False)}
                 for trainer, packing in sides.values():
                     _time(trainer, workload.batches, args.warmup, synchronize, packing)
@@ -339,6 +351,7 @@ def main(argv=None) -> int:
                 for layout in layouts:
                     ratios = [o / t for o, t in zip(rates[layout], rates["theirs"])]
                     rows.append({"mode": label, "layout": layout, "mini_batch_size": mini_batch_size,
+                                 "mini_batch_tokens": mini_batch_tokens,
                                  "ours_pairs_per_s": statistics.median(rates[layout]),
                                  "theirs_pairs_per_s": statistics.median(rates["theirs"]),
                                  "ratio_median": statistics.median(ratios), "ratios": ratios,
@@ -360,7 +373,8 @@ def main(argv=None) -> int:
           + (f", packed {shares['packed']:.1%} (rows of {args.max_tokens_per_row} tokens)" if args.packing else ""))
     print(f"{'mode':>7} {'layout':>7} {'ours pairs/s':>13} {'ST pairs/s':>11} {'ratio':>6}  per-round ratios")  # user-facing
     for row in rows:
-        theirs_name = "CachedMNRL" if row["mini_batch_size"] else "MNRL"
+        theirs_name = ("CachedMNRL by tokens" if row["mini_batch_tokens"]
+                       else "CachedMNRL" if row["mini_batch_size"] else "MNRL")
         print(f"{row['mode']:>7} {row['layout']:>7} {row['ours_pairs_per_s']:>13.1f} "  # user-facing
               f"{row['theirs_pairs_per_s']:>11.1f} {row['ratio_median']:>5.2f}x  "
               f"{' '.join(f'{r:.2f}' for r in row['ratios'])}  (vs {theirs_name})")
