@@ -94,7 +94,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "triton==3.9.0"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton==3.9.0"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": [
