@@ -17,7 +17,8 @@ CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
 # The suite runs on TEST_WORKERS pytest-xdist processes, a test file to a process (--dist loadfile:
 # module fixtures are built once). Most tests leave a core idle (imports, Python, single-threaded
 # ranks): on 2 cores two workers took 855 s against 1300 s in one, every test passing in both.
-TEST_WORKERS ?= 2  # 0: in this process, without xdist
+# TEST_WORKERS=0: in this process, without xdist.
+TEST_WORKERS ?= 2
 
 quickstart: $(STAMP)
 	$(PYTHON) -m megatron_conan.quickstart
