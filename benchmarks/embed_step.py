@@ -242,6 +242,13 @@ class _Theirs:
         self.optimizer.zero_grad()
 
 
+def theirs_name(row: Dict) -> str:
+    """The sentence-transformers loss a result row was timed against."""
+    if row["mini_batch_tokens"]:
+        return "CachedMNRL by tokens"
+    return "CachedMNRL" if row["mini_batch_size"] else "MNRL"
+
+
 def _time(trainer, batches, steps: int, synchronize, packing: bool = False) -> float:
     synchronize()
     started = time.perf_counter()
@@ -373,11 +380,9 @@ def main(argv=None) -> int:
           + (f", packed {shares['packed']:.1%} (rows of {args.max_tokens_per_row} tokens)" if args.packing else ""))
     print(f"{'mode':>7} {'layout':>7} {'ours pairs/s':>13} {'ST pairs/s':>11} {'ratio':>6}  per-round ratios")  # user-facing
     for row in rows:
-        theirs_name = ("CachedMNRL by tokens" if row["mini_batch_tokens"]
-                       else "CachedMNRL" if row["mini_batch_size"] else "MNRL")
         print(f"{row['mode']:>7} {row['layout']:>7} {row['ours_pairs_per_s']:>13.1f} "  # user-facing
               f"{row['theirs_pairs_per_s']:>11.1f} {row['ratio_median']:>5.2f}x  "
-              f"{' '.join(f'{r:.2f}' for r in row['ratios'])}  (vs {theirs_name})")
+              f"{' '.join(f'{r:.2f}' for r in row['ratios'])}  (vs {theirs_name(row)})")
     for row in rows:
         if "packed_over_padded" in row:
             print(f"{row['mode']}: packed / padded {row['packed_over_padded']:.2f}x")  # user-facing

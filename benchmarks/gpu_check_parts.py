@@ -193,8 +193,7 @@ def part_embed_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
                                                "--rounds", "1", "--steps", "2", "--warmup", "1"], scratch)
     figures = {}
     for row in rows:
-        theirs = ("CachedMNRL by tokens" if row["mini_batch_tokens"]
-                  else "CachedMNRL" if row["mini_batch_size"] else "MNRL")
+        theirs = embed_step.theirs_name(row)
         label = f"{row['mode']} {row['layout']}"
         figures[f"{label} ours pairs/s"] = round(row["ours_pairs_per_s"], 1)
         figures[f"{label} {theirs} pairs/s"] = round(row["theirs_pairs_per_s"], 1)

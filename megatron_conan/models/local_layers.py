@@ -13,9 +13,9 @@ per-call work shows in every step and every encoded batch:
   bits. With sequence parallelism the column layer gathers its input inside that Function, so that
   case keeps it.
 
-Both subclasses keep megatron-core's parameters, state-dict keys and sharded-checkpoint layout, and
-fall back to megatron-core's own forward for any configuration they do not cover (a bias in the
-GLU, clamping, per-token scales, fused activations).
+The subclasses keep megatron-core's parameters, state-dict keys and sharded-checkpoint layout, and
+fall back to megatron-core's own forward for any configuration they do not cover (another
+activation, clamping, a non-zero offset, per-token scales, fused activations).
 """
 
 from __future__ import annotations
@@ -35,25 +35,27 @@ def _product_without_autograd(input, weight, bias, sequence_parallel: bool):
     return output if bias is None else output + bias
 
 
-class ConanColumnParallelLinear(ColumnParallelLinear):
-    """ColumnParallelLinear whose no-grad product skips the autograd Function (same maths)."""
+class _NoGradProduct:
+    """Mixed in before a megatron-core parallel linear layer: its no-grad product skips the
+    autograd Function (same maths). megatron-core calls ``_forward_impl`` with keyword arguments."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         output = _product_without_autograd(input, weight, kwargs.get("bias"), kwargs.get("sequence_parallel", True))
         return output if output is not None else super()._forward_impl(input, weight, *args, **kwargs)
 
 
-class ConanRowParallelLinear(RowParallelLinear):
-    """RowParallelLinear whose no-grad product skips the autograd Function (same maths); the
-    all-reduce (or reduce-scatter) that follows it is megatron-core's, unchanged."""
+class ConanColumnParallelLinear(_NoGradProduct, ColumnParallelLinear):
+    """ColumnParallelLinear whose no-grad product skips the autograd Function."""
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        output = _product_without_autograd(input, weight, kwargs.get("bias"), kwargs.get("sequence_parallel", True))
-        return output if output is not None else super()._forward_impl(input, weight, *args, **kwargs)
+
+class ConanRowParallelLinear(_NoGradProduct, RowParallelLinear):
+    """RowParallelLinear whose no-grad product skips the autograd Function; the all-reduce (or
+    reduce-scatter) that follows it is megatron-core's, unchanged."""
 
 
 class ConanMLP(MLP):
-    """MLP whose plain SwiGLU (no bias, no clamp, zero offset, unfused) skips the offset pass.
+    """MLP whose plain SwiGLU (SiLU, no clamp, zero offset, unfused; fc1's bias, if any, added
+    first as megatron-core does) skips the offset pass.
 
     Built from the layer spec as a class: its linear layers default to the local ones above, its
     width to the config's, and its TP group to the model-parallel one."""
@@ -64,15 +66,13 @@ class ConanMLP(MLP):
                                                  linear_fc2=ConanRowParallelLinear)
         super().__init__(config, submodules, is_expert=is_expert, input_size=input_size,
                          ffn_hidden_size=ffn_hidden_size or config.ffn_hidden_size, tp_group=tp_group)
-
-    def _plain_swiglu(self) -> bool:
-        config = self.config
-        return (config.gated_linear_unit and self.activation_func is torch.nn.functional.silu
-                and not config.use_te_activation_func and not config.bias_activation_fusion
-                and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0)
+        # decided once: the config does not change after the model is built
+        self.plain_swiglu = (config.gated_linear_unit and self.activation_func is torch.nn.functional.silu
+                             and not config.use_te_activation_func and not config.bias_activation_fusion
+                             and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        if per_token_scale is not None or not self._plain_swiglu():
+        if per_token_scale is not None or not self.plain_swiglu:
             return super().forward(hidden_states, per_token_scale, **kwargs)
         intermediate, bias = self.linear_fc1(hidden_states)  # [s, b, 2 * ffn / tp]
         if bias is not None:
