@@ -71,7 +71,7 @@ setup(
     package_data={"megatron_conan": ["**/*.md", "**/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",  # the GPU node's (benchmarks/gpu_node_inventory.txt), proven by make gpu-rehearsal
         "megatron-core==0.16.1",
         "psutil",  # megatron-core's async checkpoint writer hangs without it (undeclared there)
         "numpy",
@@ -84,9 +84,10 @@ setup(
         "zstandard",
         "tensorboard",
         # export and evaluation (docs/DESIGN.md section 10): transformers >= 5.2 reads "is_causal": false, so an
-        # exported LlamaModel attends bidirectionally with no custom code
-        "transformers>=5.2",
-        "sentence-transformers>=6.2",
+        # exported LlamaModel attends bidirectionally with no custom code; the floors of torch, transformers,
+        # sentence-transformers and triton are the GPU node's versions, which make gpu-rehearsal runs on
+        "transformers>=5.17",
+        "sentence-transformers>=6.0",
         "safetensors",
         "mteb>=2.0",
         "pytrec-eval-terrier",  # the metrics MTEB itself computes
@@ -94,8 +95,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton==3.9.0"],
-        "triton": ["triton"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton>=3.6"],
+        "triton": ["triton>=3.6"],
     },
     entry_points={"console_scripts": [
         "conan-pretrain=megatron_conan.training.pretrain:main",
