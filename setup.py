@@ -1,8 +1,9 @@
 """Installs megatron_conan.
 
-The CUDA soft-mask attention extension (csrc/) is built only where CUDA is present; set
-MEGATRON_CONAN_SKIP_CUDA_EXT=1 to skip it anyway. Transformer Engine and Apex are optional GPU fast
-paths and never required.
+The CUDA soft-mask attention extension (csrc/) is built only where CUDA is present (a visible GPU,
+or CUDA_ARCHS naming the architectures to build for, e.g. "90a", with a CUDA build of torch and
+nvcc); set MEGATRON_CONAN_SKIP_CUDA_EXT=1 to skip it anyway. MAX_JOBS sets the parallel compiles.
+Transformer Engine and Apex are optional GPU fast paths and never required.
 """
 
 import os
@@ -43,7 +44,10 @@ def _cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if CUDA_HOME is None or not torch.cuda.is_available():
+    # CUDA_ARCHS names the GPU to build for, so a machine without one (a login node, the CPU
+    # rehearsal) can build ahead of the GPU check
+    if CUDA_HOME is None or torch.version.cuda is None or not (
+            torch.cuda.is_available() or os.environ.get("CUDA_ARCHS", "").strip()):
         return [], {}
     sources = [os.path.join("csrc", name) for name in sorted(os.listdir("csrc"))
                if name.endswith((".cu", ".cpp"))]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PARTS = ["stages", "kernels", "kernel_speed", "train_step", "embed_step", "encode"]
+PARTS = ["kernels", "kernel_speed", "train_step", "embed_step", "encode", "stages"]
 
 
 def _check(tmp_path, *argv, timeout=600):

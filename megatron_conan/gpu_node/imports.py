@@ -7,9 +7,8 @@ reaches. An import inside ``try: ... except ImportError`` (or ``Exception``) is 
 code runs without it (Transformer Engine, W&B).
 
 :func:`run_import_check` imports each module in a fresh interpreter, the way the rehearsal does on
-the node's venv with the bundle on its path; in a test, ``block_except`` makes this machine's
-environment look like the node: a top-level module of a distribution outside that set fails to
-import as it would there.
+the node's venv with the bundle on its path; in a test, ``only`` makes this machine's environment
+look like the node: the child sees only the named distributions, as it would there.
 """
 
 from __future__ import annotations
@@ -20,7 +19,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from importlib import metadata
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from packaging.utils import canonicalize_name
 
 from megatron_conan.gpu_node.inventory import REPO
 
@@ -108,21 +111,9 @@ def check_imports(repo: str = REPO, entries: Sequence[str] = ENTRY_MODULES) -> C
 
 
 _CHILD = r"""
-import importlib, importlib.abc, importlib.metadata, json, sys
-modules, optional, allowed = json.loads(sys.argv[1])
-if allowed is not None:
-    allowed = set(allowed)
-    owners = importlib.metadata.packages_distributions()
-    canon = lambda name: name.lower().replace("_", "-").replace(".", "-")
+import importlib, json, sys
+modules, optional = json.loads(sys.argv[1])
 
-    class NotOnTheNode(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            dists = {canon(d) for d in owners.get(name.split(".")[0], ())}
-            if "." not in name and dists and not dists & allowed:
-                raise ModuleNotFoundError(f"No module named {name!r} (not on the node nor in the bundle)", name=name)
-            return None
-
-    sys.meta_path.insert(0, NotOnTheNode())
 def load(name):
     try:
         importlib.import_module(name)
@@ -143,18 +134,35 @@ print(json.dumps(failed))
 
 
 def run_import_check(modules: CheckImports, python: str = sys.executable, path: Sequence[str] = (),
-                     block_except: Optional[Iterable[str]] = None, cwd: str = REPO,
+                     only: Optional[Iterable[str]] = None, cwd: str = REPO,
                      env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Import every module of `modules` in a fresh `python` with `path` in front of PYTHONPATH;
-    {module: error} of the required ones that fail (optional ones may fail). `block_except`: the
-    canonical names of the only distributions whose modules may import (None: no such limit)."""
+    {module: error} of the required ones that fail (optional ones may fail). `only`: canonical names
+    of the only installed distributions the child may see (a site of links to them replaces
+    site-packages), to make this environment look like another machine's."""
     child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONPATH"] = os.pathsep.join([*path, cwd, *filter(None, [child_env.get("PYTHONPATH")])])
     child_env.setdefault("TRITON_INTERPRET", "1")  # triton's import must not need a GPU driver
-    allowed = None if block_except is None else sorted(block_except)
-    payload = json.dumps([list(modules.required), list(modules.optional), allowed])
-    result = subprocess.run([python, "-c", _CHILD, payload], cwd=cwd, env=child_env, capture_output=True,
-                            text=True, timeout=900)
+    payload = json.dumps([list(modules.required), list(modules.optional)])
+    with tempfile.TemporaryDirectory(prefix="node_site_") as site:
+        flags = []
+        if only is not None:
+            _link_distributions(set(only), site)
+            path, flags = [*path, site], ["-S"]  # -S: no site-packages but the links
+        child_env["PYTHONPATH"] = os.pathsep.join([*path, cwd, *filter(None, [child_env.get("PYTHONPATH")])])
+        result = subprocess.run([python, *flags, "-c", _CHILD, payload], cwd=cwd, env=child_env,
+                                capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"the import check stopped: {result.stderr.strip()[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _link_distributions(names: Set[str], site: str) -> None:
+    """Link the top-level files of this environment's distributions named in `names` into `site`."""
+    for dist in metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) not in names:
+            continue
+        for top in {str(file).split("/", 1)[0] for file in dist.files or () if not str(file).startswith("..")}:
+            link = os.path.join(site, top)
+            source = str(dist.locate_file(top))
+            if not os.path.lexists(link) and os.path.exists(source):
+                os.symlink(source, link)
