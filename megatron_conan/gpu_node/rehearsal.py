@@ -8,9 +8,11 @@ Steps, each printed with its seconds:
   3. ``make gpu-bundle``'s builder in the clone (the connected side of the node's story);
   4. the import check: the bundle installed exactly as the check installs it on the node (no index,
      no dependencies, a private target) and every module the check's code imports, imported;
-  5. ``conan-gpu-check --cpu --budget-s 300`` in the clone, with pip barred from any index: every
+  5. where nvcc is installed, the CUDA extension's build for sm_90a (H100 / H200) against the node's
+     torch, as the check's kernels part builds it, timed on this machine's cores, then loaded;
+  6. ``conan-gpu-check --cpu --budget-s 300`` in the clone, with pip barred from any index: every
      part must run, or skip for lack of a GPU only ("no CUDA");
-  6. with ``--suite``: the full test suite in the clone on the node venv, with the rest of the
+  7. with ``--suite``: the full test suite in the clone on the node venv, with the rest of the
      project's requirements (dev extras included) installed beside it the same offline way.
 The work directory holds nothing the repository needs and lives outside it.
 """
@@ -31,6 +33,7 @@ from megatron_conan.errors import InputError
 from megatron_conan.gpu_node import bundle
 from megatron_conan.gpu_node.imports import check_imports, run_import_check
 from megatron_conan.gpu_node.inventory import REPO, NodeInventory, project_requirements, read_inventory
+from megatron_conan.ops.soft_mask_attention import cuda_build
 
 MARKER = ".megatron_conan-rehearsal"
 """In the work directory: it is this tool's, so its venv and clone may be replaced."""
@@ -63,7 +66,8 @@ class Rehearsal:
         clone = self.step("fresh clone", lambda: fresh_clone(self.source, os.path.join(self.workdir, "clone"), self.say))
         self.step("bundle", lambda: self.say("\n".join(build_in_clone(clone, venv_python))))
         self.step("import check", lambda: import_check(clone, venv_python, self.say))
-        problems = self.step("gpu check", lambda: self.gpu_check(clone, venv_python))
+        problems = self.step("cuda build", lambda: cuda_build_in_clone(clone, venv_python, self.say))
+        problems += self.step("gpu check", lambda: self.gpu_check(clone, venv_python))
         for problem in problems:
             self.say(f"rehearsal: FAILED: {problem}")
         if self.suite:
@@ -165,6 +169,23 @@ def import_check(clone: str, venv_python: str, say: Callable[[str], None]) -> No
                          + "; ".join(f"{name} ({why})" for name, why in sorted(failed.items())))
     say(f"rehearsal: {len(modules.required)} modules of {len(modules.top_level)} distributions import "
         f"({', '.join(modules.top_level)}); optional: {', '.join(modules.optional)}")
+
+
+def cuda_build_in_clone(clone: str, venv_python: str, say: Callable[[str], None], arch: str = "90a") -> List[str]:
+    """Build the extension for `arch` in the clone as the check does; problems, [] where it built and
+    loads (or where there is no nvcc to try)."""
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        say("rehearsal: no nvcc here: the CUDA extension's build is not rehearsed")
+        return []
+    torch_version = _run([venv_python, "-c", "import torch; print(torch.__version__)"]).stdout.strip()
+    built = cuda_build.build(arch, torch_version, seconds_left=1200, repo=clone, python=venv_python)
+    if built.reason:
+        return [f"the CUDA extension: {built.reason}"]
+    loaded = subprocess.run([venv_python, "-c", "import megatron_conan_soft_mask_cuda as ext; print(ext.compiled_archs)"],
+                            cwd=clone, capture_output=True, text=True)
+    say(f"rehearsal: CUDA extension built for sm_{arch} in {built.seconds:.0f} s on {os.cpu_count()} cores "
+        f"(torch {torch_version}); it loads: {loaded.stdout.strip() or loaded.stderr.strip()[-300:]}")
+    return [] if loaded.returncode == 0 else ["the built CUDA extension does not load"]
 
 
 def inventory_versions(inventory: NodeInventory) -> Dict[str, str]:
