@@ -155,7 +155,7 @@ def build_in_clone(clone: str, venv_python: str) -> List[str]:
     """`make gpu-bundle` in the clone, with the node venv's pip: its printed lines."""
     result = _run([venv_python, "-m", "megatron_conan.cli.gpu_bundle", "--out", "gpu-bundle"], cwd=clone,
                   env=dict(offline_env(), PYTHONPATH=clone))
-    return result.stdout.strip().splitlines()
+    return result.stdout.rstrip().splitlines()
 
 
 def import_check(clone: str, venv_python: str, say: Callable[[str], None]) -> None:
@@ -167,7 +167,7 @@ def import_check(clone: str, venv_python: str, say: Callable[[str], None]) -> No
     if failed:
         raise InputError("on the node's packages plus the bundle these do not import: "
                          + "; ".join(f"{name} ({why})" for name, why in sorted(failed.items())))
-    say(f"rehearsal: {len(modules.required)} modules of {len(modules.top_level)} distributions import "
+    say(f"rehearsal: {len(modules.required)} modules of {len(modules.top_level)} top-level packages import "
         f"({', '.join(modules.top_level)}); optional: {', '.join(modules.optional)}")
 
 

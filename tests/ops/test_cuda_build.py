@@ -62,3 +62,18 @@ def test_a_failed_build_says_so_with_its_last_lines(tmp_path):
     failed = cuda_build.build("90a", "2.11.0", 60, repo=repo)
     assert failed.reason == "the sm_90a build failed (exit 1): nvcc fatal: unsupported gpu architecture"
     assert cuda_build.read_timings(repo) == {}
+
+
+def test_the_toolkit_is_the_one_holding_the_nvcc_on_path(tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(toolkit / "bin"))
+    assert cuda_build.cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", "/opt/site-cuda")
+    assert cuda_build.cuda_home() == "/opt/site-cuda"

@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +65,17 @@ def _record(repo: str, key: str, seconds: float, finished: bool) -> None:
     atomic_write.text(os.path.join(repo, TIMINGS), json.dumps(timings, indent=2) + "\n")
 
 
+def cuda_home() -> Optional[str]:
+    """The CUDA toolkit to build with: CUDA_HOME, else the one holding the nvcc on PATH, else
+    /usr/local/cuda. torch guesses the nvcc's grandparent, which is wrong where nvcc on PATH is a
+    wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc): no headers, no libcudart."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    return next((home for home in candidates if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))), None)
+
+
 def build(arch: str, torch_version: str, seconds_left: float, repo: str = REPO,
           python: str = sys.executable) -> BuildResult:
     """Build for `arch` alone on every core unless the last measured build (or this one) takes longer
@@ -75,6 +87,9 @@ def build(arch: str, torch_version: str, seconds_left: float, repo: str = REPO,
         return BuildResult(None, f"the sm_{arch} build {measured} ({last['date']}), its share leaves "
                                  f"{max(seconds_left, 0):.0f} s: build it before the check (docs/GPU.md)")
     env = dict(os.environ, CUDA_ARCHS=arch, MAX_JOBS=str(os.cpu_count() or 1))
+    home = cuda_home()
+    if home:
+        env["CUDA_HOME"] = home
     env.pop("MEGATRON_CONAN_SKIP_CUDA_EXT", None)
     started = time.monotonic()
     # its own session: a build stopped at the deadline takes nvcc and ninja's compilers with it
