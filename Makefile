@@ -21,6 +21,7 @@ GPU_BUNDLE ?= gpu-bundle
 # machine: PYENV_VERSION=3.12.1). REHEARSAL_SUITE=1 also runs the full test suite there (20+ min).
 REHEARSAL_DIR ?= $(HOME)/.cache/megatron_conan/gpu-rehearsal
 REHEARSAL_PYTHON ?= python3.12
+REHEARSAL_BUDGET_S ?= 300
 
 # The suite runs on TEST_WORKERS pytest-xdist processes, a test file to a process (--dist loadfile:
 # module fixtures are built once). Most tests leave a core idle (imports, Python, single-threaded
@@ -43,7 +44,7 @@ gpu-bundle:
 	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_bundle --out $(GPU_BUNDLE)
 
 gpu-rehearsal:
-	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_rehearsal --workdir $(REHEARSAL_DIR) --python $(REHEARSAL_PYTHON) $(if $(REHEARSAL_SUITE),--suite)
+	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_rehearsal --workdir $(REHEARSAL_DIR) --python $(REHEARSAL_PYTHON) --budget-s $(REHEARSAL_BUDGET_S) $(if $(REHEARSAL_SUITE),--suite)
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)

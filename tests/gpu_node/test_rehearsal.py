@@ -69,5 +69,6 @@ def test_the_make_targets_call_the_tools():
                           "REHEARSAL_DIR=/tmp/r", "REHEARSAL_SUITE=1", f"CHECK_PYTHON={sys.executable}"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert dry == [f"{sys.executable} -m megatron_conan.cli.gpu_bundle --out /tmp/b",
-                   f"{sys.executable} -m megatron_conan.cli.gpu_rehearsal --workdir /tmp/r --python python3.12 --suite",
+                   f"{sys.executable} -m megatron_conan.cli.gpu_rehearsal --workdir /tmp/r --python python3.12 "
+                   "--budget-s 300 --suite",
                    f"{sys.executable} -m megatron_conan.cli.gpu_check --budget-s 480 --out-dir . --bundle /tmp/b"]
