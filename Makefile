@@ -10,7 +10,7 @@ STAMP := $(VENV)/.megatron_conan-installed
 # The prepared GPU check (docs/GPU.md): one GPU, within BUDGET_S seconds. It uses the Python at hand
 # (a GPU machine's own torch with CUDA), .venv's where one exists, and installs nothing: run as a module
 # from the repository root, it needs no install (conan-gpu-check is the same command installed).
-BUDGET_S ?= 480
+BUDGET_S ?= 510
 GPU_CHECK_OUT ?= .
 CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
 # The offline wheels of what the check loads and a GPU node lacks (benchmarks/gpu_node_inventory.txt):

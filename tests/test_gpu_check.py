@@ -76,3 +76,19 @@ def test_a_missing_module_is_taken_from_the_offline_bundle(tmp_path, monkeypatch
     monkeypatch.setattr(imports, "check_imports", lambda repo: imports.CheckImports(("torch",), ()))
     assert check.use_bundle(str(bundle_dir), target) == {"used": False,
                                                          "reason": "every module the check loads is installed"}
+
+
+def test_the_expected_gpu_seconds_fit_their_shares_and_nine_minutes():
+    """Issue 31 item 6: at make gpu-check's budget each part's estimated H100 seconds (docs/GPU.md)
+    fit the share it gets of what the parts before it leave, and the whole stays under 9 minutes."""
+    from megatron_conan.cli.gpu_check import load_check
+
+    check = load_check()
+    assert [part.name for part in check.PARTS] == PARTS
+    budget, start_up = 510, 10  # make gpu-check's BUDGET_S; start-up and the bundle's install, before the first part
+    left = budget - min(10.0, 0.05 * budget) - start_up
+    for index, part in enumerate(check.PARTS):
+        share = check.share_of(index, left)
+        assert part.min_s <= part.expected_s <= share, (part.name, part.expected_s, share)
+        left -= part.expected_s
+    assert start_up + sum(part.expected_s for part in check.PARTS) < 9 * 60

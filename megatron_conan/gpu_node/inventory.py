@@ -4,9 +4,10 @@ The inventory (``benchmarks/gpu_node_inventory.txt``) is one ``name==version`` (
 specifier), a bare name, or ``not name`` a line; ``#`` starts a comment. ``python`` names the
 interpreter and ``nvcc`` the CUDA compiler; every other name is a Python distribution that the node
 has, together with its own dependencies, except the ``not`` ones, which it lacks even where a
-dependency's metadata would bring them (the node was not installed by one pip resolution). The project's requirements are setup.py's ``install_requires``
-and ``extras_require``, read from its source (literal lists), so that the bundle and the installed
-package cannot disagree.
+dependency's metadata would bring them (the node was not installed by one pip resolution).
+
+The project's requirements are setup.py's ``install_requires`` and ``extras_require``, read from its
+source (literal lists), so that the bundle and the installed package cannot disagree.
 """
 
 from __future__ import annotations

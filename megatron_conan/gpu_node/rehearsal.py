@@ -181,11 +181,12 @@ def cuda_build_in_clone(clone: str, venv_python: str, say: Callable[[str], None]
     built = cuda_build.build(arch, torch_version, seconds_left=1200, repo=clone, python=venv_python)
     if built.reason:
         return [f"the CUDA extension: {built.reason}"]
-    loaded = subprocess.run([venv_python, "-c", "import megatron_conan_soft_mask_cuda as ext; print(ext.compiled_archs)"],
+    loaded = subprocess.run([venv_python, "-c", "from megatron_conan.ops.soft_mask_attention import cuda_binding as b; "
+                             "print(b.compiled_archs(), 'runs on sm_90:', b.runs_on((9, 0), b.compiled_archs()))"],
                             cwd=clone, capture_output=True, text=True)
     say(f"rehearsal: CUDA extension built for sm_{arch} in {built.seconds:.0f} s on {os.cpu_count()} cores "
         f"(torch {torch_version}); it loads: {loaded.stdout.strip() or loaded.stderr.strip()[-300:]}")
-    return [] if loaded.returncode == 0 else ["the built CUDA extension does not load"]
+    return [] if "runs on sm_90: True" in loaded.stdout else ["the built CUDA extension does not load"]
 
 
 def inventory_versions(inventory: NodeInventory) -> Dict[str, str]:

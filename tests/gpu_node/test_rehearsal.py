@@ -71,4 +71,4 @@ def test_the_make_targets_call_the_tools():
     assert dry == [f"{sys.executable} -m megatron_conan.cli.gpu_bundle --out /tmp/b",
                    f"{sys.executable} -m megatron_conan.cli.gpu_rehearsal --workdir /tmp/r --python python3.12 "
                    "--budget-s 300 --suite",
-                   f"{sys.executable} -m megatron_conan.cli.gpu_check --budget-s 480 --out-dir . --bundle /tmp/b"]
+                   f"{sys.executable} -m megatron_conan.cli.gpu_check --budget-s 510 --out-dir . --bundle /tmp/b"]
