@@ -27,8 +27,10 @@ def _main(argv) -> int:
     parser.add_argument("--python", default="python3.12", help="an interpreter of the node's Python version")
     parser.add_argument("--budget-s", type=float, default=300.0, help="the CPU check's budget")
     parser.add_argument("--suite", action="store_true", help="also run the full test suite on the node's packages")
+    parser.add_argument("--no-cuda-build", action="store_true", help="leave out the CUDA extension's build")
     args = parser.parse_args(argv)
-    return Rehearsal(workdir=args.workdir, python=args.python, budget_s=args.budget_s, suite=args.suite).run()
+    return Rehearsal(workdir=args.workdir, python=args.python, budget_s=args.budget_s, suite=args.suite,
+                     cuda_build=not args.no_cuda_build).run()
 
 
 if __name__ == "__main__":
