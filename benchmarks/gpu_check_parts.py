@@ -9,6 +9,7 @@ Each part writes {"status": "ran" | "failed", "figures": {...}, ...} to --out. G
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -66,14 +67,18 @@ def _cuda_extension(device, seconds_left: float):
     if device.type != "cuda":
         return "no CUDA", {}
     capability = torch.cuda.get_device_capability(device)
-    if cuda_binding.is_available() and cuda_binding.runs_on(capability, cuda_binding.compiled_archs()):
+    loaded = cuda_binding.is_available()
+    if loaded and cuda_binding.runs_on(capability, cuda_binding.compiled_archs()):
         return "", {"cuda build": "kept from an earlier run"}
     arch = cuda_build.arch_for(capability)
     built = cuda_build.build(arch, torch.__version__, seconds_left)
     figures = {} if built.seconds is None else {f"cuda build sm_{arch} s": round(built.seconds, 1)}
     if built.reason:
         return built.reason, figures
+    if loaded:  # a module once imported stays: the build for another GPU holds this process
+        return f"rebuilt for sm_{arch}: the next run loads it", figures
     cuda_binding.load_extension.cache_clear()  # it remembered the failed import
+    importlib.invalidate_caches()  # the import system's listing of the tree predates the new module
     if not (cuda_binding.is_available() and cuda_binding.runs_on(capability, cuda_binding.compiled_archs())):
         return f"built for sm_{arch} but it does not load or run here", figures
     return "", figures
