@@ -77,3 +77,37 @@ def test_the_toolkit_is_the_one_holding_the_nvcc_on_path(tmp_path, monkeypatch):
     assert cuda_build.cuda_home() == str(toolkit)
     monkeypatch.setenv("CUDA_HOME", "/opt/site-cuda")
     assert cuda_build.cuda_home() == "/opt/site-cuda"
+
+
+def test_the_kernels_part_builds_only_what_this_gpu_lacks(monkeypatch):
+    """benchmarks/gpu_check_parts.py on a stand-in H100: a loadable build for it is kept; else the
+    build for sm_90a runs with what the share leaves, and its seconds or its reason are reported."""
+    import types
+
+    import torch
+
+    from benchmarks import gpu_check_parts
+    from megatron_conan.ops.soft_mask_attention import cuda_binding
+
+    gpu = types.SimpleNamespace(type="cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(cuda_binding, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_binding, "compiled_archs", lambda: ("90a",))
+    assert gpu_check_parts._cuda_extension(gpu, 100) == ("", {"cuda build": "kept from an earlier run"})
+
+    asked = []
+    state = {"built": False}
+    monkeypatch.setattr(cuda_binding, "is_available", lambda: state["built"])
+
+    def build(arch, torch_version, seconds_left):
+        asked.append((arch, seconds_left))
+        state["built"] = True
+        return cuda_build.BuildResult(42.0, "")
+
+    monkeypatch.setattr(cuda_build, "build", build)
+    assert gpu_check_parts._cuda_extension(gpu, 100) == ("", {"cuda build sm_90a s": 42.0})
+    assert asked == [("90a", 100)]
+    state["built"] = False
+    monkeypatch.setattr(cuda_build, "build", lambda *args: cuda_build.BuildResult(None, "the sm_90a build took 95 s"))
+    assert gpu_check_parts._cuda_extension(gpu, 40) == ("the sm_90a build took 95 s", {})
+    assert gpu_check_parts._cuda_extension(types.SimpleNamespace(type="cpu"), 40) == ("no CUDA", {})
