@@ -1,8 +1,9 @@
 """Installs megatron_conan.
 
-The CUDA soft-mask attention extension (csrc/) is built only where CUDA is present; set
-MEGATRON_CONAN_SKIP_CUDA_EXT=1 to skip it anyway. Transformer Engine and Apex are optional GPU fast
-paths and never required.
+The CUDA soft-mask attention extension (csrc/) is built only where CUDA is present (a visible GPU,
+or CUDA_ARCHS naming the architectures to build for, e.g. "90a", with a CUDA build of torch and
+nvcc); set MEGATRON_CONAN_SKIP_CUDA_EXT=1 to skip it anyway. MAX_JOBS sets the parallel compiles.
+Transformer Engine and Apex are optional GPU fast paths and never required.
 """
 
 import os
@@ -43,7 +44,10 @@ def _cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if CUDA_HOME is None or not torch.cuda.is_available():
+    # CUDA_ARCHS names the GPU to build for, so a machine without one (a login node, the CPU
+    # rehearsal) can build ahead of the GPU check
+    if CUDA_HOME is None or torch.version.cuda is None or not (
+            torch.cuda.is_available() or os.environ.get("CUDA_ARCHS", "").strip()):
         return [], {}
     sources = [os.path.join("csrc", name) for name in sorted(os.listdir("csrc"))
                if name.endswith((".cu", ".cpp"))]
@@ -71,7 +75,7 @@ setup(
     package_data={"megatron_conan": ["**/*.md", "**/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",  # the GPU node's (benchmarks/gpu_node_inventory.txt), proven by make gpu-rehearsal
         "megatron-core==0.16.1",
         "psutil",  # megatron-core's async checkpoint writer hangs without it (undeclared there)
         "numpy",
@@ -84,9 +88,10 @@ setup(
         "zstandard",
         "tensorboard",
         # export and evaluation (docs/DESIGN.md section 10): transformers >= 5.2 reads "is_causal": false, so an
-        # exported LlamaModel attends bidirectionally with no custom code
-        "transformers>=5.2",
-        "sentence-transformers>=6.2",
+        # exported LlamaModel attends bidirectionally with no custom code; the floors of torch, transformers,
+        # sentence-transformers and triton are the GPU node's versions, which make gpu-rehearsal runs on
+        "transformers>=5.17",
+        "sentence-transformers>=6.0",
         "safetensors",
         "mteb>=2.0",
         "pytrec-eval-terrier",  # the metrics MTEB itself computes
@@ -94,8 +99,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton==3.9.0"],
-        "triton": ["triton"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton>=3.6"],
+        "triton": ["triton>=3.6"],
     },
     entry_points={"console_scripts": [
         "conan-pretrain=megatron_conan.training.pretrain:main",

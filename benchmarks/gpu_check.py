@@ -1,15 +1,20 @@
 """The one prepared GPU check (docs/GPU.md): every part in order within a time budget, each in a
 child process of its own so that a part that overruns its share is stopped and the rest still run.
 
-Parts, in order (docs/GPU.md):
-  stages        every stage a few steps on one device (NCCL on a GPU): pretrain, SFT, embed-weak,
-                embed-sup, export, evaluate (the quickstart's pipeline at a tiny plan, one rank)
-  kernels       soft-mask kernels (Triton; the CUDA extension, built for this GPU only) against the
-                fp64 reference at a in {0, 0.3, 1}, fp32 and bf16, forward and all input gradients
+Parts, in order (docs/GPU.md), what only a GPU can tell first:
+  kernels       soft-mask kernels (Triton; the CUDA extension, built for this GPU only, inside this
+                part's share) against the fp64 reference at a in {0, 0.3, 1}, fp32 and bf16,
+                forward and all input gradients
   kernel_speed  kernels against SDPA causal / full and FlexAttention (benchmarks/soft_mask_attention.py)
   train_step    pretraining tokens/s and MFU at the 1.4B width, a few layers (benchmarks/train_step.py)
   embed_step    stage-3 pairs/s against sentence-transformers' MNRL (benchmarks/embed_step.py)
   encode        texts/s of conan-encode's embedder against SentenceTransformer.encode (benchmarks/encode_throughput.py)
+  stages        every stage a few steps on one device (NCCL on a GPU): pretrain, SFT, embed-weak,
+                embed-sup, export, evaluate (the quickstart's pipeline at a tiny plan, one rank)
+
+Where a module the check loads is missing (a GPU node without megatron-core or pydantic), the
+offline bundle of `make gpu-bundle` is installed into a temporary directory that leads the parts'
+PYTHONPATH (megatron_conan/gpu_node/bundle.py); the report says so.
 
 Each part gets a share of the time left (unused time passes on) and is skipped, with the reason,
 when that share is below what it needs; a part still running at the end of its share is stopped
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
+import importlib.machinery
 import json
 import os
 import signal
@@ -29,9 +34,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BUNDLE = os.path.join(REPO, "gpu-bundle")
+"""`make gpu-bundle`'s output: the wheels of what the check loads and the GPU node lacks."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,36 +52,70 @@ class Part:
     """Modules the part imports; a missing one skips it with its name."""
     cpu_min_s: Optional[float] = None
     """`min_s` in CPU mode, where it differs from CPU_MIN_SCALE * min_s."""
+    expected_s: float = 0.0
+    """Estimated seconds on one H100 (docs/GPU.md): not measured, no GPU was lent to this work; the
+    CPU rehearsal and the CUDA build measured there are what they rest on."""
 
 
 PARTS = (
-    # on 2 CPU cores the stages part spawns a world per stage: about 210 s in all (measured), so a
-    # CPU budget too small for it skips it with the reason instead of stopping it half-way
-    Part("stages", 0.35, 90, ("megatron.core", "sentencepiece", "sentence_transformers"), cpu_min_s=180),
-    Part("kernels", 0.20, 30, ("triton",)),
-    Part("kernel_speed", 0.10, 30),
-    Part("train_step", 0.20, 60, ("megatron.core",)),
-    Part("embed_step", 0.15, 60, ("megatron.core", "sentence_transformers")),
-    Part("encode", 0.08, 45, ("megatron.core", "sentence_transformers")),
+    # what only a GPU can tell comes first: kernel correctness (its share holds the CUDA extension's
+    # build when it is not built yet: cuda_build.py), kernel speed, the 1.4B step's MFU, stage-3 and
+    # encoding throughput; the stages, which the CPU suite already runs end to end, come last with
+    # what is left. On 2 CPU cores the stages part spawns a world per stage (about 210 s, measured),
+    # so a CPU budget too small for it skips it instead of stopping it half-way.
+    Part("kernels", 0.30, 30, ("triton",), expected_s=130),  # sm_90a build ~100 s, then 24 checks
+    Part("kernel_speed", 0.10, 30, expected_s=40),
+    Part("train_step", 0.15, 60, ("megatron.core", "pydantic"), expected_s=60),
+    Part("embed_step", 0.18, 60, ("megatron.core", "pydantic", "sentence_transformers"), expected_s=90),
+    Part("encode", 0.10, 45, ("megatron.core", "pydantic", "sentence_transformers"), expected_s=45),
+    Part("stages", 0.17, 90, ("megatron.core", "pydantic", "sentencepiece", "sentence_transformers", "pytrec_eval",
+                              "bm25s"), cpu_min_s=180, expected_s=110),
 )
 CPU_MIN_SCALE = 0.5  # tiny shapes need less than the GPU shapes' compile and warm-up
 
 
-def _missing(modules) -> List[str]:
-    missing = []
-    for module in modules:
-        try:
-            if importlib.util.find_spec(module) is None:
-                missing.append(module)
-        except ModuleNotFoundError:
-            missing.append(module)
-    return missing
+def _missing(modules, path: Sequence[str] = ()) -> List[str]:
+    """The `modules` (dotted names) that neither this interpreter's path nor `path` holds, found
+    without importing them (an import here would cost the budget)."""
+    return [module for module in modules if not _findable(module, list(path) + sys.path)]
 
 
-def _run_child(part: str, cpu: bool, seconds: float, scratch: str) -> Dict:
-    """Run one part in a child process limited to `seconds`; its JSON result, or why there is none."""
+def _findable(module: str, search: List[str]) -> bool:
+    fullname = ""
+    for name in module.split("."):
+        fullname = f"{fullname}.{name}" if fullname else name
+        spec = importlib.machinery.PathFinder.find_spec(fullname, search)
+        if spec is None:
+            return False
+        search = list(spec.submodule_search_locations or [])
+    return True
+
+
+def use_bundle(bundle_dir: str, target: str) -> Dict:
+    """Install the offline bundle into `target` when a module the check loads is missing (docs/GPU.md):
+    no index, no dependencies, nothing system-wide. What was done, for the report."""
+    from megatron_conan.errors import InputError
+    from megatron_conan.gpu_node.bundle import install_bundle
+    from megatron_conan.gpu_node.imports import check_imports
+
+    missing = _missing(check_imports(REPO).top_level)
+    if not missing:
+        return {"used": False, "reason": "every module the check loads is installed"}
+    started = time.monotonic()
+    try:
+        wheels = install_bundle(bundle_dir, target)
+    except InputError as error:
+        return {"used": False, "missing": missing, "reason": str(error)}
+    return {"used": True, "dir": os.path.abspath(bundle_dir), "target": target, "missing": missing,
+            "wheels": wheels, "install_s": round(time.monotonic() - started, 1),
+            "how": "pip install --no-index --no-deps --target <target>; <target> leads the parts' PYTHONPATH"}
+
+
+def _run_child(part: str, cpu: bool, seconds: float, scratch: str, path: Sequence[str] = ()) -> Dict:
+    """Run one part in a child process limited to `seconds`, with `path` (the bundle) leading its
+    PYTHONPATH; its JSON result, or why there is none."""
     out = os.path.join(scratch, f"{part}.json")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [*path, REPO, os.environ.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     if cpu:
         env["TRITON_INTERPRET"] = "1"  # Triton's kernels on CPU tensors (must precede triton's import)
@@ -113,41 +154,61 @@ def _run_child(part: str, cpu: bool, seconds: float, scratch: str) -> Dict:
         return json.load(handle)
 
 
-def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float] = None) -> Dict:
+def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float] = None,
+              bundle_dir: str = DEFAULT_BUNDLE) -> Dict:
     """Run the parts in order within `budget_s` counted from `started` (a time.monotonic(), default
-    now: the caller's start-up counts too); write gpu_check.json and gpu_check.md to `out_dir`."""
+    now: the caller's start-up counts too), with the offline bundle in `bundle_dir` where a module is
+    missing; write gpu_check.json and gpu_check.md to `out_dir`."""
     started = time.monotonic() if started is None else started
     reserve_s = min(10.0, 0.05 * budget_s)  # for writing the results
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
+        bundle = use_bundle(bundle_dir, os.path.join(scratch, "bundle"))
+        path = [bundle["target"]] if bundle["used"] else []
+        print(f"gpu-check bundle: {_bundle_line(bundle)}", flush=True)  # user-facing
         for index, part in enumerate(PARTS):
-            left = budget_s - reserve_s - (time.monotonic() - started)
-            weights = sum(p.share for p in PARTS[index:])
-            seconds = left * part.share / weights
-            need = (part.cpu_min_s or part.min_s * CPU_MIN_SCALE) if cpu else part.min_s
-            missing = _missing(part.needs)
+            seconds = share_of(index, budget_s - reserve_s - (time.monotonic() - started))
             part_started = time.monotonic()
-            if missing:
-                result = {"status": "skipped", "reason": f"not installed: {', '.join(missing)}"}
-            elif seconds < need:
-                result = {"status": "skipped",
-                          "reason": f"{seconds:.0f} s of the budget would be left for it, it needs {need:.0f} s"}
-            else:
-                result = _run_child(part.name, cpu, seconds, scratch)
+            result = _run_part(part, cpu, seconds, scratch, path)
             result.update(part=part.name, share_s=round(max(seconds, 0.0), 1),
                           wall_s=round(time.monotonic() - part_started, 1))
             results.append(result)
             print(f"gpu-check {part.name}: {result['status']}"  # user-facing: one line per part
                   + (f" ({result['reason']})" if result.get("reason") else "") + f", {result['wall_s']:.0f} s",
                   flush=True)
+        env = environment(cpu, path)
     report = {"date": datetime.date.today().isoformat(), "mode": "cpu" if cpu else "gpu", "budget_s": budget_s,
-              "wall_s": round(time.monotonic() - started, 1), "environment": environment(cpu), "parts": results}
+              "wall_s": round(time.monotonic() - started, 1), "environment": env, "bundle": bundle, "parts": results}
     write_results(report, out_dir)
     return report
 
 
-def environment(cpu: bool) -> Dict[str, Optional[str]]:
-    """Versions from the installed metadata: importing the libraries here would cost the budget."""
+def share_of(index: int, left_s: float) -> float:
+    """The seconds part `index` gets of the `left_s` still left at its turn."""
+    return left_s * PARTS[index].share / sum(part.share for part in PARTS[index:])
+
+
+def _bundle_line(bundle: Dict) -> str:
+    if not bundle["used"]:
+        return f"not used ({bundle['reason']})"
+    return (f"{len(bundle['wheels'])} wheels installed in {bundle['install_s']:.0f} s into {bundle['target']} "
+            f"for {', '.join(bundle['missing'])}")
+
+
+def _run_part(part: Part, cpu: bool, seconds: float, scratch: str, path: Sequence[str]) -> Dict:
+    need = (part.cpu_min_s or part.min_s * CPU_MIN_SCALE) if cpu else part.min_s
+    missing = _missing(part.needs, path)
+    if missing:
+        return {"status": "skipped", "reason": f"not installed: {', '.join(missing)} (make gpu-bundle, docs/GPU.md)"}
+    if seconds < need:
+        return {"status": "skipped",
+                "reason": f"{seconds:.0f} s of the budget would be left for it, it needs {need:.0f} s"}
+    return _run_child(part.name, cpu, seconds, scratch, path)
+
+
+def environment(cpu: bool, path: Sequence[str] = ()) -> Dict[str, Optional[str]]:
+    """Versions from the installed metadata (`path`, the bundle, first): importing the libraries here
+    would cost the budget."""
     from importlib import metadata
 
     import torch
@@ -156,11 +217,9 @@ def environment(cpu: bool) -> Dict[str, Optional[str]]:
              "device": "CPU" if cpu or not torch.cuda.is_available() else torch.cuda.get_device_name()}
     for key, distribution in (("triton", "triton"), ("megatron.core", "megatron-core"),
                               ("transformer_engine", "transformer-engine"),
-                              ("sentence_transformers", "sentence-transformers")):
-        try:
-            found[key] = metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            found[key] = None
+                              ("sentence_transformers", "sentence-transformers"), ("transformers", "transformers")):
+        versions = [dist.version for dist in metadata.distributions(name=distribution, path=[*path, *sys.path])]
+        found[key] = versions[0] if versions else None
     return found
 
 

@@ -9,11 +9,14 @@ Each part writes {"status": "ran" | "failed", "figures": {...}, ...} to --out. G
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 from typing import Dict, List
+
+STARTED = time.monotonic()  # the part's share counts from its process's start
 
 
 def _device(cpu: bool):
@@ -29,6 +32,7 @@ def part_stages(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     The figures so far are written after every step: a part stopped at its share keeps them."""
     import dataclasses
 
+    from megatron_conan.eval.stages import score
     from megatron_conan.quickstart import PLANS, STEPS, Pipeline, claim_work_dir
 
     plan = dataclasses.replace(PLANS["quick"], pretrain_steps=3, sft_steps=2, weak_steps=2, sup_steps=2)
@@ -47,35 +51,38 @@ def part_stages(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     for stage, entry in pipeline.results["stages"].items():
         figures[f"{stage} loss"] = f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} on {entry['device']}"
     final = next(row for row in pipeline.results["evaluation"]["rows"] if row["name"] == "4 embed-sup")
-    figures["evaluate nDCG@10 (stage 4)"] = round(final["ndcg_at_10"], 4)
+    figures["evaluate nDCG@10 (stage 4, validation)"] = round(score(final), 4)
     return {"status": "ran", "figures": figures}
 
 
 # -- part 1: kernel correctness -------------------------------------------------------------------
 
-def _cuda_extension(device, deadline: float) -> str:
-    """'' when the CUDA extension loads, else why not; builds it for this GPU's architecture only."""
-    import subprocess
-
+def _cuda_extension(device, seconds_left: float):
+    """('' when the CUDA extension loads and runs on this GPU, else why not; the build's figures).
+    Builds it in the source tree for this GPU's architecture only, on every core, unless the last
+    measured build does not fit `seconds_left` (cuda_build.py); a built module stays for later runs."""
     import torch
 
-    from megatron_conan.ops.soft_mask_attention import cuda_binding
+    from megatron_conan.ops.soft_mask_attention import cuda_binding, cuda_build
 
     if device.type != "cuda":
-        return "needs CUDA"
-    if cuda_binding.is_available():
-        return ""
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = f"{major}{minor}" + ("a" if major >= 9 else "")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=repo, check=True,
-                       env=dict(os.environ, CUDA_ARCHS=arch), capture_output=True,
-                       timeout=max(1.0, deadline - time.monotonic()))
-    except (subprocess.SubprocessError, OSError) as error:
-        return f"build for sm_{arch} failed: {type(error).__name__}"
+        return "no CUDA", {}
+    capability = torch.cuda.get_device_capability(device)
+    loaded = cuda_binding.is_available()
+    if loaded and cuda_binding.runs_on(capability, cuda_binding.compiled_archs()):
+        return "", {"cuda build": "kept from an earlier run"}
+    arch = cuda_build.arch_for(capability)
+    built = cuda_build.build(arch, torch.__version__, seconds_left)
+    figures = {} if built.seconds is None else {f"cuda build sm_{arch} s": round(built.seconds, 1)}
+    if built.reason:
+        return built.reason, figures
+    if loaded:  # a module once imported stays: the build for another GPU holds this process
+        return f"rebuilt for sm_{arch}: the next run loads it", figures
     cuda_binding.load_extension.cache_clear()  # it remembered the failed import
-    return "" if cuda_binding.is_available() else f"built for sm_{arch} but does not load"
+    importlib.invalidate_caches()  # the import system's listing of the tree predates the new module
+    if not (cuda_binding.is_available() and cuda_binding.runs_on(capability, cuda_binding.compiled_archs())):
+        return f"built for sm_{arch} but it does not load or run here", figures
+    return "", figures
 
 
 def part_kernels(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
@@ -93,12 +100,13 @@ def part_kernels(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     packed_rows = [[1, 20, 1, 26], [15, 1, 12]] if cpu else [[1, 400, 1, 598], [300, 1, 250]]
     layouts = {"": None, "packed ": tuple(w.to(device) for w in packed_windows(packed_rows[:b], s))}
     # the build may take what the checks (seconds at these shapes) leave of the part's share
-    backends = {"triton": "", "cuda": _cuda_extension(device, time.monotonic() + seconds - 30)}
-    figures, skipped, ok = {}, {name: why for name, why in backends.items() if why}, True
+    cuda_why, figures = _cuda_extension(device, seconds - 30 - (time.monotonic() - STARTED))
+    backends = {"triton": "", "cuda": cuda_why}
+    skipped, ok = {name: why for name, why in backends.items() if why}, True
     for backend in (name for name, why in backends.items() if not why):
         for dtype in (torch.float32, torch.bfloat16):
             if cpu and dtype == torch.bfloat16 and backend == "triton":
-                skipped["triton bf16"] = "Triton's interpreter computes bf16 wrongly on CPU"
+                skipped["triton bf16"] = "no CUDA: Triton's interpreter, its CPU stand-in, computes bf16 wrongly"
                 continue
             for layout, windows in layouts.items():
                 for a in (0.0, 0.3, 1.0):

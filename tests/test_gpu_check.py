@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PARTS = ["stages", "kernels", "kernel_speed", "train_step", "embed_step", "encode"]
+PARTS = ["kernels", "kernel_speed", "train_step", "embed_step", "encode", "stages"]
 
 
 def _check(tmp_path, *argv, timeout=600):
@@ -49,3 +49,46 @@ def test_bad_budget_is_one_line(tmp_path):
     result = _check(tmp_path, "--cpu", "--budget-s", "-1", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "conan-gpu-check: error: --budget-s must be positive, got -1"
+
+
+def test_a_missing_module_is_taken_from_the_offline_bundle(tmp_path, monkeypatch):
+    """Issue 31 item 2: where a module the check loads is missing, the bundle's wheels are installed
+    with pip --no-index --no-deps --target into a temporary directory, which the parts then find."""
+    import megatron_conan.gpu_node.imports as imports
+    from megatron_conan.cli.gpu_check import load_check
+    from tests.gpu_node.test_bundle import _wheel
+
+    check = load_check()
+    bundle_dir = tmp_path / "gpu-bundle"
+    bundle_dir.mkdir()
+    file = os.path.basename(_wheel(str(bundle_dir), "offline-probe", "1.0", "offline_probe"))
+    (bundle_dir / "MANIFEST.json").write_text(json.dumps({
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}", "left_out": {}, "total_bytes": 1,
+        "wheels": [{"file": file, "name": "offline-probe", "version": "1.0", "bytes": 1}]}))
+    monkeypatch.setattr(imports, "check_imports", lambda repo: imports.CheckImports(("offline_probe", "torch"), ()))
+    target = str(tmp_path / "target")
+    assert check._missing(["offline_probe"]) == ["offline_probe"]
+    used = check.use_bundle(str(bundle_dir), target)
+    assert used["used"] and used["wheels"] == [file] and used["missing"] == ["offline_probe"]
+    assert used["target"] == target and "--no-index --no-deps --target" in used["how"]
+    assert check._missing(["offline_probe"], [target]) == []
+    assert check.use_bundle(str(tmp_path / "none"), target)["reason"].startswith("no readable bundle manifest")
+    monkeypatch.setattr(imports, "check_imports", lambda repo: imports.CheckImports(("torch",), ()))
+    assert check.use_bundle(str(bundle_dir), target) == {"used": False,
+                                                         "reason": "every module the check loads is installed"}
+
+
+def test_the_expected_gpu_seconds_fit_their_shares_and_nine_minutes():
+    """Issue 31 item 6: at make gpu-check's budget each part's estimated H100 seconds (docs/GPU.md)
+    fit the share it gets of what the parts before it leave, and the whole stays under 9 minutes."""
+    from megatron_conan.cli.gpu_check import load_check
+
+    check = load_check()
+    assert [part.name for part in check.PARTS] == PARTS
+    budget, start_up = 510, 10  # make gpu-check's BUDGET_S; start-up and the bundle's install, before the first part
+    left = budget - min(10.0, 0.05 * budget) - start_up
+    for index, part in enumerate(check.PARTS):
+        share = check.share_of(index, left)
+        assert part.min_s <= part.expected_s <= share, (part.name, part.expected_s, share)
+        left -= part.expected_s
+    assert start_up + sum(part.expected_s for part in check.PARTS) < 9 * 60

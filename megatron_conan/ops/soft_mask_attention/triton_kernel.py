@@ -35,6 +35,7 @@ with it on CPU under TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -42,6 +43,10 @@ import triton
 import triton.language as tl
 
 from .reference import Windows, check_inputs, check_windows, default_softmax_scale, key_windows_from_lengths
+from .triton_interpreter import squeeze_scalar_index
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    squeeze_scalar_index()  # Triton 3.6's interpreter with NumPy 2.5 (see triton_interpreter.py)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -1,0 +1,74 @@
+"""Issue 31 item 4: what the rehearsal accepts of the check's report (every part ran, or skipped for
+lack of a GPU only, the bundle used, the node's versions), its work directory, and the entry points'
+bad input as one line. The rehearsal itself (a venv of the node's versions, several GiB) runs by
+`make gpu-rehearsal`; docs/GPU.md records its last run."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_conan.cli import gpu_bundle, gpu_rehearsal
+from megatron_conan.errors import InputError
+from megatron_conan.gpu_node.rehearsal import check_report, claim_workdir
+
+PINS = {"torch": "==2.11.0+cu130", "triton": "==3.6.0", "sentence-transformers": "==6.0.1"}
+
+
+def _report(*parts, bundle=None, torch="2.11.0+cu130"):
+    return {"bundle": bundle or {"used": True}, "parts": list(parts),
+            "environment": {"torch": torch, "triton": "3.6.0", "sentence_transformers": "6.0.1"}}
+
+
+def test_parts_that_ran_or_skipped_for_no_cuda_pass():
+    report = _report({"part": "kernels", "status": "ran", "skipped": {"cuda": "no CUDA"}},
+                     {"part": "stages", "status": "skipped", "reason": "no CUDA: needs NCCL"})
+    assert check_report(report, PINS) == []
+
+
+@pytest.mark.parametrize("part,problem", [
+    ({"part": "stages", "status": "skipped", "reason": "100 s of the budget would be left for it, it needs 180 s"},
+     "part stages skipped something for another reason than no CUDA: 100 s of the budget"),
+    ({"part": "encode", "status": "partial", "reason": "stopped at its share of 40 s"}, "part encode partial"),
+    ({"part": "train_step", "status": "failed", "reason": "exit 1: ModuleNotFoundError"}, "part train_step failed"),
+    ({"part": "kernels", "status": "ran", "skipped": {"cuda": "the sm_90a build failed"}},
+     "part kernels skipped something for another reason than no CUDA: the sm_90a build failed"),
+])
+def test_any_other_outcome_is_a_problem(part, problem):
+    problems = check_report(_report(part), PINS)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_an_unused_bundle_or_another_torch_is_a_problem():
+    problems = check_report(_report(bundle={"used": False, "reason": "every module the check loads is installed"},
+                                    torch="2.13.0+cpu"), PINS)
+    assert problems == ["the check did not use the bundle: every module the check loads is installed",
+                        "the check ran torch 2.13.0+cpu, the node has 2.11.0"]
+
+
+def test_a_work_directory_of_someone_else_is_refused(tmp_path):
+    (tmp_path / "thesis.tex").write_text("mine")
+    with pytest.raises(InputError, match="holds files this tool did not make"):
+        claim_workdir(str(tmp_path))
+    claim_workdir(str(tmp_path / "new"))
+    claim_workdir(str(tmp_path / "new"))  # its own: again
+
+
+def test_bad_input_is_one_line_before_any_download(tmp_path, capsys):
+    assert gpu_bundle.main(["--inventory", str(tmp_path / "none.txt")]) == 2
+    assert capsys.readouterr().err.startswith("gpu-bundle: error: cannot read the node inventory ")
+    (tmp_path / "notes.txt").write_text("keep")
+    assert gpu_bundle.main(["--out", str(tmp_path)]) == 2
+    assert "holds files this tool did not write (notes.txt)" in capsys.readouterr().err
+    assert gpu_rehearsal.main(["--workdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("gpu-rehearsal: error: ")
+
+
+def test_the_make_targets_call_the_tools():
+    dry = subprocess.run(["make", "-n", "gpu-bundle", "gpu-rehearsal", "gpu-check", "GPU_BUNDLE=/tmp/b",
+                          "REHEARSAL_DIR=/tmp/r", "REHEARSAL_SUITE=1", f"CHECK_PYTHON={sys.executable}"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert dry == [f"{sys.executable} -m megatron_conan.cli.gpu_bundle --out /tmp/b",
+                   f"{sys.executable} -m megatron_conan.cli.gpu_rehearsal --workdir /tmp/r --python python3.12 "
+                   "--budget-s 300 --suite",
+                   f"{sys.executable} -m megatron_conan.cli.gpu_check --budget-s 510 --out-dir . --bundle /tmp/b"]
