@@ -86,9 +86,11 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: 
     """Every console script's `main`: offline switches, logging (ours from `log_level`, others' from
     WARNING; None: `main` calls :func:`configure_logging` itself, as a stage does after its dry
     run), then ``main(argv)``; bad input is one stderr line and status 2. `handle_stop_signals`:
-    SIGTERM / SIGUSR1 handling first, for the whole command (:mod:`megatron_conan.stop_signals`)."""
+    SIGTERM / SIGUSR1 handling first, for the whole command (:mod:`megatron_conan.stop_signals`);
+    with ``argv=None`` (the command line: this process is the command) it stays until the exit, with
+    an `argv` (called from Python) the previous handlers come back after the command."""
     if handle_stop_signals:
-        with stop_signals_installed():
+        with stop_signals_installed(restore=argv is not None):
             return run_command(main, argv, prog, log_level)
     set_offline_switches()
     if log_level is not None:

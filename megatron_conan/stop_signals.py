@@ -121,6 +121,19 @@ class StopSignals:
         self._previous = {}
 
 
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGTERM / SIGUSR1 held back in this thread for the body (they stay pending, then arrive as
+    usual). Processes the body starts inherit the mask and so never see them: SLURM signals every
+    process of a job step, and megatron-core's checkpoint writer keeps a helper process, spawned at
+    the first save, whose death by the signal would fail that save and every later one."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 _installed: Optional[StopSignals] = None
 
 
@@ -137,9 +150,13 @@ def stop_together() -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_installed() -> Iterator[Optional[StopSignals]]:
-    """Install the starting-phase handling for the body, restore what was there after it. Outside
-    the main thread (where signals cannot be handled) it does nothing and yields None."""
+def stop_signals_installed(restore: bool = True) -> Iterator[Optional[StopSignals]]:
+    """Install the starting-phase handling for the body. After it, `restore` puts back what was
+    there (a command called from Python); without it (a command that is the process) the stop
+    signals are ignored until the process exits: the work is done, and the interpreter's exit, which
+    can take seconds after a training run, puts the default action back for signals with a Python
+    handler, so a repeated SIGUSR1 would kill the task and srun report it killed. Outside the main
+    thread (where signals cannot be handled) it does nothing and yields None."""
     global _installed
     if threading.current_thread() is not threading.main_thread() or _installed is not None:
         yield _installed
@@ -150,4 +167,9 @@ def stop_signals_installed() -> Iterator[Optional[StopSignals]]:
         yield signals
     finally:
         _installed = None
-        signals.uninstall()
+        if restore:
+            signals.uninstall()
+        else:
+            signals.stop_together()
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)

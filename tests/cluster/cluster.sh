@@ -3,6 +3,7 @@
 #   bash tests/cluster/cluster.sh start DIR     configure and start everything under DIR (new, empty)
 #   bash tests/cluster/cluster.sh node DIR N    (re)start node N's slurmd (after a lost-node check)
 #   bash tests/cluster/cluster.sh stop DIR      stop everything started under DIR and remove its network
+#   bash tests/cluster/cluster.sh leftovers DIR what a stop left behind (empty: nothing)
 # Every file (configuration, state, spool, logs, the database) is under DIR; DIR/cluster.env holds the
 # names of what was made (bridge, namespaces, /etc/hosts marker, ports) for `stop` and the checks.
 # Run as root: network namespaces, a bridge and /etc/hosts lines.
@@ -71,7 +72,8 @@ SlurmctldPidFile=${DIR}/pids/slurmctld.file
 SlurmdPidFile=${DIR}/pids/slurmd-%n.file
 SlurmctldLogFile=${DIR}/log/slurmctld.log
 SlurmdLogFile=${DIR}/log/slurmd-%n.log
-SlurmctldDebug=info
+# debug2: the checks read when slurmctld tests time limits ("Testing job time limits")
+SlurmctldDebug=debug2
 SlurmdDebug=info
 # No cgroups: the namespaces' /sys has none mounted (cgroup.conf beside this file)
 ProctrackType=proctrack/linuxproc
@@ -90,7 +92,7 @@ AccountingStoragePass=${DIR}/munge/munge.socket
 MailProg=/bin/true
 ReturnToService=2
 SlurmdTimeout=30
-KillWait=10
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 MessageTimeout=10
@@ -272,6 +274,20 @@ cmd_stop() {
     return 0
 }
 
+# What a stop should have removed and has not (empty: nothing): daemons started under DIR, the
+# namespaces, the bridge, our /etc/hosts lines.
+cmd_leftovers() {
+    load_env
+    local left=()
+    for file in "${DIR}"/pids/*; do
+        [[ -f "${file}" ]] && kill -0 "$(cat "${file}")" 2>/dev/null && left+=("process $(cat "${file}") ($(basename "${file}"))")
+    done
+    ip netns list | grep -q "^${NETNS_PREFIX}" && left+=("namespaces ${NETNS_PREFIX}*")
+    ip link show "${BRIDGE}" >/dev/null 2>&1 && left+=("bridge ${BRIDGE}")
+    grep -qF "${MARKER}" /etc/hosts && left+=("/etc/hosts lines")
+    echo "${left[*]:-}"
+}
+
 cmd_node() {
     load_env
     export SLURM_CONF
@@ -284,6 +300,7 @@ DIR="$(cd "$2" && pwd)" || die "no directory $2"
 case "${command}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
+    leftovers) cmd_leftovers ;;
     node) [[ $# -eq 3 ]] || die "usage: cluster.sh node DIR N"; cmd_node "$3" ;;
     *) die "unknown command ${command}: start, stop or node" ;;
 esac

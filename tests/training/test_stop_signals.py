@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+from megatron_conan import stop_signals
 from megatron_conan.stop_signals import StopSignals
 from megatron_conan.testing.distributed import run_distributed
 from megatron_conan.testing.ports import free_port
@@ -64,6 +65,8 @@ ENTRY_PROBE = textwrap.dedent("""
     stage_main._run_stage = probe
     report["status"] = entry.main([])
     report["restored"] = signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    entry.main()  # as the command line runs it: the process is the command
+    report["ignored_until_exit"] = signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
     print(json.dumps(report))
 """)
 
@@ -74,7 +77,7 @@ def test_entry_point_handles_signals_before_heavy_imports():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"heavy_at_import": [], "installed": True, "handler": True, "heavy_at_start": [],
-                      "status": 0, "restored": True}
+                      "status": 0, "restored": True, "ignored_until_exit": True}
 
 
 def _listening(port):
@@ -129,3 +132,21 @@ def test_signal_after_the_process_group_stops_before_the_first_step(tmp_path):
     assert results == [{"steps": 0, "preempted": True}]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+MASK_PROBE = "import signal; print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
+
+
+def test_held_signals_are_not_lost_and_children_never_see_them():
+    """What a checkpoint save starts (megatron-core's writer helper) inherits the held signals: SLURM
+    sends them to every process of the step, and a dead helper fails the save."""
+    signals = StopSignals(exit_at_once=False).install()
+    try:
+        with stop_signals.held():
+            child = subprocess.run([sys.executable, "-c", MASK_PROBE], capture_output=True, text=True, timeout=60)
+            os.kill(os.getpid(), signal.SIGUSR1)  # held here; another thread may take it: handled either way
+        _wait(lambda: signals.received == signal.SIGUSR1)
+    finally:
+        signals.uninstall()
+    assert {int(signal.SIGUSR1), int(signal.SIGTERM)} <= set(json.loads(child.stdout))
+    assert int(signal.SIGUSR1) not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
