@@ -66,33 +66,31 @@ class Stages:
 
 def prepare_data(directory: str, log: Log) -> Dict[str, str]:
     """The tiny recipes' inputs from the repository's synthetic text generator (seconds): a tokenizer,
-    an indexed SFT set, a store of pairs and a store of the four stage-4 tasks."""
+    an indexed SFT set, a store of pairs and a store of the four stage-4 tasks. The tools run in
+    this process (one import of the stack, not one per tool)."""
+    from megatron_conan.cli import preprocess, tokenize_contrastive
     from megatron_conan.datagen import synthetic
     from megatron_conan.testing.fixtures import train_tiny_tokenizer
 
     data_dir = os.path.join(directory, "data")
     tokenizer = train_tiny_tokenizer(os.path.join(data_dir, "tokenizer"))
-    paths = {"tokenizer": tokenizer}
-    synthetic.write_sft_jsonl(os.path.join(data_dir, "sft.jsonl"), num_examples=80)
-    _tool("megatron_conan.cli.preprocess", "--format", "sft", "--input", os.path.join(data_dir, "sft.jsonl"),
-          "--output-prefix", os.path.join(data_dir, "sft"), "--tokenizer-model", tokenizer, "--workers", "1")
-    paths["sft"] = os.path.join(data_dir, "sft")
-    synthetic.write_contrastive_jsonl(os.path.join(data_dir, "pairs.jsonl"), examples_per_task=96, tasks=("pair",),
-                                      seed=4)
-    synthetic.write_contrastive_jsonl(os.path.join(data_dir, "supervised.jsonl"), examples_per_task=48,
+    paths = {name: os.path.join(data_dir, name) for name in ("sft", "pairs", "supervised")}
+    synthetic.write_sft_jsonl(paths["sft"] + ".jsonl", num_examples=80)
+    _tool(preprocess.main, "--format", "sft", "--input", paths["sft"] + ".jsonl", "--output-prefix", paths["sft"],
+          "--tokenizer-model", tokenizer, "--workers", "1", "--no-progress")
+    synthetic.write_contrastive_jsonl(paths["pairs"] + ".jsonl", examples_per_task=96, tasks=("pair",), seed=4)
+    synthetic.write_contrastive_jsonl(paths["supervised"] + ".jsonl", examples_per_task=48,
                                       tasks=("retrieval", "clr", "classification", "sts"), seed=6)
     for name in ("pairs", "supervised"):
-        _tool("megatron_conan.cli.tokenize_contrastive", "--input", os.path.join(data_dir, f"{name}.jsonl"),
-              "--output-prefix", os.path.join(data_dir, name), "--tokenizer-model", tokenizer, "--no-progress")
-        paths[name] = os.path.join(data_dir, name)
+        _tool(tokenize_contrastive.main, "--input", paths[name] + ".jsonl", "--output-prefix", paths[name],
+              "--tokenizer-model", tokenizer, "--no-progress")
     log(f"data: tokenizer, sft, pairs and supervised stores under {data_dir}")
-    return paths
+    return dict(paths, tokenizer=tokenizer)
 
 
-def _tool(module: str, *argv: str) -> None:
-    result = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CheckFailed(f"{module} failed: {result.stderr.strip()[-500:]}")
+def _tool(main, *argv: str) -> None:
+    if main(list(argv)) != 0:
+        raise CheckFailed(f"{main.__module__} {' '.join(argv)} failed")
 
 
 # --- what a job's log shows ---------------------------------------------------------------------
@@ -234,7 +232,7 @@ class Checks:
         for line in compare_runs(job.run_dir, self.stages.run_dir(reference)):
             self.log(f"  {line} (against the uninterrupted {reference} run)")
 
-    def time_limit(self, stage: str, attempts: int = 3) -> None:
+    def time_limit(self, stage: str, attempts: int = 4) -> None:
         """SLURM's time-limit warning (--signal=B:USR1@30) mid-run: the trainer saves, exits 0, the
         wrapper requeues, the restart completes with identical metrics.
 
@@ -243,7 +241,7 @@ class Checks:
         these runs), the job is submitted held with a 10-minute limit, released so that its steps
         straddle the next test, and its limit shortened just before that test, to the minutes that
         put the end 30-60 s ahead. When the start-up took so long that the test would miss the steps,
-        the run completes and another attempt starts earlier."""
+        that attempt is cancelled and another released for the start-up it took."""
         startup = self.startup_s[stage]
         for attempt in range(1, attempts + 1):
             name = f"{stage}-time-limit" + (f"-{attempt}" if attempt > 1 else "")
@@ -262,7 +260,9 @@ class Checks:
                 break
             startup = first_step - start
             self.log(f"{stage} time limit, attempt {attempt}: job {job.id}'s first step came {startup:.1f} s after its "
-                     "start, too late for the next time-limit test; it runs to its end, the next attempt starts earlier")
+                     "start, and the next time-limit test would miss its steps: cancelled, the next attempt is "
+                     "released for that start-up")
+            self.cluster.run("scancel", job.id)
             self.cluster.wait_end(job, JOB_LIMIT_S)
         else:
             raise CheckFailed(f"{stage}: no attempt had a time-limit test fall on its steps")
@@ -393,23 +393,28 @@ def next_time_limit_check(cluster: Cluster) -> float:
     return epoch(wait_for(last_check, 40, "slurmctld's first time-limit check")) + 30
 
 
+CHECKS = {
+    "time-limit": lambda checks: (checks.time_limit("embed-weak"), checks.time_limit("embed-sup")),
+    "preemption": lambda checks: checks.preemption(),
+    "lost-node": lambda checks: checks.lost_node(),
+    "startup-signals": lambda checks: checks.startup_signals(),
+    "scancel": lambda checks: checks.scancel(),
+}
+"""The checks after the stage runs (their references), in order; the command line may name some."""
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m tests.cluster.checks DIR", file=sys.stderr)
+    if not args or any(name not in CHECKS for name in args[1:]):
+        print(f"usage: python -m tests.cluster.checks DIR [{' '.join(CHECKS)}] (default: all)", file=sys.stderr)
         return 2
     directory = os.path.abspath(args[0])
     log = Log(os.path.join(directory, "cluster-test.log"))
-    cluster = Cluster(directory)
+    checks = Checks(Cluster(directory), Stages(directory), log)
     try:
-        checks = Checks(cluster, Stages(directory), log)
         checks.stage_runs(directory)
-        checks.time_limit("embed-weak")
-        checks.time_limit("embed-sup")
-        checks.preemption()
-        checks.lost_node()
-        checks.startup_signals()
-        checks.scancel()
+        for name in args[1:] or CHECKS:
+            CHECKS[name](checks)
     except CheckFailed as failure:
         log(f"FAILED: {failure}")
         return 1

@@ -2,12 +2,14 @@
 # `make cluster-test`: a real two-node SLURM cluster on this machine (tests/cluster/README.md), the
 # project's sbatch files run on it (tests/cluster/checks.py), then everything stopped and removed,
 # whether the checks passed or not.
-#   bash tests/cluster/run.sh [PYTHON]      (PYTHON: the interpreter with this package, default .venv's)
+#   bash tests/cluster/run.sh [PYTHON [CHECK...]]   (PYTHON: the interpreter with this package, default
+#                                           .venv's; CHECK: some of tests/cluster/checks.py's, default all)
 #   bash tests/cluster/run.sh --check-only  only whether it can run here (what make checks first)
 # Needs root; where it cannot run, it says why in one line and exits 2.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 python="${1:-.venv/bin/python}"
+shift || true
 
 cannot() { echo "cluster-test: cannot run here: $*" >&2; exit 2; }
 [[ "$(id -u)" -eq 0 ]] || cannot "it needs root (network namespaces, a bridge, /etc/hosts lines, the SLURM daemons)"
@@ -66,4 +68,4 @@ trap 'exit 130' INT TERM
 echo "cluster-test: starting a two-node cluster under ${dir}"
 bash tests/cluster/cluster.sh start "${dir}" || exit 1
 echo "cluster-test: two idle nodes after $((SECONDS - started)) s"
-"${python}" -m tests.cluster.checks "${dir}"
+"${python}" -m tests.cluster.checks "${dir}" "$@"
