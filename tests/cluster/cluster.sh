@@ -100,9 +100,12 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 NodeName=${NODE1} NodeAddr=${SUBNET}.11 CPUs=2 State=UNKNOWN
 NodeName=${NODE2} NodeAddr=${SUBNET}.12 CPUs=2 State=UNKNOWN
-# main: every stage job; low: jobs a high job may preempt (requeued, SIGTERM first, then GraceTime)
+# main: every stage job; low: jobs a high job may preempt. Preemption requeues at once and signals
+# every step, the batch shell included, SIGTERM then SIGKILL after KillWait (the save's window). No
+# GraceTime: with one, SLURM signals only the tasks, and a job that saves and exits within it ends
+# COMPLETED, not requeued (seen with 22.05), its run cut short.
 PartitionName=main Nodes=${NODE1},${NODE2} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
-PartitionName=low Nodes=${NODE1},${NODE2} MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
+PartitionName=low Nodes=${NODE1},${NODE2} MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=high Nodes=${NODE1},${NODE2} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 CONF
     cat >"${DIR}/etc/cgroup.conf" <<CONF
