@@ -316,9 +316,14 @@ class Checks:
     def lost_node(self) -> None:
         """Node 2 lost mid-step: its network cut and every process in its namespace killed, as a
         crashed host. The surviving rank's collective times out (parallel.timeout_s), its task fails,
-        srun --kill-on-bad-exit ends the step. latest stays complete; a resubmission resumes it."""
+        srun --kill-on-bad-exit ends the step, the controller marks the node failed. latest stays
+        complete; once the node is back, a resubmission resumes it."""
         overrides = ["checkpoint.save_interval=10", f"parallel.timeout_s={PG_TIMEOUT_S}"]
-        job = self.stages.submit(self.cluster, "embed-weak", name="embed-weak-lost-node", overrides=overrides)
+        # --no-requeue: SLURM would requeue a --requeue job on node failure, and when the node came
+        # back, its kill of the failed run (same job id) hit the new run's task there (seen here)
+        options = ["--no-requeue"]
+        job = self.stages.submit(self.cluster, "embed-weak", name="embed-weak-lost-node", overrides=overrides,
+                                 options=options)
         step = wait_steps(job.run_dir, 12)
         namespace = self.cluster.env_values["NETNS_PREFIX"] + "2"
         subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "down"], check=True)
@@ -340,12 +345,10 @@ class Checks:
                        check=True)
         node2 = self.cluster.nodes[1]
         self.cluster.run("scontrol", "update", f"NodeName={node2}", "State=RESUME", check=False)
-        wait_for(lambda: "idle" in self.cluster.run("sinfo", "-h", "-n", node2, "-o", "%T", check=False)
-                 or self.cluster.live_state(job) == "RUNNING", 120, "node 2 to come back")
-        if self.cluster.live_state(job) in ("PENDING", "RUNNING"):
-            resumed = job  # SLURM requeued it itself (NODE_FAIL of a --requeue job)
-        else:
-            resumed = self.stages.submit(self.cluster, "embed-weak", name="embed-weak-lost-node", overrides=overrides)
+        wait_for(lambda: "idle" in self.cluster.run("sinfo", "-h", "-n", node2, "-o", "%T", check=False),
+                 120, "node 2 to come back")
+        resumed = self.stages.submit(self.cluster, "embed-weak", name="embed-weak-lost-node", overrides=overrides,
+                                     options=options)
         states = self.cluster.wait_end(resumed, JOB_LIMIT_S)
         if states[-1] != "COMPLETED" or "resumed from" not in self.cluster.log_text(resumed):
             raise CheckFailed(f"job {resumed.id}: the resubmission did not resume and complete: {states}")
