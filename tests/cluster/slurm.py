@@ -171,7 +171,10 @@ def compare_runs(run_dir: str, reference_dir: str, first_step: int = 1) -> List[
     if missing:
         raise CheckFailed(f"{run_dir} has no metrics for steps {missing[:5]}...")
     lines = []
-    for name in compared_fields(reference[steps[0]]):
+    names = []  # the union over the steps: a step reports only its own task's fields (DHNM on retrieval)
+    for step in steps:
+        names += [name for name in compared_fields(reference[step]) if name not in names]
+    for name in names:
         for step in steps:
             if ours[step].get(name) != reference[step].get(name):
                 raise CheckFailed(f"{name} differs at step {step}: {ours[step].get(name)!r} against "
