@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_conan-installed
 
-.PHONY: quickstart test install clean gpu-check gpu-bundle gpu-rehearsal
+.PHONY: quickstart test install clean gpu-check gpu-bundle gpu-rehearsal cluster-test
 
 # The prepared GPU check (docs/GPU.md): one GPU, within BUDGET_S seconds. It uses the Python at hand
 # (a GPU machine's own torch with CUDA), .venv's where one exists, and installs nothing: run as a module
@@ -36,6 +36,16 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 install: $(STAMP)
+
+# A real two-node SLURM cluster on this machine (tests/cluster/README.md): every sbatch file of
+# examples/slurm run on it, time-limit requeue, preemption, a lost node, signals during start-up.
+# Needs root; without it, one line saying why and exit 2 (before any install). CLUSTER_CHECKS="lost-node
+# scancel" runs only those after the stage runs (names in tests/cluster/checks.py).
+CLUSTER_CHECKS ?=
+cluster-test:
+	@bash tests/cluster/run.sh --check-only
+	@$(MAKE) --no-print-directory $(STAMP)
+	@bash tests/cluster/run.sh $(PYTHON) $(CLUSTER_CHECKS)
 
 gpu-check:
 	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_check --budget-s $(BUDGET_S) --out-dir $(GPU_CHECK_OUT) --bundle $(GPU_BUNDLE)

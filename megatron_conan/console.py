@@ -11,7 +11,9 @@ set-up, :func:`configure_logging`.
 `run_command` sets the offline switches of huggingface_hub, transformers and datasets (nothing here
 downloads), sets up logging once and runs the command under :func:`megatron_conan.errors.run_main`:
 a user-input error, an argument error of a :func:`command_parser` included, ends in one line on
-stderr, ``<prog>: error: <message>``, and exit status 2, never a traceback.
+stderr, ``<prog>: error: <message>``, and exit status 2, never a traceback. With
+``handle_stop_signals=True`` (the training stages) SIGTERM / SIGUSR1 are handled from the first moment
+(:mod:`megatron_conan.stop_signals`): a signal during start-up ends the command cleanly with status 0.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from megatron_conan.errors import InputError, run_main
+from megatron_conan.stop_signals import stop_signals_installed
 
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 """Set to 1 (unless already set) by every command: models and data sets are local directories."""
@@ -78,10 +81,17 @@ def configure_logging(our_level: int = logging.INFO, fmt: str = LOG_FORMAT, thei
 
 
 def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None,
-                prog: Optional[str] = None, log_level: Optional[int] = logging.WARNING) -> int:
+                prog: Optional[str] = None, log_level: Optional[int] = logging.WARNING,
+                handle_stop_signals: bool = False) -> int:
     """Every console script's `main`: offline switches, logging (ours from `log_level`, others' from
     WARNING; None: `main` calls :func:`configure_logging` itself, as a stage does after its dry
-    run), then ``main(argv)``; bad input is one stderr line and status 2."""
+    run), then ``main(argv)``; bad input is one stderr line and status 2. `handle_stop_signals`:
+    SIGTERM / SIGUSR1 handling first, for the whole command (:mod:`megatron_conan.stop_signals`);
+    with ``argv=None`` (the command line: this process is the command) it stays until the exit, with
+    an `argv` (called from Python) the previous handlers come back after the command."""
+    if handle_stop_signals:
+        with stop_signals_installed(restore=argv is not None):
+            return run_command(main, argv, prog, log_level)
     set_offline_switches()
     if log_level is not None:
         configure_logging(log_level)

@@ -5,6 +5,9 @@
 # Inputs: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID (from srun);
 # optional MASTER_ADDR, MASTER_PORT, PYTHON (interpreter, default `python`).
 set -euo pipefail
+# A time-limit signal (or SIGTERM) before Python starts: nothing has run yet, so stop cleanly. From
+# the exec on, the entry point handles them itself (megatron_conan/stop_signals.py).
+trap 'echo "launch_rank.sh: stop signal before the trainer started: exiting" >&2; exit 0' USR1 TERM
 
 if [[ $# -lt 1 ]]; then
     echo "usage: launch_rank.sh MODULE [ARGS...]" >&2
@@ -41,6 +44,10 @@ if [[ -z "${MASTER_PORT:-}" ]]; then
         export MASTER_PORT="29500"
     fi
 fi
+# One line per task: where it runs, the rendezvous it uses (the first node's address) and how many
+# times the job was requeued before (SLURM_RESTART_COUNT).
+echo "launch_rank.sh: rank ${RANK}/${WORLD_SIZE} on $(hostname), rendezvous ${MASTER_ADDR}:${MASTER_PORT}" \
+     "($(getent hosts "${MASTER_ADDR}" 2>/dev/null | awk '{print $1; exit}')), restart ${SLURM_RESTART_COUNT:-0}" >&2
 # Megatron-core's TP/SP communication overlap relies on one CUDA hardware queue.
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"

@@ -103,11 +103,17 @@ class ParallelConfig:
     """Split layer norms and dropout along the sequence over the TP group (needs TP > 1)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    timeout_s: float = 600.0
+    """Seconds the rendezvous and any collective wait for the other ranks before failing, in every
+    process group: a lost node then ends the job (``srun --kill-on-bad-exit``) instead of hanging it.
+    Raise it when a checkpoint save or load keeps ranks waiting longer."""
 
     def __post_init__(self):
         for name in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
         if self.virtual_pipeline_parallel is not None and self.pipeline_parallel < 2:

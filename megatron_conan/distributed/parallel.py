@@ -31,7 +31,9 @@ def default_backend() -> str:
 
 
 def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
-    """Initialise torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, srun).
+    """Initialise torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, srun);
+    the rendezvous and every collective of the default group wait at most `timeout_s` for the other
+    ranks (a stage passes ``parallel.timeout_s``).
 
     With none of them set, starts a world of one (RANK=0, WORLD_SIZE=1 in the environment) over an
     in-process store: no port. (A port picked free, released and bound later can be taken in
@@ -78,6 +80,8 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> int
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+        # megatron-core's groups wait 30 minutes by default; the layout's own timeout instead
+        distributed_timeout_minutes=parallel.timeout_s / 60.0,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

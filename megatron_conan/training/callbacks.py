@@ -15,7 +15,7 @@ the scalar sink, and a preemption save replaces the interval save of that step):
     ScalarSink           TensorBoard (and W&B) every ``train.log_interval`` steps
     ConsoleLog           one log line every ``train.log_interval`` steps (rank 0)
     Evaluation           the stage's held-out numbers every ``train.eval_interval`` steps
-    Preemption           SIGTERM / SIGUSR1 on any rank: stop after this step
+    Preemption           SIGTERM / SIGUSR1 on any rank: stop before the first step or after this one
     Checkpointing        save every ``checkpoint.save_interval`` steps, on preemption and at the end
 """
 
@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from typing import TYPE_CHECKING, List, Optional
 
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_conan import stop_signals
 from megatron_conan.config.loader import to_dict
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.training.metrics import TrainingLogger
@@ -144,26 +144,40 @@ class Evaluation(Callback):
 
 
 class Preemption(Callback):
-    """SIGTERM / SIGUSR1 (SLURM preemption) on any rank stop the run after the current step; the ranks
-    agree with one all-reduce per step. :class:`Checkpointing` saves that step."""
+    """SIGTERM / SIGUSR1 (SLURM time limit, preemption, scancel) on any rank stop the run; the ranks
+    agree with one all-reduce before the first step (a signal during model build or checkpoint load:
+    stop there, nothing saved, nothing new since ``latest``) and one after each step
+    (:class:`Checkpointing` saves that step). The signals are those the entry point handles from its
+    start (:mod:`megatron_conan.stop_signals`); a run started from Python has them handled here."""
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self.signals: Optional[stop_signals.StopSignals] = None
+        self._own = False
 
     def on_fit_start(self, trainer):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.signals = stop_signals.installed()
+        if self.signals is None:
+            self.signals, self._own = stop_signals.StopSignals(exit_at_once=False).install(), True
+        if self._agreed():
+            logger.info("stop signal received during start-up: stopping at step %d before training, nothing saved",
+                        trainer.step_count)
+            trainer.preempted = True
 
-    def _handle(self, signum, frame):
-        self.received = signum
+    def _agreed(self) -> bool:
+        placement = current_placement()
+        flag = placement.tensor([1.0 if self.signals.received is not None else 0.0])
+        placement.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def on_step_end(self, trainer, step):
-        placement = current_placement()
-        flag = placement.tensor([1.0 if self.received is not None else 0.0])
-        placement.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        if self._agreed():
             logger.info("preemption signal received: saving at step %d and exiting", step.step)
             trainer.preempted = True
+
+    def close(self):
+        if self._own:
+            self.signals.uninstall()
+            self._own = False
 
 
 class Checkpointing(Callback):

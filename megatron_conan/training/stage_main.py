@@ -1,20 +1,29 @@
 """What every stage entry point does: parse ``--config recipe.yaml`` + ``key=value`` overrides,
-then either print the ``--dry-run`` report or train. Entry modules stay a few lines long."""
+then either print the ``--dry-run`` report or train. Entry modules stay a few lines long.
+
+SIGTERM / SIGUSR1 are handled before anything else (:mod:`megatron_conan.stop_signals`): this module
+imports only what the command line needs, the config and training stack come later, inside the
+command, so that a SLURM time-limit signal during start-up ends the run cleanly instead of killing it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from megatron_conan.config.run import RunConfig, load_run_config
+from megatron_conan import stop_signals
 from megatron_conan.console import command_parser, configure_logging, run_command
-from megatron_conan.training.dry_run import dry_run_report, format_dry_run
+
+if TYPE_CHECKING:
+    from megatron_conan.config.run import RunConfig
 
 
 def parse_run_config(stage: str, argv: Optional[Sequence[str]], prog: Optional[str] = None,
                      description: Optional[str] = None):
     """(arguments, the config of stage id `stage`) from a stage's command line."""
+    from megatron_conan.config.run import load_run_config  # pydantic: after the signal handling
+
     parser = command_parser(prog, description or f"the {stage} stage")
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("--dry-run", action="store_true",
@@ -29,6 +38,7 @@ def parse_run_config(stage: str, argv: Optional[Sequence[str]], prog: Optional[s
 
 def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> str:
     """The --dry-run report: pure arithmetic, nothing is allocated; the stage's config checks run."""
+    from megatron_conan.training.dry_run import dry_run_report, format_dry_run
     from megatron_conan.training.stage_registry import build_stage  # the training stack: see _run_stage
 
     plugin = build_stage(stage)
@@ -44,10 +54,13 @@ def dry_run_text(cfg: RunConfig, world_size: int, stage: str = "pretrain") -> st
 
 
 def run_stage(description: str, stage: str, argv: Optional[Sequence[str]] = None) -> int:
-    """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2."""
+    """A stage's command line; bad input (config, files, checkpoints) ends in one line and status 2.
+    SIGTERM / SIGUSR1 are handled from here on: before the process group exists a signal exits at
+    once with status 0, after it the trainer stops every rank together (saving if it had stepped)."""
     # named as the console script, whether started as conan-<stage>, python -m or torchrun
     prog = f"conan-{stage}"
-    return run_command(lambda args: _run_stage(description, stage, prog, args), argv, prog=prog, log_level=None)
+    return run_command(lambda args: _run_stage(description, stage, prog, args), argv, prog=prog, log_level=None,
+                       handle_stop_signals=True)
 
 
 def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[str]]) -> int:
@@ -62,10 +75,14 @@ def _run_stage(description: str, stage: str, prog: str, argv: Optional[Sequence[
     from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
     from megatron_conan.training.trainer import train
 
-    init_process_group_from_env()
+    init_process_group_from_env(timeout_s=cfg.parallel.timeout_s)
+    stop_signals.stop_together()  # one rank leaving alone now would fail the others' collectives
     try:
         result = train(cfg, stage)
     finally:
         destroy_parallel()
-    logging.getLogger(stage).info("done: %d steps%s", result.steps_done, " (preempted, checkpoint saved)" if result.preempted else "")
+    if result.preempted:
+        logging.getLogger(stage).info("stopped by a signal at step %d; a restart resumes from there", result.steps_done)
+    else:
+        logging.getLogger(stage).info("done: %d steps", result.steps_done)
     return 0

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_conan import stop_signals
 from megatron_conan.checkpoint.layout import read_latest
 from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.save import save_checkpoint
@@ -122,17 +123,20 @@ class Trainer:
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, self.step_count, self.consumed_samples)
 
     def save(self) -> None:
-        """Checkpoint the run at the current step (collective): what :meth:`resume` restores."""
+        """Checkpoint the run at the current step (collective): what :meth:`resume` restores. Stop
+        signals are held during it (:func:`stop_signals.held`: the writer's helper processes must
+        not die of them)."""
         ctx = self.ctx
-        save_checkpoint(self.cfg.checkpoint_dir(), self.step_count, ctx.chunks, self.optimizer, self.scheduler,
-                        ctx.model_config, self.consumed_samples,
-                        extra_state={"nonfinite": self.guard.state_dict(),
-                                     "soft_mask": get_soft_mask_state(ctx.chunks),
-                                     "stage": self.stage.state_dict(),
-                                     "stage_name": self.stage.name,
-                                     "run_config": to_dict(self.cfg)},
-                        keep_last=self.cfg.checkpoint.keep_last,
-                        write_extra_files=self.stage.write_checkpoint_files)
+        with stop_signals.held():
+            save_checkpoint(self.cfg.checkpoint_dir(), self.step_count, ctx.chunks, self.optimizer, self.scheduler,
+                            ctx.model_config, self.consumed_samples,
+                            extra_state={"nonfinite": self.guard.state_dict(),
+                                         "soft_mask": get_soft_mask_state(ctx.chunks),
+                                         "stage": self.stage.state_dict(),
+                                         "stage_name": self.stage.name,
+                                         "run_config": to_dict(self.cfg)},
+                            keep_last=self.cfg.checkpoint.keep_last,
+                            write_extra_files=self.stage.write_checkpoint_files)
 
     def step(self) -> StepRecord:
         """One optimizer step over the stage's next global batch (collective)."""

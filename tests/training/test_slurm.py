@@ -125,9 +125,9 @@ def test_outside_srun_is_refused(tmp_path):
     assert result.returncode != 0 and "run this under srun" in result.stderr
 
 
-def _run_requeue_wrapper(tmp_path, child_script, send_usr1):
+def _run_requeue_wrapper(tmp_path, child_script, send_usr1, **extra_env):
     calls = tmp_path / "scontrol_calls"
-    env = _slurm_env(tmp_path, f'echo "$@" >> {calls}', SLURM_JOB_ID=777)
+    env = _slurm_env(tmp_path, f'echo "$@" >> {calls}', SLURM_JOB_ID=777, **extra_env)
     ready = tmp_path / "ready"
     child = _executable(tmp_path / "trainer.sh", child_script.format(ready=ready, saved=tmp_path / "saved"))
     wrapper = subprocess.Popen(["bash", str(REQUEUE), "bash", str(child)], env=env,
@@ -182,3 +182,34 @@ def test_sbatch_runs_the_stage_module_through_the_wrappers(name, module):
     assert command.endswith('"$@"')
     if module in WRITTEN_MODULES:
         assert importlib.util.find_spec(module) is not None, module
+
+
+# Dies of SIGUSR1 (bash's default action), as a task the signal reached before Python started.
+KILLED_BY_THE_SIGNAL = """#!/usr/bin/env bash
+touch {ready}
+for _ in $(seq 100); do sleep 0.05; done
+exit 3
+"""
+
+
+def test_tasks_ended_by_the_signal_are_requeued_too(tmp_path):
+    returncode, err, calls = _run_requeue_wrapper(tmp_path, KILLED_BY_THE_SIGNAL, send_usr1=True)
+    assert returncode == 128 + signal.SIGUSR1, err
+    assert calls.strip() == "requeue 777"
+
+
+# Misses the first SIGUSR1 (as a task srun had not launched yet), saves on the second.
+MISSES_THE_FIRST = """#!/usr/bin/env bash
+seen=0
+trap 'seen=$((seen + 1)); [[ $seen -ge 2 ]] && {{ echo saved > {saved}; exit 0; }}' USR1
+touch {ready}
+for _ in $(seq 200); do sleep 0.05; done
+exit 3
+"""
+
+
+def test_the_signal_is_sent_again_while_the_command_runs_on(tmp_path):
+    returncode, err, calls = _run_requeue_wrapper(tmp_path, MISSES_THE_FIRST, send_usr1=True, SIGNAL_RESEND_S=1)
+    assert returncode == 0, err
+    assert (tmp_path / "saved").read_text().strip() == "saved"
+    assert calls.strip() == "requeue 777"
