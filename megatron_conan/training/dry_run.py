@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ParallelConfig
 from megatron_conan.errors import ConfigError
@@ -86,6 +86,127 @@ def stage_parameters(model_cfg: ConanModelConfig, parallel: ParallelConfig) -> L
     return stages
 
 
+@dataclass(frozen=True)
+class ParameterShape:
+    """One parameter tensor of a pipeline stage on one TP rank, as megatron-core registers it."""
+
+    name: str
+    numel: int
+    shared_embedding: bool = False
+    """The tied embedding's two copies under PP > 1 (megatron-core's ``shared_embedding``): the
+    distributed optimizer gives each its own gradient bucket."""
+
+
+def stage_parameter_shapes(model_cfg: ConanModelConfig, parallel: ParallelConfig, stage: int) -> List[ParameterShape]:
+    """Pipeline stage `stage`'s parameters on one TP rank, in ``named_parameters()`` order of
+    ``GPTModel`` with our local layer spec (the order fixes where the distributed optimizer pads).
+
+    Transformer Engine fuses each layer's norms into the next linear layer: the same tensors in
+    another order, which moves the distributed optimizer's padding by up to 64 elements a tensor.
+    """
+    parallel.validate_for_model(model_cfg)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if not 0 <= stage < pp:
+        raise ConfigError(f"pipeline stage {stage} is outside 0..{pp - 1}")
+    h, d, f = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.ffn_hidden_size
+    a, g = model_cfg.num_attention_heads, model_cfg.num_query_groups
+    embedding = model_cfg.padded_vocab_size(tp) * h // tp
+    tied_copy = model_cfg.tie_embeddings and pp > 1
+    shapes = []
+    if stage == 0:
+        shapes.append(ParameterShape("embedding.word_embeddings.weight", embedding, tied_copy))
+    for layer in range(model_cfg.num_layers // pp):
+        prefix = f"decoder.layers.{layer}."
+        shapes += [ParameterShape(prefix + "input_layernorm.weight", h),
+                   ParameterShape(prefix + "self_attention.linear_proj.weight", a * d * h // tp),
+                   ParameterShape(prefix + "self_attention.linear_qkv.weight", h * d * (a + 2 * g) // tp),
+                   ParameterShape(prefix + "pre_mlp_layernorm.weight", h),
+                   ParameterShape(prefix + "mlp.linear_fc1.weight", 2 * h * f // tp),  # SwiGLU gate and up
+                   ParameterShape(prefix + "mlp.linear_fc2.weight", f * h // tp)]
+    if stage == pp - 1:
+        shapes.append(ParameterShape("decoder.final_layernorm.weight", h))
+        if pp > 1 or not model_cfg.tie_embeddings:
+            shapes.append(ParameterShape("output_layer.weight", embedding, tied_copy))
+    return shapes
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def gradient_buckets(shapes: Sequence[ParameterShape], data_parallel: int,
+                     use_distributed_optimizer: bool) -> List[Tuple[int, int, List[Tuple[int, int]]]]:
+    """megatron-core DDP's gradient buffer of one model chunk, as ``_ParamAndGradBuffer`` lays it
+    out with our ``wrap_model`` (no overlap, so one bucket; one dtype): ``[(bucket start, bucket
+    end, [(param start, param end), ...]), ...]`` in elements.
+
+    Parameters go in reverse order. With the distributed optimizer each parameter starts on a
+    multiple of 64 elements, each bucket ends on a multiple of lcm(DP, 128) so that it shards
+    evenly, and a ``shared_embedding`` parameter gets a bucket of its own.
+    """
+    buckets: List[Tuple[int, int, List[Tuple[int, int]]]] = []
+    bucket_start, param_start, ranges = 0, 0, []
+
+    def close(end: int) -> int:
+        nonlocal bucket_start, ranges
+        if use_distributed_optimizer:
+            end = _round_up(end, math.lcm(data_parallel, 128))
+        buckets.append((bucket_start, end, ranges))
+        bucket_start, ranges = end, []
+        return end
+
+    for shape in reversed(shapes):
+        if use_distributed_optimizer:
+            param_start = _round_up(param_start, 64)
+        own_bucket = use_distributed_optimizer and shape.shared_embedding
+        if own_bucket and ranges:
+            param_start = close(param_start)
+        ranges.append((param_start, param_start + shape.numel))
+        param_start += shape.numel
+        if own_bucket:
+            param_start = close(param_start)
+    if ranges:
+        close(param_start)
+    return buckets
+
+
+def state_bytes_per_rank(model_cfg: ConanModelConfig, parallel: ParallelConfig, world_size: int, rank: int,
+                         precision: str = "bf16", use_distributed_optimizer: Optional[bool] = None) -> Dict[str, int]:
+    """Exact bytes of one rank's ``weights``, ``gradients`` (DDP buffer) and ``optimizer`` state
+    (fp32 main copy for bf16/fp16, Adam m and v), as megatron-core allocates them with our
+    ``wrap_model`` / ``build_optimizer`` (no virtual pipeline).
+
+    * weights: each parameter in the parameter dtype; with the distributed optimizer the parameters
+      live in megatron-core's padded parameter buffer, so its padding counts too;
+    * gradients: the fp32 ``main_grad`` buffer (``grad_reduce_in_fp32``), padded likewise;
+    * optimizer: 12 bytes (fp32: 8) per element this rank updates: every element without the
+      distributed optimizer, with it this rank's 1/DP slice of each bucket, padding excluded.
+    """
+    _check_precision_and_recompute(precision, "none")
+    if parallel.virtual_pipeline_parallel:
+        raise ConfigError("exact state bytes cover layouts without parallel.virtual_pipeline_parallel")
+    if use_distributed_optimizer is None:
+        use_distributed_optimizer = parallel.use_distributed_optimizer
+    dp = parallel.data_parallel(world_size)
+    _, stage, dp_rank = rank_coordinates(rank, parallel, world_size)
+    shapes = stage_parameter_shapes(model_cfg, parallel, stage)
+    buckets = gradient_buckets(shapes, dp, use_distributed_optimizer)
+    numel = sum(shape.numel for shape in shapes)
+    buffer = buckets[-1][1] if buckets else 0
+    updated = numel
+    if use_distributed_optimizer:
+        updated = 0
+        for start, end, ranges in buckets:
+            shard = (end - start) // dp
+            low, high = start + dp_rank * shard, start + (dp_rank + 1) * shard
+            updated += sum(max(0, min(high, stop) - max(low, begin)) for begin, stop in ranges)
+    return {
+        "weights": (buffer if use_distributed_optimizer else numel) * _param_bytes(precision),
+        "gradients": buffer * 4,
+        "optimizer": updated * (8 if precision == "fp32" else 12),
+    }
+
+
 def activation_bytes_per_layer(
     model_cfg: ConanModelConfig,
     micro_batch_size: int,
@@ -131,6 +252,26 @@ def activation_bytes_per_layer(
     return layer
 
 
+def _stage_state_bytes(model_cfg: ConanModelConfig, parallel: ParallelConfig, world_size: int, stage: int,
+                       params: int, precision: str, use_distributed_optimizer: bool) -> Dict[str, int]:
+    """Weights, gradients and optimizer bytes of the most loaded rank of a pipeline stage: exact
+    (:func:`state_bytes_per_rank`) without a virtual pipeline, else per parameter (fp32 main copy
+    for bf16/fp16, Adam m and v: 12 bytes, 8 for fp32; divided by DP with the distributed
+    optimizer), which leaves out megatron-core's padding of at most 64 elements a tensor."""
+    if parallel.virtual_pipeline_parallel:
+        optimizer = params * (8 if precision == "fp32" else 12)
+        if use_distributed_optimizer:
+            optimizer = -(-optimizer // parallel.data_parallel(world_size))
+        return {"weights": params * _param_bytes(precision), "gradients": params * 4, "optimizer": optimizer}
+    tp = parallel.tensor_parallel
+    dp = parallel.data_parallel(world_size)
+    first_rank = stage * tp * dp  # megatron-core's order: TP fastest, then DP, then PP
+    ranks = range(first_rank, first_rank + tp * dp, tp) if use_distributed_optimizer else [first_rank]
+    per_rank = [state_bytes_per_rank(model_cfg, parallel, world_size, rank, precision, use_distributed_optimizer)
+                for rank in ranks]
+    return max(per_rank, key=lambda entry: entry["optimizer"])
+
+
 def _memory_per_stage(
     model_cfg: ConanModelConfig,
     parallel: ParallelConfig,
@@ -163,8 +304,6 @@ def _memory_per_stage(
     # vocab-parallel cross-entropy saves ([s, b, V/t] in float32).
     head = 2 * s * b * act * h // t_sp + 4 * s * b * model_cfg.padded_vocab_size(tp) // tp
 
-    # fp32 main copy for bf16/fp16 (fp32 training updates the weights themselves), Adam m and v.
-    optimizer_bytes_per_param = 8 if precision == "fp32" else 12
     stages = []
     for stage, params in enumerate(stage_parameters(model_cfg, parallel)):
         # 1F1B: stage k runs pp - k warm-up forwards before its first backward.
@@ -172,15 +311,9 @@ def _memory_per_stage(
         activations = in_flight * layers_per_stage * stored + working_layer
         if stage == pp - 1:
             activations += head
-        optimizer = params * optimizer_bytes_per_param
-        if use_distributed_optimizer:
-            optimizer = -(-optimizer // dp)
-        breakdown = {
-            "weights": params * _param_bytes(precision),
-            "gradients": params * 4,  # megatron-core DDP main_grad buffer, grad_reduce_in_fp32
-            "optimizer": optimizer,
-            "activations": activations,
-        }
+        breakdown = {**_stage_state_bytes(model_cfg, parallel, world_size, stage, params, precision,
+                                          use_distributed_optimizer),
+                     "activations": activations}
         breakdown["total"] = sum(breakdown.values())
         stages.append(breakdown)
     return stages
