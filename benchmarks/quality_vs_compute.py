@@ -1,4 +1,4 @@
-"""Quality against compute: the main job's embedding stages at 1x, 4x and 16x the steps, on validation.
+"""Quality against compute: the main job's embedding stages at several multiples of its steps, on validation.
 
     python benchmarks/quality_vs_compute.py --work-dir runs/quickstart [--multipliers 1 4 16]
         [--image docs/images/quality_vs_compute.png]
@@ -50,23 +50,23 @@ def trained_tokens(run_dir: str) -> int:
     return int(round(total))
 
 
-def _budget_pipeline(args, multiplier: int):
+def _budget_pipeline(args, multiplier: float):
     """A Pipeline for this budget: the main job's own (1x) or a new directory sharing its data."""
     from benchmarks.ablations import _pipeline
     from megatron_conan.quickstart import PLANS
 
     base = PLANS[args.plan]
-    if multiplier == 1:
+    if multiplier == 1.0:
         args_base = argparse.Namespace(work_dir=args.work_dir, plan=args.plan)
         pipeline = _pipeline(args_base, os.path.abspath(args.work_dir), args.seed, {})
         return pipeline, False
-    directory = os.path.join(os.path.abspath(args.output_dir), f"x{multiplier}")
+    directory = os.path.join(os.path.abspath(args.output_dir), f"x{multiplier:g}")
     if os.path.exists(directory):
         raise SystemExit(f"quality_vs_compute: {directory} exists (a run of an earlier call): choose another "
                          "--output-dir")
     pipeline = _pipeline(args, directory, args.seed, {})
-    pipeline.plan = dataclasses.replace(base, weak_steps=base.weak_steps * multiplier,
-                                        sup_steps=base.sup_steps * multiplier)
+    pipeline.plan = dataclasses.replace(base, weak_steps=max(1, round(base.weak_steps * multiplier)),
+                                        sup_steps=max(1, round(base.sup_steps * multiplier)))
     return pipeline, True
 
 
@@ -79,7 +79,7 @@ def _models(pipeline):
             for stage in STAGES}
 
 
-def run_budget(args, multiplier: int) -> dict:
+def run_budget(args, multiplier: float) -> dict:
     from megatron_conan.config.model import tiny
     from megatron_conan.eval.stages import evaluate_models, score
     from megatron_conan.training.dry_run import model_flops_per_token
@@ -100,7 +100,7 @@ def run_budget(args, multiplier: int) -> dict:
              "tokens": tokens, "flops": flops_per_token * sum(tokens.values()),
              "validation": {stage: score(rows[stage]) for stage in STAGES}, "bm25_validation": score(rows["BM25"]),
              "work_dir": pipeline.work_dir}
-    logger.info("x%d: %.3g FLOPs, validation nDCG@10 stage 3 %.4f, stage 4 %.4f (BM25 %.4f)", multiplier,
+    logger.info("x%g: %.3g FLOPs, validation nDCG@10 stage 3 %.4f, stage 4 %.4f (BM25 %.4f)", multiplier,
                 entry["flops"], entry["validation"]["embed-weak"], entry["validation"]["embed-sup"],
                 entry["bm25_validation"])
     entry["_models"] = models
@@ -123,10 +123,10 @@ def format_table(budgets: List[dict], test: dict) -> str:
     lines = ["| budget | stage-3 / stage-4 steps | embedding-stage FLOPs | validation nDCG@10 stage 3 | "
              "stage 4 | BM25 |", "|---|---|---|---|---|---|"]
     for entry in budgets:
-        lines.append(f"| {entry['multiplier']}x | {entry['weak_steps']} / {entry['sup_steps']} | "
+        lines.append(f"| {entry['multiplier']:g}x | {entry['weak_steps']} / {entry['sup_steps']} | "
                      f"{entry['flops']:.3g} | {entry['validation']['embed-weak']:.4f} | "
                      f"{entry['validation']['embed-sup']:.4f} | {entry['bm25_validation']:.4f} |")
-    lines += ["", f"Test, once, for the model chosen on validation at {test['multiplier']}x "
+    lines += ["", f"Test, once, for the model chosen on validation at {test['multiplier']:g}x "
                   f"({test['stage']}): nDCG@10 {test['test_ndcg_at_10']:.4f} (BM25 {test['bm25_test_ndcg_at_10']:.4f})."]
     return "\n".join(lines)
 
@@ -144,7 +144,7 @@ def plot(budgets: List[dict], path: str) -> None:
         axes.plot(flops, [entry["validation"][stage] for entry in budgets], marker="o", label=labels[stage])
     axes.axhline(budgets[0]["bm25_validation"], color="grey", linestyle="--", label="BM25")
     for entry in budgets:
-        axes.annotate(f"{entry['multiplier']}x", (entry["flops"], entry["validation"]["embed-sup"]),
+        axes.annotate(f"{entry['multiplier']:g}x", (entry["flops"], entry["validation"]["embed-sup"]),
                       textcoords="offset points", xytext=(4, -12))
     axes.set_xscale("log")
     axes.set_xlabel("embedding-stage training compute (model FLOPs)")
@@ -169,13 +169,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(parser, "quality_vs_compute")
     parser.add_argument("--seed", type=int, default=0, help="the main job's seed (its --seed)")
-    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[1, 4, 16],
+                        help="budgets as multiples of the main job's embedding-stage steps (1: the main job itself)")
     parser.add_argument("--image", default=None, help="also write the plot here")
     args = parser.parse_args(argv)
     if not start_study(args, "quality_vs_compute", "quality_vs_compute"):
         return 2
-    if any(value < 1 for value in args.multipliers):
-        print("quality_vs_compute: --multipliers must be >= 1", file=sys.stderr)  # user-facing
+    if any(not value > 0 for value in args.multipliers):
+        print("quality_vs_compute: --multipliers must be positive", file=sys.stderr)  # user-facing
         return 2
     os.makedirs(args.output_dir, exist_ok=True)
     budgets: List[dict] = []

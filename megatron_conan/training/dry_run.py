@@ -17,7 +17,7 @@ GiB per GPU).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ParallelConfig
@@ -367,6 +367,44 @@ def rank_coordinates(rank: int, parallel: ParallelConfig, world_size: int) -> Tu
     return rank % tp, rank // (tp * dp), (rank // tp) % dp
 
 
+DEFAULT_MFU = 0.40
+"""Model FLOPs utilisation assumed for time figures: Megatron-LM reports 41% for a 1.7B GPT on H100."""
+DEFAULT_PEAK_TFLOPS = 989.0
+"""Dense bf16 peak of an H100 SXM (the H200 is the same chip), TFLOP/s per GPU."""
+DEFAULT_FS_GBPS = 5.0
+"""Sustained write bandwidth of the file system to the job, GB/s over all its writers."""
+
+
+@dataclass
+class PlanningAssumptions:
+    """What the time figures of the dry run assume (command line: ``--mfu``, ``--peak-tflops``,
+    ``--fs-gbps``); the report states them next to the figures."""
+
+    mfu: float = DEFAULT_MFU
+    """Model FLOPs utilisation, 0 < mfu <= 1."""
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS
+    """Peak dense TFLOP/s of one GPU in the training precision."""
+    fs_gbps: float = DEFAULT_FS_GBPS
+    """GB/s (1e9 bytes) the job's checkpoint writes get from the file system, all ranks together."""
+
+    def __post_init__(self):
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"--mfu must be in (0, 1], got {self.mfu}")
+        for name in ("peak_tflops", "fs_gbps"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def checkpoint_bytes(model_cfg: ConanModelConfig, tensor_parallel: int, precision: str) -> int:
+    """Bytes of one training checkpoint, all ranks together: every parameter once (the TP-padded
+    vocabulary; a tied embedding once) in the parameter dtype, plus the optimizer state that
+    megatron-core saves with it: the fp32 main copy (bf16/fp16 only) and Adam's m and v."""
+    _check_precision_and_recompute(precision, "none")
+    per_parameter = _param_bytes(precision) + (8 if precision == "fp32" else 12)
+    return model_cfg.num_parameters(tensor_parallel) * per_parameter
+
+
 @dataclass
 class DryRunReport:
     """Everything ``--dry-run`` prints; :func:`format_dry_run` renders it."""
@@ -397,29 +435,35 @@ class DryRunReport:
     """Pipeline stage whose GPUs need the most memory."""
     flops_per_token: float
     flops_per_step: float
+    assumptions: PlanningAssumptions = field(default_factory=PlanningAssumptions)
+    checkpoint_bytes: int = 0
+    """One checkpoint, all ranks together (:func:`checkpoint_bytes`)."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: none planned)."""
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Model FLOPs of a step over the world's peak times the assumed MFU."""
+        peak = self.world_size * self.assumptions.peak_tflops * 1e12
+        return self.flops_per_step / (peak * self.assumptions.mfu)
+
+    @property
+    def days_for_budget(self) -> Optional[float]:
+        if self.steps_for_budget is None:
+            return None
+        return self.steps_for_budget * self.seconds_per_step / 86_400
+
+    @property
+    def checkpoint_write_seconds(self) -> float:
+        return self.checkpoint_bytes / (self.assumptions.fs_gbps * 1e9)
 
     def __str__(self) -> str:
         return format_dry_run(self)
 
 
-def dry_run_report(
-    model_cfg: ConanModelConfig,
-    parallel: ParallelConfig,
-    world_size: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    seq_length: int,
-    precision: str = "bf16",
-    recompute: str = "none",
-    token_budget: Optional[float] = None,
-    use_distributed_optimizer: Optional[bool] = None,
-) -> DryRunReport:
-    """Check the batch and layout arithmetic and compute the dry-run figures.
-
-    Raises :class:`ConfigError` when the layout does not divide the world or cannot split the
-    model, when ``global_batch_size`` is not a multiple of ``micro_batch_size * DP``, or when
-    ``seq_length`` exceeds the model's context.
-    """
+def _check_batch(model_cfg: ConanModelConfig, parallel: ParallelConfig, world_size: int, global_batch_size: int,
+                 micro_batch_size: int, seq_length: int, token_budget: Optional[float]) -> int:
+    """The data-parallel size, once the layout, batch, sequence and budget are found consistent."""
     if world_size <= 0:
         raise ConfigError(f"world size must be positive, got {world_size}")
     data_parallel = parallel.data_parallel(world_size)
@@ -440,6 +484,32 @@ def dry_run_report(
             f"({model_cfg.max_sequence_length})")
     if token_budget is not None and token_budget <= 0:
         raise ConfigError(f"token budget must be positive, got {token_budget}")
+    return data_parallel
+
+
+def dry_run_report(
+    model_cfg: ConanModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    precision: str = "bf16",
+    recompute: str = "none",
+    token_budget: Optional[float] = None,
+    use_distributed_optimizer: Optional[bool] = None,
+    assumptions: Optional[PlanningAssumptions] = None,
+    save_interval: int = 0,
+) -> DryRunReport:
+    """Check the batch and layout arithmetic and compute the dry-run figures; `assumptions` (MFU,
+    peak FLOP/s, file-system bandwidth) turn them into time, `save_interval` into checkpoint writes.
+
+    Raises :class:`ConfigError` when the layout does not divide the world or cannot split the
+    model, when ``global_batch_size`` is not a multiple of ``micro_batch_size * DP``, or when
+    ``seq_length`` exceeds the model's context.
+    """
+    data_parallel = _check_batch(model_cfg, parallel, world_size, global_batch_size, micro_batch_size,
+                                 seq_length, token_budget)
     if use_distributed_optimizer is None:
         use_distributed_optimizer = parallel.use_distributed_optimizer
     accumulation = global_batch_size // (micro_batch_size * data_parallel)
@@ -469,6 +539,9 @@ def dry_run_report(
         memory_stage=most_loaded,
         flops_per_token=flops_per_token,
         flops_per_step=flops_per_token * tokens_per_step,
+        assumptions=assumptions or PlanningAssumptions(),
+        checkpoint_bytes=checkpoint_bytes(model_cfg, parallel.tensor_parallel, precision),
+        save_interval=save_interval,
     )
 
 
@@ -514,4 +587,23 @@ def format_dry_run(report: DryRunReport) -> str:
     ]
     for name in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"  {name:<12} {report.memory[name] / _GIB:8.2f} GiB")
-    return "\n".join(lines)
+    return "\n".join(lines + _planning_lines(report))
+
+
+def _planning_lines(report: DryRunReport) -> List[str]:
+    """Time per step and to the token budget, checkpoint size and write time, with what they assume."""
+    assumed = report.assumptions
+    lines = [f"time (assuming MFU {assumed.mfu:.0%} of {assumed.peak_tflops:g} TFLOP/s per GPU; --mfu, "
+             f"--peak-tflops): {report.seconds_per_step:.3g} s per step"]
+    if report.days_for_budget is not None:
+        lines[-1] += (f"; {report.token_budget:.3g} tokens in {report.steps_for_budget:,} steps: "
+                      f"{report.days_for_budget:.2f} days on {report.world_size} GPUs")
+    main_copy = "" if report.precision == "fp32" else " + fp32 main copy"
+    lines.append(f"checkpoint: {report.checkpoint_bytes / 1e9:.2f} GB (every parameter once in "
+                 f"{report.precision}{main_copy} + Adam m and v); one write at {assumed.fs_gbps:g} GB/s "
+                 f"(--fs-gbps): {report.checkpoint_write_seconds:.3g} s")
+    if report.save_interval and report.steps_for_budget:
+        saves = report.steps_for_budget // report.save_interval
+        lines[-1] += (f"; every {report.save_interval:,} steps: {saves:,} saves, "
+                      f"{saves * report.checkpoint_write_seconds / 3600:.3g} h of writing if synchronous")
+    return lines
