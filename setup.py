@@ -96,6 +96,9 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton==3.9.0"],
         "triton": ["triton"],
+        # approximate nearest-neighbour search for hard-negative mining over millions of passages
+        # (datagen/mining.py; exact search stays the default below a million texts)
+        "ann": ["faiss-cpu>=1.8"],
     },
     entry_points={"console_scripts": [
         "conan-pretrain=megatron_conan.training.pretrain:main",

@@ -7,7 +7,8 @@ From a finished main job (``make quickstart``: its corpus, tokenizer, indexed da
 checkpoint), each budget re-runs stage 3 (embed-weak), mining and stage 4 (embed-sup) with the
 main job's plan and seed, the steps of both embedding stages multiplied (the learning-rate
 schedule stretches with them: warm-up 5%, cosine to a tenth). Multiplier 1 is the main job itself
-(its own stage-3 / stage-4 checkpoints are scored, not re-trained). Every budget is scored on the
+(its own stage-3 / stage-4 checkpoints are scored, not re-trained), and a budget whose directory
+holds a finished run (an earlier call's) is scored as it is, so budgets can be added later. Every budget is scored on the
 held-out **validation** split (nDCG@10): stage 3 and stage 4, beside BM25. The model chosen at the
 largest budget (the stage with the better validation score there) is then scored on **test**, once;
 no other test figure is computed.
@@ -61,13 +62,16 @@ def _budget_pipeline(args, multiplier: float):
         pipeline = _pipeline(args_base, os.path.abspath(args.work_dir), args.seed, {})
         return pipeline, False
     directory = os.path.join(os.path.abspath(args.output_dir), f"x{multiplier:g}")
-    if os.path.exists(directory):
-        raise SystemExit(f"quality_vs_compute: {directory} exists (a run of an earlier call): choose another "
-                         "--output-dir")
+    finished = os.path.isfile(os.path.join(directory, "embed-sup", "checkpoints", "latest"))
+    if os.path.exists(directory) and not finished:
+        raise SystemExit(f"quality_vs_compute: {directory} holds an unfinished budget: remove it or choose "
+                         "another --output-dir")
     pipeline = _pipeline(args, directory, args.seed, {})
     pipeline.plan = dataclasses.replace(base, weak_steps=max(1, round(base.weak_steps * multiplier)),
                                         sup_steps=max(1, round(base.sup_steps * multiplier)))
-    return pipeline, True
+    if finished:
+        logger.info("x%g: scoring the finished budget in %s (not re-trained)", multiplier, directory)
+    return pipeline, not finished
 
 
 def _models(pipeline):

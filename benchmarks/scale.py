@@ -1,0 +1,253 @@
+"""How cost grows: every data and tooling step at four or more sizes, fitted and carried to the paper's scale.
+
+    python -m benchmarks.scale [--out-dir runs/scale] [--steps preprocess mining_exact ...] [--quick]
+    make scale-bench
+
+Each (step, size) runs in a fresh process (``--child``) that builds its inputs first (generated
+text that never repeats, cached in ``--out-dir/data``; benchmarks/scale_data.py), then times the
+step alone while a sampler thread reads the resident memory of the process and its workers every
+10 ms. Per run: wall seconds, peak resident bytes above the process's own before the step
+(``peak_rss_delta``; the absolute peak is kept too), and output bytes. Per step: growth exponents
+of each (least squares on log-log over the largest three sizes, where fixed start-up costs matter
+least), extrapolated to the paper's size in the step's unit, and a log-log PNG.
+
+Output: ``--out-dir/scale.json`` (every run, fit and extrapolation, the machine and its load) and
+``--out-dir/<step>.png``. docs/SCALE.md reads them. Timings on a shared machine vary with its load;
+exponents much less so. ``--quick`` runs tiny sizes (the test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy
+
+from benchmarks import scale_steps
+
+GIB = float(1 << 30)
+
+
+@dataclasses.dataclass
+class Step:
+    """One row of docs/SCALE.md: what grows, its sizes here, and its size in the paper's run."""
+
+    run: Callable[[str, int], dict]
+    """(data dir, size) -> {"output_bytes", ...}; sets up untimed via ``scale_steps.timed``."""
+    unit: str
+    sizes: Sequence[int]
+    paper_size: float
+    paper_what: str
+
+
+STEPS: Dict[str, Step] = {
+    "preprocess": Step(scale_steps.preprocess, "documents", (300, 3_000, 30_000, 300_000), 3e12 / 80,
+                       "3T tokens (about 3.75e10 of these 80-token documents)"),
+    "pretrain_index_cold": Step(scale_steps.pretrain_index_cold, "documents", (300, 3_000, 30_000, 300_000),
+                                3e12 / 80, "3T tokens, two blended sources, one epoch of 4,096-token samples"),
+    "pretrain_index_cached": Step(scale_steps.pretrain_index_cached, "documents", (300, 3_000, 30_000, 300_000),
+                                  3e12 / 80, "as above, the index caches on disk"),
+    "sft": Step(scale_steps.sft, "examples", (300, 3_000, 30_000, 300_000), 1e7, "10M supervised examples"),
+    "contrastive_tokenize": Step(scale_steps.contrastive_tokenize, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
+                                 "1.7B weak pairs"),
+    "contrastive_open": Step(scale_steps.contrastive_open, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
+                             "1.7B weak pairs, one loader per rank"),
+    "contrastive_access": Step(scale_steps.contrastive_access, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
+                               "1.7B weak pairs: 2,000 random examples read"),
+    "dhnm": Step(scale_steps.dhnm, "examples", (10_000, 100_000, 1_000_000, 10_000_000), 1e7,
+                 "10M supervised examples, K = 7"),
+    "mining_exact_corpus": Step(scale_steps.mining_exact_corpus, "corpus texts",
+                                (1_000, 10_000, 100_000, 1_000_000), 1e7, "10M passages (1,000 queries here)"),
+    "mining_exact_queries": Step(scale_steps.mining_exact_queries, "queries", (100, 1_000, 10_000, 100_000), 6e6,
+                                 "6M queries (retrieval + CLR) over a 100,000-text corpus"),
+    "mining_ann_corpus": Step(scale_steps.mining_ann_corpus, "corpus texts", (1_000, 10_000, 100_000, 1_000_000),
+                              1e7, "10M passages, faiss IVF index (1,000 queries here)"),
+    "mining_ann_queries": Step(scale_steps.mining_ann_queries, "queries", (100, 1_000, 10_000, 100_000), 6e6,
+                               "6M queries over a 100,000-text corpus, faiss IVF index"),
+    "encode": Step(scale_steps.encode, "texts", (100, 1_000, 10_000, 100_000), 1e7,
+                   "10M texts (a tiny model here: the exponent, not the time, carries over)"),
+    "search": Step(scale_steps.search, "corpus texts", (1_000, 10_000, 100_000, 1_000_000), 8.8e6,
+                   "8.8M passages (MS MARCO's size), 1,000 queries"),
+}
+QUICK_SIZES = (20, 60, 180, 540)
+
+
+# -- the child: one (step, size) --------------------------------------------------------------
+
+class TreeMemorySampler:
+    """Peak resident bytes of this process and its descendants, sampled on a thread."""
+
+    def __init__(self, interval_s: float = 0.01):
+        import psutil
+
+        self.process, self.interval_s = psutil.Process(), interval_s
+        self.peak = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def current(self) -> int:
+        import psutil
+
+        total = 0
+        for process in [self.process] + self.process.children(recursive=True):
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:  # a worker that just exited
+                continue
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def run_child(step: str, size: int, data_dir: str) -> dict:
+    """Set up, then time `step` at `size` under the memory sampler (see scale_steps.timed)."""
+    os.makedirs(data_dir, exist_ok=True)
+    record: dict = {}
+
+    def measure(body: Callable[[], dict]) -> dict:
+        sampler = TreeMemorySampler()
+        baseline = sampler.current()
+        started = time.perf_counter()
+        with sampler:
+            result = body()
+        record.update(seconds=time.perf_counter() - started, baseline_rss=baseline, peak_rss=sampler.peak,
+                      peak_rss_delta=max(sampler.peak - baseline, 0))
+        return result
+
+    extra = STEPS[step].run(data_dir, size, measure)
+    return {"step": step, "size": size, **record, **extra}
+
+
+# -- the parent: sizes, fits, extrapolation, plots ----------------------------------------------
+
+def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> Optional[float]:
+    """Slope of log(value) on log(size) over the largest three sizes (None without two positive points)."""
+    points = [(s, v) for s, v in zip(sizes, values) if v > 0][-3:]
+    if len(points) < 2:
+        return None
+    x = numpy.log([p[0] for p in points])
+    y = numpy.log([p[1] for p in points])
+    return float(numpy.polyfit(x, y, 1)[0])
+
+
+def extrapolate(size: float, value: float, exponent: Optional[float], target: float) -> Optional[float]:
+    if exponent is None or value <= 0:
+        return None
+    return value * (target / size) ** exponent
+
+
+def summarise(name: str, runs: List[dict]) -> dict:
+    step = STEPS[name]
+    sizes = [run["size"] for run in runs]
+    largest = runs[-1]
+    summary = {"unit": step.unit, "paper_size": step.paper_size, "paper_what": step.paper_what}
+    for key in ("seconds", "peak_rss_delta", "output_bytes"):
+        values = [run.get(key, 0) for run in runs]
+        exponent = fit_exponent(sizes, values)
+        summary[key] = {"exponent": exponent,
+                        "at_paper_scale": extrapolate(largest["size"], largest.get(key, 0), exponent, step.paper_size)}
+    return summary
+
+
+def plot(name: str, runs: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [run["size"] for run in runs]
+    figure, axes = plt.subplots(figsize=(5.5, 3.8))
+    for key, label in (("seconds", "wall seconds"), ("peak_rss_delta", "peak RSS above start, GiB"),
+                       ("output_bytes", "output GiB")):
+        scale = GIB if key != "seconds" else 1.0
+        values = [run.get(key, 0) / scale for run in runs]
+        if any(value > 0 for value in values):
+            exponent = fit_exponent(sizes, [run.get(key, 0) for run in runs])
+            axes.plot(sizes, values, marker="o", label=f"{label} (slope {exponent:.2f})" if exponent else label)
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel(STEPS[name].unit)
+    axes.set_title(name)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def machine() -> dict:
+    import platform
+
+    import psutil
+
+    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
+            "load_average": os.getloadavg(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def run_step(name: str, sizes: Sequence[int], out_dir: str, timeout_s: float) -> List[dict]:
+    runs = []
+    for size in sizes:
+        command = [sys.executable, "-m", "benchmarks.scale", "--child", name, str(size),
+                   "--out-dir", out_dir]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} at {size}: exit {done.returncode}\n{done.stderr[-3000:]}")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        run["load_average_after"] = os.getloadavg()[0]
+        print(f"{name:>24} {size:>10,} {STEPS[name].unit}: {run['seconds']:8.2f} s, "
+              f"peak RSS +{run['peak_rss_delta'] / 2**20:8.1f} MiB, output {run.get('output_bytes', 0) / 2**20:8.1f} MiB",
+              flush=True)
+        runs.append(run)
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="runs/scale")
+    parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} for every step (the test)")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="per (step, size) run")
+    parser.add_argument("--child", nargs=2, metavar=("STEP", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    data_dir = os.path.join(os.path.abspath(args.out_dir), "data")
+    if args.child:
+        print(json.dumps(run_child(args.child[0], int(args.child[1]), data_dir)))
+        return 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "scale.json")
+    results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {"steps": {}}
+    results["machine_at_start"] = machine()
+    for name in args.steps:
+        runs = run_step(name, QUICK_SIZES if args.quick else STEPS[name].sizes, args.out_dir, args.timeout_s)
+        results["steps"][name] = {"runs": runs, **summarise(name, runs)}
+        plot(name, runs, os.path.join(args.out_dir, f"{name}.png"))
+        with open(path, "w", encoding="utf-8") as handle:  # kept after every step
+            json.dump(results, handle, indent=2)
+    results["machine_at_end"] = machine()
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {path} and {len(args.steps)} plots in {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
