@@ -39,8 +39,9 @@ GIB = float(1 << 30)
 class Step:
     """One row of docs/SCALE.md: what grows, its sizes here, and its size in the paper's run."""
 
-    run: Callable[[str, int], dict]
-    """(data dir, size) -> {"output_bytes", ...}; sets up untimed via ``scale_steps.timed``."""
+    run: Callable[[str, int, Callable], dict]
+    """(data dir, size, measure) -> {"output_bytes", ...}: sets up untimed, times what it passes to
+    ``measure`` (benchmarks/scale_steps.py)."""
     unit: str
     sizes: Sequence[int]
     paper_size: float
@@ -118,7 +119,7 @@ class TreeMemorySampler:
 
 
 def run_child(step: str, size: int, data_dir: str) -> dict:
-    """Set up, then time `step` at `size` under the memory sampler (see scale_steps.timed)."""
+    """Set up, then time `step` at `size` under the memory sampler (benchmarks/scale_steps.py)."""
     os.makedirs(data_dir, exist_ok=True)
     record: dict = {}
 
@@ -202,12 +203,13 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def run_step(name: str, sizes: Sequence[int], out_dir: str, timeout_s: float) -> List[dict]:
+def run_step(name: str, sizes: Sequence[int], out_dir: str, timeout_s: float, quick: bool = False) -> List[dict]:
     runs = []
+    environment = {**os.environ, "SCALE_QUICK": "1" if quick else "0"}
     for size in sizes:
         command = [sys.executable, "-m", "benchmarks.scale", "--child", name, str(size),
                    "--out-dir", out_dir]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if done.returncode != 0:
             raise RuntimeError(f"{name} at {size}: exit {done.returncode}\n{done.stderr[-3000:]}")
@@ -237,7 +239,8 @@ def main(argv=None) -> int:
     results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {"steps": {}}
     results["machine_at_start"] = machine()
     for name in args.steps:
-        runs = run_step(name, QUICK_SIZES if args.quick else STEPS[name].sizes, args.out_dir, args.timeout_s)
+        runs = run_step(name, QUICK_SIZES if args.quick else STEPS[name].sizes, args.out_dir, args.timeout_s,
+                        args.quick)
         results["steps"][name] = {"runs": runs, **summarise(name, runs)}
         plot(name, runs, os.path.join(args.out_dir, f"{name}.png"))
         with open(path, "w", encoding="utf-8") as handle:  # kept after every step

@@ -26,8 +26,10 @@ from benchmarks.scale_data import (
 SEQ_LENGTH = 512
 SEARCH_DIM = 256
 """Embedding width of the search and mining steps (cost grows with it linearly: docs/SCALE.md)."""
-FIXED_QUERIES = 1_000
-FIXED_CORPUS = 100_000
+QUICK = os.environ.get("SCALE_QUICK") == "1"
+"""Set by ``scale.py --quick``: the fixed side of the search steps shrinks with the sizes."""
+FIXED_QUERIES = 50 if QUICK else 1_000
+FIXED_CORPUS = 1_000 if QUICK else 100_000
 
 
 def _bytes(pattern: str) -> int:
@@ -145,7 +147,7 @@ def contrastive_access(data: str, size: int, measure) -> dict:
 
 
 def dhnm(data: str, size: int, measure) -> dict:
-    """The state of `size` examples (pools of 32, K = 7): build, save, load (one rank)."""
+    """The state of `size` examples (pools of 32, K = 7), every one seen: build, save, load (one rank)."""
     from megatron_conan.data.dhnm import DHNMState
 
     folder = _fresh(os.path.join(data, "scratch", "dhnm"))
@@ -153,6 +155,8 @@ def dhnm(data: str, size: int, measure) -> dict:
 
     def body() -> int:
         state = DHNMState(pools, 7)
+        state.seen[:] = True  # the end of an epoch: every example has state to save
+        state.first_scores[:] = 0.5
         state.save(folder)
         DHNMState(pools, 7).load(folder)
         return sum(value.nbytes for value in (state.positions, state.first_scores, state.cursor, state.seen,

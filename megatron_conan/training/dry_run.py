@@ -24,6 +24,8 @@ from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ParallelCo
 from megatron_conan.errors import ConfigError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+ACTIVATION_LAYERS = ("te", "local")
+"""Whose layers the activation estimate counts: Transformer Engine's fused ones, or our local ones."""
 MEGATRON_RANK_ORDER = "tp-cp-ep-dp-pp"
 """megatron-core's default rank order (``initialize_model_parallel(order=...)``): TP varies fastest."""
 
@@ -215,6 +217,7 @@ def activation_bytes_per_layer(
     sequence_parallel: bool = False,
     precision: str = "bf16",
     recompute: str = "none",
+    layers: str = "te",
 ) -> int:
     """Bytes one transformer layer keeps for backward, for one micro-batch.
 
@@ -236,8 +239,19 @@ def activation_bytes_per_layer(
     recomputes the core attention (megatron-core's default ``recompute_modules``), which with a
     flash-style kernel only drops the LSE term. ``full`` keeps just the layer input,
     ``s*b*h*p / t_sp``; the one layer being recomputed is added by the caller.
+
+    ``layers="te"`` is the accounting above: Transformer Engine's fused layers on GPUs.
+    ``layers="local"`` is what megatron_conan's own layers keep (the path without TE), measured on the
+    CPU allocator by benchmarks/activation_memory.py: each RMSNorm computes in fp32 and keeps an fp32
+    copy of its input and its fp32 normalised output (8h bytes instead of the input's h*p, plus a
+    4-byte rstd per token), SwiGLU keeps silu(gate) (f more), and V, a view of the fused QKV output,
+    keeps that whole output alive (d(a + g) more)::
+
+        local = te + s*b * (2 * (8h - p*h + 4) / t_sp  +  p * (f + d(a + g)) / t)
     """
     _check_precision_and_recompute(precision, recompute)
+    if layers not in ACTIVATION_LAYERS:
+        raise ConfigError(f"layers must be one of {ACTIVATION_LAYERS}, got {layers!r}")
     t = tensor_parallel
     t_sp = t if sequence_parallel else 1
     p = _param_bytes(precision)
@@ -249,6 +263,8 @@ def activation_bytes_per_layer(
     layer = s * b * p * (4 * h * (t // t_sp) + 2 * d * (a + g) + 3 * f) // t
     if recompute == "none":
         layer += 4 * b * a * s // t
+    if layers == "local":
+        layer += s * b * 2 * (8 * h - p * h + 4) // t_sp + s * b * p * (f + d * (a + g)) // t
     return layer
 
 
@@ -582,8 +598,8 @@ def format_dry_run(report: DryRunReport) -> str:
         f"parameters per GPU (largest stage): {report.parameters_per_gpu:,}",
         "memory per GPU (estimate"
         + (f" for the most loaded pipeline stage, {report.memory_stage} of 0..{pp - 1}" if pp > 1 else "")
-        + f"; {report.precision}, recompute {report.recompute}; excludes CUDA context, NCCL and "
-        "allocator overhead):",
+        + f"; {report.precision}, recompute {report.recompute}, activations of Transformer Engine's layers; "
+        "excludes CUDA context, NCCL and allocator overhead):",
     ]
     for name in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"  {name:<12} {report.memory[name] / _GIB:8.2f} GiB")

@@ -247,3 +247,22 @@ def test_dry_run_command_prints_days_at_the_given_mfu(capsys, monkeypatch):
     assert "one write at 10 GB/s (--fs-gbps): 2.1 s" in out
     assert pretrain_main(["--config", "examples/conan_1p4b/pretrain.yaml", "--dry-run", "--mfu", "0"]) == 2
     assert "--mfu must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_local_layers_keep_what_the_cpu_allocator_measured():
+    """Our own layers (no Transformer Engine) keep more than TE's: fp32 norm copies, silu(gate), the
+    whole QKV output behind V. By hand for the width benchmarks/activation_memory.py measures (h 256,
+    32 x 8 heads / 4 groups, f 704; 13,228 bytes a token measured there, 1% above this)."""
+    import dataclasses
+
+    model = dataclasses.replace(tiny(), hidden_size=256, num_attention_heads=8, num_query_groups=4, head_dim=32,
+                                ffn_hidden_size=704)
+    tokens = 2 * 256
+    te = activation_bytes_per_layer(model, 2, 256, precision="bf16")
+    local = activation_bytes_per_layer(model, 2, 256, precision="bf16", layers="local")
+    assert te == tokens * (2 * (4 * 256 + 2 * 32 * 12 + 3 * 704) + 4 * 8) == tokens * 7840
+    assert local - te == tokens * (2 * (8 * 256 - 2 * 256 + 4) + 2 * (704 + 32 * 12)) == tokens * 5256
+    assert activation_bytes_per_layer(model, 2, 256, precision="bf16", recompute="full", layers="local") == \
+        activation_bytes_per_layer(model, 2, 256, precision="bf16", recompute="full")
+    with pytest.raises(ConfigError, match="layers must be one of"):
+        activation_bytes_per_layer(model, 2, 256, layers="apex")
