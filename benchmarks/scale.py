@@ -8,7 +8,7 @@ text that never repeats, cached in ``--out-dir/data``; benchmarks/scale_data.py)
 step alone while a sampler thread reads the resident memory of the process and its workers every
 10 ms. Per run: wall seconds, peak resident bytes above the process's own before the step
 (``peak_rss_delta``; the absolute peak is kept too), and output bytes. Per step: growth exponents
-of each (least squares on log-log over the largest three sizes, where fixed start-up costs matter
+of each (the log-log slope between the two largest sizes, where fixed start-up costs matter
 least), extrapolated to the paper's size in the step's unit, and a log-log PNG.
 
 Output: ``--out-dir/scale.json`` (every run, fit and extrapolation, the machine and its load) and
@@ -46,36 +46,41 @@ class Step:
     sizes: Sequence[int]
     paper_size: float
     paper_what: str
+    uses_cores: bool = False
+    """Spreads over the cores (workers, BLAS or faiss threads): time on a node = time here x 2 / 64."""
+    node_copies: int = 1
+    """Copies a training node runs at once (8: one per GPU rank): its memory counts that often."""
 
 
 STEPS: Dict[str, Step] = {
     "preprocess": Step(scale_steps.preprocess, "documents", (300, 3_000, 30_000, 300_000), 3e12 / 80,
-                       "3T tokens (about 3.75e10 of these 80-token documents)"),
+                       "3T tokens (about 3.75e10 of these 80-token documents)", uses_cores=True),
     "pretrain_index_cold": Step(scale_steps.pretrain_index_cold, "documents", (300, 3_000, 30_000, 300_000),
                                 3e12 / 80, "3T tokens, two blended sources, one epoch of 4,096-token samples"),
     "pretrain_index_cached": Step(scale_steps.pretrain_index_cached, "documents", (300, 3_000, 30_000, 300_000),
-                                  3e12 / 80, "as above, the index caches on disk"),
+                                  3e12 / 80, "as above, the index caches on disk", node_copies=8),
     "sft": Step(scale_steps.sft, "examples", (300, 3_000, 30_000, 300_000), 1e7, "10M supervised examples"),
     "contrastive_tokenize": Step(scale_steps.contrastive_tokenize, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
-                                 "1.7B weak pairs"),
+                                 "1.7B weak pairs", uses_cores=True),
     "contrastive_open": Step(scale_steps.contrastive_open, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
-                             "1.7B weak pairs, one loader per rank"),
+                             "1.7B weak pairs, one loader per rank", node_copies=8),
     "contrastive_access": Step(scale_steps.contrastive_access, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
-                               "1.7B weak pairs: 2,000 random examples read"),
+                               "1.7B weak pairs: 2,000 random examples read", node_copies=8),
     "dhnm": Step(scale_steps.dhnm, "examples", (10_000, 100_000, 1_000_000, 10_000_000), 1e7,
-                 "10M supervised examples, K = 7"),
+                 "10M supervised examples, K = 7", node_copies=8),
     "mining_exact_corpus": Step(scale_steps.mining_exact_corpus, "corpus texts",
-                                (1_000, 10_000, 100_000, 1_000_000), 1e7, "10M passages (1,000 queries here)"),
+                                (1_000, 10_000, 100_000, 1_000_000), 1e7, "10M passages (1,000 queries here)",
+                                uses_cores=True),
     "mining_exact_queries": Step(scale_steps.mining_exact_queries, "queries", (100, 1_000, 10_000, 100_000), 6e6,
-                                 "6M queries (retrieval + CLR) over a 100,000-text corpus"),
+                                 "6M queries (retrieval + CLR) over a 100,000-text corpus", uses_cores=True),
     "mining_ann_corpus": Step(scale_steps.mining_ann_corpus, "corpus texts", (1_000, 10_000, 100_000, 1_000_000),
-                              1e7, "10M passages, faiss IVF index (1,000 queries here)"),
+                              1e7, "10M passages, faiss IVF index (1,000 queries here)", uses_cores=True),
     "mining_ann_queries": Step(scale_steps.mining_ann_queries, "queries", (100, 1_000, 10_000, 100_000), 6e6,
-                               "6M queries over a 100,000-text corpus, faiss IVF index"),
+                               "6M queries over a 100,000-text corpus, faiss IVF index", uses_cores=True),
     "encode": Step(scale_steps.encode, "texts", (100, 1_000, 10_000, 100_000), 1e7,
-                   "10M texts (a tiny model here: the exponent, not the time, carries over)"),
+                   "10M texts (a tiny model here: the exponent, not the time, carries over)", uses_cores=True),
     "search": Step(scale_steps.search, "corpus texts", (1_000, 10_000, 100_000, 1_000_000), 8.8e6,
-                   "8.8M passages (MS MARCO's size), 1,000 queries"),
+                   "8.8M passages (MS MARCO's size), 1,000 queries", uses_cores=True),
 }
 QUICK_SIZES = (20, 60, 180, 540)
 
@@ -83,30 +88,36 @@ QUICK_SIZES = (20, 60, 180, 540)
 # -- the child: one (step, size) --------------------------------------------------------------
 
 class TreeMemorySampler:
-    """Peak resident bytes of this process and its descendants, sampled on a thread."""
+    """Peak resident bytes of this process and its descendants, sampled on a thread: all of it
+    (``peak``) and the private part (``peak_private``: resident minus file-backed shared pages, such
+    as a memory-mapped dataset that every rank of a node maps once)."""
 
     def __init__(self, interval_s: float = 0.01):
         import psutil
 
         self.process, self.interval_s = psutil.Process(), interval_s
-        self.peak = self.current()
+        self.peak, self.peak_private = self.current()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def current(self) -> int:
+    def current(self) -> tuple:
+        """(resident, private) bytes of the process tree now."""
         import psutil
 
-        total = 0
+        total = private = 0
         for process in [self.process] + self.process.children(recursive=True):
             try:
-                total += process.memory_info().rss
+                info = process.memory_info()
             except psutil.Error:  # a worker that just exited
                 continue
-        return total
+            total += info.rss
+            private += info.rss - getattr(info, "shared", 0)
+        return total, private
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.current())
+            total, private = self.current()
+            self.peak, self.peak_private = max(self.peak, total), max(self.peak_private, private)
 
     def __enter__(self) -> "TreeMemorySampler":
         self._thread.start()
@@ -115,7 +126,8 @@ class TreeMemorySampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.current())
+        total, private = self.current()
+        self.peak, self.peak_private = max(self.peak, total), max(self.peak_private, private)
 
 
 def run_child(step: str, size: int, data_dir: str) -> dict:
@@ -125,12 +137,13 @@ def run_child(step: str, size: int, data_dir: str) -> dict:
 
     def measure(body: Callable[[], dict]) -> dict:
         sampler = TreeMemorySampler()
-        baseline = sampler.current()
+        baseline, baseline_private = sampler.current()
         started = time.perf_counter()
         with sampler:
             result = body()
         record.update(seconds=time.perf_counter() - started, baseline_rss=baseline, peak_rss=sampler.peak,
-                      peak_rss_delta=max(sampler.peak - baseline, 0))
+                      peak_rss_delta=max(sampler.peak - baseline, 0), baseline_private=baseline_private,
+                      peak_private_delta=max(sampler.peak_private - baseline_private, 0))
         return result
 
     extra = STEPS[step].run(data_dir, size, measure)
@@ -139,9 +152,14 @@ def run_child(step: str, size: int, data_dir: str) -> dict:
 
 # -- the parent: sizes, fits, extrapolation, plots ----------------------------------------------
 
+FIT_POINTS = 2
+"""Sizes the exponent is fitted on, the largest: there a step's work outweighs its start-up (a
+worker pool, an import) most, so the slope is the growth that carries to larger sizes."""
+
+
 def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> Optional[float]:
-    """Slope of log(value) on log(size) over the largest three sizes (None without two positive points)."""
-    points = [(s, v) for s, v in zip(sizes, values) if v > 0][-3:]
+    """Slope of log(value) on log(size) over the largest `FIT_POINTS` sizes (None without two positive points)."""
+    points = [(s, v) for s, v in zip(sizes, values) if v > 0][-FIT_POINTS:]
     if len(points) < 2:
         return None
     x = numpy.log([p[0] for p in points])
@@ -160,12 +178,76 @@ def summarise(name: str, runs: List[dict]) -> dict:
     sizes = [run["size"] for run in runs]
     largest = runs[-1]
     summary = {"unit": step.unit, "paper_size": step.paper_size, "paper_what": step.paper_what}
-    for key in ("seconds", "peak_rss_delta", "output_bytes"):
+    for key in ("seconds", "peak_rss_delta", "peak_private_delta", "output_bytes"):
         values = [run.get(key, 0) for run in runs]
         exponent = fit_exponent(sizes, values)
         summary[key] = {"exponent": exponent,
                         "at_paper_scale": extrapolate(largest["size"], largest.get(key, 0), exponent, step.paper_size)}
     return summary
+
+
+NODE_CORES, NODE_MEMORY_GIB, HERE_CORES = 64, 256, 2
+FLAT_BYTES = 16 << 20
+"""A step whose peak memory grows less than this over its sizes is counted as flat (noise, not growth)."""
+
+
+def at_node(name: str, summary: dict, runs: List[dict]) -> dict:
+    """The paper-scale figures of a step on one node (64 cores, 256 GiB), and its verdict."""
+    step, largest = STEPS[name], runs[-1]
+    seconds = summary["seconds"]["at_paper_scale"]
+    if seconds is not None and step.uses_cores:
+        seconds *= HERE_CORES / NODE_CORES
+    resident = _memory_at_scale(runs, summary, "peak_rss_delta", "baseline_rss")
+    # the copies a node runs share file-backed pages (a memory-mapped dataset): those count once
+    private = (_memory_at_scale(runs, summary, "peak_private_delta", "baseline_private")
+               if "peak_private_delta" in largest else resident)
+    grew = largest["peak_rss_delta"] - runs[0]["peak_rss_delta"]
+    memory = private * step.node_copies + max(resident - private, 0)
+    exponent = summary["seconds"]["exponent"]
+    problems = []
+    if memory > NODE_MEMORY_GIB * GIB:
+        problems.append(f"memory {memory / GIB:,.0f} GiB > {NODE_MEMORY_GIB}")
+    if exponent is not None and exponent > 1.2:
+        problems.append(f"time grows as size^{exponent:.2f}")
+    return {"seconds": seconds, "memory_bytes": memory, "memory_flat": grew < FLAT_BYTES,
+            "verdict": "fits" if not problems else "DEFECT: " + "; ".join(problems)}
+
+
+def _memory_at_scale(runs: List[dict], summary: dict, delta_key: str, baseline_key: str) -> float:
+    """A process's bytes at the paper's size: its own before the step plus the step's growth,
+    extrapolated (or as measured at the largest size when it grew less than FLAT_BYTES)."""
+    largest = runs[-1]
+    grew = largest[delta_key] - runs[0][delta_key]
+    delta = largest[delta_key] if grew < FLAT_BYTES else summary[delta_key]["at_paper_scale"]
+    return largest[baseline_key] + (delta or 0)
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("days", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.2f} s"
+
+
+def format_report(results: dict) -> str:
+    """The docs/SCALE.md table from scale.json."""
+    lines = ["| step | grows with | sizes here | time exponent | memory exponent | at the paper's size | "
+             "time on a 64-core node | memory on a node | output | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, stored in results["steps"].items():
+        entry = {**stored, **summarise(name, stored["runs"])}  # fits of this code, from the raw runs
+        runs, node = entry["runs"], at_node(name, entry, entry["runs"])
+        memory_exponent = "flat" if node["memory_flat"] else f"{entry['peak_rss_delta']['exponent']:.2f}"
+        output = entry["output_bytes"]["at_paper_scale"]
+        copies = STEPS[name].node_copies
+        lines.append(
+            f"| {name} | {entry['unit']} | {runs[0]['size']:,} - {runs[-1]['size']:,} | "
+            f"{entry['seconds']['exponent']:.2f} | {memory_exponent} | {entry['paper_what']} | "
+            f"{_duration(node['seconds'])} | {node['memory_bytes'] / GIB:,.1f} GiB"
+            f"{f' ({copies} ranks)' if copies > 1 else ''} | "
+            f"{'-' if not output else f'{output / 1e9:,.0f} GB'} | {node['verdict']} |")
+    return "\n".join(lines)
 
 
 def plot(name: str, runs: List[dict], path: str) -> None:
@@ -228,8 +310,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} for every step (the test)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per (step, size) run")
+    parser.add_argument("--report", action="store_true", help="print the docs/SCALE.md table of --out-dir's scale.json")
     parser.add_argument("--child", nargs=2, metavar=("STEP", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        with open(os.path.join(args.out_dir, "scale.json"), encoding="utf-8") as handle:
+            print(format_report(json.load(handle)))
+        return 0
     data_dir = os.path.join(os.path.abspath(args.out_dir), "data")
     if args.child:
         print(json.dumps(run_child(args.child[0], int(args.child[1]), data_dir)))
@@ -248,6 +335,7 @@ def main(argv=None) -> int:
     results["machine_at_end"] = machine()
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
+    print(format_report(results))
     print(f"wrote {path} and {len(args.steps)} plots in {args.out_dir}")
     return 0
 
