@@ -52,19 +52,23 @@ class Step:
     """Copies a training node runs at once (8: one per GPU rank): its memory counts that often."""
 
 
+LARGE = (3_000, 30_000, 300_000, 3_000_000)
+"""Sizes of the steps that stay fast per item: the largest makes per-item memory (a 12-byte index
+entry a document) stand out of the fixed share of worker processes."""
+
 STEPS: Dict[str, Step] = {
-    "preprocess": Step(scale_steps.preprocess, "documents", (300, 3_000, 30_000, 300_000), 3e12 / 80,
+    "preprocess": Step(scale_steps.preprocess, "documents", LARGE, 3e12 / 80,
                        "3T tokens (about 3.75e10 of these 80-token documents)", uses_cores=True),
-    "pretrain_index_cold": Step(scale_steps.pretrain_index_cold, "documents", (300, 3_000, 30_000, 300_000),
+    "pretrain_index_cold": Step(scale_steps.pretrain_index_cold, "documents", LARGE,
                                 3e12 / 80, "3T tokens, two blended sources, one epoch of 4,096-token samples"),
-    "pretrain_index_cached": Step(scale_steps.pretrain_index_cached, "documents", (300, 3_000, 30_000, 300_000),
+    "pretrain_index_cached": Step(scale_steps.pretrain_index_cached, "documents", LARGE,
                                   3e12 / 80, "as above, the index caches on disk", node_copies=8),
     "sft": Step(scale_steps.sft, "examples", (300, 3_000, 30_000, 300_000), 1e7, "10M supervised examples"),
-    "contrastive_tokenize": Step(scale_steps.contrastive_tokenize, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
+    "contrastive_tokenize": Step(scale_steps.contrastive_tokenize, "pairs", LARGE, 1.7e9,
                                  "1.7B weak pairs", uses_cores=True),
-    "contrastive_open": Step(scale_steps.contrastive_open, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
+    "contrastive_open": Step(scale_steps.contrastive_open, "pairs", LARGE, 1.7e9,
                              "1.7B weak pairs, one loader per rank", node_copies=8),
-    "contrastive_access": Step(scale_steps.contrastive_access, "pairs", (300, 3_000, 30_000, 300_000), 1.7e9,
+    "contrastive_access": Step(scale_steps.contrastive_access, "pairs", LARGE, 1.7e9,
                                "1.7B weak pairs: 2,000 random examples read", node_copies=8),
     "dhnm": Step(scale_steps.dhnm, "examples", (10_000, 100_000, 1_000_000, 10_000_000), 1e7,
                  "10M supervised examples, K = 7", node_copies=8),
@@ -173,22 +177,37 @@ def extrapolate(size: float, value: float, exponent: Optional[float], target: fl
     return value * (target / size) ** exponent
 
 
+def marginal_bytes(sizes: Sequence[float], values: Sequence[float]) -> float:
+    """Bytes per unit between the two largest sizes: what each further unit costs (a fixed share,
+    such as worker processes or a model, does not grow and drops out)."""
+    if len(sizes) < 2 or sizes[-1] == sizes[-2]:
+        return 0.0
+    return max(values[-1] - values[-2], 0) / (sizes[-1] - sizes[-2])
+
+
 def summarise(name: str, runs: List[dict]) -> dict:
+    """Per step: the time exponent and time at the paper's size (power law through the two largest
+    sizes); for memory and output the bytes each further unit adds and the linear extrapolation
+    (largest value + bytes per unit x the units still to come), with the log-log exponent beside it."""
     step = STEPS[name]
     sizes = [run["size"] for run in runs]
     largest = runs[-1]
     summary = {"unit": step.unit, "paper_size": step.paper_size, "paper_what": step.paper_what}
-    for key in ("seconds", "peak_rss_delta", "peak_private_delta", "output_bytes"):
+    exponent = fit_exponent(sizes, [run["seconds"] for run in runs])
+    summary["seconds"] = {"exponent": exponent,
+                          "at_paper_scale": extrapolate(largest["size"], largest["seconds"], exponent, step.paper_size)}
+    for key in ("peak_rss_delta", "peak_private_delta", "output_bytes"):
         values = [run.get(key, 0) for run in runs]
-        exponent = fit_exponent(sizes, values)
-        summary[key] = {"exponent": exponent,
-                        "at_paper_scale": extrapolate(largest["size"], largest.get(key, 0), exponent, step.paper_size)}
+        per_unit = marginal_bytes(sizes, values)
+        summary[key] = {"exponent": fit_exponent(sizes, values), "bytes_per_unit": per_unit,
+                        "at_paper_scale": values[-1] + per_unit * (step.paper_size - sizes[-1])}
     return summary
 
 
 NODE_CORES, NODE_MEMORY_GIB, HERE_CORES = 64, 256, 2
-FLAT_BYTES = 16 << 20
-"""A step whose peak memory grows less than this over its sizes is counted as flat (noise, not growth)."""
+FLAT_BYTES = 4 << 20
+"""A step whose peak memory grows less than this between its two largest sizes is counted as flat
+(sampling noise, not growth)."""
 
 
 def at_node(name: str, summary: dict, runs: List[dict]) -> dict:
@@ -201,7 +220,7 @@ def at_node(name: str, summary: dict, runs: List[dict]) -> dict:
     # the copies a node runs share file-backed pages (a memory-mapped dataset): those count once
     private = (_memory_at_scale(runs, summary, "peak_private_delta", "baseline_private")
                if "peak_private_delta" in largest else resident)
-    grew = largest["peak_rss_delta"] - runs[0]["peak_rss_delta"]
+    grew = largest["peak_rss_delta"] - runs[-2]["peak_rss_delta"]
     memory = private * step.node_copies + max(resident - private, 0)
     exponent = summary["seconds"]["exponent"]
     problems = []
@@ -217,9 +236,9 @@ def _memory_at_scale(runs: List[dict], summary: dict, delta_key: str, baseline_k
     """A process's bytes at the paper's size: its own before the step plus the step's growth,
     extrapolated (or as measured at the largest size when it grew less than FLAT_BYTES)."""
     largest = runs[-1]
-    grew = largest[delta_key] - runs[0][delta_key]
+    grew = largest[delta_key] - runs[-2][delta_key]
     delta = largest[delta_key] if grew < FLAT_BYTES else summary[delta_key]["at_paper_scale"]
-    return largest[baseline_key] + (delta or 0)
+    return largest[baseline_key] + delta
 
 
 def _duration(seconds: Optional[float]) -> str:
@@ -233,17 +252,18 @@ def _duration(seconds: Optional[float]) -> str:
 
 def format_report(results: dict) -> str:
     """The docs/SCALE.md table from scale.json."""
-    lines = ["| step | grows with | sizes here | time exponent | memory exponent | at the paper's size | "
+    lines = ["| step | grows with | sizes here | time exponent | memory per unit | at the paper's size | "
              "time on a 64-core node | memory on a node | output | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, stored in results["steps"].items():
         entry = {**stored, **summarise(name, stored["runs"])}  # fits of this code, from the raw runs
         runs, node = entry["runs"], at_node(name, entry, entry["runs"])
-        memory_exponent = "flat" if node["memory_flat"] else f"{entry['peak_rss_delta']['exponent']:.2f}"
+        per_unit = entry["peak_rss_delta"]["bytes_per_unit"]
+        memory_growth = "flat" if node["memory_flat"] else f"{per_unit:,.1f} B"
         output = entry["output_bytes"]["at_paper_scale"]
         copies = STEPS[name].node_copies
         lines.append(
             f"| {name} | {entry['unit']} | {runs[0]['size']:,} - {runs[-1]['size']:,} | "
-            f"{entry['seconds']['exponent']:.2f} | {memory_exponent} | {entry['paper_what']} | "
+            f"{entry['seconds']['exponent']:.2f} | {memory_growth} | {entry['paper_what']} | "
             f"{_duration(node['seconds'])} | {node['memory_bytes'] / GIB:,.1f} GiB"
             f"{f' ({copies} ranks)' if copies > 1 else ''} | "
             f"{'-' if not output else f'{output / 1e9:,.0f} GB'} | {node['verdict']} |")
@@ -285,12 +305,13 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def run_step(name: str, sizes: Sequence[int], out_dir: str, timeout_s: float, quick: bool = False) -> List[dict]:
+def run_step(name: str, sizes: Sequence[int], out_dir: str, data_dir: str, timeout_s: float,
+             quick: bool = False) -> List[dict]:
     runs = []
     environment = {**os.environ, "SCALE_QUICK": "1" if quick else "0"}
     for size in sizes:
         command = [sys.executable, "-m", "benchmarks.scale", "--child", name, str(size),
-                   "--out-dir", out_dir]
+                   "--out-dir", out_dir, "--data-dir", data_dir]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if done.returncode != 0:
@@ -310,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} for every step (the test)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per (step, size) run")
+    parser.add_argument("--data-dir", default=None, help="generated inputs (default --out-dir/data; share it "
+                                                          "between out-dirs to measure a change on the same data)")
     parser.add_argument("--report", action="store_true", help="print the docs/SCALE.md table of --out-dir's scale.json")
     parser.add_argument("--child", nargs=2, metavar=("STEP", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -317,7 +340,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out_dir, "scale.json"), encoding="utf-8") as handle:
             print(format_report(json.load(handle)))
         return 0
-    data_dir = os.path.join(os.path.abspath(args.out_dir), "data")
+    data_dir = os.path.abspath(args.data_dir or os.path.join(args.out_dir, "data"))
     if args.child:
         print(json.dumps(run_child(args.child[0], int(args.child[1]), data_dir)))
         return 0
@@ -326,8 +349,8 @@ def main(argv=None) -> int:
     results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {"steps": {}}
     results["machine_at_start"] = machine()
     for name in args.steps:
-        runs = run_step(name, QUICK_SIZES if args.quick else STEPS[name].sizes, args.out_dir, args.timeout_s,
-                        args.quick)
+        runs = run_step(name, QUICK_SIZES if args.quick else STEPS[name].sizes, args.out_dir, data_dir,
+                        args.timeout_s, args.quick)
         results["steps"][name] = {"runs": runs, **summarise(name, runs)}
         plot(name, runs, os.path.join(args.out_dir, f"{name}.png"))
         with open(path, "w", encoding="utf-8") as handle:  # kept after every step

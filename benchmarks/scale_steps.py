@@ -52,7 +52,12 @@ def preprocess(data: str, size: int, measure) -> dict:
     out = os.path.join(_fresh(os.path.join(data, "scratch")), "preprocess")
     result = measure(lambda: preprocess_jsonl(PreprocessConfig(inputs=[source], output_prefix=out, workers=2,
                                                                 tokenizer_model=tokenizer, progress=False)))
-    return {"output_bytes": _bytes(out + ".*"), "tokens": result.tokens, "input_bytes": os.path.getsize(source)}
+    written = _bytes(out + ".*")
+    kept = os.path.join(data, f"text_{size}")
+    if not os.path.exists(kept + ".idx"):  # the index steps read the same dataset: made once
+        for suffix in (".bin", ".meta.json", ".idx"):
+            os.replace(out + suffix, kept + suffix)
+    return {"output_bytes": written, "tokens": result.tokens, "input_bytes": os.path.getsize(source)}
 
 
 def _blend(data: str, size: int, cache_dir: str):

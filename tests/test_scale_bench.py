@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.scale import GIB, at_node, extrapolate, fit_exponent, format_report, summarise
+from benchmarks.scale import GIB, at_node, extrapolate, fit_exponent, format_report, marginal_bytes, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,8 @@ def test_exponents_come_from_the_two_largest_sizes():
     assert fit_exponent(sizes, [1, 4, 400, 40_000]) == pytest.approx(2.0)
     assert fit_exponent(sizes, [0, 0, 0, 3]) is None
     assert extrapolate(10_000, 2.0, 1.0, 1e7) == pytest.approx(2_000.0)
+    # memory: a fixed 100 MB share and 12 bytes a unit -> 12 bytes a unit, whatever the share
+    assert marginal_bytes(sizes, [100e6 + 12 * size for size in sizes]) == pytest.approx(12.0)
 
 
 def _runs(name, seconds, delta, baseline=1 << 30):
@@ -30,7 +32,9 @@ def _runs(name, seconds, delta, baseline=1 << 30):
 def test_verdicts_flag_memory_past_a_node_and_super_linear_time():
     linear = _runs("contrastive_open", [0.1, 1, 10, 100], [1 << 20, 10 << 20, 100 << 20, 1000 << 20])
     node = at_node("contrastive_open", summarise("contrastive_open", linear), linear)
-    # 1000 MiB at 3e5 pairs -> 1.7e9 pairs: 5.5 TiB a rank, 8 ranks a node
+    # 3,000 bytes a pair (900 MiB more from 3e4 to 3e5 pairs) -> 1.7e9 pairs: 4.6 TiB a rank, 8 ranks a node
+    summary = summarise("contrastive_open", linear)
+    assert summary["peak_rss_delta"]["bytes_per_unit"] == pytest.approx((900 << 20) / 270_000)
     assert node["verdict"].startswith("DEFECT: memory") and node["memory_bytes"] > 256 * GIB
     quadratic = _runs("mining_exact_queries", [0.01, 1, 100, 10_000], [0, 0, 0, 0])
     node = at_node("mining_exact_queries", summarise("mining_exact_queries", quadratic), quadratic)
