@@ -134,6 +134,16 @@ class TreeMemorySampler:
         self.peak, self.peak_private = max(self.peak, total), max(self.peak_private, private)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) and of its children that ended
+    (the worker pools end before a step returns): the work, which a loaded machine does not stretch
+    the way it stretches wall time."""
+    import resource
+
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_child(step: str, size: int, data_dir: str) -> dict:
     """Set up, then time `step` at `size` under the memory sampler (benchmarks/scale_steps.py)."""
     os.makedirs(data_dir, exist_ok=True)
@@ -142,10 +152,12 @@ def run_child(step: str, size: int, data_dir: str) -> dict:
     def measure(body: Callable[[], dict]) -> dict:
         sampler = TreeMemorySampler()
         baseline, baseline_private = sampler.current()
+        cpu_started = _cpu_seconds()
         started = time.perf_counter()
         with sampler:
             result = body()
-        record.update(seconds=time.perf_counter() - started, baseline_rss=baseline, peak_rss=sampler.peak,
+        record.update(seconds=time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu_started,
+                      baseline_rss=baseline, peak_rss=sampler.peak,
                       peak_rss_delta=max(sampler.peak - baseline, 0), baseline_private=baseline_private,
                       peak_private_delta=max(sampler.peak_private - baseline_private, 0))
         return result
@@ -193,9 +205,11 @@ def summarise(name: str, runs: List[dict]) -> dict:
     sizes = [run["size"] for run in runs]
     largest = runs[-1]
     summary = {"unit": step.unit, "paper_size": step.paper_size, "paper_what": step.paper_what}
-    exponent = fit_exponent(sizes, [run["seconds"] for run in runs])
-    summary["seconds"] = {"exponent": exponent,
-                          "at_paper_scale": extrapolate(largest["size"], largest["seconds"], exponent, step.paper_size)}
+    for key in ("seconds", "cpu_seconds"):
+        values = [run.get(key, 0.0) for run in runs]
+        exponent = fit_exponent(sizes, values)
+        summary[key] = {"exponent": exponent,
+                        "at_paper_scale": extrapolate(largest["size"], values[-1], exponent, step.paper_size)}
     for key in ("peak_rss_delta", "peak_private_delta", "output_bytes"):
         values = [run.get(key, 0) for run in runs]
         per_unit = marginal_bytes(sizes, values)
@@ -213,16 +227,18 @@ FLAT_BYTES = 4 << 20
 def at_node(name: str, summary: dict, runs: List[dict]) -> dict:
     """The paper-scale figures of a step on one node (64 cores, 256 GiB), and its verdict."""
     step, largest = STEPS[name], runs[-1]
-    seconds = summary["seconds"]["at_paper_scale"]
+    timing = "cpu_seconds" if "cpu_seconds" in largest else "seconds"
+    seconds = summary[timing]["at_paper_scale"]
     if seconds is not None and step.uses_cores:
-        seconds *= HERE_CORES / NODE_CORES
+        # CPU seconds spread over the node's cores; wall seconds here were spread over 2
+        seconds /= NODE_CORES if timing == "cpu_seconds" else NODE_CORES / HERE_CORES
     resident = _memory_at_scale(runs, summary, "peak_rss_delta", "baseline_rss")
     # the copies a node runs share file-backed pages (a memory-mapped dataset): those count once
     private = (_memory_at_scale(runs, summary, "peak_private_delta", "baseline_private")
                if "peak_private_delta" in largest else resident)
     grew = largest["peak_rss_delta"] - runs[-2]["peak_rss_delta"]
     memory = private * step.node_copies + max(resident - private, 0)
-    exponent = summary["seconds"]["exponent"]
+    exponent = summary[timing]["exponent"]
     problems = []
     if memory > NODE_MEMORY_GIB * GIB:
         problems.append(f"memory {memory / GIB:,.0f} GiB > {NODE_MEMORY_GIB}")
@@ -252,18 +268,19 @@ def _duration(seconds: Optional[float]) -> str:
 
 def format_report(results: dict) -> str:
     """The docs/SCALE.md table from scale.json."""
-    lines = ["| step | grows with | sizes here | time exponent | memory per unit | at the paper's size | "
+    lines = ["| step | grows with | sizes here | CPU-time exponent | memory per unit | at the paper's size | "
              "time on a 64-core node | memory on a node | output | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, stored in results["steps"].items():
         entry = {**stored, **summarise(name, stored["runs"])}  # fits of this code, from the raw runs
         runs, node = entry["runs"], at_node(name, entry, entry["runs"])
+        timing = "cpu_seconds" if "cpu_seconds" in runs[-1] else "seconds"
         per_unit = entry["peak_rss_delta"]["bytes_per_unit"]
         memory_growth = "flat" if node["memory_flat"] else f"{per_unit:,.1f} B"
         output = entry["output_bytes"]["at_paper_scale"]
         copies = STEPS[name].node_copies
         lines.append(
             f"| {name} | {entry['unit']} | {runs[0]['size']:,} - {runs[-1]['size']:,} | "
-            f"{entry['seconds']['exponent']:.2f} | {memory_growth} | {entry['paper_what']} | "
+            f"{entry[timing]['exponent']:.2f} | {memory_growth} | {entry['paper_what']} | "
             f"{_duration(node['seconds'])} | {node['memory_bytes'] / GIB:,.1f} GiB"
             f"{f' ({copies} ranks)' if copies > 1 else ''} | "
             f"{'-' if not output else f'{output / 1e9:,.0f} GB'} | {node['verdict']} |")
@@ -278,9 +295,9 @@ def plot(name: str, runs: List[dict], path: str) -> None:
 
     sizes = [run["size"] for run in runs]
     figure, axes = plt.subplots(figsize=(5.5, 3.8))
-    for key, label in (("seconds", "wall seconds"), ("peak_rss_delta", "peak RSS above start, GiB"),
-                       ("output_bytes", "output GiB")):
-        scale = GIB if key != "seconds" else 1.0
+    for key, label in (("seconds", "wall seconds"), ("cpu_seconds", "CPU seconds"),
+                       ("peak_rss_delta", "peak RSS above start, GiB"), ("output_bytes", "output GiB")):
+        scale = 1.0 if key.endswith("seconds") else GIB
         values = [run.get(key, 0) / scale for run in runs]
         if any(value > 0 for value in values):
             exponent = fit_exponent(sizes, [run.get(key, 0) for run in runs])
@@ -318,7 +335,7 @@ def run_step(name: str, sizes: Sequence[int], out_dir: str, data_dir: str, timeo
             raise RuntimeError(f"{name} at {size}: exit {done.returncode}\n{done.stderr[-3000:]}")
         run = json.loads(done.stdout.strip().splitlines()[-1])
         run["load_average_after"] = os.getloadavg()[0]
-        print(f"{name:>24} {size:>10,} {STEPS[name].unit}: {run['seconds']:8.2f} s, "
+        print(f"{name:>24} {size:>10,} {STEPS[name].unit}: {run['seconds']:8.2f} s ({run['cpu_seconds']:8.2f} CPU s), "
               f"peak RSS +{run['peak_rss_delta'] / 2**20:8.1f} MiB, output {run.get('output_bytes', 0) / 2**20:8.1f} MiB",
               flush=True)
         runs.append(run)
