@@ -325,7 +325,9 @@ def machine() -> dict:
 def run_step(name: str, sizes: Sequence[int], out_dir: str, data_dir: str, timeout_s: float,
              quick: bool = False) -> List[dict]:
     runs = []
-    environment = {**os.environ, "SCALE_QUICK": "1" if quick else "0"}
+    # Threads that wait passively: on a shared machine spinning OpenMP threads burn (and count) CPU
+    # time for nothing, and stretch wall time by several times
+    environment = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "SCALE_QUICK": "1" if quick else "0"}
     for size in sizes:
         command = [sys.executable, "-m", "benchmarks.scale", "--child", name, str(size),
                    "--out-dir", out_dir, "--data-dir", data_dir]
