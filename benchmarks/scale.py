@@ -52,9 +52,9 @@ class Step:
     """Copies a training node runs at once (8: one per GPU rank): its memory counts that often."""
 
 
-LARGE = (3_000, 30_000, 300_000, 3_000_000)
-"""Sizes of the steps that stay fast per item: the largest makes per-item memory (a 12-byte index
-entry a document) stand out of the fixed share of worker processes."""
+LARGE = (300, 3_000, 30_000, 300_000)
+"""Sizes of the steps that stay fast per item (pass --sizes-scale 10 on a quiet machine: the
+largest then makes per-item memory, a 12-byte index entry a document, stand out more)."""
 
 STEPS: Dict[str, Step] = {
     "preprocess": Step(scale_steps.preprocess, "documents", LARGE, 3e12 / 80,
@@ -349,6 +349,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default="runs/scale")
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} for every step (the test)")
+    parser.add_argument("--sizes-scale", type=int, default=1, help="multiply every step's sizes (default 1)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per (step, size) run")
     parser.add_argument("--data-dir", default=None, help="generated inputs (default --out-dir/data; share it "
                                                           "between out-dirs to measure a change on the same data)")
@@ -368,8 +369,8 @@ def main(argv=None) -> int:
     results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {"steps": {}}
     results["machine_at_start"] = machine()
     for name in args.steps:
-        runs = run_step(name, QUICK_SIZES if args.quick else STEPS[name].sizes, args.out_dir, data_dir,
-                        args.timeout_s, args.quick)
+        sizes = QUICK_SIZES if args.quick else [size * args.sizes_scale for size in STEPS[name].sizes]
+        runs = run_step(name, sizes, args.out_dir, data_dir, args.timeout_s, args.quick)
         results["steps"][name] = {"runs": runs, **summarise(name, runs)}
         plot(name, runs, os.path.join(args.out_dir, f"{name}.png"))
         with open(path, "w", encoding="utf-8") as handle:  # kept after every step
