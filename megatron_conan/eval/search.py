@@ -93,7 +93,7 @@ def ann_top_k(queries, corpus, k: int, lists: Optional[int] = None, probe: int =
     outputs as :func:`exact_top_k`; approximate: a true neighbour in an unprobed cell is missed.
     With ``probe >= lists`` every cell is searched, and only the stored encoding rounds scores.
 
-    Cost: k-means on ``train_size`` rows (default 64 per list), one pass adding the corpus block by
+    Cost: 10 rounds of k-means on ``train_size`` rows (default 64 per list), one pass adding the corpus block by
     block (the index holds it in `encoding`: 2 or 1 bytes a feature), then per query ``lists``
     centroid scores plus about ``N * probe / lists`` vector scores, instead of N.
     """
@@ -113,6 +113,7 @@ def ann_top_k(queries, corpus, k: int, lists: Optional[int] = None, probe: int =
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, getattr(faiss.ScalarQuantizer, ANN_ENCODINGS[encoding]),
                                           faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10  # k-means rounds: cells need to be good, not converged (faiss's default is 25)
     sample = numpy.random.default_rng(seed).choice(num_docs, min(num_docs, train_size or 64 * lists), replace=False)
     index.train(numpy.ascontiguousarray(corpus[numpy.sort(sample)], dtype=numpy.float32))
     for start in tqdm(range(0, num_docs, block), desc="indexing", unit="block", disable=not show_progress):
