@@ -77,7 +77,7 @@ STEPS: Dict[str, Step] = {
                                 uses_cores=True),
     "mining_exact_queries": Step(scale_steps.mining_exact_queries, "queries", (100, 1_000, 10_000, 100_000), 6e6,
                                  "6M queries (retrieval + CLR) over a 100,000-text corpus", uses_cores=True),
-    "mining_ann_corpus": Step(scale_steps.mining_ann_corpus, "corpus texts", (1_000, 10_000, 100_000, 1_000_000),
+    "mining_ann_corpus": Step(scale_steps.mining_ann_corpus, "corpus texts", (300, 3_000, 30_000, 300_000),
                               1e7, "10M passages, faiss IVF index (1,000 queries here)", uses_cores=True),
     "mining_ann_queries": Step(scale_steps.mining_ann_queries, "queries", (100, 1_000, 10_000, 100_000), 6e6,
                                "6M queries over a 100,000-text corpus, faiss IVF index", uses_cores=True),
