@@ -202,14 +202,14 @@ def mining_ann_queries(data: str, size: int, measure) -> dict:
 
 
 def encode(data: str, size: int, measure) -> dict:
-    """Embed `size` generated passages with the evaluation embedder (SCALE_ENCODE_MODEL, a checkpoint
-    or an exported directory; default a tiny sentence-transformers model made here)."""
+    """Embed `size` generated passages with the evaluation embedder: SCALE_ENCODE_MODEL (one of our
+    checkpoints or an export), by default the main job's final checkpoint (make quickstart)."""
     from megatron_conan.eval.embedders import load_embedder
-    from megatron_conan.testing.tiny_models import build_tiny_sentence_transformer
 
-    model = os.environ.get("SCALE_ENCODE_MODEL") or os.path.join(data, "tiny_st")
+    model = os.environ.get("SCALE_ENCODE_MODEL") or "runs/quickstart/embed-sup/checkpoints"
     if not os.path.exists(model):
-        build_tiny_sentence_transformer(model)
+        raise FileNotFoundError(f"the encode step embeds with {model}: run make quickstart first, or set "
+                                "SCALE_ENCODE_MODEL to a checkpoint or an exported model")
     texts = TextSource(stream=4, median_words=20).documents(size)
     with load_embedder(model, max_length=128) as embedder:
         vectors = measure(lambda: embedder.encode(texts, prompt_name="none", batch_size=64))
