@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_conan-installed
 
-.PHONY: quickstart test install clean gpu-check gpu-bundle gpu-rehearsal cluster-test
+.PHONY: quickstart test install clean gpu-check gpu-bundle gpu-rehearsal cluster-test scale-bench
 
 # The prepared GPU check (docs/GPU.md): one GPU, within BUDGET_S seconds. It uses the Python at hand
 # (a GPU machine's own torch with CUDA), .venv's where one exists, and installs nothing: run as a module
@@ -31,6 +31,12 @@ TEST_WORKERS ?= 2
 
 quickstart: $(STAMP)
 	$(PYTHON) -m megatron_conan.quickstart
+
+# How each data and tooling step's cost grows with its size, carried to the paper's scale
+# (docs/SCALE.md): minutes, not part of `make test`. SCALE_OUT keeps its JSON and plots.
+SCALE_OUT ?= runs/scale
+scale-bench: $(STAMP)
+	$(PYTHON) -m benchmarks.scale --out-dir $(SCALE_OUT)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
@@ -60,7 +66,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	MEGATRON_CONAN_SKIP_CUDA_EXT=1 $(PYTHON) -m pip install --quiet -e '.[dev]'
+	MEGATRON_CONAN_SKIP_CUDA_EXT=1 $(PYTHON) -m pip install --quiet -e '.[dev,ann]'
 	touch $(STAMP)
 
 clean:

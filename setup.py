@@ -99,8 +99,13 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton>=3.6"],
+        # the CPU test environment (make install): triton pinned to the version the suite runs its
+        # kernels on under TRITON_INTERPRET; the runtime floor below is what the GPU rehearsal proved
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "triton==3.9.0"],
         "triton": ["triton>=3.6"],
+        # approximate nearest-neighbour search for hard-negative mining over millions of passages
+        # (datagen/mining.py; exact search stays the default below a million texts)
+        "ann": ["faiss-cpu>=1.8"],
     },
     entry_points={"console_scripts": [
         "conan-pretrain=megatron_conan.training.pretrain:main",

@@ -14,12 +14,18 @@ Everything but the trainer is shared: the initial weights, the pairs and their o
 batches of one ``ContrastiveLoader`` with the seed, so both see the same token ids: the export's
 tokenizer is ours), the batch, the temperature (scale = 1 / temperature), AdamW with the same betas,
 epsilon and weight decay (not on norms), the LR schedule (ours, warm-up then cosine to lr / 10, no
-update at lr 0), gradient clipping and the steps. Both run as one process. The pairs are the main
+update at lr 0), gradient clipping and the steps. Both run as one process with the same intra-op
+threads (ours is a one-rank world, which `run_distributed` gives the machine's cores divided by its
+ranks; sentence-transformers runs in this process, torch's default: the cores), and ours trains as
+the main job does, texts packed in rows (`embedding.packing`). The pairs are the main
 job's stage-3 pairs with their instructions removed: sentence-transformers applies one prompt per
 batch column, not per row, so the comparison uses raw queries on both sides (and queries are then
 evaluated without a prompt). Each model is scored on the validation split (nDCG@10, pytrec_eval);
-the table gives mean +- std over the seeds and the wall time of training. The test split is not
-touched.
+the table gives mean +- std over the seeds, then each side's training time end to end (launch to
+saved model) and in its steps alone, with pairs per second of each, and the CPU seconds of the
+training process (ours: the rank's whole run; theirs: its steps), which a loaded machine inflates
+less than wall time (``--variants`` runs a subset).
+The test split is not touched.
 """
 
 from __future__ import annotations
@@ -51,15 +57,38 @@ def _stage3_values(args, work: str, run_dir: str, store: str, seed: int, soft_ma
         "data": {"kind": "contrastive", "contrastive_prefix": store,
                  "tokenizer": os.path.join(work, "tokenizer", "pydoc.model")},
         "embedding": {"temperature": args.temperature, "max_query_length": args.plan.max_query_length,
-                      "max_passage_length": args.plan.max_passage_length, "mini_batch_size": args.mini_batch_size},
+                      "max_passage_length": args.plan.max_passage_length, "mini_batch_size": args.mini_batch_size,
+                      # as the main job trains: texts packed back to back in rows (0 in the plan: padded)
+                      "packing": args.plan.max_tokens_per_row > 0,
+                      "max_tokens_per_row": max(args.plan.max_tokens_per_row, 1)},
     }
 
 
-def _train_ours(rank: int, world_size: int, values: dict) -> None:
+def _train_ours(rank: int, world_size: int, values: dict) -> dict:
+    """The stage as its entry point runs it; returns the seconds of `train` (build, load, steps,
+    save) and the threads the rank computed with."""
+    import torch
+
     from megatron_conan.config.run import run_config_from_dict
     from megatron_conan.training.trainer import train
 
+    started, cpu_started = time.perf_counter(), time.process_time()
     train(run_config_from_dict("embed-weak", values), stage="embed-weak")
+    return {"train_call_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
+            "threads": torch.get_num_threads()}
+
+
+def step_seconds(run_dir: str) -> float:
+    """Seconds our run spent in its optimizer steps (each step's samples / samples per second, from
+    ``metrics.jsonl``): the loop alone, without start-up, checkpoint loading or saving."""
+    total, previous = 0.0, 0
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "samples_per_s" in record:
+                total += (record["consumed_samples"] - previous) / record["samples_per_s"]
+                previous = record["consumed_samples"]
+    return total
 
 
 def _uninstructed_store(work: str, output_dir: str) -> str:
@@ -81,8 +110,9 @@ def _uninstructed_store(work: str, output_dir: str) -> str:
     return prefix
 
 
-def _train_sentence_transformers(args, work: str, store: str, export_dir: str, output: str, seed: int) -> None:
-    """MNRL (or CachedMNRL) over the batches our loader draws with `seed`, with our schedule."""
+def _train_sentence_transformers(args, work: str, store: str, export_dir: str, output: str, seed: int) -> dict:
+    """MNRL (or CachedMNRL) over the batches our loader draws with `seed`, with our schedule; returns
+    the seconds of its steps and the threads it computed with."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses
@@ -115,6 +145,7 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
         return {"input_ids": ids, "attention_mask": mask}
 
     batches = iter(loader)
+    loop_started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         batch = next(batches)
         optimizer.zero_grad()
@@ -124,7 +155,9 @@ def _train_sentence_transformers(args, work: str, store: str, export_dir: str, o
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         optimizer.step()
         scheduler.step(increment=1)
+    loop_s, cpu_s = time.perf_counter() - loop_started, time.process_time() - cpu_started
     model.save(output)
+    return {"loop_s": loop_s, "cpu_s": cpu_s, "threads": torch.get_num_threads()}
 
 
 def _validation_ndcg(work: str, model_path: str, max_length: int) -> float:
@@ -149,42 +182,58 @@ def run(args) -> Dict[str, List[dict]]:
     export_dir = os.path.join(output_dir, "sft_bidirectional")
     export_sentence_transformer(os.path.join(work, "sft", "checkpoints"), export_dir, overwrite=True,
                                 max_seq_length=args.plan.max_passage_length, bidirectional_from_causal=True)
-    results: Dict[str, List[dict]] = {variant: [] for variant in VARIANTS}
+    results: Dict[str, List[dict]] = {variant: [] for variant in args.variants}
     soft = {"schedule": "linear", "position_scale": "len_over_pos"}
     for seed in args.seeds:
-        for number, variant in enumerate(VARIANTS):
-            path = os.path.join(output_dir, f"variant{number}-seed{seed}")
+        for variant in args.variants:
+            path = os.path.join(output_dir, f"variant{VARIANTS.index(variant)}-seed{seed}")
             if os.path.exists(path):
                 raise SystemExit(f"learning_vs_st: {path} exists (a run of an earlier call): choose another "
                                  "--output-dir")
             started = time.perf_counter()
             if variant.startswith("ours"):
                 mask = soft if variant == "ours, soft mask" else {"fixed_a": 1.0, "position_scale": "len_over_pos"}
-                run_distributed(_train_ours, 1, args=(_stage3_values(args, work, path, store, seed, mask),),
-                                timeout_s=3600, log_level=logging.WARNING)
+                timing = run_distributed(_train_ours, 1, args=(_stage3_values(args, work, path, store, seed, mask),),
+                                         timeout_s=3600, log_level=logging.WARNING)[0]
+                timing["loop_s"] = step_seconds(path)
                 model_path = os.path.join(path, "checkpoints")
             else:
-                _train_sentence_transformers(args, work, store, export_dir, path, seed)
+                timing = _train_sentence_transformers(args, work, store, export_dir, path, seed)
                 model_path = path
             seconds = time.perf_counter() - started
             ndcg = _validation_ndcg(work, model_path, args.plan.max_passage_length)
-            results[variant].append({"seed": seed, "ndcg_at_10": ndcg, "train_s": seconds})
-            logger.info("seed %d, %s: validation nDCG@10 %.4f, %.0f s", seed, variant, ndcg, seconds)
+            pairs = args.steps * args.batch
+            results[variant].append({"seed": seed, "ndcg_at_10": ndcg, "train_s": seconds, **timing,
+                                     "pairs_per_s": pairs / seconds, "loop_pairs_per_s": pairs / timing["loop_s"]})
+            logger.info("seed %d, %s: validation nDCG@10 %.4f, %.0f s end to end (%.0f s in steps), %d threads",
+                        seed, variant, ndcg, seconds, timing["loop_s"], timing["threads"])
     return results
 
 
 def format_results(results: Dict[str, List[dict]], args) -> str:
+    """The quality table, then the time table: end to end (launch to saved model: process start,
+    model build, weight loading, steps, save) and the steps alone, with pairs per second of each."""
     from megatron_conan.quickstart import mean_std
 
     lines = [f"Stage 3 from the same SFT weights and pairs: {args.steps} steps, batch {args.batch}, lr {args.lr}, "
              f"temperature {args.temperature}, clip {args.clip_grad}, GradCache chunks "
-             f"{args.mini_batch_size or 'off'}; seeds {list(args.seeds)}; validation split.", "",
-             "| trainer | validation nDCG@10 (mean +- std) | per seed | train time (s, mean) |", "|---|---|---|---|"]
+             f"{args.mini_batch_size or 'off'}, ours packed in rows of {args.plan.max_tokens_per_row} tokens; "
+             f"seeds {list(args.seeds)}; validation split.", "",
+             "| trainer | validation nDCG@10 (mean +- std) | per seed | threads | train s end to end | pairs/s | "
+             "s in steps | pairs/s in steps | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, runs in results.items():
         scores = [run["ndcg_at_10"] for run in runs]
-        lines.append(f"| {variant} | {mean_std(scores)} | "
-                     + " ".join(f"{value:.4f}" for value in scores)
-                     + f" | {statistics.mean(run['train_s'] for run in runs):.0f} |")
+        mean = {key: statistics.mean(run[key] for run in runs)
+                for key in ("train_s", "pairs_per_s", "loop_s", "loop_pairs_per_s", "cpu_s")}
+        lines.append(f"| {variant} | {mean_std(scores)} | " + " ".join(f"{value:.4f}" for value in scores)
+                     + f" | {runs[0]['threads']} | {mean['train_s']:.0f} | {mean['pairs_per_s']:.1f} | "
+                       f"{mean['loop_s']:.0f} | {mean['loop_pairs_per_s']:.1f} | {mean['cpu_s']:.0f} |")
+    ours, theirs = results.get("ours, soft mask"), results.get(VARIANTS[-1])
+    if ours and theirs:
+        ratio = {key: statistics.mean(run[key] for run in ours) / statistics.mean(run[key] for run in theirs)
+                 for key in ("pairs_per_s", "loop_pairs_per_s")}
+        lines += ["", f"ours (soft mask) / sentence-transformers, pairs/s: {ratio['pairs_per_s']:.2f}x end to end, "
+                      f"{ratio['loop_pairs_per_s']:.2f}x in steps"]
     return "\n".join(lines)
 
 
@@ -200,6 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-grad", type=float, default=None, help="default: the plan's")
     parser.add_argument("--mini-batch-size", type=int, default=0,
                         help="GradCache chunks for ours and CachedMNRL for sentence-transformers (0: plain)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which trainers to run (default: all three)")
     args = parser.parse_args(argv)
     if not start_study(args, "learning_vs_st", "learning_vs_st"):
         return 2

@@ -41,6 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--absolute-margin", type=float)
     parser.add_argument("--relative-margin", type=float)
     parser.add_argument("--search-depth", type=int)
+    parser.add_argument("--search", choices=("auto", "exact", "ann"), default=defaults.search,
+                        help=f"auto (default): approximate (faiss, the `ann` extra) from --ann-min-corpus texts on "
+                             f"({defaults.ann_min_corpus:,}), exact below")
+    parser.add_argument("--ann-min-corpus", type=int, default=defaults.ann_min_corpus)
+    parser.add_argument("--ann-lists", type=int, help="inverted lists of the approximate index (default ~4 sqrt(N))")
+    parser.add_argument("--ann-probe", type=int, default=defaults.ann_probe, help="lists searched per query")
+    parser.add_argument("--ann-encoding", choices=("fp16", "sq8"), default=defaults.ann_encoding)
     parser.add_argument("--query-prompt", choices=("query", "none"), default=defaults.query_prompt,
                         help="prompt of queries without their own instruction (default query)")
     add_model_arguments(parser)
@@ -59,7 +66,9 @@ def _main(argv) -> int:
     config = MiningConfig(num_negatives=args.num_negatives, pool_size=args.pool_size, skip_top=args.skip_top,
                           max_score=args.max_score, absolute_margin=args.absolute_margin,
                           relative_margin=args.relative_margin, search_depth=args.search_depth,
-                          query_prompt=args.query_prompt, batch_size=args.batch_size)
+                          query_prompt=args.query_prompt, batch_size=args.batch_size, search=args.search,
+                          ann_min_corpus=args.ann_min_corpus, ann_lists=args.ann_lists, ann_probe=args.ann_probe,
+                          ann_encoding=args.ann_encoding)
     check_output_file(args.output)
     with load_embedder(args.model, **embedder_options(args)) as embedder:
         report = mine_file(args.input, args.output, embedder, config, corpus_path=args.corpus,

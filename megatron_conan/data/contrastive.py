@@ -106,7 +106,13 @@ class ContrastiveStore:
         return self.tasks[int(self.examples[example_id]["task"])]
 
     def example_ids_of_task(self, task: str) -> numpy.ndarray:
-        return numpy.flatnonzero(self.examples["task"] == self.tasks.index(task))
+        """The task's example ids, ascending. int32 below 2**31 examples: every rank's loader keeps
+        these and a permutation of them, 8 bytes a pair instead of 16 (13.6 GB a rank at the paper's
+        1.7B pairs; docs/SCALE.md section 2). A store of one task is not scanned."""
+        dtype = numpy.int32 if len(self.examples) < 2**31 else numpy.int64
+        if self.meta["examples_per_task"].get(task) == len(self.examples):
+            return numpy.arange(len(self.examples), dtype=dtype)
+        return numpy.flatnonzero(self.examples["task"] == self.tasks.index(task)).astype(dtype)
 
     def location(self, example_id: int) -> str:
         """`file:line` of the example in the tokenizer's inputs."""
@@ -260,9 +266,9 @@ def pool_report(store: ContrastiveStore, tasks: Sequence[str], num_negatives: in
                 max_examples: int = 10) -> PoolReport:
     """Counts the retrieval/clr examples of `tasks` whose pool holds fewer than `num_negatives`."""
     report = PoolReport(num_negatives)
-    if num_negatives <= 0:
-        return report
     codes = [store.tasks.index(task) for task in tasks if task in RETRIEVAL_TASKS]
+    if num_negatives <= 0 or not codes:
+        return report  # nothing to count (stage 3: pairs only), and no pass over every example
     selected = numpy.isin(store.examples["task"], codes)
     sizes = store.pool_sizes()
     empty = numpy.flatnonzero(selected & (sizes == 0))
@@ -464,7 +470,7 @@ class ContrastiveLoader:
         epoch, cursor = self._positions[task]
         order = self._order(task, epoch)
         size = self._global_batch(task)
-        global_ids = order[cursor:cursor + size]
+        global_ids = order[cursor:cursor + size].astype(numpy.int64)  # the order may be int32
         cursor += len(global_ids)
         if cursor >= len(order) or (self.drop_last and cursor + size > len(order)):
             self.dropped_examples += len(order) - cursor  # the skipped tail of the epoch

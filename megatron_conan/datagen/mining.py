@@ -1,8 +1,11 @@
 """Offline hard-negative mining: a ranked pool of hard negatives per (query, positive) example, in the
 JSONL form the contrastive store reads (``negatives`` + ``candidates``, docs/DESIGN.md section 6).
 
-For each example, every corpus text is scored against the query (exact search, corpus streamed in
-blocks from a memory-mapped file, so memory stays bounded whatever the corpus size). Walking the
+For each example, the corpus texts are ranked against the query: by exact search (every text
+scored, corpus streamed in blocks from a memory-mapped file, so memory stays bounded whatever the
+corpus size), or from a million texts on, when faiss is installed (the `ann` extra), by an
+approximate inverted-file index, which scores a few cells of the corpus per query instead of all of
+it (`MiningConfig.search`; docs/SCALE.md has both costs at the paper's 10M passages). Walking the
 ranking best first:
 
 1. the example's positives are never negatives (every positive of an identical query text, matched
@@ -34,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy
 
 from megatron_conan.errors import DataError, InputError
-from megatron_conan.eval.search import exact_top_k
+from megatron_conan.eval.search import ANN_ENCODINGS, ann_top_k, exact_top_k
 from megatron_conan.eval.text_io import iter_jsonl_records, read_texts, record_text, save_json, write_atomically
 from megatron_conan.preprocess.encoders import format_instruction
 
@@ -75,6 +78,19 @@ class MiningConfig:
     """Queries scored together."""
     corpus_block: int = 16384
     """Corpus rows scored per matrix product."""
+    search: str = "auto"
+    """`exact` (every query against every text), `ann` (a faiss inverted-file index: the optional
+    `ann` extra) or `auto`: approximate from `ann_min_corpus` texts on when faiss is installed,
+    exact below (or without faiss, with a warning past the threshold). Exact search costs queries x
+    corpus; at the paper's 10M passages that is years of one node (docs/SCALE.md)."""
+    ann_min_corpus: int = 1_000_000
+    """`auto` searches approximately from this many corpus texts on."""
+    ann_lists: Optional[int] = None
+    """Inverted lists (k-means cells) of the approximate index; default about 4 sqrt(corpus)."""
+    ann_probe: int = 32
+    """Cells searched per query: more finds more of the true neighbours, at proportional cost."""
+    ann_encoding: str = "fp16"
+    """How the index stores vectors: `fp16` (2 bytes a feature) or `sq8` (1 byte, coarser scores)."""
 
     def __post_init__(self):
         for name in ("num_negatives", "skip_top"):
@@ -94,9 +110,40 @@ class MiningConfig:
                              f"({self.skip_top + self.pool_size})")
         if self.query_prompt not in ("query", "none"):
             raise InputError(f"query_prompt must be query or none, got {self.query_prompt!r}")
+        if self.search not in ("auto", "exact", "ann"):
+            raise InputError(f"search must be auto, exact or ann, got {self.search!r}")
+        if self.ann_encoding not in ANN_ENCODINGS:
+            raise InputError(f"ann_encoding must be one of {sorted(ANN_ENCODINGS)}, got {self.ann_encoding!r}")
+        for name in ("ann_probe", "ann_min_corpus"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ann_lists is not None and self.ann_lists < 1:
+            raise InputError(f"ann_lists must be >= 1, got {self.ann_lists}")
 
     def depth(self) -> int:
         return self.search_depth or self.skip_top + self.pool_size + 32
+
+    def search_for(self, corpus_size: int) -> str:
+        """`exact` or `ann` for a corpus of this size (see `search`)."""
+        if self.search != "auto":
+            return self.search
+        if corpus_size < self.ann_min_corpus:
+            return "exact"
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            logger.warning("%d corpus texts: exact search (install the `ann` extra, faiss-cpu, for approximate "
+                           "search at this size)", corpus_size)
+            return "exact"
+        return "ann"
+
+    def top_k(self, queries, corpus, show_progress: bool = False):
+        """(scores, indices) of the `depth()` best corpus rows per query, by the chosen search."""
+        if self.search_for(len(corpus)) == "ann":
+            return ann_top_k(queries, corpus, self.depth(), lists=self.ann_lists, probe=self.ann_probe,
+                             encoding=self.ann_encoding, show_progress=show_progress)
+        return exact_top_k(queries, corpus, self.depth(), query_block=self.query_block,
+                           corpus_block=self.corpus_block, show_progress=show_progress)
 
 
 @dataclasses.dataclass
@@ -200,8 +247,7 @@ def mine_hard_negatives(examples: List[Example], corpus: List[str], embedder, co
             return extra_vectors[extra_row[row]]
         return corpus_vectors[corpus_index[examples[row].positive]]
 
-    scores, indices = exact_top_k(query_vectors, corpus_vectors, config.depth(), query_block=config.query_block,
-                                  corpus_block=config.corpus_block, show_progress=show_progress)
+    scores, indices = config.top_k(query_vectors, corpus_vectors, show_progress)
     pools: List[List[int]] = []
     too_few, short_pools, positive_scores = [], 0, []
     for row, example in enumerate(examples):
@@ -216,6 +262,7 @@ def mine_hard_negatives(examples: List[Example], corpus: List[str], embedder, co
             short_pools += 1
     report = {
         "examples": len(examples), "corpus_texts": len(corpus), "search_depth": config.depth(),
+        "search": config.search_for(len(corpus)),
         "config": dataclasses.asdict(config),
         "too_few_negatives": {"count": len(too_few), "examples": too_few[:REPORT_EXAMPLES]},
         "pools_shorter_than_pool_size": short_pools,

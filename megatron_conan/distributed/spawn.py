@@ -37,6 +37,15 @@ from megatron_conan.warning_filters import silence_known_warnings
 _POLL_S = 0.2
 
 
+def threads_per_rank(world_size: int, cores: Optional[int] = None) -> int:
+    """Intra-op threads of each rank of a local world: the cores this process may run on divided by
+    the ranks (at least 1), so a one-rank world uses the whole machine and N ranks do not
+    oversubscribe it (one thread per rank left a core idle in a one-rank world)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, world_size))
+
+
 def harness_backend(world_size: int, cuda_device_count: int) -> str:
     """NCCL only when every rank has a GPU of its own; NCCL refuses two ranks on one GPU, so a
     world larger than the GPU count (e.g. a 4-rank test on a 1-GPU machine) runs over gloo."""
@@ -69,15 +78,20 @@ def _children_environment(backend: str) -> Iterator[None]:
     if backend == "nccl":
         yield
         return
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # The ranks' OpenMP threads (threads_per_rank) sleep while they wait instead of spinning: when the
+    # cores are shared (other worlds, a test worker beside) spinning threads stall each other, 6-8x
+    # slower on a loaded 2-core machine. Read when a child loads OpenMP, so set before it starts.
+    changes = {"CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    saved = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
@@ -96,7 +110,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
         from megatron_conan.distributed.cpu_compat import enable_cpu_compat
         from megatron_conan.distributed.parallel import destroy_parallel
 
-        torch.set_num_threads(1)  # N processes share a few cores
+        torch.set_num_threads(threads_per_rank(world_size))
         enable_cpu_compat()
         if backend == "nccl":
             torch.cuda.set_device(rank)

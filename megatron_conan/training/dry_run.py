@@ -17,13 +17,15 @@ GiB per GPU).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ParallelConfig
 from megatron_conan.errors import ConfigError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+ACTIVATION_LAYERS = ("te", "local")
+"""Whose layers the activation estimate counts: Transformer Engine's fused ones, or our local ones."""
 MEGATRON_RANK_ORDER = "tp-cp-ep-dp-pp"
 """megatron-core's default rank order (``initialize_model_parallel(order=...)``): TP varies fastest."""
 
@@ -86,6 +88,127 @@ def stage_parameters(model_cfg: ConanModelConfig, parallel: ParallelConfig) -> L
     return stages
 
 
+@dataclass(frozen=True)
+class ParameterShape:
+    """One parameter tensor of a pipeline stage on one TP rank, as megatron-core registers it."""
+
+    name: str
+    numel: int
+    shared_embedding: bool = False
+    """The tied embedding's two copies under PP > 1 (megatron-core's ``shared_embedding``): the
+    distributed optimizer gives each its own gradient bucket."""
+
+
+def stage_parameter_shapes(model_cfg: ConanModelConfig, parallel: ParallelConfig, stage: int) -> List[ParameterShape]:
+    """Pipeline stage `stage`'s parameters on one TP rank, in ``named_parameters()`` order of
+    ``GPTModel`` with our local layer spec (the order fixes where the distributed optimizer pads).
+
+    Transformer Engine fuses each layer's norms into the next linear layer: the same tensors in
+    another order, which moves the distributed optimizer's padding by up to 64 elements a tensor.
+    """
+    parallel.validate_for_model(model_cfg)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if not 0 <= stage < pp:
+        raise ConfigError(f"pipeline stage {stage} is outside 0..{pp - 1}")
+    h, d, f = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.ffn_hidden_size
+    a, g = model_cfg.num_attention_heads, model_cfg.num_query_groups
+    embedding = model_cfg.padded_vocab_size(tp) * h // tp
+    tied_copy = model_cfg.tie_embeddings and pp > 1
+    shapes = []
+    if stage == 0:
+        shapes.append(ParameterShape("embedding.word_embeddings.weight", embedding, tied_copy))
+    for layer in range(model_cfg.num_layers // pp):
+        prefix = f"decoder.layers.{layer}."
+        shapes += [ParameterShape(prefix + "input_layernorm.weight", h),
+                   ParameterShape(prefix + "self_attention.linear_proj.weight", a * d * h // tp),
+                   ParameterShape(prefix + "self_attention.linear_qkv.weight", h * d * (a + 2 * g) // tp),
+                   ParameterShape(prefix + "pre_mlp_layernorm.weight", h),
+                   ParameterShape(prefix + "mlp.linear_fc1.weight", 2 * h * f // tp),  # SwiGLU gate and up
+                   ParameterShape(prefix + "mlp.linear_fc2.weight", f * h // tp)]
+    if stage == pp - 1:
+        shapes.append(ParameterShape("decoder.final_layernorm.weight", h))
+        if pp > 1 or not model_cfg.tie_embeddings:
+            shapes.append(ParameterShape("output_layer.weight", embedding, tied_copy))
+    return shapes
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def gradient_buckets(shapes: Sequence[ParameterShape], data_parallel: int,
+                     use_distributed_optimizer: bool) -> List[Tuple[int, int, List[Tuple[int, int]]]]:
+    """megatron-core DDP's gradient buffer of one model chunk, as ``_ParamAndGradBuffer`` lays it
+    out with our ``wrap_model`` (no overlap, so one bucket; one dtype): ``[(bucket start, bucket
+    end, [(param start, param end), ...]), ...]`` in elements.
+
+    Parameters go in reverse order. With the distributed optimizer each parameter starts on a
+    multiple of 64 elements, each bucket ends on a multiple of lcm(DP, 128) so that it shards
+    evenly, and a ``shared_embedding`` parameter gets a bucket of its own.
+    """
+    buckets: List[Tuple[int, int, List[Tuple[int, int]]]] = []
+    bucket_start, param_start, ranges = 0, 0, []
+
+    def close(end: int) -> int:
+        nonlocal bucket_start, ranges
+        if use_distributed_optimizer:
+            end = _round_up(end, math.lcm(data_parallel, 128))
+        buckets.append((bucket_start, end, ranges))
+        bucket_start, ranges = end, []
+        return end
+
+    for shape in reversed(shapes):
+        if use_distributed_optimizer:
+            param_start = _round_up(param_start, 64)
+        own_bucket = use_distributed_optimizer and shape.shared_embedding
+        if own_bucket and ranges:
+            param_start = close(param_start)
+        ranges.append((param_start, param_start + shape.numel))
+        param_start += shape.numel
+        if own_bucket:
+            param_start = close(param_start)
+    if ranges:
+        close(param_start)
+    return buckets
+
+
+def state_bytes_per_rank(model_cfg: ConanModelConfig, parallel: ParallelConfig, world_size: int, rank: int,
+                         precision: str = "bf16", use_distributed_optimizer: Optional[bool] = None) -> Dict[str, int]:
+    """Exact bytes of one rank's ``weights``, ``gradients`` (DDP buffer) and ``optimizer`` state
+    (fp32 main copy for bf16/fp16, Adam m and v), as megatron-core allocates them with our
+    ``wrap_model`` / ``build_optimizer`` (no virtual pipeline).
+
+    * weights: each parameter in the parameter dtype; with the distributed optimizer the parameters
+      live in megatron-core's padded parameter buffer, so its padding counts too;
+    * gradients: the fp32 ``main_grad`` buffer (``grad_reduce_in_fp32``), padded likewise;
+    * optimizer: 12 bytes (fp32: 8) per element this rank updates: every element without the
+      distributed optimizer, with it this rank's 1/DP slice of each bucket, padding excluded.
+    """
+    _check_precision_and_recompute(precision, "none")
+    if parallel.virtual_pipeline_parallel:
+        raise ConfigError("exact state bytes cover layouts without parallel.virtual_pipeline_parallel")
+    if use_distributed_optimizer is None:
+        use_distributed_optimizer = parallel.use_distributed_optimizer
+    dp = parallel.data_parallel(world_size)
+    _, stage, dp_rank = rank_coordinates(rank, parallel, world_size)
+    shapes = stage_parameter_shapes(model_cfg, parallel, stage)
+    buckets = gradient_buckets(shapes, dp, use_distributed_optimizer)
+    numel = sum(shape.numel for shape in shapes)
+    buffer = buckets[-1][1] if buckets else 0
+    updated = numel
+    if use_distributed_optimizer:
+        updated = 0
+        for start, end, ranges in buckets:
+            shard = (end - start) // dp
+            low, high = start + dp_rank * shard, start + (dp_rank + 1) * shard
+            updated += sum(max(0, min(high, stop) - max(low, begin)) for begin, stop in ranges)
+    return {
+        "weights": (buffer if use_distributed_optimizer else numel) * _param_bytes(precision),
+        "gradients": buffer * 4,
+        "optimizer": updated * (8 if precision == "fp32" else 12),
+    }
+
+
 def activation_bytes_per_layer(
     model_cfg: ConanModelConfig,
     micro_batch_size: int,
@@ -94,6 +217,7 @@ def activation_bytes_per_layer(
     sequence_parallel: bool = False,
     precision: str = "bf16",
     recompute: str = "none",
+    layers: str = "te",
 ) -> int:
     """Bytes one transformer layer keeps for backward, for one micro-batch.
 
@@ -115,8 +239,19 @@ def activation_bytes_per_layer(
     recomputes the core attention (megatron-core's default ``recompute_modules``), which with a
     flash-style kernel only drops the LSE term. ``full`` keeps just the layer input,
     ``s*b*h*p / t_sp``; the one layer being recomputed is added by the caller.
+
+    ``layers="te"`` is the accounting above: Transformer Engine's fused layers on GPUs.
+    ``layers="local"`` is what megatron_conan's own layers keep (the path without TE), measured on the
+    CPU allocator by benchmarks/activation_memory.py: each RMSNorm computes in fp32 and keeps an fp32
+    copy of its input and its fp32 normalised output (8h bytes instead of the input's h*p, plus a
+    4-byte rstd per token), SwiGLU keeps silu(gate) (f more), and V, a view of the fused QKV output,
+    keeps that whole output alive (d(a + g) more)::
+
+        local = te + s*b * (2 * (8h - p*h + 4) / t_sp  +  p * (f + d(a + g)) / t)
     """
     _check_precision_and_recompute(precision, recompute)
+    if layers not in ACTIVATION_LAYERS:
+        raise ConfigError(f"layers must be one of {ACTIVATION_LAYERS}, got {layers!r}")
     t = tensor_parallel
     t_sp = t if sequence_parallel else 1
     p = _param_bytes(precision)
@@ -128,7 +263,29 @@ def activation_bytes_per_layer(
     layer = s * b * p * (4 * h * (t // t_sp) + 2 * d * (a + g) + 3 * f) // t
     if recompute == "none":
         layer += 4 * b * a * s // t
+    if layers == "local":
+        layer += s * b * 2 * (8 * h - p * h + 4) // t_sp + s * b * p * (f + d * (a + g)) // t
     return layer
+
+
+def _stage_state_bytes(model_cfg: ConanModelConfig, parallel: ParallelConfig, world_size: int, stage: int,
+                       params: int, precision: str, use_distributed_optimizer: bool) -> Dict[str, int]:
+    """Weights, gradients and optimizer bytes of the most loaded rank of a pipeline stage: exact
+    (:func:`state_bytes_per_rank`) without a virtual pipeline, else per parameter (fp32 main copy
+    for bf16/fp16, Adam m and v: 12 bytes, 8 for fp32; divided by DP with the distributed
+    optimizer), which leaves out megatron-core's padding of at most 64 elements a tensor."""
+    if parallel.virtual_pipeline_parallel:
+        optimizer = params * (8 if precision == "fp32" else 12)
+        if use_distributed_optimizer:
+            optimizer = -(-optimizer // parallel.data_parallel(world_size))
+        return {"weights": params * _param_bytes(precision), "gradients": params * 4, "optimizer": optimizer}
+    tp = parallel.tensor_parallel
+    dp = parallel.data_parallel(world_size)
+    first_rank = stage * tp * dp  # megatron-core's order: TP fastest, then DP, then PP
+    ranks = range(first_rank, first_rank + tp * dp, tp) if use_distributed_optimizer else [first_rank]
+    per_rank = [state_bytes_per_rank(model_cfg, parallel, world_size, rank, precision, use_distributed_optimizer)
+                for rank in ranks]
+    return max(per_rank, key=lambda entry: entry["optimizer"])
 
 
 def _memory_per_stage(
@@ -163,8 +320,6 @@ def _memory_per_stage(
     # vocab-parallel cross-entropy saves ([s, b, V/t] in float32).
     head = 2 * s * b * act * h // t_sp + 4 * s * b * model_cfg.padded_vocab_size(tp) // tp
 
-    # fp32 main copy for bf16/fp16 (fp32 training updates the weights themselves), Adam m and v.
-    optimizer_bytes_per_param = 8 if precision == "fp32" else 12
     stages = []
     for stage, params in enumerate(stage_parameters(model_cfg, parallel)):
         # 1F1B: stage k runs pp - k warm-up forwards before its first backward.
@@ -172,15 +327,9 @@ def _memory_per_stage(
         activations = in_flight * layers_per_stage * stored + working_layer
         if stage == pp - 1:
             activations += head
-        optimizer = params * optimizer_bytes_per_param
-        if use_distributed_optimizer:
-            optimizer = -(-optimizer // dp)
-        breakdown = {
-            "weights": params * _param_bytes(precision),
-            "gradients": params * 4,  # megatron-core DDP main_grad buffer, grad_reduce_in_fp32
-            "optimizer": optimizer,
-            "activations": activations,
-        }
+        breakdown = {**_stage_state_bytes(model_cfg, parallel, world_size, stage, params, precision,
+                                          use_distributed_optimizer),
+                     "activations": activations}
         breakdown["total"] = sum(breakdown.values())
         stages.append(breakdown)
     return stages
@@ -234,6 +383,44 @@ def rank_coordinates(rank: int, parallel: ParallelConfig, world_size: int) -> Tu
     return rank % tp, rank // (tp * dp), (rank // tp) % dp
 
 
+DEFAULT_MFU = 0.40
+"""Model FLOPs utilisation assumed for time figures: Megatron-LM reports 41% for a 1.7B GPT on H100."""
+DEFAULT_PEAK_TFLOPS = 989.0
+"""Dense bf16 peak of an H100 SXM (the H200 is the same chip), TFLOP/s per GPU."""
+DEFAULT_FS_GBPS = 5.0
+"""Sustained write bandwidth of the file system to the job, GB/s over all its writers."""
+
+
+@dataclass
+class PlanningAssumptions:
+    """What the time figures of the dry run assume (command line: ``--mfu``, ``--peak-tflops``,
+    ``--fs-gbps``); the report states them next to the figures."""
+
+    mfu: float = DEFAULT_MFU
+    """Model FLOPs utilisation, 0 < mfu <= 1."""
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS
+    """Peak dense TFLOP/s of one GPU in the training precision."""
+    fs_gbps: float = DEFAULT_FS_GBPS
+    """GB/s (1e9 bytes) the job's checkpoint writes get from the file system, all ranks together."""
+
+    def __post_init__(self):
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"--mfu must be in (0, 1], got {self.mfu}")
+        for name in ("peak_tflops", "fs_gbps"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def checkpoint_bytes(model_cfg: ConanModelConfig, tensor_parallel: int, precision: str) -> int:
+    """Bytes of one training checkpoint, all ranks together: every parameter once (the TP-padded
+    vocabulary; a tied embedding once) in the parameter dtype, plus the optimizer state that
+    megatron-core saves with it: the fp32 main copy (bf16/fp16 only) and Adam's m and v."""
+    _check_precision_and_recompute(precision, "none")
+    per_parameter = _param_bytes(precision) + (8 if precision == "fp32" else 12)
+    return model_cfg.num_parameters(tensor_parallel) * per_parameter
+
+
 @dataclass
 class DryRunReport:
     """Everything ``--dry-run`` prints; :func:`format_dry_run` renders it."""
@@ -264,29 +451,35 @@ class DryRunReport:
     """Pipeline stage whose GPUs need the most memory."""
     flops_per_token: float
     flops_per_step: float
+    assumptions: PlanningAssumptions = field(default_factory=PlanningAssumptions)
+    checkpoint_bytes: int = 0
+    """One checkpoint, all ranks together (:func:`checkpoint_bytes`)."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: none planned)."""
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Model FLOPs of a step over the world's peak times the assumed MFU."""
+        peak = self.world_size * self.assumptions.peak_tflops * 1e12
+        return self.flops_per_step / (peak * self.assumptions.mfu)
+
+    @property
+    def days_for_budget(self) -> Optional[float]:
+        if self.steps_for_budget is None:
+            return None
+        return self.steps_for_budget * self.seconds_per_step / 86_400
+
+    @property
+    def checkpoint_write_seconds(self) -> float:
+        return self.checkpoint_bytes / (self.assumptions.fs_gbps * 1e9)
 
     def __str__(self) -> str:
         return format_dry_run(self)
 
 
-def dry_run_report(
-    model_cfg: ConanModelConfig,
-    parallel: ParallelConfig,
-    world_size: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    seq_length: int,
-    precision: str = "bf16",
-    recompute: str = "none",
-    token_budget: Optional[float] = None,
-    use_distributed_optimizer: Optional[bool] = None,
-) -> DryRunReport:
-    """Check the batch and layout arithmetic and compute the dry-run figures.
-
-    Raises :class:`ConfigError` when the layout does not divide the world or cannot split the
-    model, when ``global_batch_size`` is not a multiple of ``micro_batch_size * DP``, or when
-    ``seq_length`` exceeds the model's context.
-    """
+def _check_batch(model_cfg: ConanModelConfig, parallel: ParallelConfig, world_size: int, global_batch_size: int,
+                 micro_batch_size: int, seq_length: int, token_budget: Optional[float]) -> int:
+    """The data-parallel size, once the layout, batch, sequence and budget are found consistent."""
     if world_size <= 0:
         raise ConfigError(f"world size must be positive, got {world_size}")
     data_parallel = parallel.data_parallel(world_size)
@@ -307,6 +500,32 @@ def dry_run_report(
             f"({model_cfg.max_sequence_length})")
     if token_budget is not None and token_budget <= 0:
         raise ConfigError(f"token budget must be positive, got {token_budget}")
+    return data_parallel
+
+
+def dry_run_report(
+    model_cfg: ConanModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    precision: str = "bf16",
+    recompute: str = "none",
+    token_budget: Optional[float] = None,
+    use_distributed_optimizer: Optional[bool] = None,
+    assumptions: Optional[PlanningAssumptions] = None,
+    save_interval: int = 0,
+) -> DryRunReport:
+    """Check the batch and layout arithmetic and compute the dry-run figures; `assumptions` (MFU,
+    peak FLOP/s, file-system bandwidth) turn them into time, `save_interval` into checkpoint writes.
+
+    Raises :class:`ConfigError` when the layout does not divide the world or cannot split the
+    model, when ``global_batch_size`` is not a multiple of ``micro_batch_size * DP``, or when
+    ``seq_length`` exceeds the model's context.
+    """
+    data_parallel = _check_batch(model_cfg, parallel, world_size, global_batch_size, micro_batch_size,
+                                 seq_length, token_budget)
     if use_distributed_optimizer is None:
         use_distributed_optimizer = parallel.use_distributed_optimizer
     accumulation = global_batch_size // (micro_batch_size * data_parallel)
@@ -336,6 +555,9 @@ def dry_run_report(
         memory_stage=most_loaded,
         flops_per_token=flops_per_token,
         flops_per_step=flops_per_token * tokens_per_step,
+        assumptions=assumptions or PlanningAssumptions(),
+        checkpoint_bytes=checkpoint_bytes(model_cfg, parallel.tensor_parallel, precision),
+        save_interval=save_interval,
     )
 
 
@@ -376,9 +598,28 @@ def format_dry_run(report: DryRunReport) -> str:
         f"parameters per GPU (largest stage): {report.parameters_per_gpu:,}",
         "memory per GPU (estimate"
         + (f" for the most loaded pipeline stage, {report.memory_stage} of 0..{pp - 1}" if pp > 1 else "")
-        + f"; {report.precision}, recompute {report.recompute}; excludes CUDA context, NCCL and "
-        "allocator overhead):",
+        + f"; {report.precision}, recompute {report.recompute}, activations of Transformer Engine's layers; "
+        "excludes CUDA context, NCCL and allocator overhead):",
     ]
     for name in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"  {name:<12} {report.memory[name] / _GIB:8.2f} GiB")
-    return "\n".join(lines)
+    return "\n".join(lines + _planning_lines(report))
+
+
+def _planning_lines(report: DryRunReport) -> List[str]:
+    """Time per step and to the token budget, checkpoint size and write time, with what they assume."""
+    assumed = report.assumptions
+    lines = [f"time (assuming MFU {assumed.mfu:.0%} of {assumed.peak_tflops:g} TFLOP/s per GPU; --mfu, "
+             f"--peak-tflops): {report.seconds_per_step:.3g} s per step"]
+    if report.days_for_budget is not None:
+        lines[-1] += (f"; {report.token_budget:.3g} tokens in {report.steps_for_budget:,} steps: "
+                      f"{report.days_for_budget:.2f} days on {report.world_size} GPUs")
+    main_copy = "" if report.precision == "fp32" else " + fp32 main copy"
+    lines.append(f"checkpoint: {report.checkpoint_bytes / 1e9:.2f} GB (every parameter once in "
+                 f"{report.precision}{main_copy} + Adam m and v); one write at {assumed.fs_gbps:g} GB/s "
+                 f"(--fs-gbps): {report.checkpoint_write_seconds:.3g} s")
+    if report.save_interval and report.steps_for_budget:
+        saves = report.steps_for_budget // report.save_interval
+        lines[-1] += (f"; every {report.save_interval:,} steps: {saves:,} saves, "
+                      f"{saves * report.checkpoint_write_seconds / 3600:.3g} h of writing if synchronous")
+    return lines

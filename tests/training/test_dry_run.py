@@ -200,3 +200,69 @@ def test_pure_arithmetic_allocates_nothing_big():
         tracemalloc.stop()
     assert "world 4096" in text
     assert peak < 1 << 20
+
+
+def test_time_and_checkpoint_figures_by_hand():
+    """The 1.4B recipe on 64 GPUs at 40% MFU of 989 TFLOP/s (docs/SCALE.md checks the same by hand)."""
+    from megatron_conan.training.dry_run import PlanningAssumptions, checkpoint_bytes
+
+    assumptions = PlanningAssumptions(mfu=0.4, peak_tflops=989.0, fs_gbps=5.0)
+    report = dry_run_report(conan_1p4b(), dp64(), WORLD, GLOBAL_BATCH, 1, SEQ, token_budget=3e12,
+                            assumptions=assumptions, save_interval=1000)
+    step_s = 10_404_516_864 * 256 * 4096 / (64 * 989e12 * 0.4)
+    assert report.seconds_per_step == pytest.approx(step_s, rel=1e-12)
+    assert report.days_for_budget == pytest.approx(2_861_023 * step_s / 86_400, rel=1e-12)
+    assert 14.2 < report.days_for_budget < 14.3
+    # bf16 weights (2) + fp32 main copy (4) + Adam m and v (8) per parameter, tied embedding once
+    assert report.checkpoint_bytes == 14 * 1_499_262_464 == checkpoint_bytes(conan_1p4b(), 1, "bf16")
+    assert checkpoint_bytes(conan_1p4b(), 1, "fp32") == 12 * 1_499_262_464
+    assert report.checkpoint_write_seconds == pytest.approx(14 * 1_499_262_464 / 5e9)
+    text = format_dry_run(report)
+    assert "MFU 40% of 989 TFLOP/s per GPU" in text and "14.27 days on 64 GPUs" in text
+    assert "checkpoint: 20.99 GB" in text and "every 1,000 steps: 2,861 saves" in text
+    slower = dry_run_report(conan_1p4b(), dp64(), WORLD, GLOBAL_BATCH, 1, SEQ, token_budget=3e12,
+                            assumptions=PlanningAssumptions(mfu=0.2))
+    assert slower.days_for_budget == pytest.approx(2 * report.days_for_budget)
+
+
+@pytest.mark.parametrize("fields, message", [({"mfu": 0.0}, "--mfu"), ({"mfu": 1.5}, "--mfu"),
+                                             ({"peak_tflops": -1.0}, "--peak-tflops"),
+                                             ({"fs_gbps": float("nan")}, "--fs-gbps")])
+def test_planning_assumptions_are_checked(fields, message):
+    from megatron_conan.training.dry_run import PlanningAssumptions
+
+    with pytest.raises(ConfigError, match=message):
+        PlanningAssumptions(**fields)
+
+
+def test_dry_run_command_prints_days_at_the_given_mfu(capsys, monkeypatch):
+    from megatron_conan.training.pretrain import main as pretrain_main
+
+    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])
+    assert pretrain_main(["--config", "examples/conan_1p4b/pretrain.yaml", "--dry-run", "--world-size", "64",
+                          "--mfu", "0.5", "--fs-gbps", "10"]) == 0
+    out = capsys.readouterr().out
+    # 14.27 days at 40% -> 11.42 at 50%
+    assert "MFU 50% of 989 TFLOP/s per GPU" in out and "11.42 days on 64 GPUs" in out
+    assert "one write at 10 GB/s (--fs-gbps): 2.1 s" in out
+    assert pretrain_main(["--config", "examples/conan_1p4b/pretrain.yaml", "--dry-run", "--mfu", "0"]) == 2
+    assert "--mfu must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_local_layers_keep_what_the_cpu_allocator_measured():
+    """Our own layers (no Transformer Engine) keep more than TE's: fp32 norm copies, silu(gate), the
+    whole QKV output behind V. By hand for the width benchmarks/activation_memory.py measures (h 256,
+    32 x 8 heads / 4 groups, f 704; 13,228 bytes a token measured there, 1% above this)."""
+    import dataclasses
+
+    model = dataclasses.replace(tiny(), hidden_size=256, num_attention_heads=8, num_query_groups=4, head_dim=32,
+                                ffn_hidden_size=704)
+    tokens = 2 * 256
+    te = activation_bytes_per_layer(model, 2, 256, precision="bf16")
+    local = activation_bytes_per_layer(model, 2, 256, precision="bf16", layers="local")
+    assert te == tokens * (2 * (4 * 256 + 2 * 32 * 12 + 3 * 704) + 4 * 8) == tokens * 7840
+    assert local - te == tokens * (2 * (8 * 256 - 2 * 256 + 4) + 2 * (704 + 32 * 12)) == tokens * 5256
+    assert activation_bytes_per_layer(model, 2, 256, precision="bf16", recompute="full", layers="local") == \
+        activation_bytes_per_layer(model, 2, 256, precision="bf16", recompute="full")
+    with pytest.raises(ConfigError, match="layers must be one of"):
+        activation_bytes_per_layer(model, 2, 256, layers="apex")
