@@ -25,9 +25,11 @@ def read_metrics(run_dir):
     return by_step
 
 
-def assert_same_step(result, reference, tol=1e-6):
-    """Two steps agree: the loss, and each gradient, within `tol` of its size (fp32: other batch
-    shapes and reduction orders round differently, a few ulps of values of size ~10)."""
+def assert_same_step(result, reference, tol=1e-5):
+    """Two steps agree: the loss, and each gradient, within `tol` of its size. fp32: other batch
+    shapes, reduction orders and thread counts (a one-rank world gets every core, so its matmuls
+    split their sums differently) round differently, up to some tens of ulps (seen: 1.1e-6 of the
+    size in CI); a wrong gradient is off by orders of magnitude more."""
     assert abs(result["loss"] - reference["loss"]) < tol * max(1.0, abs(reference["loss"])), (
         result["loss"], reference["loss"])
     assert set(result["grads"]) == set(reference["grads"])
