@@ -25,6 +25,7 @@ import logging
 import os
 from typing import Any, Dict, Optional, Sequence
 
+from megatron_conan import atomic_write
 from megatron_conan.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def recorded_tokenizer(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 def check_tokenizer(prefix: str, tokenizer) -> Optional[Dict[str, Any]]:
     """Raises `TokenizerMismatchError` unless the dataset at `prefix` was made with `tokenizer`
     (a `ConanTokenizer` or a model path): same SHA-256 of the model file and same vocabulary size.
-    A dataset without a record is accepted with one warning. Returns the record (None without)."""
+    A dataset without a record is accepted with one warning. Returns the record (None without).
+    A write of the dataset that a crash stopped mid-commit is finished first (``atomic_write``)."""
+    atomic_write.finish_interrupted_commits(os.path.dirname(os.path.abspath(prefix)))
     record = read_record(prefix)
     if record is None:
         if prefix not in _warned_unrecorded:
