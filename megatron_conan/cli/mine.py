@@ -20,7 +20,7 @@ from megatron_conan.datagen.mining import MiningConfig, mine_file
 from megatron_conan.errors import InputError
 from megatron_conan.eval.embedders import load_embedder
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
-from megatron_conan.eval.text_io import check_output_file
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 
 PROG = "conan-mine"
 
@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--query-prompt", choices=("query", "none"), default=defaults.query_prompt,
                         help="prompt of queries without their own instruction (default query)")
     add_model_arguments(parser)
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -60,7 +61,8 @@ def _main(argv) -> int:
                           max_score=args.max_score, absolute_margin=args.absolute_margin,
                           relative_margin=args.relative_margin, search_depth=args.search_depth,
                           query_prompt=args.query_prompt, batch_size=args.batch_size)
-    check_output_file(args.output)
+    check_output_files([args.output, args.report or args.output + ".report.json"],
+                       [args.input, args.corpus, args.model, args.tokenizer], args.overwrite)
     with load_embedder(args.model, **embedder_options(args)) as embedder:
         report = mine_file(args.input, args.output, embedder, config, corpus_path=args.corpus,
                            corpus_field=args.corpus_field, report_path=args.report,

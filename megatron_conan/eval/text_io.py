@@ -24,6 +24,7 @@ from megatron_conan.data.jsonl import (
     require_text,
 )
 from megatron_conan.errors import DataError, InputError
+from megatron_conan.outputs import check_file_target
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
@@ -84,18 +85,12 @@ def read_texts(path: str, text_field: str = "text") -> List[str]:
     return texts
 
 
-def check_output_file(path: str) -> None:
-    """Refuse an output whose directory does not exist, or that is a directory (before any work)."""
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise InputError(f"the directory of output {path} does not exist")
-    if os.path.isdir(path):
-        raise InputError(f"output {path} is a directory")
-
-
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Check the output (:func:`check_output_file`), then call ``write(tmp_path)`` for a temporary
-    file that :func:`megatron_conan.atomic_write.file` renames to `path`."""
-    check_output_file(path)
+    """Check that `path` can be written (:func:`megatron_conan.outputs.check_file_target`), then call
+    ``write(tmp_path)`` for a temporary file that :func:`megatron_conan.atomic_write.file` renames to
+    `path`. Whether an existing output may be replaced is the command's check
+    (:func:`megatron_conan.outputs.check_output_files`)."""
+    check_file_target(path)
     with atomic_write.file(path) as tmp:
         write(tmp)
 

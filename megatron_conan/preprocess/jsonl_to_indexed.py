@@ -136,6 +136,12 @@ class PreprocessConfig:
         return self.threads or default_threads(self.workers)
 
 
+def dataset_outputs(prefix: str, extra_suffixes: Sequence[str] = ()) -> List[str]:
+    """The files a dataset at `prefix` consists of (what ``--overwrite`` may replace): ``.bin``,
+    ``.idx`` and the record, plus `extra_suffixes` (a contrastive store's example rows)."""
+    return [prefix + suffix for suffix in (".bin", ".idx", META_SUFFIX, *extra_suffixes)]
+
+
 def _is_fifo(path: str) -> bool:
     import stat
 

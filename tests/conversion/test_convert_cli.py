@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from megatron_conan.cli import convert as convert_command
-from megatron_conan.conversion import hf_io
+from megatron_conan import outputs
 from megatron_conan.testing.fixtures import copy_checkpoint_with_extra, embedding_run_config, soft_mask_state
 
 
@@ -90,12 +90,13 @@ def test_a_failed_write_leaves_the_old_output_whole(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "record.json").write_text("{}")  # the tool's own output: replaced on request
     with pytest.raises(RuntimeError):
-        with hf_io.atomic_output_dir(str(target), overwrite=True) as tmp:
+        with outputs.atomic_output_dir(str(target), overwrite=True, record="record.json") as tmp:
             open(os.path.join(tmp, "half.txt"), "w").close()
             raise RuntimeError("killed half-way")
-    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["old.txt"]
-    with hf_io.atomic_output_dir(str(target), overwrite=True) as tmp:
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["old.txt", "record.json"]
+    with outputs.atomic_output_dir(str(target), overwrite=True, record="record.json") as tmp:
         (tmp_path / "out" / "old.txt").read_text()  # the old copy stays readable until the rename
         open(os.path.join(tmp, "new.txt"), "w").close()
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["new.txt"]
