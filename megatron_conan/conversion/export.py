@@ -85,8 +85,8 @@ def _attention_of(info: CheckpointInfo) -> CheckpointAttention:
     return checkpoint_attention(info.soft_mask, info.path)
 
 
-def _write_record(directory: str, record: Dict[str, Any]) -> None:
-    with open(os.path.join(directory, EXPORT_RECORD), "w", encoding="utf-8") as handle:
+def _write_record(directory: str, record: Dict[str, Any], name: str = EXPORT_RECORD) -> None:
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, sort_keys=True)
         handle.write("\n")
 
@@ -177,7 +177,8 @@ def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paral
         if tokenizer is not None:
             shutil.copyfile(tokenizer_source, os.path.join(tmp, "tokenizer.model"))
         _write_record(tmp, {"format": "megatron_conan.import", "source": os.path.abspath(hf_dir),
-                            "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel})
+                            "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
+                      IMPORT_RECORD)
     logger.info("imported %s as a TP%d/PP%d checkpoint in %s", hf_dir, tensor_parallel, pipeline_parallel, output)
     return output
 
