@@ -51,20 +51,22 @@ def _present(paths: Iterable[Optional[str]]) -> list:
     return [path for path in paths if path]
 
 
-def check_file_target(path: str) -> None:
-    """`path` can be written as a file: its directory exists and it is not a directory."""
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+def check_file_target(path: str, creates_parent: bool = False) -> None:
+    """`path` can be written as a file: its directory exists (unless the tool `creates_parent`) and
+    it is not a directory."""
+    if not creates_parent and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise InputError(f"the directory of output {path} does not exist")
     if os.path.isdir(path):
         raise InputError(f"output {path} is a directory")
 
 
 def check_output_files(outputs: Sequence[Optional[str]], inputs: Sequence[Optional[str]] = (),
-                       overwrite: bool = False) -> None:
+                       overwrite: bool = False, creates_parent: bool = False) -> None:
     """Refuse (one InputError) an output file that cannot be written, that is one of `inputs`, or
-    that exists without `overwrite`. None entries are skipped (an option not given)."""
+    that exists without `overwrite`. None entries are skipped (an option not given);
+    `creates_parent`: the tool makes a missing output directory itself (a dataset prefix)."""
     for output in _present(outputs):
-        check_file_target(output)
+        check_file_target(output, creates_parent)
         for source in _present(inputs):
             if same_file(output, source):
                 raise InputError(f"output {output} is also an input ({source}): write it elsewhere")

@@ -68,7 +68,7 @@ def _main(argv) -> int:
     # a run with failed rows left its output and a progress file: re-running the command resumes it
     resuming = os.path.exists(clr.CLRConfig.progress_file(args.output))
     check_output_files([args.output, args.report_json], [*args.input, args.table, args.model_dir],
-                       args.overwrite or resuming)
+                       args.overwrite or resuming, creates_parent=True)
     if args.translator == "table":
         translator = clr.TableTranslator(args.table)
     elif args.translator == "hf":

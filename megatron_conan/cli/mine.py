@@ -16,7 +16,7 @@ import logging
 import sys
 
 from megatron_conan.console import command_parser, run_command
-from megatron_conan.datagen.mining import MiningConfig, mine_file
+from megatron_conan.datagen.mining import MiningConfig, mine_file, read_examples
 from megatron_conan.errors import InputError
 from megatron_conan.eval.embedders import load_embedder
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
@@ -63,10 +63,11 @@ def _main(argv) -> int:
                           query_prompt=args.query_prompt, batch_size=args.batch_size)
     check_output_files([args.output, args.report or args.output + ".report.json"],
                        [args.input, args.corpus, args.model, args.tokenizer], args.overwrite)
+    examples = read_examples(args.input)  # bad input fails before a model is loaded
     with load_embedder(args.model, **embedder_options(args)) as embedder:
         report = mine_file(args.input, args.output, embedder, config, corpus_path=args.corpus,
                            corpus_field=args.corpus_field, report_path=args.report,
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress, examples=examples)
     too_few = report["too_few_negatives"]
     lines = f" (lines {', '.join(str(item['line']) for item in too_few['examples'])})" if too_few["count"] else ""
     print(f"wrote {args.output}: {report['examples']} examples, mean pool {report['mean_pool_size']:.1f}; "  # user-facing

@@ -85,7 +85,7 @@ def _main(argv) -> int:
         run, extra = tokenize_contrastive, [EXAMPLES_SUFFIX]
     inputs = [path for prefix in args.merge for path in dataset_outputs(prefix)] if args.merge else args.input
     check_output_files(dataset_outputs(args.output_prefix, extra) + [args.report_json],
-                       inputs + [args.tokenizer_model], args.overwrite)
+                       inputs + [args.tokenizer_model], args.overwrite, creates_parent=True)
     if args.merge:
         writer = merge_indexed_datasets(args.merge, args.output_prefix)
         print(f"merged {len(args.merge)} shards into {args.output_prefix}: "  # user-facing

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    check_output_files([args.output, args.report_json], [*args.input, args.teacher], args.overwrite)
+    check_output_files([args.output, args.report_json], [*args.input, args.teacher], args.overwrite,
+                       creates_parent=True)
     report = sft_to_pairs(SFTPairsConfig(
         inputs=args.input, output=args.output, teacher=args.teacher, min_score=args.min_score,
         teacher_batch_size=args.batch_size, device=args.device, progress=not args.no_progress))

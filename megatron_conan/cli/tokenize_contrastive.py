@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = parse_args(argv)
     check_output_files(dataset_outputs(args.output_prefix, [EXAMPLES_SUFFIX]) + [args.report_json],
-                       [*args.input, args.tokenizer_model], args.overwrite)
+                       [*args.input, args.tokenizer_model], args.overwrite, creates_parent=True)
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix,
         tokenizer_model=args.tokenizer_model, format="contrastive", workers=args.workers,

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    check_output_files([args.model_prefix + ".model", args.model_prefix + ".vocab"], args.input, args.overwrite)
+    check_output_files([args.model_prefix + ".model", args.model_prefix + ".vocab"], args.input, args.overwrite,
+                       creates_parent=True)
     config = TokenizerTrainingConfig(
         vocab_size=args.vocab_size, character_coverage=args.character_coverage,
         num_reserved=args.num_reserved, json_key=args.json_key,

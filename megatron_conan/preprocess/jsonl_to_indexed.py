@@ -110,6 +110,8 @@ class PreprocessConfig:
         if not self.inputs:
             raise ConfigError("inputs: at least one input file is needed")
         for path in self.inputs:
+            if os.path.isdir(path):
+                raise ConfigError(f"inputs: {path!r} is a directory, not a file")
             if not os.path.isfile(path) and not _is_fifo(path):
                 raise ConfigError(f"inputs: no such file {path!r}")
         if not os.path.isfile(self.tokenizer_model):
