@@ -93,3 +93,20 @@ def test_the_indexed_reader_checks_the_header_before_allocating(hostile, tmp_pat
     (tmp_path / "folder.idx").mkdir()
     with pytest.raises(DataError, match="a directory, not an index file"):
         read_index(str(tmp_path / "folder"))
+
+
+def test_an_over_long_line_is_skipped_unread_and_located(tmp_path):
+    from megatron_conan.data.jsonl import BadLineKind, BadLineReport, OverlongLine, iter_file_lines
+    from megatron_conan.data.tokenizer import iter_training_lines
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "first"}\n' + b'{"text": "' + b"x" * 5000 + b'"}\n' + b'{"text": "third"}\n'
+                     + b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}\n")
+    lines = list(iter_file_lines(str(path), max_line_bytes=1000))
+    assert [type(line) for line in lines] == [bytes, OverlongLine, bytes, OverlongLine]
+    assert lines[1] == b"" and lines[1].size == 5013 and lines[2] == b'{"text": "third"}\n'
+    report = BadLineReport()
+    texts = list(iter_training_lines([str(path)], "text", report, max_bytes=3))
+    assert texts == ["fir", "xxx", "thi"]  # cut as read: the sample never holds more
+    assert report.counts == {BadLineKind.MALFORMED_JSON: 1}  # 10,000 levels fit 16 MiB, not the parser
+    assert "mixed.jsonl:4: malformed_json: nested too deeply" in report.format()
