@@ -14,7 +14,10 @@ The rules, the same for every writer:
 - Temporaries get the permissions a plain ``open`` / ``mkdir`` would (``mkstemp``'s 0600 would make
   every output private).
 - An existing directory is replaced only when the caller says ``overwrite``; it is moved aside
-  first and deleted only after the new one is in place.
+  first and deleted only after the new one is in place. (Whether a command may say so is
+  :mod:`megatron_conan.outputs`' check.)
+- A set of files is replaced by a journalled commit (:class:`FileSet`): a crash leaves the old set,
+  or a journal from which the next writer or reader finishes the new one.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ complete: the finished ``.partial`` becomes ``iter_N.next``, the old ``iter_N`` 
 then returns the complete ``iter_N.next``, and the next save finishes the move.
 
 The renames go through :func:`megatron_conan.atomic_write.rename` (durable: the parent directory is
-fsynced). The shards are written by every rank through ``dist_checkpointing`` (torch's file-system
-writer fsyncs them); rank 0 does the renames once every rank is past the barrier.
+fsynced). The shards are written by every rank through ``dist_checkpointing``; once every rank has
+written its files, every rank fsyncs every file and directory of the ``.partial`` tree, and rank 0
+does the renames once every rank is past that. Recovery and pruning act only on names a save makes,
+and pruning only on checkpoints whose ``layout.json`` records this run's id (:func:`current_run_id`).
 """
 
 from __future__ import annotations

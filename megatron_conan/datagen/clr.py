@@ -147,7 +147,9 @@ class HFModelTranslator(Translator):
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
             model_class = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-            self.model = model_class.from_pretrained(path, local_files_only=True).to(device).eval()
+            # weights from safetensors only: a pickled .bin from someone else could run code
+            self.model = model_class.from_pretrained(path, local_files_only=True,
+                                                     use_safetensors=True).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"translator {path!r} cannot be loaded: "
