@@ -77,6 +77,8 @@ def read_record(prefix: str) -> Optional[Dict[str, Any]]:
             record = json.load(stream)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a JSON dataset record ({error})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a JSON dataset record (nested too deeply)") from None
     if not isinstance(record, dict) or not isinstance(recorded_tokenizer(record), dict):
         raise DataError(f"{path}: no tokenizer in the dataset record")
     return record

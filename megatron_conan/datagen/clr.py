@@ -44,7 +44,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from megatron_conan import atomic_write
 from megatron_conan.data.jsonl import (BadLine, BadLineError, BadLineKind, BadLineReport,
-                                       parse_json_object, read_line_batches, require_text)
+                                       iter_file_lines, parse_json_object, read_line_batches, require_text)
 from megatron_conan.errors import ConfigError, DataError, InputError
 
 logger = logging.getLogger(__name__)
@@ -111,14 +111,13 @@ class TableTranslator(Translator):
 
     def __init__(self, path: str):
         self.table: Dict[Tuple[str, str], str] = {}
-        with open(path, encoding="utf-8") as stream:
-            for line_number, line in enumerate(stream, start=1):
-                try:
-                    row = json.loads(line)
-                    self.table[row["text"], row["language"]] = row["translation"]
-                except (ValueError, KeyError, TypeError) as error:
-                    raise DataError(f"{path}:{line_number}: not a translation table row "
-                                    f"({type(error).__name__}: {error})") from None
+        for line_number, line in enumerate(iter_file_lines(path), start=1):
+            try:
+                row = parse_json_object(line, None)
+                self.table[row["text"], row["language"]] = row["translation"]
+            except (BadLineError, KeyError, TypeError) as error:
+                raise DataError(f"{path}:{line_number}: not a translation table row "
+                                f"({type(error).__name__}: {error})") from None
 
     def translate(self, text: str, source: str, target: str) -> str:
         translation = self.table.get((text, target))
@@ -401,13 +400,12 @@ def _read_progress(path: str) -> Dict[str, dict]:
     done: Dict[str, dict] = {}
     if not os.path.exists(path):
         return done
-    with open(path, encoding="utf-8") as stream:
-        for line in stream:
-            try:
-                entry = json.loads(line)
-                done[entry["key"]] = entry
-            except (ValueError, KeyError, TypeError):
-                continue
+    for line in iter_file_lines(path):
+        try:
+            entry = parse_json_object(line, None)
+            done[entry["key"]] = entry
+        except (BadLineError, KeyError, TypeError):
+            continue
     return done
 
 
