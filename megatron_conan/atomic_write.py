@@ -14,17 +14,21 @@ The rules, the same for every writer:
 - Temporaries get the permissions a plain ``open`` / ``mkdir`` would (``mkstemp``'s 0600 would make
   every output private).
 - An existing directory is replaced only when the caller says ``overwrite``; it is moved aside
-  first and deleted only after the new one is in place.
+  first and deleted only after the new one is in place. (Whether a command may say so is
+  :mod:`megatron_conan.outputs`' check.)
+- A set of files is replaced by a journalled commit (:class:`FileSet`): a crash leaves the old set,
+  or a journal from which the next writer or reader finishes the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
 import tempfile
-from typing import Dict, Iterator, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 
 def _umask() -> int:
@@ -42,7 +46,7 @@ def fsync_path(path: str) -> None:
         os.close(descriptor)
 
 
-def _fsync_tree(path: str) -> None:
+def fsync_tree(path: str) -> None:
     """fsync every regular file and directory under `path` (`path` included), deepest first."""
     for directory, _, files in os.walk(path, topdown=False):
         for name in files:
@@ -107,7 +111,7 @@ def directory(path: str, overwrite: bool = False) -> Iterator[str]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _replace_directory(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,15 +131,26 @@ def _replace_directory(tmp: str, path: str, overwrite: bool) -> None:
     _remove(retired)
 
 
+COMMIT_JOURNAL = "COMMITTING"
+"""Written into a FileSet's staging directory once every new file is complete and synced: from then
+on the commit can only go forward (:func:`finish_interrupted_commits`)."""
+
+
 class FileSet:
     """Files of one directory that appear together: written at `tmp(path)`, renamed by `commit()`.
 
     The temporaries live in one hidden staging directory beside the outputs, so a tool that writes
     several files from one prefix (SentencePiece's ``.model`` and ``.vocab``) can write there too
-    (`staging_prefix`). Outputs are renamed in the order given, so the last marks completeness;
-    existing outputs are removed last-first before any rename, so a crash during the commit never
-    pairs a new file with an old marker. Leaving the ``with`` block without `commit()` (or with an
-    exception) deletes the staging directory.
+    (`staging_prefix`). Leaving the ``with`` block without `commit()` (or with an exception)
+    deletes the staging directory.
+
+    The commit: every new file is synced, then the journal (:data:`COMMIT_JOURNAL`, the names in
+    order) is written into the staging directory and synced; the old marker (the last output) is
+    removed, so a half-replaced set never looks complete; each new file replaces its old one, the
+    marker last. A crash before the journal leaves the old set untouched; after it,
+    :func:`finish_interrupted_commits` (run by the next FileSet in the directory and by the dataset
+    readers) moves the rest of the new set in. Nothing of the old set is deleted before the new one
+    is complete on disk.
     """
 
     def __init__(self, final_paths: Sequence[str]):
@@ -144,6 +159,7 @@ class FileSet:
         if len(parents) != 1:
             raise ValueError(f"a FileSet's files share one directory, not {sorted(parents)}")
         (parent,) = parents
+        finish_interrupted_commits(parent)
         first = os.path.basename(self.final_paths[-1])
         self.staging = tempfile.mkdtemp(prefix=f".{first}.tmp-", dir=parent)
         self.temporary: Dict[str, str] = {
@@ -160,12 +176,13 @@ class FileSet:
     def commit(self) -> None:
         for path in self.final_paths:
             fsync_path(self.temporary[path])
-        for path in reversed(self.final_paths):
-            if os.path.lexists(path):
-                os.remove(path)  # a file only: a directory in the way is the caller's to move
-        for path in self.final_paths:
-            os.replace(self.temporary[path], path)
-        fsync_path(_parent(self.final_paths[0]))
+        names = [os.path.basename(path) for path in self.final_paths]
+        journal = os.path.join(self.staging, COMMIT_JOURNAL)
+        with open(journal, "w", encoding="utf-8") as handle:
+            json.dump(names, handle)
+        fsync_path(journal)
+        fsync_path(self.staging)
+        _move_in(self.staging, names)
         self.abort()
 
     def abort(self) -> None:
@@ -177,3 +194,41 @@ class FileSet:
 
     def __exit__(self, *exc_info) -> None:
         self.abort()
+
+
+def _move_in(staging: str, names: Sequence[str]) -> None:
+    """Move the staged `names` into the staging directory's parent, the last (the marker) removed
+    first and renamed last. A name already moved (by a concurrent recovery) is skipped."""
+    parent = _parent(staging)
+    marker = os.path.join(parent, names[-1])
+    if os.path.lexists(os.path.join(staging, names[-1])) and os.path.isfile(marker):
+        os.remove(marker)  # the new set is complete in staging: the old marker goes first
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(os.path.join(staging, name), os.path.join(parent, name))
+    fsync_path(parent)
+
+
+def finish_interrupted_commits(directory: str) -> List[str]:
+    """Finish every FileSet commit in `directory` that stopped after its journal (a crash or a kill
+    mid-commit); returns the staging directories finished. A staging directory without a journal
+    (a write that never reached its commit) is left alone: its temporaries are not an output."""
+    finished = []
+    try:
+        entries = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return finished
+    for entry in entries:
+        journal = os.path.join(directory, entry, COMMIT_JOURNAL)
+        if not (entry.startswith(".") and ".tmp-" in entry and os.path.isfile(journal)):
+            continue
+        with open(journal, encoding="utf-8") as handle:
+            names = json.load(handle)
+        if not (isinstance(names, list) and names and all(
+                isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..")
+                for name in names)):
+            continue  # not a journal this module wrote
+        _move_in(os.path.join(directory, entry), names)
+        shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+        finished.append(os.path.join(directory, entry))
+    return finished

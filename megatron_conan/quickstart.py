@@ -446,9 +446,10 @@ class Pipeline:
     def report(self) -> str:
         from megatron_conan.eval.report import write_report
 
+        from megatron_conan import atomic_write
+
         written = write_report(self.work_dir, self.results)
-        with open(self.path("results.json"), "w", encoding="utf-8") as handle:
-            json.dump(self.results, handle, indent=2, default=str)
+        atomic_write.text(self.path("results.json"), json.dumps(self.results, indent=2, default=str))
         return f"{len(written)} plots and report.md in {self.work_dir}"
 
 

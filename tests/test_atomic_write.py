@@ -112,3 +112,47 @@ def test_clean_up_never_removes_a_file_it_did_not_make(tmp_path):
             raise Stop
     assert foreign.read_text() == "someone else's" and hidden.read_text() == "someone else's too"
     assert _names(tmp_path) == sorted([".out.txt.tmp-abcdefgh", f"out.txt.tmp-{os.getpid()}"])
+
+
+def _staged_set(tmp_path):
+    prefix = str(tmp_path / "data")
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"data{suffix}").write_text(f"old{suffix}")
+    paths = [prefix + ".bin", prefix + ".meta.json", prefix + ".idx"]
+    files = atomic_write.FileSet(paths)
+    for path in paths:
+        with open(files.tmp(path), "w") as handle:
+            handle.write("new" + path[len(prefix):])
+    return files
+
+
+def test_a_crash_mid_commit_is_finished_by_the_next_reader(tmp_path, monkeypatch):
+    """Killed after the journal, with one new file in: the old marker is gone (the mixed set never
+    looks complete) and the next FileSet or reader moves the rest in; killed before the journal, the
+    old set is untouched."""
+    real_replace = os.replace
+    moved = []
+
+    def crash_after_one(source, destination):
+        if moved:
+            raise Stop
+        moved.append(destination)
+        real_replace(source, destination)
+
+    files = _staged_set(tmp_path)
+    monkeypatch.setattr(os, "replace", crash_after_one)
+    with pytest.raises(Stop):
+        files.commit()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "data.idx").exists() and (tmp_path / "data.bin").read_text() == "new.bin"
+    assert atomic_write.finish_interrupted_commits(str(tmp_path)) == [files.staging]
+    assert _names(tmp_path) == ["data.bin", "data.idx", "data.meta.json"]
+    assert [(tmp_path / f"data{s}").read_text() for s in (".bin", ".meta.json", ".idx")] == [
+        "new.bin", "new.meta.json", "new.idx"]
+
+    files = _staged_set(tmp_path)
+    monkeypatch.setattr(atomic_write, "fsync_path", lambda path: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        files.commit()  # stopped while syncing the new files: no journal yet
+    assert atomic_write.finish_interrupted_commits(str(tmp_path)) == []
+    assert (tmp_path / "data.idx").read_text() == "old.idx" and (tmp_path / "data.bin").read_text() == "old.bin"

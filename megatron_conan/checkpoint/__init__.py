@@ -11,7 +11,7 @@ otherwise)::
         model_optim/          dist_checkpointing: {"model" | "model0", …, "optimizer"}, layout-free
         common.pt             rank 0: step, consumed samples, scheduler, model config, extra state
         rng/rank_00003.pt     each rank's Python / NumPy / torch / megatron-tracker RNG states
-        layout.json           the world / TP / PP / DP sizes that wrote it
+        layout.json           the world / TP / PP / DP sizes that wrote it, and the writing run's id
         …                     files a stage writes itself (``write_extra_files``)
     iter_0000050.partial/     a save in progress (or killed): never read, removed by the next save
     iter_0000040.next/        a complete re-save of step 40 moving in (see ``save``)
@@ -27,6 +27,7 @@ Modules:
 - ``sharded_state``: the model's (and optimizer's) dist_checkpointing state dict; weights-only
   ``save_model`` / ``load_model``.
 - ``rng``: each rank's random-number state.
+- ``safe_load``: every read of a checkpoint's pickles, under an allow-list: no code runs.
 - ``save``: the collective save and its rename protocol (``latest`` always names a complete
   checkpoint; ``SAVE_POINTS`` name the moments a test kills it at).
 - ``load``: the collective load under any layout (model, optimizer, LR schedule, RNG).

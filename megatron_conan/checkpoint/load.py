@@ -13,11 +13,11 @@ from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 from megatron_conan.checkpoint.layout import COMMON_FILE, SHARDS_DIR, rng_file
 from megatron_conan.checkpoint.metadata import check_model_config, parallel_layout, read_common, read_layout
 from megatron_conan.checkpoint.rng import set_rng_state
+from megatron_conan.checkpoint.safe_load import load_dist_checkpoint, load_file
 from megatron_conan.checkpoint.sharded_state import load_model_state, sharded_state
 from megatron_conan.config.model import ConanModelConfig
 from megatron_conan.errors import InputError
@@ -86,7 +86,7 @@ def load_checkpoint(
     if not weights_only:
         _materialise_optimizer_state(optimizer)
     state = sharded_state(chunks, None if weights_only else optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(state, os.path.join(path, SHARDS_DIR))
+    loaded = load_dist_checkpoint(state, os.path.join(path, SHARDS_DIR))
     load_model_state(chunks, loaded)
     if weights_only:
         return {"step": 0, "consumed_samples": 0, "extra": {}, "path": path}
@@ -95,7 +95,7 @@ def load_checkpoint(
     if scheduler is not None and common["scheduler"] is not None:
         restore_scheduler(scheduler, common["scheduler"])
     if saved_layout == parallel_layout():
-        set_rng_state(torch.load(rng_file(path, dist.get_rank()), weights_only=False))
+        set_rng_state(load_file(rng_file(path, dist.get_rank())))
     elif dist.get_rank() == 0:
         logger.warning("checkpoint layout %s differs from this run's %s: RNG states re-seeded, "
                        "not restored", saved_layout, parallel_layout())

@@ -8,11 +8,11 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_conan.checkpoint.layout import COMMON_FILE, LAYOUT_FILE, SHARDS_DIR, resolve_checkpoint
+from megatron_conan.checkpoint.safe_load import load_file
 from megatron_conan.config.model import ConanModelConfig
 from megatron_conan.errors import CheckpointMismatchError, InputError
 
@@ -50,8 +50,13 @@ class CheckpointInfo:
 
 
 def read_common(checkpoint_dir: str) -> Dict[str, Any]:
-    """The ``common.pt`` of an ``iter_N`` directory."""
-    return torch.load(os.path.join(checkpoint_dir, COMMON_FILE), weights_only=False)
+    """The ``common.pt`` of an ``iter_N`` directory, read weights-only (no code runs; see
+    :mod:`~megatron_conan.checkpoint.safe_load`)."""
+    common = load_file(os.path.join(checkpoint_dir, COMMON_FILE))
+    if not isinstance(common, dict):
+        raise InputError(f"{checkpoint_dir}/{COMMON_FILE} is not a checkpoint's common state (a "
+                         f"{type(common).__name__}, not a dict)")
+    return common
 
 
 def common_state(step: int, consumed_samples: int, scheduler, model_config: ConanModelConfig,
@@ -91,14 +96,38 @@ def parallel_layout() -> Dict[str, int]:
     }
 
 
-def write_layout(checkpoint_dir: str) -> None:
+RUN_ID = "run_id"
+"""``layout.json``'s field naming the run that wrote the checkpoint (kept across resumes); pruning
+deletes only checkpoints that name the pruning run's id."""
+
+
+def write_layout(checkpoint_dir: str, run_id: Optional[str] = None) -> None:
+    """``layout.json``: this run's layout, and the id of the run writing it."""
+    record: Dict[str, Any] = dict(parallel_layout())
+    if run_id is not None:
+        record[RUN_ID] = run_id
     with open(os.path.join(checkpoint_dir, LAYOUT_FILE), "w", encoding="utf-8") as handle:
-        json.dump(parallel_layout(), handle)
+        json.dump(record, handle)
 
 
 def read_layout(checkpoint_dir: str) -> Dict[str, int]:
+    """The parallel layout that wrote the checkpoint (its ``layout.json`` without the run id)."""
     with open(os.path.join(checkpoint_dir, LAYOUT_FILE), encoding="utf-8") as handle:
-        return json.load(handle)
+        record = json.load(handle)
+    if not isinstance(record, dict):
+        raise InputError(f"{checkpoint_dir}/{LAYOUT_FILE} is not a layout record")
+    return {key: value for key, value in record.items() if key != RUN_ID}
+
+
+def checkpoint_owner(checkpoint_dir: str) -> Optional[str]:
+    """The run id a checkpoint's ``layout.json`` records, or None (none recorded, or unreadable)."""
+    try:
+        with open(os.path.join(checkpoint_dir, LAYOUT_FILE), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    owner = record.get(RUN_ID) if isinstance(record, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",

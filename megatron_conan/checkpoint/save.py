@@ -14,16 +14,20 @@ complete: the finished ``.partial`` becomes ``iter_N.next``, the old ``iter_N`` 
 then returns the complete ``iter_N.next``, and the next save finishes the move.
 
 The renames go through :func:`megatron_conan.atomic_write.rename` (durable: the parent directory is
-fsynced). The shards are written by every rank through ``dist_checkpointing`` (torch's file-system
-writer fsyncs them); rank 0 does the renames once every rank is past the barrier.
+fsynced). The shards are written by every rank through ``dist_checkpointing``; once every rank has
+written its files, every rank fsyncs every file and directory of the ``.partial`` tree, and rank 0
+does the renames once every rank is past that. Recovery and pruning act only on names a save makes,
+and pruning only on checkpoints whose ``layout.json`` records this run's id (:func:`current_run_id`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
-from typing import Any, Callable, Dict, List, Optional
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,21 +37,27 @@ from megatron_conan import atomic_write
 from megatron_conan.checkpoint.layout import (
     COMMON_FILE,
     ITER_RE,
+    LAYOUT_FILE,
     NEXT,
     OLD,
     PARTIAL,
     RNG_DIR,
     SHARDS_DIR,
     checkpoint_name,
+    read_latest,
     rng_file,
     write_latest,
 )
-from megatron_conan.checkpoint.metadata import common_state, write_layout
+from megatron_conan.checkpoint.metadata import checkpoint_owner, common_state, write_layout
 from megatron_conan.checkpoint.rng import rng_state
 from megatron_conan.checkpoint.sharded_state import sharded_state
 from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+LEFTOVER_RE = re.compile(r"^iter_\d{7,}(\.partial|\.next|\.old)$")
+"""The only names :func:`recover` acts on: what an interrupted save leaves."""
 
 SAVE_POINTS = ("before_shards", "after_shards", "after_rename", "during_swap", "after_latest", "during_prune")
 """Named moments of a save, in order (``during_swap`` only when re-saving an existing step)."""
@@ -82,31 +92,65 @@ def save_checkpoint(
     rank = dist.get_rank()
     final = os.path.join(save_dir, checkpoint_name(step))
     partial = final + PARTIAL
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        recover(save_dir)
-        os.makedirs(os.path.join(partial, SHARDS_DIR))
-        os.makedirs(os.path.join(partial, RNG_DIR))
-    dist.barrier()
+    run_id = _from_rank_zero(_prepare(save_dir, final) if rank == 0 else None)
     _reached("before_shards", partial)
     dist_checkpointing.save(sharded_state(chunks, optimizer, is_loading=False), os.path.join(partial, SHARDS_DIR))
     torch.save(rng_state(), rng_file(partial, rank))
     if rank == 0:
         torch.save(common_state(step, consumed_samples, scheduler, model_config, extra_state),
                    os.path.join(partial, COMMON_FILE))
-        write_layout(partial)
+        write_layout(partial, run_id)
     if write_extra_files is not None:
         write_extra_files(partial)
+    dist.barrier()
+    # every rank, once all files exist: on a file system shared by several hosts a file's data is
+    # durable only once the host that wrote it has synced it
+    atomic_write.fsync_tree(partial)
     dist.barrier()
     _reached("after_shards", partial)
     if rank == 0:
         publish(partial, final)
         write_latest(save_dir, step)
         _reached("after_latest", final)
-        prune(save_dir, step, keep_last)
+        prune(save_dir, step, keep_last, run_id)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _prepare(save_dir: str, final: str) -> Tuple[Optional[str], Optional[str]]:
+    """Rank 0 before a save: clear what killed saves left and create the ``.partial`` directories.
+    Returns (the run id the checkpoint records, None), or (None, why the save is refused)."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        recover(save_dir)
+        run_id = current_run_id(save_dir)
+        if os.path.isdir(final) and checkpoint_owner(final) not in (None, run_id):
+            return None, (f"{final} was written by another run (its {LAYOUT_FILE} names another run id): "
+                          f"move it out of {save_dir} or save elsewhere")
+        os.makedirs(os.path.join(final + PARTIAL, SHARDS_DIR))
+        os.makedirs(os.path.join(final + PARTIAL, RNG_DIR))
+    except InputError as error:
+        return None, str(error)
+    return run_id, None
+
+
+def _from_rank_zero(prepared: Optional[Tuple[Optional[str], Optional[str]]]) -> str:
+    """Every rank gets rank 0's run id, or the same error when rank 0 refused the save (the
+    broadcast is the barrier before the shards: no rank hangs waiting for a rank that stopped)."""
+    shared = [prepared]
+    dist.broadcast_object_list(shared, src=0)
+    run_id, problem = shared[0]
+    if problem is not None:
+        raise InputError(problem)
+    return run_id
+
+
+def current_run_id(save_dir: str) -> str:
+    """The run id saves into `save_dir` record: that of the checkpoint ``latest`` names, so a resumed
+    run keeps it, or a new one (an empty directory, or a ``latest`` written before run ids)."""
+    latest = read_latest(save_dir)
+    return (checkpoint_owner(latest) if latest else None) or uuid.uuid4().hex
 
 
 def publish(partial: str, final: str) -> None:
@@ -126,9 +170,13 @@ def publish(partial: str, final: str) -> None:
 
 
 def recover(save_dir: str) -> None:
-    """Clear what killed saves left: unfinished `.partial`s and `.old`s; finish an interrupted swap."""
+    """Clear what killed saves left: unfinished `.partial`s and `.old`s; finish an interrupted swap.
+    Only names a save makes (``iter_<digits>`` with its suffixes) are touched: a user's
+    ``notes.next`` or ``photos.old/`` stays as it is."""
     for entry in sorted(os.listdir(save_dir)):
         path = os.path.join(save_dir, entry)
+        if not LEFTOVER_RE.match(entry):
+            continue
         if entry.endswith(NEXT):
             final = path[:-len(NEXT)]
             if os.path.isdir(final):  # the swap had not begun: the old copy is whole, drop the new one
@@ -139,15 +187,18 @@ def recover(save_dir: str) -> None:
             shutil.rmtree(path)
 
 
-def prune(save_dir: str, step: int, keep_last: int) -> None:
-    """Delete checkpoints older than the `keep_last` newest up to `step` (never `step` itself).
+def prune(save_dir: str, step: int, keep_last: int, run_id: str) -> None:
+    """Delete this run's checkpoints older than the `keep_last` newest up to `step` (never `step`
+    itself). A checkpoint whose ``layout.json`` does not name `run_id` (another run's, one copied in,
+    one written before run ids) is never deleted and does not count.
 
     Checkpoints of later steps (written by a killed run before its `latest` moved) are left alone: a
     resumed run re-saves them when it gets there.
     """
     if keep_last <= 0:
         return
-    steps = sorted(int(m.group(1)) for m in map(ITER_RE.match, os.listdir(save_dir)) if m)
+    steps = sorted(int(m.group(1)) for m in map(ITER_RE.match, os.listdir(save_dir))
+                   if m and checkpoint_owner(os.path.join(save_dir, m.group(0))) == run_id)
     for old in [s for s in steps if s <= step][:-keep_last]:
         path = os.path.join(save_dir, checkpoint_name(old))
         atomic_write.rename(path, path + OLD)  # the rename makes a half-deleted checkpoint unmistakable

@@ -55,4 +55,6 @@ def save_model(chunks: List[torch.nn.Module], checkpoint_dir: str) -> None:
 
 def load_model(chunks: List[torch.nn.Module], checkpoint_dir: str) -> None:
     """Collective: read the weights from `checkpoint_dir`, resharding to this layout."""
-    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir))
+    from megatron_conan.checkpoint.safe_load import load_dist_checkpoint
+
+    load_model_state(chunks, load_dist_checkpoint(model_sharded_state_dict(chunks), checkpoint_dir))

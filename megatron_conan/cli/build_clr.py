@@ -14,10 +14,12 @@ output is written atomically once every row is done.
 """
 
 import argparse
+import os
 import sys
 
 from megatron_conan.console import command_parser, run_command
 from megatron_conan.datagen import clr
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 from megatron_conan.preprocess.jsonl_to_indexed import write_report_json
 
 PROG = "conan-build-clr"
@@ -38,12 +40,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base-url", help="http: the endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", help="http: the model name")
     parser.add_argument("--api-key-env", help="http: environment variable holding the API key")
+    parser.add_argument("--allow-insecure-http", action="store_true",
+                        help="http: allow a plain http:// --base-url on another host (the key and the queries "
+                             "then cross the network unencrypted; default: https, or http to this host only)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--retries", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=60.0, help="http: seconds per request")
     parser.add_argument("--backoff", type=float, default=1.0, help="http: first retry delay, s")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-json", help="also write the report as JSON here")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     needed = {"table": ("table",), "hf": ("model_dir",), "http": ("base_url", "model")}
     for name in needed[args.translator]:
@@ -59,13 +65,18 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    # a run with failed rows left its output and a progress file: re-running the command resumes it
+    resuming = os.path.exists(clr.CLRConfig.progress_file(args.output))
+    check_output_files([args.output, args.report_json], [*args.input, args.table, args.model_dir],
+                       args.overwrite or resuming, creates_parent=True)
     if args.translator == "table":
         translator = clr.TableTranslator(args.table)
     elif args.translator == "hf":
         translator = clr.HFModelTranslator(args.model_dir, args.max_new_tokens, args.device)
     else:
         translator = clr.HTTPTranslator(args.base_url, args.model, args.api_key_env,
-                                        args.concurrency, args.retries, args.timeout, args.backoff)
+                                        args.concurrency, args.retries, args.timeout, args.backoff,
+                                        allow_insecure_http=args.allow_insecure_http)
     report = clr.build_clr(clr.CLRConfig(args.input, args.output, seed=args.seed,
                                          source_language=args.source_language,
                                          progress=not args.no_progress), translator)

@@ -16,11 +16,11 @@ import logging
 import sys
 
 from megatron_conan.console import command_parser, run_command
-from megatron_conan.datagen.mining import MiningConfig, mine_file
+from megatron_conan.datagen.mining import MiningConfig, mine_file, read_examples
 from megatron_conan.errors import InputError
 from megatron_conan.eval.embedders import load_embedder
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
-from megatron_conan.eval.text_io import check_output_file
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 
 PROG = "conan-mine"
 
@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--query-prompt", choices=("query", "none"), default=defaults.query_prompt,
                         help="prompt of queries without their own instruction (default query)")
     add_model_arguments(parser)
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -69,11 +70,13 @@ def _main(argv) -> int:
                           query_prompt=args.query_prompt, batch_size=args.batch_size, search=args.search,
                           ann_min_corpus=args.ann_min_corpus, ann_lists=args.ann_lists, ann_probe=args.ann_probe,
                           ann_encoding=args.ann_encoding)
-    check_output_file(args.output)
+    check_output_files([args.output, args.report or args.output + ".report.json"],
+                       [args.input, args.corpus, args.model, args.tokenizer], args.overwrite)
+    examples = read_examples(args.input)  # bad input fails before a model is loaded
     with load_embedder(args.model, **embedder_options(args)) as embedder:
         report = mine_file(args.input, args.output, embedder, config, corpus_path=args.corpus,
                            corpus_field=args.corpus_field, report_path=args.report,
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress, examples=examples)
     too_few = report["too_few_negatives"]
     lines = f" (lines {', '.join(str(item['line']) for item in too_few['examples'])})" if too_few["count"] else ""
     print(f"wrote {args.output}: {report['examples']} examples, mean pool {report['mean_pool_size']:.1f}; "  # user-facing

@@ -17,7 +17,13 @@ import sys
 
 from megatron_conan.console import command_parser, run_command
 from megatron_conan.data.indexed import merge_indexed_datasets
-from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, preprocess_jsonl, run_and_report
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
+from megatron_conan.preprocess.jsonl_to_indexed import (
+    PreprocessConfig,
+    dataset_outputs,
+    preprocess_jsonl,
+    run_and_report,
+)
 
 PROG = "conan-preprocess"
 
@@ -55,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-lines", type=int, default=1024)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-json", help="also write the final report as JSON here")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.input and not args.tokenizer_model:
         parser.error("--tokenizer-model is required with --input")
@@ -68,6 +75,17 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    run, extra = preprocess_jsonl, []
+    if args.format == "contrastive":
+        # Imported here, not at the top: it needs the shared tokenizer class and so megatron-core
+        # and torch (~4 s per process on 2 cores). Spawned workers import this module again, and
+        # the text, SFT and merge paths need neither.
+        from megatron_conan.preprocess.contrastive_tokenize import EXAMPLES_SUFFIX, tokenize_contrastive
+
+        run, extra = tokenize_contrastive, [EXAMPLES_SUFFIX]
+    inputs = [path for prefix in args.merge for path in dataset_outputs(prefix)] if args.merge else args.input
+    check_output_files(dataset_outputs(args.output_prefix, extra) + [args.report_json],
+                       inputs + [args.tokenizer_model], args.overwrite, creates_parent=True)
     if args.merge:
         writer = merge_indexed_datasets(args.merge, args.output_prefix)
         print(f"merged {len(args.merge)} shards into {args.output_prefix}: "  # user-facing
@@ -81,14 +99,6 @@ def _main(argv) -> int:
         max_bad_fraction=args.max_bad_fraction, max_bad_line_examples=args.max_bad_line_examples,
         verify_sample=args.verify_sample, word_cache=not args.no_word_cache,
         cache_mb=args.cache_mb, batch_lines=args.batch_lines, progress=not args.no_progress)
-    run = preprocess_jsonl
-    if args.format == "contrastive":
-        # Imported here, not at the top: it needs the shared tokenizer class and so megatron-core
-        # and torch (~4 s per process on 2 cores). Spawned workers import this module again, and
-        # the text, SFT and merge paths need neither.
-        from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
-
-        run = tokenize_contrastive
     return run_and_report(config, args.report_json, run)
 
 

@@ -15,6 +15,7 @@ import sys
 
 from megatron_conan.console import command_parser, run_command
 from megatron_conan.datagen.sft_pairs import SFTPairsConfig, sft_to_pairs
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 from megatron_conan.preprocess.jsonl_to_indexed import write_report_json
 
 PROG = "conan-sft-to-pairs"
@@ -30,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", help="teacher device (default: sentence-transformers' choice)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-json", help="also write the report as JSON here")
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    check_output_files([args.output, args.report_json], [*args.input, args.teacher], args.overwrite,
+                       creates_parent=True)
     report = sft_to_pairs(SFTPairsConfig(
         inputs=args.input, output=args.output, teacher=args.teacher, min_score=args.min_score,
         teacher_batch_size=args.batch_size, device=args.device, progress=not args.no_progress))

@@ -18,8 +18,9 @@ import argparse
 import sys
 
 from megatron_conan.console import command_parser, run_command
-from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
-from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, run_and_report
+from megatron_conan.preprocess.contrastive_tokenize import EXAMPLES_SUFFIX, tokenize_contrastive
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
+from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, dataset_outputs, run_and_report
 
 PROG = "conan-tokenize-contrastive"
 
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--instruction", action="append", default=[], metavar="TASK=TEXT",
                         help="instruction of TASK's records that have none of their own "
                              "(repeatable, one per task)")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     args.instructions = {}
     for item in args.instruction:
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    check_output_files(dataset_outputs(args.output_prefix, [EXAMPLES_SUFFIX]) + [args.report_json],
+                       [*args.input, args.tokenizer_model], args.overwrite, creates_parent=True)
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix,
         tokenizer_model=args.tokenizer_model, format="contrastive", workers=args.workers,

@@ -14,6 +14,7 @@ import sys
 
 from megatron_conan.console import command_parser, run_command
 from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 
 PROG = "conan-train-tokenizer"
 
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sentence-length", type=int, default=defaults.max_sentence_length)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--num-threads", type=int, default=defaults.num_threads)
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    check_output_files([args.model_prefix + ".model", args.model_prefix + ".vocab"], args.input, args.overwrite,
+                       creates_parent=True)
     config = TokenizerTrainingConfig(
         vocab_size=args.vocab_size, character_coverage=args.character_coverage,
         num_reserved=args.num_reserved, json_key=args.json_key,

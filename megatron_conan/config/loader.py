@@ -292,6 +292,7 @@ def load_config(cls: Type[T], path: Optional[str], overrides: Sequence[str] = ()
 
 
 def dump_config(cfg, path: str) -> None:
-    """Write the resolved config as YAML."""
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+    """Write the resolved config as YAML (atomically: a crash leaves the old file or the new one)."""
+    from megatron_conan import atomic_write
+
+    atomic_write.text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

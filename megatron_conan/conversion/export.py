@@ -46,12 +46,17 @@ from megatron_conan.errors import InputError
 from megatron_conan.losses.matryoshka import DEFAULT_DIMS, matryoshka_dims as usable_dims
 from megatron_conan.models.pooling import POOLING_MODES
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
+from megatron_conan.outputs import atomic_output_dir, check_output_dir
 from megatron_conan.preprocess.encoders import format_instruction
 
 logger = logging.getLogger(__name__)
 
 EXPORT_RECORD = "conan_export.json"
-"""Written into every exported directory: where it came from and how it embeds."""
+"""Written into every exported directory: where it came from and how it embeds. `--overwrite`
+replaces only a directory that has it."""
+IMPORT_RECORD = "conan_import.json"
+"""Written into every checkpoints directory `from-hf` makes: the source and the layout. `--overwrite`
+replaces only a directory that has it."""
 PREFIX_OF = {CAUSAL_LM: "model.", BASE_MODEL: ""}
 """HF state-dict key prefix of each architecture."""
 ST_POOLING = {"mean": "mean", "last": "lasttoken", "first": "cls"}
@@ -80,8 +85,8 @@ def _attention_of(info: CheckpointInfo) -> CheckpointAttention:
     return checkpoint_attention(info.soft_mask, info.path)
 
 
-def _write_record(directory: str, record: Dict[str, Any]) -> None:
-    with open(os.path.join(directory, EXPORT_RECORD), "w", encoding="utf-8") as handle:
+def _write_record(directory: str, record: Dict[str, Any], name: str = EXPORT_RECORD) -> None:
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, sort_keys=True)
         handle.write("\n")
 
@@ -118,7 +123,7 @@ def export_hf(checkpoint: str, output: str, tokenizer: Optional[str] = None, dty
     tokenizer_path = resolve_tokenizer(info, tokenizer)
     attention = _attention_of(info)
     is_causal = export_is_causal(attention, info.path)
-    with hf_io.atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, [checkpoint, info.path, tokenizer_path], EXPORT_RECORD) as tmp:
         _write_hf_model(tmp, info, CAUSAL_LM, torch_dtype, is_causal)
         export_tokenizer(tokenizer_path, tmp, model_max_length=info.model_config.max_sequence_length)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as handle:
@@ -153,7 +158,7 @@ def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paral
     parallel = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
     parallel.validate_for_model(model_config)
     _check_hf_shapes(hf_dir, model_config, prefix)
-    hf_io.check_output_dir(output, overwrite)
+    check_output_dir(output, [hf_dir], overwrite, IMPORT_RECORD)
     final = os.path.abspath(output)
     tokenizer_source = os.path.join(hf_dir, "tokenizer.model")
     tokenizer = None
@@ -166,11 +171,14 @@ def import_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paral
                              "soft_mask": None}
     if not hf_is_causal(values):
         extra["soft_mask"] = {"step": 0, "config": SoftMaskConfig.bidirectional().to_dict()}
-    with hf_io.atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, [hf_dir], IMPORT_RECORD) as tmp:
         load_state = functools.partial(_load_hf_full_state, os.path.abspath(hf_dir), model_config, prefix)
         write_checkpoint_at_layout(load_state, model_config, tmp, parallel, extra)
         if tokenizer is not None:
             shutil.copyfile(tokenizer_source, os.path.join(tmp, "tokenizer.model"))
+        _write_record(tmp, {"format": "megatron_conan.import", "source": os.path.abspath(hf_dir),
+                            "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
+                      IMPORT_RECORD)
     logger.info("imported %s as a TP%d/PP%d checkpoint in %s", hf_dir, tensor_parallel, pipeline_parallel, output)
     return output
 
@@ -247,7 +255,7 @@ def export_sentence_transformer(checkpoint: str, output: str, tokenizer: Optiona
     options = embedding_options(info, pooling, query_instruction, matryoshka_dims)
     max_seq_length = text_length(info.model_config, max_seq_length, info)
     prompts = {"query": query_prompt(options["query_instruction"]), "document": ""}
-    with hf_io.atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, [checkpoint, info.path, tokenizer_path], EXPORT_RECORD) as tmp:
         transformer_dir = os.path.join(tmp, "_transformer")
         os.makedirs(transformer_dir)
         _write_hf_model(transformer_dir, info, BASE_MODEL, torch_dtype, is_causal)

@@ -1,16 +1,14 @@
-"""Safetensors weights of a Hugging Face directory (one file or sharded with an index), and output
-directories that appear whole or not at all."""
+"""Safetensors weights of a Hugging Face directory (one file or sharded with an index): the only form
+in which outside weights come in (no pickle is ever read from a Hugging Face directory)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from megatron_conan import atomic_write
 from megatron_conan.errors import InputError
 
 SINGLE_FILE = "model.safetensors"
@@ -79,25 +77,3 @@ def read_safetensors(directory: str, dtype: torch.dtype = torch.float32) -> Dict
             for key in handle.keys():
                 state[key] = handle.get_tensor(key).to(dtype)
     return state
-
-
-def check_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse an existing output unless `overwrite`; refuse a missing parent directory."""
-    if os.path.lexists(path) and not overwrite:
-        raise InputError(f"output directory {path} exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InputError(f"the parent directory of output {path} does not exist")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool) -> Iterator[str]:
-    """Yield a temporary directory beside `path`; on success it replaces `path`, on error it goes.
-
-    The output is checked first (:func:`check_output_dir`), before any work; the directory is then
-    committed by :func:`megatron_conan.atomic_write.directory`, so a failure at any point leaves
-    either the old output or the new one, never a mixture.
-    """
-    check_output_dir(path, overwrite)
-    with atomic_write.directory(os.path.abspath(path), overwrite) as tmp:
-        yield tmp

@@ -84,19 +84,38 @@ class IndexArrays:
     """int64 [num_documents + 1], sequence index where each document starts, then the count."""
 
 
+_HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
+"""Magic, version, dtype code, sequence count, document count."""
+
+
+def _check_index_size(path: str, size: int, num_sequences: int, num_documents: int) -> None:
+    """The arrays the header announces must fill the rest of the file exactly, checked before
+    anything is allocated: a corrupt or hostile header must not ask for terabytes."""
+    expected = _HEADER_BYTES + num_sequences * (4 + 8) + num_documents * 8
+    if expected != size:
+        raise DataError(f"{path}: truncated or corrupt index: its header announces {num_sequences:,} "
+                        f"sequences and {num_documents:,} document boundaries ({expected:,} bytes), the "
+                        f"file has {size:,} bytes")
+
+
 def read_index(prefix: str) -> IndexArrays:
     """Reads `<prefix>.idx` (megatron-core layout, without the multimodal modes); raises
-    DataError naming the file when it is not one."""
+    DataError naming the file when it is not one. A write of the dataset that a crash stopped
+    mid-commit is finished first (``atomic_write.finish_interrupted_commits``)."""
     path = get_idx_path(prefix)
+    atomic_write.finish_interrupted_commits(os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory, not an index file")
     with open(path, "rb") as stream:
-        header = stream.read(len(INDEX_HEADER) + 8 + 1 + 8 + 8)
-        if len(header) < len(INDEX_HEADER) + 25 or not header.startswith(INDEX_HEADER):
+        header = stream.read(_HEADER_BYTES)
+        if len(header) < _HEADER_BYTES or not header.startswith(INDEX_HEADER):
             raise DataError(f"{path}: not a megatron-core index file (bad header)")
         version, code, num_sequences, num_documents = struct.unpack(
             "<QBQQ", header[len(INDEX_HEADER):])
         dtypes = {value: key for key, value in DTYPE_CODES.items()}
         if version != _INDEX_VERSION or code not in dtypes:
             raise DataError(f"{path}: unsupported index version {version} or dtype code {code}")
+        _check_index_size(path, os.fstat(stream.fileno()).st_size, num_sequences, num_documents)
         lengths = numpy.fromfile(stream, dtype=numpy.int32, count=num_sequences)
         pointers = numpy.fromfile(stream, dtype=numpy.int64, count=num_sequences)
         documents = numpy.fromfile(stream, dtype=numpy.int64, count=num_documents)

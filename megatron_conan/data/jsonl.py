@@ -121,18 +121,59 @@ def open_binary(path: str) -> io.BufferedIOBase:
 
 UTF8_BOM = b"\xef\xbb\xbf"
 """A byte-order mark some editors (and Windows tools) put at the start of UTF-8 files."""
+DEFAULT_MAX_LINE_BYTES = 16 << 20
+"""The longest line any reader of this module holds in memory (bytes, terminator excluded); a
+longer one is skipped to its end and reported as `too_long`."""
+_SKIP_CHUNK_BYTES = 1 << 20
 
 
-def iter_file_lines(path: str) -> Iterator[bytes]:
+class OverlongLine(bytes):
+    """Stands for a line longer than the reader's limit, which was skipped, not held: the bytes
+    are empty, `size` is how many the line had (terminator included)."""
+
+    size: int = 0
+
+    @classmethod
+    def of(cls, size: int) -> "OverlongLine":
+        line = cls()
+        line.size = size
+        return line
+
+
+def _skip_rest_of_line(stream, read: int, line: bytes) -> int:
+    """Read past the end of an over-long line in bounded chunks; returns its total size."""
+    while line and not line.endswith(b"\n"):
+        line = stream.readline(_SKIP_CHUNK_BYTES)
+        read += len(line)
+    return read
+
+
+def _bounded_lines(stream, limit: int) -> Iterator[bytes]:
+    cap = limit + 2  # the terminator ("\r\n" at most) does not count towards the limit
+    while True:
+        line = stream.readline(cap)
+        if not line:
+            return
+        if len(line) < cap or line.endswith(b"\n"):
+            yield line
+        else:
+            yield OverlongLine.of(_skip_rest_of_line(stream, len(line), line))
+
+
+def iter_file_lines(path: str, max_line_bytes: Optional[int] = None) -> Iterator[bytes]:
     """The raw lines of `path` (plain, .gz or .zst), terminators kept, without a UTF-8 byte-order
-    mark at the start of the file (a BOM anywhere else is data, and invalid JSON)."""
+    mark at the start of the file (a BOM anywhere else is data, and invalid JSON). A line over
+    `max_line_bytes` (default :data:`DEFAULT_MAX_LINE_BYTES`) is never held whole: it comes as an
+    :class:`OverlongLine`, which :func:`parse_json_object` reports as `too_long`."""
+    limit = max_line_bytes or DEFAULT_MAX_LINE_BYTES
     with open_binary(path) as stream:
-        first = stream.readline()
+        lines = _bounded_lines(stream, limit + len(UTF8_BOM))
+        first = next(lines, b"")
         if first.startswith(UTF8_BOM):
             first = first[len(UTF8_BOM):]
-        if first:
+        if first or isinstance(first, OverlongLine):
             yield first
-        yield from stream
+        yield from _bounded_lines(stream, limit)
 
 
 @dataclasses.dataclass
@@ -148,15 +189,16 @@ class LineBatch:
         return sum(len(line) for line in self.lines)
 
 
-def read_line_batches(paths: Sequence[str], max_lines: int = 1024,
-                      max_bytes: int = 1 << 20) -> Iterator[LineBatch]:
+def read_line_batches(paths: Sequence[str], max_lines: int = 1024, max_bytes: int = 1 << 20,
+                      max_line_bytes: Optional[int] = None) -> Iterator[LineBatch]:
     """Yields the lines of `paths`, in order, in batches of at most `max_lines` lines or about
-    `max_bytes` bytes. Line terminators are kept (they do not count towards line size limits)."""
+    `max_bytes` bytes. Line terminators are kept (they do not count towards line size limits); a
+    line over `max_line_bytes` comes as an :class:`OverlongLine` (:func:`iter_file_lines`)."""
     for path in paths:
         batch: List[bytes] = []
         batch_bytes = 0
         first = 1
-        for line_number, line in enumerate(iter_file_lines(path), start=1):
+        for line_number, line in enumerate(iter_file_lines(path, max_line_bytes), start=1):
             batch.append(line)
             batch_bytes += len(line)
             if len(batch) >= max_lines or batch_bytes >= max_bytes:
@@ -176,6 +218,9 @@ def _strip_newline(raw: bytes) -> bytes:
 
 def parse_json_object(raw: bytes, max_line_bytes: Optional[int]) -> Dict[str, Any]:
     """Decodes one raw JSONL line into a dict, or raises `BadLineError`."""
+    if isinstance(raw, OverlongLine):
+        raise BadLineError(BadLineKind.TOO_LONG, f"{raw.size} bytes > limit {max_line_bytes or DEFAULT_MAX_LINE_BYTES}"
+                           f" (skipped unread)")
     raw = _strip_newline(raw)
     if max_line_bytes is not None and len(raw) > max_line_bytes:
         raise BadLineError(BadLineKind.TOO_LONG, f"{len(raw)} bytes > limit {max_line_bytes}")
@@ -190,6 +235,8 @@ def parse_json_object(raw: bytes, max_line_bytes: Optional[int]) -> Dict[str, An
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise BadLineError(BadLineKind.MALFORMED_JSON, f"{error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise BadLineError(BadLineKind.MALFORMED_JSON, "nested too deeply") from None
     if not isinstance(value, dict):
         raise BadLineError(BadLineKind.MALFORMED_JSON, f"a JSON {type(value).__name__}, not an object")
     return value

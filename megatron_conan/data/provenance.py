@@ -25,6 +25,7 @@ import logging
 import os
 from typing import Any, Dict, Optional, Sequence
 
+from megatron_conan import atomic_write
 from megatron_conan.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def read_record(prefix: str) -> Optional[Dict[str, Any]]:
             record = json.load(stream)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a JSON dataset record ({error})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a JSON dataset record (nested too deeply)") from None
     if not isinstance(record, dict) or not isinstance(recorded_tokenizer(record), dict):
         raise DataError(f"{path}: no tokenizer in the dataset record")
     return record
@@ -93,7 +96,9 @@ def recorded_tokenizer(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 def check_tokenizer(prefix: str, tokenizer) -> Optional[Dict[str, Any]]:
     """Raises `TokenizerMismatchError` unless the dataset at `prefix` was made with `tokenizer`
     (a `ConanTokenizer` or a model path): same SHA-256 of the model file and same vocabulary size.
-    A dataset without a record is accepted with one warning. Returns the record (None without)."""
+    A dataset without a record is accepted with one warning. Returns the record (None without).
+    A write of the dataset that a crash stopped mid-commit is finished first (``atomic_write``)."""
+    atomic_write.finish_interrupted_commits(os.path.dirname(os.path.abspath(prefix)))
     record = read_record(prefix)
     if record is None:
         if prefix not in _warned_unrecorded:

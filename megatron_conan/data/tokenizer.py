@@ -29,6 +29,7 @@ from megatron_conan.data.jsonl import (
     BadLineError,
     BadLineKind,
     BadLineReport,
+    OverlongLine,
     check_encodable,
     iter_file_lines,
     parse_json_object,
@@ -64,7 +65,8 @@ class TokenizerTrainingConfig:
     max_sentences: int = 2_000_000
     """Size of the uniform sample of lines (reservoir sampling over all inputs)."""
     max_sentence_length: int = 16384
-    """Longest line (bytes) SentencePiece trains on; longer sampled lines are cut there."""
+    """Longest line (bytes) SentencePiece trains on; longer lines are cut there as they are read, so
+    the sample never holds more."""
     seed: int = 1234
     """Seed of the sample."""
     num_threads: int = max(1, os.cpu_count() or 1)
@@ -88,15 +90,23 @@ def _is_jsonl(path: str) -> bool:
     return any(path.endswith(suffix) for suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json"))
 
 
-def iter_training_lines(paths: Sequence[str], json_key: str,
-                        report: BadLineReport) -> Iterator[str]:
-    """Non-empty lines of the texts in `paths` (JSONL records or plain-text lines); bad JSONL
-    lines are counted in `report`."""
+def _cut(text: str, max_bytes: Optional[int]) -> str:
+    """`text` cut to `max_bytes` of UTF-8 (at a character boundary)."""
+    if max_bytes is None or len(text) * 4 <= max_bytes:
+        return text
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def iter_training_lines(paths: Sequence[str], json_key: str, report: BadLineReport,
+                        max_bytes: Optional[int] = None) -> Iterator[str]:
+    """Non-empty lines of the texts in `paths` (JSONL records or plain-text lines), each cut to
+    `max_bytes` of UTF-8 here, before anyone holds it; bad lines (a file line over the reader's
+    limit included) are counted in `report`."""
     for path in paths:
         jsonl = _is_jsonl(path)
         for line_number, raw in enumerate(iter_file_lines(path), start=1):
             try:
-                if jsonl:
+                if jsonl or isinstance(raw, OverlongLine):
                     text = require_text(parse_json_object(raw, None), json_key)
                 else:
                     text = raw.decode("utf-8")
@@ -110,7 +120,7 @@ def iter_training_lines(paths: Sequence[str], json_key: str,
                 continue
             for piece in text.split("\n"):
                 if piece.strip():
-                    yield piece
+                    yield _cut(piece, max_bytes)
 
 
 def sample_lines(lines: Iterator[str], max_sentences: int, seed: int) -> List[str]:
@@ -134,12 +144,10 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str,
     and `.vocab` atomically. Returns the report of bad input lines skipped."""
     config = config or TokenizerTrainingConfig()
     report = BadLineReport(config.max_bad_line_examples)
-    sample = sample_lines(iter_training_lines(inputs, config.json_key, report),
+    sample = sample_lines(iter_training_lines(inputs, config.json_key, report, config.max_sentence_length),
                           config.max_sentences, config.seed)
     if not sample:
         raise DataError(f"no usable text in {list(inputs)}")
-    sample = [line.encode("utf-8")[:config.max_sentence_length].decode("utf-8", "ignore")
-              for line in sample]
     logger.info("training a %d-piece tokenizer on %d sampled lines", config.vocab_size, len(sample))
     directory = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(directory, exist_ok=True)

@@ -31,18 +31,20 @@ import abc
 import concurrent.futures
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from megatron_conan import atomic_write
 from megatron_conan.data.jsonl import (BadLine, BadLineError, BadLineKind, BadLineReport,
-                                       parse_json_object, read_line_batches, require_text)
+                                       iter_file_lines, parse_json_object, read_line_batches, require_text)
 from megatron_conan.errors import ConfigError, DataError, InputError
 
 logger = logging.getLogger(__name__)
@@ -109,14 +111,13 @@ class TableTranslator(Translator):
 
     def __init__(self, path: str):
         self.table: Dict[Tuple[str, str], str] = {}
-        with open(path, encoding="utf-8") as stream:
-            for line_number, line in enumerate(stream, start=1):
-                try:
-                    row = json.loads(line)
-                    self.table[row["text"], row["language"]] = row["translation"]
-                except (ValueError, KeyError, TypeError) as error:
-                    raise DataError(f"{path}:{line_number}: not a translation table row "
-                                    f"({type(error).__name__}: {error})") from None
+        for line_number, line in enumerate(iter_file_lines(path), start=1):
+            try:
+                row = parse_json_object(line, None)
+                self.table[row["text"], row["language"]] = row["translation"]
+            except (BadLineError, KeyError, TypeError) as error:
+                raise DataError(f"{path}:{line_number}: not a translation table row "
+                                f"({type(error).__name__}: {error})") from None
 
     def translate(self, text: str, source: str, target: str) -> str:
         translation = self.table.get((text, target))
@@ -145,7 +146,9 @@ class HFModelTranslator(Translator):
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
             model_class = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-            self.model = model_class.from_pretrained(path, local_files_only=True).to(device).eval()
+            # weights from safetensors only: a pickled .bin from someone else could run code
+            self.model = model_class.from_pretrained(path, local_files_only=True,
+                                                     use_safetensors=True).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"translator {path!r} cannot be loaded: "
@@ -174,17 +177,50 @@ class HFModelTranslator(Translator):
         return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
+MAX_ANSWER_BYTES = 1 << 20
+"""The most an endpoint's answer may hold: a translated query is a few hundred bytes, and an answer
+is read into memory, so a larger one fails the row instead."""
+
+
+def check_endpoint(base_url: str, allow_insecure_http: bool) -> None:
+    """An endpoint the API key may be sent to: ``https://``, or ``http://`` to this host (a loopback
+    address or ``localhost``); plain http elsewhere only with `allow_insecure_http`."""
+    parsed = urllib.parse.urlsplit(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"--base-url must be an http:// or https:// URL with a host, got {base_url!r}")
+    if parsed.scheme == "https" or allow_insecure_http or parsed.hostname == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(parsed.hostname).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"--base-url {base_url} is plain http to another host: the API key and every query "
+                          f"would cross the network unencrypted; use https, or pass --allow-insecure-http")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the API key to wherever it points: it fails the request instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class HTTPTranslator(Translator):
     """An OpenAI-compatible `POST {base_url}/chat/completions` endpoint. Connection errors,
     timeouts, 429 and 5xx are retried `retries` times after `backoff_s * 2**attempt` seconds;
-    other HTTP errors and malformed answers fail the row at once."""
+    other HTTP errors (redirects included: they are not followed), malformed answers and answers
+    over :data:`MAX_ANSWER_BYTES` fail the row at once. Plain http goes only to this host unless
+    `allow_insecure_http` (:func:`check_endpoint`)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: Optional[str] = None,
                  concurrency: int = 4, retries: int = 4, timeout_s: float = 60.0,
-                 backoff_s: float = 1.0, max_tokens: int = 512):
+                 backoff_s: float = 1.0, max_tokens: int = 512, allow_insecure_http: bool = False):
         if concurrency < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ConfigError("concurrency >= 1, retries >= 0, timeout_s > 0 and backoff_s >= 0 "
                               "are required")
+        check_endpoint(base_url, allow_insecure_http)
+        self._opener = urllib.request.build_opener(_NoRedirects)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.concurrency, self.retries = model, concurrency, retries
         self.timeout_s, self.backoff_s, self.max_tokens = timeout_s, backoff_s, max_tokens
@@ -202,8 +238,11 @@ class HTTPTranslator(Translator):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return json.loads(response.read().decode("utf-8"))
+        with self._opener.open(request, timeout=self.timeout_s) as response:
+            answer = response.read(MAX_ANSWER_BYTES + 1)
+        if len(answer) > MAX_ANSWER_BYTES:
+            raise TranslationError(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
+        return json.loads(answer.decode("utf-8"))
 
     def translate(self, text: str, source: str, target: str) -> str:
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
@@ -269,7 +308,12 @@ class CLRConfig:
 
     @property
     def progress_path(self) -> str:
-        return self.output + ".progress.jsonl"
+        return self.progress_file(self.output)
+
+    @staticmethod
+    def progress_file(output: str) -> str:
+        """Where a run writing `output` keeps the rows it has translated (it resumes from there)."""
+        return output + ".progress.jsonl"
 
 
 @dataclasses.dataclass
@@ -356,13 +400,12 @@ def _read_progress(path: str) -> Dict[str, dict]:
     done: Dict[str, dict] = {}
     if not os.path.exists(path):
         return done
-    with open(path, encoding="utf-8") as stream:
-        for line in stream:
-            try:
-                entry = json.loads(line)
-                done[entry["key"]] = entry
-            except (ValueError, KeyError, TypeError):
-                continue
+    for line in iter_file_lines(path):
+        try:
+            entry = parse_json_object(line, None)
+            done[entry["key"]] = entry
+        except (BadLineError, KeyError, TypeError):
+            continue
     return done
 
 

@@ -156,13 +156,14 @@ class Example:
     """The record as read (other fields are written back unchanged)."""
     query: str
     positive: str
-    prefix: str
-    """Prompt text in front of the query."""
+    prefix: Optional[str]
+    """Prompt text in front of the query (None until :func:`mine_file` fills in the model's own
+    query prompt for a record without an instruction)."""
 
 
-def read_examples(path: str, embedder, query_prompt: str) -> List[Example]:
-    """The (query, positive) records of a contrastive JSONL file; other tasks are refused by line."""
-    default_prefix = embedder.prompt_text(query_prompt)
+def read_examples(path: str) -> List[Example]:
+    """The (query, positive) records of a contrastive JSONL file; other tasks are refused by line.
+    Needs no model: a tool reads its input before it loads one."""
     examples = []
     for number, record in iter_jsonl_records(path):
         task = record.get("task", "pair")
@@ -171,7 +172,7 @@ def read_examples(path: str, embedder, query_prompt: str) -> List[Example]:
                             f"expected one of {sorted(MINABLE_TASKS)}")
         instruction = record.get("instruction")
         prefix = format_instruction(record_text(record, "instruction", path, number)) if instruction is not None \
-            else default_prefix
+            else None
         examples.append(Example(number, record, record_text(record, "query", path, number),
                                 record_text(record, "positive", path, number), prefix))
     if not examples:
@@ -293,11 +294,16 @@ def negative_slot_report(examples: List[Example], pools: List[List[int]], corpus
 
 def mine_file(input_path: str, output_path: str, embedder, config: MiningConfig, corpus_path: Optional[str] = None,
               corpus_field: str = "text", report_path: Optional[str] = None,
-              show_progress: bool = False) -> Dict[str, Any]:
-    """Mine `input_path` (contrastive JSONL) into `output_path`; the corpus is `corpus_path` (JSONL
-    or text lines) or else the examples' positives. Returns the report (also written as JSON to
-    `report_path`, default ``<output>.report.json``)."""
-    examples = read_examples(input_path, embedder, config.query_prompt)
+              show_progress: bool = False, examples: Optional[List[Example]] = None) -> Dict[str, Any]:
+    """Mine `input_path` (contrastive JSONL; `examples`: already read from it by
+    :func:`read_examples`) into `output_path`; the corpus is `corpus_path` (JSONL or text lines) or
+    else the examples' positives. Returns the report (also written as JSON to `report_path`, default
+    ``<output>.report.json``)."""
+    examples = examples if examples is not None else read_examples(input_path)
+    default_prefix = embedder.prompt_text(config.query_prompt)
+    for example in examples:
+        if example.prefix is None:
+            example.prefix = default_prefix
     texts = read_texts(corpus_path, corpus_field) if corpus_path else [example.positive for example in examples]
     corpus = list(dict.fromkeys(texts))  # unique texts, first occurrence order
     with tempfile.TemporaryDirectory(prefix=".mining-", dir=os.path.dirname(os.path.abspath(output_path))) as work:

@@ -115,7 +115,9 @@ def load_teacher(path: str, device: Optional[str] = None):
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(path, device=device, local_files_only=True)
+        # weights from safetensors only: a pickled .bin from someone else could run code
+        return SentenceTransformer(path, device=device, local_files_only=True,
+                                   model_kwargs={"use_safetensors": True})
     except (OSError, ValueError, KeyError) as error:
         message = " ".join(str(error).split())
         raise InputError(f"teacher {path!r} cannot be loaded as a sentence-transformers model: "

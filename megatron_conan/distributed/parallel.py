@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_conan.config.model import ParallelConfig
 from megatron_conan.distributed.cpu_compat import enable_cpu_compat
+from megatron_conan.distributed.ports import keep_gloo_on_loopback
 from megatron_conan.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float 
     if torch.cuda.is_available():
         bind_local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
     timeout = datetime.timedelta(seconds=timeout_s)
+    keep_gloo_on_loopback(os.environ.get("MASTER_ADDR", ""))  # every rank on this host: gloo stays on it
     if os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
         dist.init_process_group(backend=backend or default_backend(), store=dist.HashStore(), rank=0,
                                 world_size=1, timeout=timeout)

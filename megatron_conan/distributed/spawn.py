@@ -8,7 +8,8 @@ it::
 ``body(rank, world_size, *args, **kwargs)`` must be a module-level (picklable) function. The
 caller's process holds the world's rendezvous store on a port the OS picks when it binds it, so no
 other process can take the port while the ranks start (a port picked free, released and bound by
-rank 0 seconds later, after its imports, could be). Each process gets ``cpu_compat`` where CUDA is
+rank 0 seconds later, after its imports, could be). Nothing of the world listens beyond this host:
+the store binds 127.0.0.1 only and gloo the loopback interface (``distributed/ports.py``). Each process gets ``cpu_compat`` where CUDA is
 absent, its own log prefix ``[rank N]``, and always destroys its process groups. The backend is
 NCCL when there is one GPU per rank and gloo otherwise (:func:`harness_backend`); a gloo world runs
 wholly on the CPU: its ranks start with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``), so weights,
@@ -32,6 +33,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from megatron_conan.console import configure_logging
+from megatron_conan.distributed.ports import LOOPBACK, keep_gloo_on_loopback, loopback_store
 from megatron_conan.warning_filters import silence_known_warnings
 
 _POLL_S = 0.2
@@ -98,8 +100,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
             args: Sequence[Any], kwargs: Dict[str, Any], results: "mp.Queue", log_level: int) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port),
     )
+    keep_gloo_on_loopback(LOOPBACK)
     configure_logging(log_level, f"[rank {rank}] %(name)s: %(message)s", log_level, force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-rank config dumps drown the output
     silence_known_warnings()
@@ -114,7 +117,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
         enable_cpu_compat()
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False)  # the caller holds the server
+        store = dist.TCPStore(LOOPBACK, port, is_master=False)  # the caller holds the server
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         try:
             value = fn(rank, world_size, *args, **kwargs)
@@ -140,16 +143,11 @@ def run_distributed(
 ) -> List[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on `world_size` spawned ranks; see module doc.
     `log_level`: the ranks' logging level (WARNING keeps an interactive console to the point)."""
-    import datetime
-
-    import torch.distributed as dist
-
     context = mp.get_context("spawn")
     results = context.Queue()
     backend = world_backend(world_size, backend)
-    # bound here, on a port the OS picks, until the world is over (module doc)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
+    # bound here, on a loopback port the OS picks, until the world is over (module doc)
+    store = loopback_store(timeout_s)
     port = store.port
     processes = [
         context.Process(target=_worker, args=(rank, world_size, port, backend, fn, tuple(args),

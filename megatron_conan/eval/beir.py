@@ -13,11 +13,12 @@ and line: a silently shrunk test set would change the metrics.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Dict, Iterator, List, Tuple
 
+from megatron_conan.data.jsonl import iter_file_lines
 from megatron_conan.errors import DataError, InputError
+from megatron_conan.eval.text_io import existing_file, iter_jsonl_records, text_line
 
 
 @dataclasses.dataclass
@@ -41,19 +42,7 @@ class RetrievalDataset:
 
 
 def _json_lines(path: str) -> Iterator[Tuple[int, dict]]:
-    if not os.path.isfile(path):
-        raise InputError(f"{path} does not exist (a BEIR directory has corpus.jsonl, queries.jsonl, qrels/)")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            yield number, record
+    return iter_jsonl_records(path, skip_blank=True, what="a BEIR directory's file")
 
 
 def _field(record: dict, name: str, path: str, number: int, required: bool = True) -> str:
@@ -83,23 +72,27 @@ def _read_texts(path: str, with_title: bool) -> Dict[str, str]:
     return texts
 
 
+def _add_judgement(qrels: Dict[str, Dict[str, int]], fields: List[str], path: str, number: int) -> None:
+    if len(fields) != 3:
+        raise DataError(f"{path}:{number}: expected 3 tab-separated fields, got {len(fields)}")
+    try:
+        score = int(fields[2])
+    except ValueError:
+        raise DataError(f"{path}:{number}: score {fields[2]!r} is not an integer") from None
+    qrels.setdefault(fields[0], {})[fields[1]] = score
+
+
 def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
     """query id -> {document id: relevance} from a BEIR qrels TSV (a header line first)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path} does not exist (qrels of the requested split)")
+    existing_file(path, "qrels of the requested split:")
     qrels: Dict[str, Dict[str, int]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if number == 1 or not line.strip():
-                continue  # the header (query-id, corpus-id, score)
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 3:
-                raise DataError(f"{path}:{number}: expected 3 tab-separated fields, got {len(fields)}")
-            try:
-                score = int(fields[2])
-            except ValueError:
-                raise DataError(f"{path}:{number}: score {fields[2]!r} is not an integer") from None
-            qrels.setdefault(fields[0], {})[fields[1]] = score
+    for number, raw in enumerate(iter_file_lines(path), start=1):
+        if number == 1:
+            continue  # the header (query-id, corpus-id, score)
+        line = text_line(raw, path, number)
+        if line.strip():
+            fields = line.rstrip("\r\n").split("\t")
+            _add_judgement(qrels, fields, path, number)
     if not qrels:
         raise DataError(f"{path}: no judgements")
     return qrels

@@ -200,7 +200,12 @@ class SentenceTransformerEmbedder(Embedder):
         from megatron_conan.conversion.attention import check_attention_matches_config
         from megatron_conan.conversion.export import EXPORT_RECORD
 
-        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        try:  # weights from safetensors only: a pickled .bin from someone else could run code
+            self.model = SentenceTransformer(path, device=device, local_files_only=True,
+                                             model_kwargs={"use_safetensors": True})
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path} cannot be loaded as a sentence-transformers model with safetensors "
+                             f"weights: {' '.join(str(error).split())}") from None
         if hasattr(self.model[0], "auto_model"):
             check_attention_matches_config(self.model, path)
         self.name = path

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 from megatron_conan.console import command_parser, run_command
 from megatron_conan.eval.embedders import PROMPT_NAMES, load_embedder
-from megatron_conan.eval.text_io import check_output_file, read_texts, save_npy
+from megatron_conan.eval.text_io import read_texts, save_npy
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--prompt", choices=PROMPT_NAMES, default="none",
                         help="query: the instruction prompt; document / none: no prompt (default none)")
     add_model_arguments(parser)
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -64,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    check_output_file(args.output)
+    check_output_files([args.output], [args.model, args.input, args.tokenizer], args.overwrite)
     texts = read_texts(args.input, args.text_field)
     with load_embedder(args.model, **embedder_options(args)) as embedder:
         embeddings = embedder.encode(texts, prompt_name=args.prompt, batch_size=args.batch_size, dim=args.dim,

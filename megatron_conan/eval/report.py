@@ -12,20 +12,40 @@ Inputs are the run directories' ``metrics.jsonl`` (training/README.md) and the e
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from typing import Any, Dict, List
+
+from megatron_conan import atomic_write
+from megatron_conan.data.jsonl import BadLineError, BadLineKind, iter_file_lines, parse_json_object
+from megatron_conan.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 STAGE_TITLES = {"pretrain": "1 pretrain", "sft": "2 SFT", "embed-weak": "3 embed-weak", "embed-sup": "4 embed-sup"}
 
 
 def read_metrics(run_dir: str) -> List[dict]:
-    """The records of a run's metrics.jsonl in step order (the last line of a step wins)."""
+    """The records of a run's metrics.jsonl in step order (the last line of a step wins).
+
+    A torn last line (a run killed while appending it: no newline at its end, or not JSON) is
+    skipped with a warning; a bad line anywhere else is an error naming it."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = list(iter_file_lines(path))
     by_step: Dict[int, dict] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            by_step[record["step"]] = record
+    for number, raw in enumerate(lines, start=1):
+        try:
+            record = parse_json_object(raw, None)
+            step = record["step"]
+            if not isinstance(step, int):
+                raise BadLineError(BadLineKind.NON_STRING_FIELD, f"step {step!r} is not an integer")
+        except (BadLineError, KeyError) as error:
+            if number == len(lines) and not raw.endswith(b"\n"):
+                logger.warning("%s:%d: skipped the torn last line (%s): the run stopped while writing it",
+                               path, number, error)
+                continue
+            raise DataError(f"{path}:{number}: not a metrics record ({error})") from None
+        by_step[step] = record
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -58,7 +78,8 @@ def _figure():
 
 def _save(plt, figure, path: str) -> None:
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_write.file(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)  # pyplot keeps every open figure otherwise
 
 
@@ -177,6 +198,5 @@ def write_report(work_dir: str, results: Dict[str, Any]) -> List[str]:
     lines += ["Plots:", ""] + [f"- ![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in written] + [""]
     if timings:
         lines += ["Time per step (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()), ""]
-    with open(os.path.join(work_dir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+    atomic_write.text(os.path.join(work_dir, "report.md"), "\n".join(lines))
     return written

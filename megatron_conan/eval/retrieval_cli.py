@@ -23,7 +23,8 @@ from megatron_conan.eval.beir import load_beir
 from megatron_conan.eval.embedders import load_embedder
 from megatron_conan.eval.encode import add_model_arguments, embedder_options
 from megatron_conan.eval.metrics import METRIC_NAMES
-from megatron_conan.eval.text_io import check_output_file, save_json
+from megatron_conan.eval.text_io import save_json
+from megatron_conan.outputs import add_overwrite_argument, check_output_files
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--save-runs", help="write each system's ranked documents per query as JSON here")
     add_model_arguments(parser)
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -66,9 +68,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         raise InputError("nothing to evaluate: give --model and/or --baselines")
     if args.top_k < 100:
         raise InputError(f"--top-k must be >= 100 (Recall@100 needs 100 documents), got {args.top_k}")
-    for path in (args.output, args.save_runs):
-        if path:
-            check_output_file(path)
+    check_output_files([args.output, args.save_runs], [args.data, args.model, args.tokenizer], args.overwrite)
     dataset = load_beir(args.data, args.split)
     results: Dict[str, Dict[str, Any]] = {}
     runs = {}

@@ -15,8 +15,16 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import numpy
 
 from megatron_conan import atomic_write
-from megatron_conan.data.jsonl import BadLineError, iter_file_lines, parse_json_object, require_text
+from megatron_conan.data.jsonl import (
+    DEFAULT_MAX_LINE_BYTES,
+    BadLineError,
+    OverlongLine,
+    iter_file_lines,
+    parse_json_object,
+    require_text,
+)
 from megatron_conan.errors import DataError, InputError
+from megatron_conan.outputs import check_file_target
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
@@ -25,19 +33,36 @@ def is_jsonl(path: str) -> bool:
     return path.endswith(JSONL_SUFFIXES)
 
 
-def _existing(path: str) -> str:
+def existing_file(path: str, what: str = "input") -> str:
+    """`path`, or an InputError when it is missing or a directory."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a directory, not a file")
     if not os.path.isfile(path):
-        raise InputError(f"input {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     return path
 
 
-def iter_jsonl_records(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(1-based line number, object) for every line of a JSONL file."""
-    for number, raw in enumerate(iter_file_lines(_existing(path)), start=1):
+def iter_jsonl_records(path: str, skip_blank: bool = False,
+                       what: str = "input") -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(1-based line number, object) for every line of a JSONL file (blank ones skipped with
+    `skip_blank`, else an error). Lines are read with the reader's bound (``data/jsonl.py``)."""
+    for number, raw in enumerate(iter_file_lines(existing_file(path, what)), start=1):
+        if skip_blank and not isinstance(raw, OverlongLine) and not raw.strip():
+            continue
         try:
             yield number, parse_json_object(raw, None)
         except BadLineError as error:
             raise DataError(f"{path}:{number}: {error}") from None
+
+
+def text_line(raw: bytes, path: str, number: int) -> str:
+    """One line of a plain-text file, decoded; an over-long or non-UTF-8 line is an error naming it."""
+    if isinstance(raw, OverlongLine):
+        raise DataError(f"{path}:{number}: a line of {raw.size} bytes, over the limit of {DEFAULT_MAX_LINE_BYTES}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}:{number}: invalid UTF-8 at byte {error.start}") from None
 
 
 def record_text(record: Dict[str, Any], field: str, path: str, number: int) -> str:
@@ -52,29 +77,20 @@ def read_texts(path: str, text_field: str = "text") -> List[str]:
     if is_jsonl(path):
         return [record_text(record, text_field, path, number) for number, record in iter_jsonl_records(path)]
     texts = []
-    for number, raw in enumerate(iter_file_lines(_existing(path)), start=1):
-        try:
-            text = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}:{number}: invalid UTF-8 at byte {error.start}") from None
+    for number, raw in enumerate(iter_file_lines(existing_file(path)), start=1):
+        text = text_line(raw, path, number).rstrip("\r\n")
         if not text.strip():
             raise DataError(f"{path}:{number}: blank line (one text per line; blank texts are not embedded)")
         texts.append(text)
     return texts
 
 
-def check_output_file(path: str) -> None:
-    """Refuse an output whose directory does not exist, or that is a directory (before any work)."""
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise InputError(f"the directory of output {path} does not exist")
-    if os.path.isdir(path):
-        raise InputError(f"output {path} is a directory")
-
-
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Check the output (:func:`check_output_file`), then call ``write(tmp_path)`` for a temporary
-    file that :func:`megatron_conan.atomic_write.file` renames to `path`."""
-    check_output_file(path)
+    """Check that `path` can be written (:func:`megatron_conan.outputs.check_file_target`), then call
+    ``write(tmp_path)`` for a temporary file that :func:`megatron_conan.atomic_write.file` renames to
+    `path`. Whether an existing output may be replaced is the command's check
+    (:func:`megatron_conan.outputs.check_output_files`)."""
+    check_file_target(path)
     with atomic_write.file(path) as tmp:
         write(tmp)
 

@@ -29,7 +29,13 @@ from megatron_conan.data.indexed import (
     parse_dtype,
     sigterm_raises_system_exit,
 )
-from megatron_conan.data.jsonl import BadLineReport, LineBatch, StrictModeError, read_line_batches
+from megatron_conan.data.jsonl import (
+    DEFAULT_MAX_LINE_BYTES,
+    BadLineReport,
+    LineBatch,
+    StrictModeError,
+    read_line_batches,
+)
 from megatron_conan.data.provenance import (
     META_SUFFIX,
     dataset_record,
@@ -69,8 +75,9 @@ class PreprocessConfig:
     """Tokenizing processes; 1 tokenizes in the main process."""
     dtype: str = "auto"
     """Token dtype: `auto` (uint16 below 65,500 ids, else int32), `uint16` or `int32`."""
-    max_line_bytes: Optional[int] = 16 << 20
-    """Lines longer than this (bytes, without the newline) are rejected as `too_long`."""
+    max_line_bytes: Optional[int] = DEFAULT_MAX_LINE_BYTES
+    """Lines longer than this (bytes, without the newline) are rejected as `too_long`, and never held
+    in memory whole (None: the reader's default, 16 MiB)."""
     strict: bool = False
     """Stop at the first bad line (no output is left behind) instead of counting and skipping."""
     max_bad_line_examples: int = 10
@@ -103,6 +110,8 @@ class PreprocessConfig:
         if not self.inputs:
             raise ConfigError("inputs: at least one input file is needed")
         for path in self.inputs:
+            if os.path.isdir(path):
+                raise ConfigError(f"inputs: {path!r} is a directory, not a file")
             if not os.path.isfile(path) and not _is_fifo(path):
                 raise ConfigError(f"inputs: no such file {path!r}")
         if not os.path.isfile(self.tokenizer_model):
@@ -127,6 +136,12 @@ class PreprocessConfig:
     @property
     def threads_per_worker(self) -> int:
         return self.threads or default_threads(self.workers)
+
+
+def dataset_outputs(prefix: str, extra_suffixes: Sequence[str] = ()) -> List[str]:
+    """The files a dataset at `prefix` consists of (what ``--overwrite`` may replace): ``.bin``,
+    ``.idx`` and the record, plus `extra_suffixes` (a contrastive store's example rows)."""
+    return [prefix + suffix for suffix in (".bin", ".idx", META_SUFFIX, *extra_suffixes)]
 
 
 def _is_fifo(path: str) -> bool:
@@ -267,7 +282,8 @@ def run_encoding(inputs: Sequence[str], encoder: LineEncoder, writer: IndexedDat
     first_sequence_index)` sees every batch before it is written; `sample` is offered every
     batch. In strict mode raises `StrictModeError` at the first bad line. Does not commit."""
     start = time.perf_counter()
-    batches = encode_batches(read_line_batches(inputs, batch_lines, batch_bytes), encoder,
+    lines = read_line_batches(inputs, batch_lines, batch_bytes, max_line_bytes=encoder.max_line_bytes)
+    batches = encode_batches(lines, encoder,
                              executor, max_in_flight)
     bar = _progress_bar(inputs, progress)
     try:

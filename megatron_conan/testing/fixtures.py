@@ -123,7 +123,7 @@ def copy_checkpoint_with_extra(source: str, destination: str, **extra: Any) -> s
     for entry in os.listdir(destination):
         common_path = os.path.join(destination, entry, "common.pt")
         if os.path.isfile(common_path):
-            common = torch.load(common_path, weights_only=False)
+            common = torch.load(common_path, weights_only=True)
             common["extra"] = {**common.get("extra", {}), **extra}
             torch.save(common, common_path)
     return destination

@@ -5,6 +5,7 @@ save) is checked on plain directories at every named save point; then real train
 SIGKILLed (the whole process group) at each point and the next run resumes from where `latest`
 says."""
 
+import json
 import os
 import re
 import subprocess
@@ -26,10 +27,12 @@ class _Stop(Exception):
     """Stands for a kill at a save point (the in-process tests)."""
 
 
-def _write(directory, step, content):
+def _write(directory, step, content, run_id="run-a"):
     os.makedirs(directory)
     with open(os.path.join(directory, "content"), "w") as handle:
         handle.write(f"{step}:{content}")
+    with open(os.path.join(directory, "layout.json"), "w") as handle:
+        json.dump({"world_size": 1, "run_id": run_id}, handle)
 
 
 def _content(path):
@@ -47,13 +50,14 @@ def _fake_save(save_dir, step, content, keep_last, stop_at=None, monkeypatch=Non
     final = os.path.join(save_dir, checkpoint_name(step))
     os.makedirs(save_dir, exist_ok=True)
     saving.recover(save_dir)
-    _write(final + ".partial", step, content)
+    run_id = saving.current_run_id(save_dir)
+    _write(final + ".partial", step, content, run_id)
     saving._reached("before_shards", final + ".partial")
     saving._reached("after_shards", final + ".partial")
     saving.publish(final + ".partial", final)
     write_latest(save_dir, step)
     saving._reached("after_latest", final)
-    saving.prune(save_dir, step, keep_last)
+    saving.prune(save_dir, step, keep_last, run_id)
 
 
 @pytest.mark.parametrize("point", SAVE_POINTS)
@@ -178,3 +182,78 @@ def test_sigkill_at_every_save_point_then_resume(tmp_path):
     assert sorted(os.listdir(save_dir)) == ["iter_0000008", "latest", "latest_checkpointed_iteration.txt"]
     with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as handle:
         assert handle.read() == "8\n"
+
+
+# -- what a save may delete ------------------------------------------------------------------------
+
+def test_recovery_leaves_entries_a_save_did_not_make(tmp_path, monkeypatch):
+    save_dir = tmp_path
+    (save_dir / "photos.old").mkdir()
+    (save_dir / "photos.old" / "cat.jpg").write_text("cat")
+    (save_dir / "notes").write_text("mine")
+    (save_dir / "notes.next").write_text("my next notes")
+    (save_dir / "draft.partial").write_text("a draft")
+    (save_dir / "iter_12.old").mkdir()  # not a checkpoint name (seven digits or more)
+    user_entries = ["draft.partial", "iter_12.old", "notes", "notes.next", "photos.old"]
+    for step in (1, 2, 3):
+        _fake_save(str(save_dir), step, "run", keep_last=1, monkeypatch=monkeypatch)
+    assert sorted(os.listdir(save_dir)) == sorted(user_entries + ["iter_0000003", "latest",
+                                                                   "latest_checkpointed_iteration.txt"])
+    assert (save_dir / "notes").read_text() == "mine" and (save_dir / "notes.next").read_text() == "my next notes"
+    assert (save_dir / "photos.old" / "cat.jpg").read_text() == "cat"
+
+
+def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path, monkeypatch):
+    save_dir = str(tmp_path)
+    _write(os.path.join(save_dir, "iter_0000001"), 1, "another run's", run_id="run-b")
+    os.makedirs(os.path.join(save_dir, "iter_0000002"))  # copied in by hand: no layout.json
+    for step in (3, 4, 5):
+        _fake_save(save_dir, step, "ours", keep_last=1, monkeypatch=monkeypatch)
+    assert sorted(name for name in os.listdir(save_dir) if name.startswith("iter_")) == [
+        "iter_0000001", "iter_0000002", "iter_0000005"]
+    assert _content(os.path.join(save_dir, "iter_0000001")) == "1:another run's"
+
+
+def test_a_save_over_another_runs_checkpoint_of_the_same_step_is_refused(tmp_path, monkeypatch):
+    save_dir = str(tmp_path)
+    _fake_save(save_dir, 4, "ours", keep_last=0, monkeypatch=monkeypatch)
+    _write(os.path.join(save_dir, "iter_0000005"), 5, "another run's", run_id="run-b")
+    run_id, problem = saving._prepare(save_dir, os.path.join(save_dir, "iter_0000005"))
+    assert run_id is None and "was written by another run" in problem
+    assert not os.path.exists(os.path.join(save_dir, "iter_0000005.partial"))
+    assert saving._prepare(save_dir, os.path.join(save_dir, "iter_0000006"))[1] is None  # a new step is fine
+
+
+# -- durability ------------------------------------------------------------------------------------
+
+def test_every_file_and_directory_is_synced_before_latest_moves(tmp_path, monkeypatch):
+    """os.fsync and os.replace recorded during a real save (a world of one, in this process): every
+    file and directory of the checkpoint is fsynced before `latest` is replaced."""
+    from megatron_conan.checkpoint.save import save_checkpoint
+    from megatron_conan.checkpoint.standalone import build_model, model_parallel_world
+    from megatron_conan.config.model import tiny
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{descriptor}"))))
+        return real_fsync(descriptor)
+
+    def replace(source, destination, **kwargs):
+        events.append(("replace", os.path.realpath(os.fspath(destination))))
+        return real_replace(source, destination, **kwargs)
+
+    save_dir = os.path.realpath(tmp_path / "checkpoints")
+    with model_parallel_world():
+        chunks = build_model(tiny())
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        final = save_checkpoint(save_dir, 3, chunks, None, None, tiny(), consumed_samples=0, keep_last=2)
+    latest_moved = events.index(("replace", os.path.join(save_dir, "latest")))
+    synced = {path.replace(".partial", "") for kind, path in events[:latest_moved] if kind == "fsync"}
+    on_disk = {final} | {os.path.join(directory, name) for directory, dirs, files in os.walk(final)
+                         for name in dirs + files}
+    assert on_disk - synced == set(), sorted(on_disk - synced)
+    assert save_dir in synced  # the rename of iter_3.partial into place
+    assert len(on_disk) > 8, sorted(on_disk)  # shards, metadata, common, RNG, layout and their directories

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from megatron_conan.cli import convert as convert_command
-from megatron_conan.conversion import hf_io
+from megatron_conan import outputs
 from megatron_conan.testing.fixtures import copy_checkpoint_with_extra, embedding_run_config, soft_mask_state
 
 
@@ -90,12 +90,52 @@ def test_a_failed_write_leaves_the_old_output_whole(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "record.json").write_text("{}")  # the tool's own output: replaced on request
     with pytest.raises(RuntimeError):
-        with hf_io.atomic_output_dir(str(target), overwrite=True) as tmp:
+        with outputs.atomic_output_dir(str(target), overwrite=True, record="record.json") as tmp:
             open(os.path.join(tmp, "half.txt"), "w").close()
             raise RuntimeError("killed half-way")
-    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["old.txt"]
-    with hf_io.atomic_output_dir(str(target), overwrite=True) as tmp:
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["old.txt", "record.json"]
+    with outputs.atomic_output_dir(str(target), overwrite=True, record="record.json") as tmp:
         (tmp_path / "out" / "old.txt").read_text()  # the old copy stays readable until the rename
         open(os.path.join(tmp, "new.txt"), "w").close()
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["new.txt"]
+
+
+def _tree(path):
+    return sorted(os.path.relpath(os.path.join(directory, name), path)
+                  for directory, _, files in os.walk(path) for name in files)
+
+
+def test_overwrite_never_replaces_a_directory_holding_the_input(tool, capsys, artifacts, tmp_path):
+    """`to-sentence-transformers RUN/checkpoints RUN --overwrite` would export, then replace the
+    whole run directory (checkpoints, config, metrics) with the export."""
+    run = tmp_path / "run"
+    shutil.copytree(artifacts["embed_checkpoint"], run / "checkpoints")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    before = _tree(run)
+    for output in (run, run / "checkpoints"):
+        _fails_cleanly(tool, capsys, ["to-sentence-transformers", str(run / "checkpoints"), str(output), "--overwrite"],
+                       "--overwrite would delete the input", str(output))
+    _fails_cleanly(tool, capsys, ["to-hf", str(run / "checkpoints" / "iter_0000001"), str(run / "checkpoints"),
+                                  "--overwrite"], "contains input", str(run / "checkpoints"))
+    assert _tree(run) == before
+    hf = tmp_path / "hf"
+    shutil.copytree(artifacts["hf"]["tp1"], hf)
+    _fails_cleanly(tool, capsys, ["from-hf", str(hf), str(hf), "--overwrite"], "is input", str(hf))
+    assert (hf / "model.safetensors").is_file()
+
+
+def test_overwrite_replaces_only_the_tools_own_output(tool, capsys, artifacts, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    _fails_cleanly(tool, capsys, ["to-hf", artifacts["checkpoints"]["tp1"], str(mine), "--overwrite"],
+                   "was not written by this tool (it has no conan_export.json)", str(mine))
+    _fails_cleanly(tool, capsys, ["from-hf", artifacts["hf"]["tp1"], str(mine), "--overwrite"],
+                   "it has no conan_import.json", str(mine))
+    assert _tree(mine) == ["thesis.tex"]
+    imported = tmp_path / "imported"
+    for _ in range(2):  # the second run replaces the first's output: it has the import record
+        assert tool.main(["from-hf", artifacts["hf"]["tp1"], str(imported), "--overwrite"]) == 0
+    assert (imported / "conan_import.json").is_file() and (imported / "latest").is_file()

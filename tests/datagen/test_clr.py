@@ -236,3 +236,51 @@ def test_local_hf_model_translator(tmp_path):
     assert all(row["query"].strip() for row in _read(tmp_path / "clr.jsonl"))
     with pytest.raises(clr.InputError, match="does not exist"):
         clr.HFModelTranslator(str(tmp_path / "nowhere"))
+
+
+def test_plain_http_beyond_this_host_is_refused_unless_allowed(tmp_path, capsys):
+    source = tmp_path / "retrieval.jsonl"
+    _write_rows(source, 2, language="la")
+    base = ["--input", str(source), "--output", str(tmp_path / "clr.jsonl"), "--translator", "http",
+            "--model", "tiny", "--no-progress"]
+    for url in ("http://192.0.2.10:8000/v1", "http://translate.example.org/v1"):
+        assert build_clr_command.main(base + ["--base-url", url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--allow-insecure-http" in err, err
+    for url in ("https://translate.example.org/v1", "http://localhost:1/v1", "http://[::1]:1/v1"):
+        clr.HTTPTranslator(url, "tiny")  # accepted: encrypted, or to this host
+    clr.HTTPTranslator("http://192.0.2.10:8000/v1", "tiny", allow_insecure_http=True)
+    assert not (tmp_path / "clr.jsonl").exists()
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """Answers with a redirect (to a host that must never be asked) or an endless body."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if "redirect" in self.path:
+            self.send_response(307)
+            self.send_header("Location", "http://192.0.2.10:9/v1/chat/completions")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"choices": [{"message": {"content": "' + b"x" * (clr.MAX_ANSWER_BYTES + 10) + b'"}}]}')
+
+
+def test_redirects_are_not_followed_and_answers_are_capped():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for path, reason in (("/redirect", "HTTP 307"), ("/huge", f"larger than {clr.MAX_ANSWER_BYTES} bytes")):
+            translator = clr.HTTPTranslator(base + path, "tiny", retries=0)
+            with pytest.raises(clr.TranslationError, match=reason):
+                translator.translate("sort a list", "en", "fr")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -300,7 +300,7 @@ def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path):
     before = _files(corpus)
     refused = subprocess.run(_build_command(corpus), capture_output=True, text=True)
     assert refused.returncode == 2 and _files(corpus) == before
-    assert refused.stderr.count("\n") == 1 and "output directory exists" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "exists (pass --overwrite to replace it)" in refused.stderr
     bad = subprocess.run(_build_command(tmp_path / "out", "max_sts_anchors=0"),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "max_sts_anchors" in bad.stderr and "Traceback" not in bad.stderr

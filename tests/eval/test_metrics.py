@@ -121,3 +121,16 @@ def test_a_malformed_dataset_names_file_and_line(tmp_path):
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td9\t1\n")
     with pytest.raises(DataError, match="name a corpus id that is not in the dataset, e.g. 'd9'"):
         load_beir(str(tmp_path))
+
+
+def test_the_report_skips_a_torn_last_metrics_line_and_says_so(tmp_path, caplog):
+    from megatron_conan.eval.report import read_metrics
+
+    lines = '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+    (tmp_path / "metrics.jsonl").write_text(lines + '{"step": 3, "lo')  # killed while appending step 3
+    with caplog.at_level("WARNING"):
+        assert [record["step"] for record in read_metrics(str(tmp_path))] == [1, 2]
+    assert "metrics.jsonl:3: skipped the torn last line" in caplog.text
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n' + lines)  # not the last line: an error
+    with pytest.raises(DataError, match="metrics.jsonl:1: not a metrics record"):
+        read_metrics(str(tmp_path))

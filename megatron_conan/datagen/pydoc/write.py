@@ -54,11 +54,13 @@ from megatron_conan import atomic_write
 from megatron_conan.datagen.pydoc.clean import _ABBREVIATIONS, _SENTENCE_END, Collection, DocEntry, collect
 from megatron_conan.datagen.pydoc.config import PydocCorpusConfig
 from megatron_conan.datagen.pydoc.split import Split, _rng, _sample, split_collection
-from megatron_conan.errors import DataError
+from megatron_conan.outputs import check_output_dir
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+"""The corpus's record (counts, checksums, configuration); ``--overwrite`` replaces only a directory with one."""
 
 RETRIEVAL_INSTRUCTION = ("Given a one-line summary of a Python API, retrieve the documentation "
                          "that describes it")
@@ -354,12 +356,12 @@ def build_pydoc_corpus(output_dir: str, config: Optional[PydocCorpusConfig] = No
                        overwrite: bool = False, python: Optional[str] = None) -> dict:
     """Writes every output into `output_dir` (see the module docstring) and returns the
     manifest. The directory is built beside its destination and renamed into place at the end;
-    an existing `output_dir` is refused unless `overwrite`."""
+    an existing `output_dir` is replaced only with `overwrite`, and only when it is a corpus this
+    function wrote (it has ``manifest.json``; ``megatron_conan.outputs``)."""
     config = config or PydocCorpusConfig()
     output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not overwrite:
-        raise DataError(f"output directory exists: {output_dir} (pass --overwrite to replace it)")
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    check_output_dir(output_dir, overwrite=overwrite, record=MANIFEST)
     collection = collect(config, python)
     split = split_collection(collection, config)
     logger.info("%d docstrings and %d topic sections; %d families held out (%d documents, "
@@ -406,7 +408,7 @@ def build_pydoc_corpus(output_dir: str, config: Optional[PydocCorpusConfig] = No
             "sts_levels": {str(level): meaning for level, meaning in STS_LEVELS.items()},
             "files": files,
         }
-        with open(os.path.join(staging, "manifest.json"), "w", encoding="utf-8") as stream:
+        with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as stream:
             json.dump(manifest, stream, indent=2, ensure_ascii=False)
             stream.write("\n")
     return manifest
