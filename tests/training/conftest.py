@@ -3,14 +3,9 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_VOCAB = 512  # the tiny model's vocabulary: no override needed
 
 
 def read_metrics(run_dir):
@@ -55,39 +50,24 @@ def communicate_or_kill(process, timeout):
         raise
 
 
-def tokenize_contrastive(jsonl, prefix, tokenizer_model):
-    subprocess.run([sys.executable, "-m", "megatron_conan.cli.tokenize_contrastive", "--input", str(jsonl),
-                    "--output-prefix", str(prefix), "--tokenizer-model", tokenizer_model, "--no-progress"],
-                   check=True, capture_output=True)
-
-
 @pytest.fixture(scope="session")
 def embedding_data(tmp_path_factory):
-    """A 512-piece tokenizer and a store of `pair` examples (synthetic multilingual text)."""
-    from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
-    from megatron_conan.datagen import synthetic
+    """A 512-piece tokenizer and a store of `pair` examples (synthetic multilingual text); the
+    golden runs' recipe (tests/golden/goldens.py), so their losses hold on these files."""
+    from tests.golden import goldens
 
     directory = tmp_path_factory.mktemp("embedding_data")
-    synthetic.write_pretraining_jsonl(str(directory / "text.jsonl"), num_docs=300, seed=3)
-    train_tokenizer([str(directory / "text.jsonl")], str(directory / "tokenizer"),
-                    TokenizerTrainingConfig(vocab_size=TINY_VOCAB, num_threads=1, character_coverage=0.98))
-    tokenizer = str(directory / "tokenizer.model")
-    synthetic.write_contrastive_jsonl(str(directory / "pairs.jsonl"), examples_per_task=96, tasks=("pair",), seed=4)
-    tokenize_contrastive(directory / "pairs.jsonl", directory / "pairs", tokenizer)
-    return {"dir": directory, "tokenizer": tokenizer, "pairs": str(directory / "pairs")}
+    tokenizer = goldens.build_tokenizer(directory)
+    return {"dir": directory, "tokenizer": tokenizer, "pairs": goldens.build_pairs(directory, tokenizer)}
 
 
 @pytest.fixture(scope="session")
 def supervised_store(embedding_data):
     """A store of the four stage-4 tasks (retrieval / clr with negatives and candidate pools,
     classification, sts), with the embedding_data tokenizer."""
-    from megatron_conan.datagen import synthetic
+    from tests.golden import goldens
 
-    directory = embedding_data["dir"]
-    synthetic.write_contrastive_jsonl(str(directory / "supervised.jsonl"), examples_per_task=48,
-                                      tasks=("retrieval", "clr", "classification", "sts"), seed=6)
-    tokenize_contrastive(directory / "supervised.jsonl", directory / "supervised", embedding_data["tokenizer"])
-    return str(directory / "supervised")
+    return goldens.build_supervised(embedding_data["dir"], embedding_data["tokenizer"])
 
 
 class CapturingStage:
