@@ -46,7 +46,7 @@ from megatron_conan.errors import InputError
 from megatron_conan.losses.matryoshka import DEFAULT_DIMS, matryoshka_dims as usable_dims
 from megatron_conan.models.pooling import POOLING_MODES
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
-from megatron_conan.preprocess.encoders import format_instruction
+from megatron_conan.tasks import format_instruction
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from megatron_conan.ops.soft_mask_attention.core_attention import (
     soft_mask_core_attention_spec,
 )
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
+from megatron_conan.tasks import BY_NAME, NEGATIVES_MINED, stage_tasks
 from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
 from megatron_conan.training.preflight import load_checked_tokenizer
 from megatron_conan.training.stage import BatchPlan, Stage, StageContext, StageStepOutput
@@ -249,7 +250,7 @@ class WeaklySupervisedStage(EmbeddingStage):
     """Stage 3: (query, positive) pairs, in-batch negatives gathered over DP, the soft mask moving."""
 
     name = "embed-weak"
-    tasks = ("pair",)
+    tasks = stage_tasks(3)
 
     def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
         """The step on a given (CPU) ContrastiveBatch of this rank: tests feed batches here."""
@@ -284,7 +285,7 @@ class SupervisedStage(EmbeddingStage):
 
     name = "embed-sup"
     default_soft_mask = {"fixed_a": 1.0}  # bidirectional unless model.soft_mask says otherwise
-    tasks = ("retrieval", "clr", "classification", "sts")
+    tasks = stage_tasks(4)
 
     def __init__(self):
         super().__init__()
@@ -296,7 +297,7 @@ class SupervisedStage(EmbeddingStage):
                               ("task_batch_sizes", cfg.embedding.task_batch_sizes)):
             unknown = sorted(set(mapping) - set(self.tasks))
             if unknown:
-                hint = " (pair is stage 3's task)" if "pair" in unknown else ""
+                hint = "".join(f" ({name} is stage {BY_NAME[name].stage}'s task)" for name in unknown if name in BY_NAME)
                 raise ConfigError(f"embedding.{what}: unknown task(s) {unknown}{hint}; the stage-4 tasks are "
                                   f"{list(self.tasks)}")
 
@@ -343,7 +344,8 @@ class SupervisedStage(EmbeddingStage):
         embedding = ctx.cfg.embedding
         task = batch.task
         keys = {}
-        if embedding.mask_duplicate_positives and task in ("retrieval", "clr"):
+        spec = BY_NAME[task]
+        if embedding.mask_duplicate_positives and spec.loss.in_batch_negatives and spec.negatives == NEGATIVES_MINED:
             keys["positive_keys"] = content_keys(batch.positive_ids, batch.positive_lengths)
             if batch.negative_ids is not None:
                 keys["negative_keys"] = content_keys(batch.negative_ids, batch.negative_lengths).view(
@@ -360,7 +362,7 @@ class SupervisedStage(EmbeddingStage):
         reduced = self.reduce_step_stats(ctx, loss, stats, batch.size, tokens)
         metrics = {"task": task, f"loss_{task}": reduced["loss"], **{
             name: value for name, value in reduced.items() if name not in ("loss", "samples", "tokens")}}
-        if self.dhnm is not None and task in ("retrieval", "clr"):
+        if self.dhnm is not None and spec.negatives == NEGATIVES_MINED:
             observed = self.dhnm.observe(batch.example_ids, batch.negative_pool_positions,
                                          stats["hard_negative_cosines"], batch.negative_mask)
             metrics.update(observed.metrics())
@@ -378,12 +380,13 @@ class SupervisedStage(EmbeddingStage):
     def _task_loss(self, ctx: StageContext, batch, keys):
         """loss_fn(queries, positives[, hard_negatives]) -> (loss, stats) for the batch's task."""
         embedding, group = ctx.cfg.embedding, ctx.data_parallel_group
-        if batch.task == "sts":
+        loss = BY_NAME[batch.task].loss
+        if loss.name == "cosent":
             def sts_loss(queries, positives):
                 loss = cosent_loss(queries, positives, batch.scores, scale=embedding.cosent_scale)
                 return loss, {"num_anchors": torch.tensor(len(queries))}
             return sts_loss
-        if batch.task == "classification":
+        if not loss.in_batch_negatives:
             return partial(infonce_loss, temperature=embedding.temperature, gather_group=group,
                            in_batch_negatives=False, negative_mask=batch.negative_mask)
         return partial(infonce_loss, temperature=embedding.temperature, gather_group=group,
