@@ -1,5 +1,6 @@
 """Shared fixtures of the embedding-stage tests: a tokenizer and contrastive stores (seconds, offline)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -70,27 +71,34 @@ def supervised_store(embedding_data):
     return goldens.build_supervised(embedding_data["dir"], embedding_data["tokenizer"])
 
 
+class Recorded:
+    """An embedding loss that records, in `captured`, the embeddings by role it was handed, the loss
+    and the stats it returned (all detached), then returns them."""
+
+    def __init__(self, loss, captured):
+        self.loss, self.captured = loss, captured
+
+    def __call__(self, embeddings, targets):
+        loss, stats = self.loss(embeddings, targets)
+        self.captured.append({
+            "embeddings": {role: value.detach().clone() for role, value in embeddings.items()},
+            "loss": float(loss),
+            "stats": {name: value.detach().clone() if torch.is_tensor(value) else value
+                      for name, value in stats.items()}})
+        return loss, stats
+
+
 class CapturingStage:
     """Mixin for an embedding stage: records what each step's loss saw, so a test can recompute
     the loss independently of losses/. `captured[-1]` holds the embeddings by role handed to the
-    loss (the cached ones under GradCache) and the (loss, stats) it returned, all detached."""
+    loss (the cached ones under GradCache; hard negatives as [b, k, h]) and the (loss, stats) it
+    returned, all detached."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.captured = []
 
-    def capturing(self, loss_fn):
-        """`loss_fn` that records its inputs and outputs in `captured`."""
-        def recorded(embeddings):
-            loss, stats = loss_fn(embeddings)
-            self.captured.append({
-                "embeddings": {role: value.detach().clone() for role, value in embeddings.items()},
-                "loss": float(loss),
-                "stats": {name: value.detach().clone() if torch.is_tensor(value) else value
-                          for name, value in stats.items()}})
-            return loss, stats
-
-        return recorded
-
-    def run_contrastive(self, ctx, roles, loss_fn):
-        return super().run_contrastive(ctx, roles, self.capturing(loss_fn))
+    def run_contrastive(self, ctx, roles, loss, targets):
+        # the step's wrapper (plain or GradCache) around a recording of the loss it wraps
+        recorded = dataclasses.replace(loss, loss=Recorded(loss.loss, self.captured))
+        return super().run_contrastive(ctx, roles, recorded, targets)
