@@ -1,6 +1,6 @@
 """Import structure of the package: library code never imports ``megatron_conan.testing`` (testing
 may import the library), the modules of ``megatron_conan/data/``, ``preprocess/`` and ``datagen/``
-import each other without cycles, ``megatron_conan.checkpoint`` sits below training, conversion and
+import each other without cycles and data/ does not import preprocess/, ``megatron_conan.checkpoint`` sits below training, conversion and
 eval (and conversion does not import training), only ``megatron_conan.atomic_write`` renames
 files, and the preprocessing tool starts without torch or megatron-core. Imports inside functions
 count in the graph tests: a lazy import is still a dependency."""
@@ -106,6 +106,19 @@ def test_data_modules_have_no_import_cycles():
             for module, targets in _graph().items() if module.startswith(DATA_PACKAGES)}
     assert len(data) > 20, sorted(data)  # the walk sees the three packages
     assert not _cycles(data), _cycles(data)
+
+
+def test_data_does_not_import_preprocessing_and_the_task_table_imports_only_errors():
+    """The contrastive store's reader (data/) and writer (preprocess/) share data/contrastive_format.py
+    below both; the task table, which both read, sits under everything."""
+    graph = _graph()
+    upward = sorted(f"{module} imports {target}" for module, targets in graph.items()
+                    if module.startswith("megatron_conan.data.")
+                    for target in targets if target.startswith("megatron_conan.preprocess"))
+    assert not upward, upward
+    assert graph["megatron_conan.tasks"] == {"megatron_conan.errors"}
+    for reader_and_writer in ("megatron_conan.data.contrastive", "megatron_conan.preprocess.contrastive_tokenize"):
+        assert "megatron_conan.data.contrastive_format" in graph[reader_and_writer]
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -47,7 +47,7 @@ from megatron_conan.losses.matryoshka import DEFAULT_DIMS, matryoshka_dims as us
 from megatron_conan.models.pooling import POOLING_MODES
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
 from megatron_conan.outputs import atomic_output_dir, check_output_dir
-from megatron_conan.preprocess.encoders import format_instruction
+from megatron_conan.tasks import format_instruction
 
 logger = logging.getLogger(__name__)
 

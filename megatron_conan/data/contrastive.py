@@ -1,28 +1,13 @@
-"""Contrastive (embedding) data: the JSONL schema, its tokenized on-disk store, and the loader.
+"""Contrastive (embedding) data: the store's reader and the loader.
 
-Schema (one JSON object per line; see data/README.md for the full table):
-    pair            {"task": "pair", "query", "positive", "instruction"?}       (stage 3)
-    retrieval, clr  {"task", "query", "positive", "negatives"?: [..], "candidates"?: [..],
-                     "language"?, "instruction"?}                                (stage 4)
-    classification  {"task", "text", "label", "negative_labels": [..], "instruction"?}
-    sts             {"task", "text1", "text2", "score": finite number, "instruction"?}
+Records and what each task implies (fields, store layout, hard-negative slots, loss) are the task
+table's (`megatron_conan/tasks.py`; data/README.md has the schema); the store's files and row
+format are `contrastive_format.py`, which the writer (`preprocess/contrastive_tokenize.py`) shares.
 
-Store `<prefix>` (written by `tokenize_contrastive`, i.e. tools/tokenize_contrastive.py), version 3
-(version 2, without prompt lengths, is still read):
-    <prefix>.bin/.idx       megatron-core indexed dataset; one document per example whose sequences
-                            are its texts, in order: anchor, positive, negatives..., candidates....
-                            An instructed anchor (sts: both texts) is stored as the ids of the one
-                            string `Instruct: {instruction}\nQuery: {text}`. Raw ids, no EOD.
-    <prefix>.examples.npy   one `EXAMPLE_DTYPE` row per example (task code, first sequence, counts,
-                            language code, score, instructed flag, input file and line, prompt
-                            token count), mmap-able.
-    <prefix>.meta.json      task names, language table, counts, tokenize-time instructions,
-                            tokenizer identity, inputs.
-The .idx is renamed into place last: a store is complete when all four files exist.
-
-`ContrastiveLoader` yields single-task `ContrastiveBatch`es: the task of each step is drawn by
-weights, each task walks its own permutation, the global batch is sharded across data-parallel
-ranks without overlap, and the position is resumable with `state_dict()` / `load_state_dict()`.
+`ContrastiveStore` reads a store; `ContrastiveLoader` yields single-task `ContrastiveBatch`es: the
+task of each step is drawn by weights, each task walks its own permutation, the global batch is
+sharded across data-parallel ranks without overlap, and the position is resumable with
+`state_dict()` / `load_state_dict()`.
 """
 
 import dataclasses
@@ -36,17 +21,22 @@ import numpy
 import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron_conan.data.contrastive_format import (
+    EXAMPLES_SUFFIX,
+    STORE_SUFFIXES,
+    TASK_CODES,
+    check_store_meta,
+    prompt_token_count,
+)
 from megatron_conan.data.provenance import META_SUFFIX
 from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError
-from megatron_conan.preprocess.contrastive_tokenize import READABLE_STORE_VERSIONS, EXAMPLES_SUFFIX, STORE_FORMAT, TASK_CODES
-from megatron_conan.preprocess.encoders import CONTRASTIVE_TASKS, check_instructions
+from megatron_conan.tasks import BY_NAME, NEGATIVES_LABELS, NEGATIVES_MINED, TASK_NAMES, check_instructions, paper_task_weights
 
 logger = logging.getLogger(__name__)
 
-RETRIEVAL_TASKS = ("retrieval", "clr")
 LOADER_STATE_VERSION = 2
 """Version 2: a step counter and each task's (epoch, cursor) (version 1 had one epoch plan)."""
-PAPER_TASK_WEIGHTS = {"sts": 1.8, "clr": 3.0, "retrieval": 3.0, "classification": 2.8}
+PAPER_TASK_WEIGHTS = paper_task_weights()
 """The paper's stage-4 mix in millions of examples (docs/DESIGN.md section 5): default task weights."""
 
 
@@ -75,19 +65,13 @@ class ContrastiveStore:
 
     def __init__(self, path_prefix: str):
         self.path_prefix = path_prefix
-        for suffix in (".bin", ".idx", EXAMPLES_SUFFIX, META_SUFFIX):
+        for suffix in STORE_SUFFIXES:
             if not os.path.exists(path_prefix + suffix):
                 raise FileNotFoundError(f"incomplete contrastive store: {path_prefix + suffix} "
                                         f"missing")
         with open(path_prefix + META_SUFFIX, encoding="utf-8") as stream:
             self.meta = json.load(stream)
-        if self.meta.get("format") != STORE_FORMAT:
-            raise DataError(f"{path_prefix}{META_SUFFIX}: not a contrastive store")
-        if self.meta.get("version") not in READABLE_STORE_VERSIONS:
-            raise DataError(f"{path_prefix}: a version-{self.meta.get('version')} contrastive "
-                            f"store; this code reads versions {list(READABLE_STORE_VERSIONS)} "
-                            f"(instructed queries tokenized as one string): re-tokenize it with "
-                            f"tools/tokenize_contrastive.py")
+        check_store_meta(path_prefix, self.meta)
         self.tasks: List[str] = self.meta["tasks"]
         self.languages: List[str] = self.meta["languages"]
         self.instructions: Dict[str, str] = self.meta.get("instructions", {})
@@ -157,8 +141,6 @@ class ContrastiveStore:
 
     def use_task_prompt_lengths(self, tokenizer) -> None:
         """Version-2 stores: count each task's instruction prompt with `tokenizer` (see prompt_length)."""
-        from megatron_conan.preprocess.contrastive_tokenize import prompt_token_count
-
         self._version2_prompt_lengths = {task: prompt_token_count(tokenizer, instruction)
                                          for task, instruction in self.instructions.items()}
 
@@ -173,7 +155,7 @@ class ContrastiveStore:
             anchor=self.sequence(first), positive=self.sequence(first + 1),
             negatives=pool[:num_negatives], candidates=pool[num_negatives:],
             instructed=bool(row["instructed"]), prompt_length=self.prompt_length(example_id),
-            score=float(row["score"]) if task == "sts" else None,
+            score=float(row["score"]) if BY_NAME[task].score_field else None,
             language=self.languages[int(row["language"])] if row["language"] >= 0 else None)
 
 
@@ -266,7 +248,7 @@ def pool_report(store: ContrastiveStore, tasks: Sequence[str], num_negatives: in
                 max_examples: int = 10) -> PoolReport:
     """Counts the retrieval/clr examples of `tasks` whose pool holds fewer than `num_negatives`."""
     report = PoolReport(num_negatives)
-    codes = [store.tasks.index(task) for task in tasks if task in RETRIEVAL_TASKS]
+    codes = [store.tasks.index(task) for task in tasks if BY_NAME[task].negatives == NEGATIVES_MINED]
     if num_negatives <= 0 or not codes:
         return report  # nothing to count (stage 3: pairs only), and no pass over every example
     selected = numpy.isin(store.examples["task"], codes)
@@ -348,14 +330,14 @@ class ContrastiveLoader:
         self.drop_last = drop_last
         self.append_eod = append_eod
         self.negative_picker = negative_picker
-        unknown = set(tasks or ()) - set(CONTRASTIVE_TASKS)
+        unknown = set(tasks or ()) - set(TASK_NAMES)
         if unknown:
-            raise ConfigError(f"unknown tasks {sorted(unknown)}; expected {CONTRASTIVE_TASKS}")
-        available = [task for task in CONTRASTIVE_TASKS
+            raise ConfigError(f"unknown tasks {sorted(unknown)}; expected {TASK_NAMES}")
+        available = [task for task in TASK_NAMES
                      if self.store.meta["examples_per_task"].get(task, 0) > 0]
         self.tasks = [task for task in available if tasks is None or task in tasks]
         if not self.tasks:
-            raise DataError(f"{path_prefix}: no examples of tasks {tasks or CONTRASTIVE_TASKS}")
+            raise DataError(f"{path_prefix}: no examples of tasks {tasks or TASK_NAMES}")
         self.batch_sizes = self._resolve_batch_sizes(batch_size)
         self._task_ids = {task: self.store.example_ids_of_task(task) for task in self.tasks}
         self.task_probabilities = self._resolve_weights(task_weights)
@@ -400,12 +382,12 @@ class ContrastiveLoader:
                     f"{task}=\"{instruction}\"")
 
     def _per_task(self, values: Mapping[str, object], what: str, hint: str = "") -> Dict[str, object]:
-        """`values` of the selected tasks; names outside CONTRASTIVE_TASKS or a selected task
+        """`values` of the selected tasks; names outside TASK_NAMES or a selected task
         without a value are errors that name them."""
-        unknown = sorted(set(values) - set(CONTRASTIVE_TASKS))
+        unknown = sorted(set(values) - set(TASK_NAMES))
         if unknown:
             raise ConfigError(f"{what} name unknown tasks {unknown}; tasks are "
-                              f"{', '.join(CONTRASTIVE_TASKS)}")
+                              f"{', '.join(TASK_NAMES)}")
         missing = [task for task in self.tasks if task not in values]
         if missing:
             raise ConfigError(f"{what} give no value for tasks {missing} present in "
@@ -423,7 +405,7 @@ class ContrastiveLoader:
         return sizes
 
     def _resolve_weights(self, task_weights) -> Dict[str, float]:
-        """Normalised draw probabilities of the tasks present, in CONTRASTIVE_TASKS order; tasks
+        """Normalised draw probabilities of the tasks present, in TASK_NAMES order; tasks
         of weight 0 are never drawn."""
         if len(self.tasks) == 1 and task_weights is None:
             return {self.tasks[0]: 1.0}
@@ -509,7 +491,8 @@ class ContrastiveLoader:
         """The batch of these examples (all of `task`)."""
         queries, positives, languages, scores = [], [], [], []
         negative_pools, prompt_lengths = [], []
-        max_positive = self.max_query_length if task == "sts" else self.max_passage_length
+        spec = BY_NAME[task]
+        max_positive = self.max_query_length if spec.symmetric else self.max_passage_length
         for example_id in example_ids:
             example = self.store.example(int(example_id))
             queries.append(self._finish(example.anchor, self.max_query_length))
@@ -524,18 +507,18 @@ class ContrastiveLoader:
         batch = ContrastiveBatch(task, torch.as_tensor(numpy.asarray(example_ids, dtype=numpy.int64)),
                                  query_ids, query_lengths, positive_ids, positive_lengths,
                                  query_prompt_lengths=query_prompt_lengths,
-                                 positive_prompt_lengths=(query_prompt_lengths.clone() if task == "sts"
+                                 positive_prompt_lengths=(query_prompt_lengths.clone() if spec.symmetric
                                                           else torch.zeros_like(query_prompt_lengths)),
                                  languages=languages, epoch=epoch, step=step)
-        if task == "sts":
+        if spec.score_field:
             batch.scores = torch.tensor(scores, dtype=torch.float32)
-        elif task in RETRIEVAL_TASKS or task == "classification":
+        if spec.negatives in (NEGATIVES_MINED, NEGATIVES_LABELS):
             self._add_negatives(batch, task, example_ids, negative_pools)
         return batch
 
     def _add_negatives(self, batch: ContrastiveBatch, task: str, example_ids,
                        pools: List[List[numpy.ndarray]]) -> None:
-        if task == "classification":
+        if BY_NAME[task].negatives == NEGATIVES_LABELS:
             # every negative label is used; the pool is only the negative labels
             slots = max((len(pool) for pool in pools), default=0)
             chosen = [list(range(len(pool))) for pool in pools]
@@ -561,7 +544,7 @@ class ContrastiveLoader:
         while True:
             task, epoch, step, global_ids = self._advance()
             prepare = getattr(self.negative_picker, "prepare", None)
-            if prepare is not None and task in RETRIEVAL_TASKS and self.num_negatives > 0:
+            if prepare is not None and BY_NAME[task].negatives == NEGATIVES_MINED and self.num_negatives > 0:
                 prepare(global_ids)  # every rank, the same global batch: collectives line up
             yield self.make_batch(task, self.rank_slice(global_ids), epoch, step)
 

@@ -39,12 +39,12 @@ import numpy
 from megatron_conan.errors import DataError, InputError
 from megatron_conan.eval.search import ANN_ENCODINGS, ann_top_k, exact_top_k
 from megatron_conan.eval.text_io import iter_jsonl_records, read_texts, record_text, save_json, write_atomically
-from megatron_conan.preprocess.encoders import format_instruction
+from megatron_conan.tasks import BY_NAME, TASKS, format_instruction
 
 logger = logging.getLogger(__name__)
 
-MINABLE_TASKS = {"pair": "retrieval", "retrieval": "retrieval", "clr": "clr"}
-"""Input task -> output task: mined pairs become retrieval examples."""
+MINABLE_TASKS = {task.name: task.mined_as for task in TASKS if task.mined_as}
+"""Input task -> output task (the task table's `mined_as`): mined pairs become retrieval examples."""
 REPORT_EXAMPLES = 20
 """Examples listed by line in the report, per kind."""
 
@@ -173,8 +173,9 @@ def read_examples(path: str) -> List[Example]:
         instruction = record.get("instruction")
         prefix = format_instruction(record_text(record, "instruction", path, number)) if instruction is not None \
             else None
-        examples.append(Example(number, record, record_text(record, "query", path, number),
-                                record_text(record, "positive", path, number), prefix))
+        spec = BY_NAME[task]
+        examples.append(Example(number, record, record_text(record, spec.anchor, path, number),
+                                record_text(record, spec.positive, path, number), prefix))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples

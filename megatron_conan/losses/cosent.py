@@ -8,12 +8,20 @@ i.e. every pair the gold ranks i above j is penalised by how far the model ranks
 computed as a logsumexp over the pair terms plus a zero term (the "1 +"), so large scales do not
 overflow. The pairs are those of the local batch: under data parallelism each rank's loss covers its
 own pairs and DDP averages the ranks' gradients (no gather; a batch of B gives B(B-1)/2 pairs).
+:class:`CoSENTLoss` is the loss object (built with its scale, called on embeddings and targets);
+``cosent_loss`` its maths on plain tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Dict, Mapping, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
+
+from megatron_conan.losses.gather import Gather
+from megatron_conan.losses.targets import LossTargets
 
 
 def cosent_from_similarities(similarities: torch.Tensor, scores: torch.Tensor,
@@ -42,3 +50,22 @@ def cosent_loss(emb1: torch.Tensor, emb2: torch.Tensor, scores: torch.Tensor,
     emb1, emb2 = emb1.to(compute_dtype), emb2.to(compute_dtype)
     similarities = F.cosine_similarity(emb1, emb2, dim=-1)  # [b]
     return cosent_from_similarities(similarities, scores.to(similarities.device), scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoSENTLoss:
+    """CoSENT of the pairs (``queries`` [b, d], ``positives`` [b, d]) with gold ``targets.scores`` [b];
+    stats: ``num_anchors`` (the pairs). Gathers nothing."""
+
+    scale: float = 20.0
+    gather: Optional[Gather] = None
+    """Unused: the pairs are each rank's own."""
+
+    def with_gather(self, gather: Optional[Gather]) -> "CoSENTLoss":
+        return self
+
+    def __call__(self, embeddings: Mapping[str, torch.Tensor], targets: LossTargets
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        queries = embeddings["queries"]
+        loss = cosent_loss(queries, embeddings["positives"], targets.scores, scale=self.scale)
+        return loss, {"num_anchors": torch.tensor(len(queries))}

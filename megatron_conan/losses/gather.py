@@ -29,17 +29,18 @@ of times in the same order: they are collectives.
 
 Without an initialised torch.distributed (or with a group of one rank) the gather is the identity.
 
-Inside ``shared_gathers()`` (Matryoshka: one loss per truncation) a tensor gathered again is not
-gathered again: the first result is reused, and a tensor registered as ``fn(full)`` with a row-wise
-``fn`` (``scope.derive``: a normalised prefix) is gathered as ``fn(gather(full))``. Row-wise
-operations commute with a gather along dim 0, so the values are unchanged, the gradients of every
-use meet in one backward, and a step moves each tensor once at full width instead of once per dim.
+The gather is an object a loss is built with (:class:`GroupGather`), not module state: what a loss
+collects across ranks is what it was given. :class:`SharedGather` wraps one for the calls of one
+loss evaluation (Matryoshka: one loss per truncation): a tensor gathered again is not gathered
+again, the first result is reused, and a tensor registered as ``fn(full)`` with a row-wise ``fn``
+(``derive``: a normalised prefix) is gathered as ``fn(gather(full))``. Row-wise operations commute
+with a gather along dim 0, so the values are unchanged, the gradients of every use meet in one
+backward, and a step moves each tensor once at full width instead of once per dim.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
@@ -87,19 +88,96 @@ def gather_sizes(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
     return [shape[0] for shape in shapes]
 
 
+class Gather(Protocol):
+    """What a loss gathers its candidates with (:class:`GroupGather`, :class:`SharedGather`)."""
+
+    @property
+    def size(self) -> int:
+        """Ranks in the group (1: nothing to gather)."""
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+
+    def sizes(self, tensor: torch.Tensor) -> List[int]:
+        """Dim-0 size of `tensor` on every rank, in group-rank order."""
+
+    def __call__(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """`tensor` [b_r, ...] concatenated over the ranks -> [sum_r b_r, ...], with every rank's b_r."""
+
+
+class GroupGather:
+    """All-gather along dim 0 with autograd over the ranks of `group` (module docstring).
+
+    `group` follows torch.distributed: None is the default (world) group, which is the data-parallel
+    group only without tensor/pipeline parallelism; pass the DP group otherwise. Backward hands each
+    rank the gradient of the sum of every rank's loss w.r.t. its local slice. The identity when
+    torch.distributed is not initialised or the group has one rank.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group
+        self.reduce_scatter_works: Optional[bool] = None
+        """Whether the backend ran reduce_scatter (gloo gained it only in recent torch versions);
+        None until the first backward tries."""
+
+    @property
+    def size(self) -> int:
+        return group_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return group_rank(self.group)
+
+    def sizes(self, tensor: torch.Tensor) -> List[int]:
+        return gather_sizes(tensor, self.group)
+
+    def __call__(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        sizes = self.sizes(tensor)
+        if len(sizes) == 1:
+            return tensor, sizes
+        if tensor.dtype == torch.bool:  # gloo cannot gather bool
+            return _AllGatherWithGrad.apply(tensor.to(torch.uint8), self, sizes).bool(), sizes
+        return _AllGatherWithGrad.apply(tensor, self, sizes), sizes
+
+    def sum_local_slice(self, grad: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """This rank's rows of the SUM over the group of `grad` [N, ...] (ranks' slices of `sizes`)."""
+        placement, rank = current_placement(), self.rank
+        if self.reduce_scatter_works is not False:
+            longest = max(sizes)
+            padded = grad.new_zeros((len(sizes) * longest,) + tuple(grad.shape[1:]))  # [k * longest, ...]
+            offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+            for r, (offset, size) in enumerate(zip(offsets, sizes)):
+                padded[r * longest:r * longest + size] = grad[offset:offset + size]
+            output = grad.new_empty((longest,) + tuple(grad.shape[1:]))
+            try:
+                placement.reduce_scatter(output, padded, group=self.group)
+                self.reduce_scatter_works = True
+                return output[:sizes[rank]]
+            except (RuntimeError, NotImplementedError) as error:
+                # refused locally, before any rank communicates, so every rank falls back alike
+                if "not supported" not in str(error).lower() and "not implemented" not in str(error).lower():
+                    raise
+                self.reduce_scatter_works = False
+        # all_reduce works in place and grad may be shared with other graph branches
+        summed = placement.all_reduce(grad.contiguous().clone(), op=dist.ReduceOp.SUM, group=self.group)  # [N, ...]
+        start = sum(sizes[:rank])
+        return summed[start:start + sizes[rank]]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: concatenate every rank's slice; backward: SUM-reduce, keep the local slice."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group, sizes: List[int]) -> torch.Tensor:
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
+    def forward(ctx, tensor: torch.Tensor, gather: GroupGather, sizes: List[int]) -> torch.Tensor:
+        ctx.gather, ctx.sizes, ctx.rank = gather, sizes, gather.rank
         longest = max(sizes)
         if longest == 0:  # every rank is empty; all see the same sizes, so all skip alike
             return tensor.new_empty((0,) + tuple(tensor.shape[1:]))
         padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
         pieces = [torch.empty_like(padded) for _ in sizes]
-        current_placement().all_gather(pieces, padded, group=group)
+        current_placement().all_gather(pieces, padded, group=gather.group)
         return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
 
     @staticmethod
@@ -108,46 +186,29 @@ class _AllGatherWithGrad(torch.autograd.Function):
         local = ctx.sizes[ctx.rank]
         if max(ctx.sizes) == 0:
             return grad_output[start:start + local], None, None
-        return _sum_local_slice(grad_output, ctx.sizes, ctx.rank, ctx.group), None, None
+        return ctx.gather.sum_local_slice(grad_output, ctx.sizes), None, None
 
 
-_reduce_scatter_works: Dict[str, bool] = {}
-"""Per backend: whether reduce_scatter_tensor ran (gloo gained it only in recent torch versions)."""
+class SharedGather:
+    """`gather` for the calls of one loss evaluation: results by input tensor, derived tensors by
+    tensor (module docstring). Entries hold their tensors, so an id is never confused with a later
+    tensor's. Build one per evaluation: it keeps what it gathered."""
 
-
-def _sum_local_slice(grad: torch.Tensor, sizes: List[int], rank: int, group) -> torch.Tensor:
-    """This rank's rows of the SUM over the group of `grad` [N, ...] (ranks' slices of `sizes`)."""
-    placement = current_placement()
-    backend = dist.get_backend(group)
-    if _reduce_scatter_works.get(backend, True):
-        longest = max(sizes)
-        padded = grad.new_zeros((len(sizes) * longest,) + tuple(grad.shape[1:]))  # [k * longest, ...]
-        offsets = [sum(sizes[:r]) for r in range(len(sizes))]
-        for r, (offset, size) in enumerate(zip(offsets, sizes)):
-            padded[r * longest:r * longest + size] = grad[offset:offset + size]
-        output = grad.new_empty((longest,) + tuple(grad.shape[1:]))
-        try:
-            placement.reduce_scatter(output, padded, group=group)
-            _reduce_scatter_works[backend] = True
-            return output[:sizes[rank]]
-        except (RuntimeError, NotImplementedError) as error:
-            # refused locally, before any rank communicates, so every rank falls back alike
-            if "not supported" not in str(error).lower() and "not implemented" not in str(error).lower():
-                raise
-            _reduce_scatter_works[backend] = False
-    # all_reduce works in place and grad may be shared with other graph branches
-    summed = placement.all_reduce(grad.contiguous().clone(), op=dist.ReduceOp.SUM, group=group)  # [N, ...]
-    start = sum(sizes[:rank])
-    return summed[start:start + sizes[rank]]
-
-
-class _SharedGathers:
-    """The gathers of one `shared_gathers()` scope: results by (input tensor, group), derived tensors
-    by tensor. Entries hold their tensors, so an id is never confused with a later tensor's."""
-
-    def __init__(self):
-        self.results: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}
+    def __init__(self, gather: Optional[Gather]):
+        self.gather = gather if gather is not None else GroupGather(None)
+        self.results: Dict[int, Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}
         self.derived: Dict[int, Tuple[torch.Tensor, torch.Tensor, Callable]] = {}  # id -> (derived, full, fn)
+
+    @property
+    def size(self) -> int:
+        return self.gather.size
+
+    @property
+    def rank(self) -> int:
+        return self.gather.rank
+
+    def sizes(self, tensor: torch.Tensor) -> List[int]:
+        return self.gather.sizes(tensor)
 
     def derive(self, full: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """fn(full), registered so that its gather is fn(gather(full)); fn must act row by row."""
@@ -155,59 +216,16 @@ class _SharedGathers:
         self.derived[id(derived)] = (derived, full, fn)
         return derived
 
-    def gather(self, tensor: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
+    def __call__(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        if self.size == 1:
+            return self.gather(tensor)
         known = self.derived.get(id(tensor))
         if known is not None and known[0] is tensor:
-            gathered, sizes = self.gather(known[1], group)
+            gathered, sizes = self(known[1])
             return known[2](gathered), sizes
-        key = (id(tensor), id(group))
-        done = self.results.get(key)
+        done = self.results.get(id(tensor))
         if done is not None and done[0] is tensor:
             return done[1], done[2]
-        gathered, sizes = _gather(tensor, group)
-        self.results[key] = (tensor, gathered, sizes)
+        gathered, sizes = self.gather(tensor)
+        self.results[id(tensor)] = (tensor, gathered, sizes)
         return gathered, sizes
-
-
-_scope: List[_SharedGathers] = []
-
-
-@contextlib.contextmanager
-def shared_gathers() -> Iterator[_SharedGathers]:
-    """A scope in which each tensor is gathered once (module docstring); `.derive(full, fn)` gives
-    tensors whose gathers are computed from the full one's."""
-    scope = _SharedGathers()
-    _scope.append(scope)
-    try:
-        yield scope
-    finally:
-        _scope.pop()
-
-
-def _gather(tensor: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
-    sizes = gather_sizes(tensor, group)
-    if len(sizes) == 1:
-        return tensor, sizes
-    if tensor.dtype == torch.bool:  # gloo cannot gather bool
-        return _AllGatherWithGrad.apply(tensor.to(torch.uint8), group, sizes).bool(), sizes
-    return _AllGatherWithGrad.apply(tensor, group, sizes), sizes
-
-
-def all_gather_with_sizes(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
-                          ) -> Tuple[torch.Tensor, List[int]]:
-    """`all_gather_with_grad` that also returns every rank's dim-0 size (group-rank order)."""
-    if _scope and group_size(group) > 1:
-        return _scope[-1].gather(tensor, group)
-    return _gather(tensor, group)
-
-
-def all_gather_with_grad(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
-                         ) -> torch.Tensor:
-    """Concatenate `tensor` [b_r, ...] over the ranks of `group` along dim 0 -> [sum_r b_r, ...].
-
-    `group` follows torch.distributed: None is the default (world) group, which is the
-    data-parallel group only without tensor/pipeline parallelism; pass the DP group otherwise.
-    Backward hands each rank the gradient of the sum of every rank's loss w.r.t. its local slice
-    (module docstring). Identity when torch.distributed is not initialised.
-    """
-    return all_gather_with_sizes(tensor, group)[0]

@@ -7,6 +7,10 @@ that occurs several times among the candidates counts once in each denominator (
 ``in_batch_negatives=False`` (the classification stage: text, positive label, negative labels)
 each query is scored against its own positive and its own negatives only, and nothing is gathered.
 
+The loss is an object built with its hyper-parameters and the gather it collects candidates with
+(:class:`InfoNCELoss`, called on embeddings by role and the batch's targets); ``infonce_loss`` is its
+maths on plain tensors.
+
 Scaling: with N anchors over the k ranks of the group, rank r returns
 ``(k / N) * sum_{i on r} l_i``, so megatron DDP's 1/k gradient averaging gives the gradient of the
 single-process mean over the concatenated batch (gather.py states the contract), and the mean of
@@ -16,14 +20,14 @@ the returned losses over the ranks is that global mean. Every rank of the group 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import dataclasses
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_conan.losses.gather import (all_gather_with_grad, all_gather_with_sizes, gather_sizes,
-                                          group_rank, group_size)
+from megatron_conan.losses.gather import Gather
+from megatron_conan.losses.targets import LossTargets
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,7 @@ def infonce_loss(
     positives: torch.Tensor,
     hard_negatives: Optional[torch.Tensor] = None,
     temperature: float = 0.02,
-    gather_group: Optional[dist.ProcessGroup] = None,
+    gather: Optional[Gather] = None,
     in_batch_negatives: bool = True,
     negative_mask: Optional[torch.Tensor] = None,
     positive_keys: Optional[torch.Tensor] = None,
@@ -90,32 +94,20 @@ def infonce_loss(
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """InfoNCE loss of the local anchors and its statistics.
 
-    queries, positives: [b, d]; hard_negatives: [b, k, d] or None; negative_mask: [b, k] bool,
-    False for padding slots (never scored; ContrastiveBatch.negative_mask). The inputs are
-    L2-normalised here (a no-op in value and gradient for unit vectors such as ``pool``'s output,
-    and what makes truncated Matryoshka prefixes or raw vectors safe). Logits are cosines divided
-    by `temperature`, computed in at least float32.
+    queries, positives: [b, d]; hard_negatives: [b, k, d] or None; negative_mask: [b, k] bool, False
+    for padding slots (never scored). Inputs are L2-normalised here (a no-op for unit vectors; what
+    makes Matryoshka prefixes safe); logits are cosines / `temperature`, in at least float32.
 
-    gather_group: the data-parallel group to gather candidates over; None (or torch.distributed not
-    initialised) scores against the local batch only. Ignored for the gather when
-    ``in_batch_negatives=False``, but still used to count the global anchors for the scaling.
+    gather: gathers the candidates over the data-parallel group (``GroupGather(dp_group)``); None
+    (or one rank) scores the local batch only. Without in-batch negatives it only counts the anchors.
 
-    positive_keys: int64 [b] content keys of the positives (equal texts, equal keys), gathered with
-    them; negative_keys: int64 [b, k] keys of the hard negatives (used with positive_keys). With
-    keys, each text counts once in every denominator: for anchor i, candidate c (the gathered
-    positives, then the gathered hard negatives; padding slots never count) is kept iff c is i's
-    label, or key(c) differs from the key of i's own positive and c is the first valid candidate
-    with key(c). So a copy of i's positive elsewhere in the global batch (a false negative) is left
-    out, and a hub text (a hard negative of several rows, or a negative that is another row's
-    positive) is scored once, not once per copy. None: every in-batch candidate counts (hard
-    negatives without negative_keys each count as their own text).
+    positive_keys: int64 [b] content keys of the positives (equal texts, equal keys); negative_keys:
+    int64 [b, k] of the hard negatives (with positive_keys). With keys each text counts once in
+    every denominator (README.md beside this file states the rule: a copy of i's positive elsewhere
+    is left out, a hub text is scored once); None: every in-batch candidate counts.
 
-    Returns ``(loss, stats)``; stats are detached: ``loss``, ``accuracy`` (share of local anchors
-    whose own positive scores highest), ``positive_cosine`` (mean), ``hard_negative_cosine`` (mean
-    over the valid hard negatives of the local anchors; 0 without any), ``hard_negative_cosines``
-    ([b, k] cos(query_i, own negative j), padding slots included: mask them with negative_mask;
-    the S_i that DHNM reuses) and ``num_anchors``.
-    """
+    Returns ``(loss, stats)``, stats detached (README.md lists them), among them DHNM's S_i:
+    ``hard_negative_cosines`` [b, k] = cos(query_i, own negative j), padding slots included."""
     _check_arguments(queries, positives, hard_negatives, negative_mask, temperature, in_batch_negatives)
     compute_dtype = torch.promote_types(queries.dtype, torch.float32)
 
@@ -123,31 +115,23 @@ def infonce_loss(
         return F.normalize(x.to(compute_dtype), dim=-1)
 
     # the gathers take the arguments themselves (then normalise: row-wise, so the same values), so
-    # that Matryoshka's shared_gathers() scope gathers each tensor once per step, not once per dim
+    # that Matryoshka's SharedGather gathers each tensor once per step, not once per dim
     raw_positives, raw_negatives = positives, hard_negatives
     queries = normalized(queries)  # [b, d]
     positives = normalized(positives)  # [b, d]
-    local = queries.shape[0]
     if hard_negatives is not None:
-        hard_negatives = normalized(hard_negatives)  # [b, k, d]
-        if negative_mask is None:
-            negative_mask = torch.ones(hard_negatives.shape[:2], dtype=torch.bool, device=hard_negatives.device)
-        # the loss of the classification variant; statistics only in the in-batch variant
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not in_batch_negatives):
-            own_negative_cosines = torch.einsum("bd,bkd->bk", queries, hard_negatives)  # [b, k]
+        hard_negatives, negative_mask, own_negative_cosines = _own_negatives(
+            queries, normalized(hard_negatives), negative_mask, in_batch_negatives)
 
-    gathering = gather_group is not None and group_size(gather_group) > 1
-    ranks = group_size(gather_group) if gathering else 1
+    gathering = gather is not None and gather.size > 1
+    ranks = gather.size if gathering else 1
     if in_batch_negatives:
         logits, labels, global_anchors = _in_batch_logits(
             queries, positives, raw_positives, hard_negatives, raw_negatives, negative_mask,
-            positive_keys, negative_keys, gather_group if gathering else None, normalized)
+            positive_keys, negative_keys, gather if gathering else None, normalized)
     else:
-        positive_logits = (queries * positives).sum(-1, keepdim=True)  # [b, 1]
-        negative_logits = own_negative_cosines.masked_fill(~negative_mask, float("-inf"))
-        logits = torch.cat([positive_logits, negative_logits], dim=1)  # [b, 1 + k]
-        labels = torch.zeros(local, dtype=torch.int64, device=queries.device)
-        global_anchors = sum(gather_sizes(queries, gather_group)) if gathering else local
+        logits, labels = _own_negative_logits(queries, positives, own_negative_cosines, negative_mask)
+        global_anchors = sum(gather.sizes(queries)) if gathering else queries.shape[0]
 
     per_anchor = F.cross_entropy(logits / temperature, labels, reduction="none")  # [b]
     loss = per_anchor.sum() * (ranks / max(global_anchors, 1))
@@ -159,16 +143,35 @@ def infonce_loss(
     return loss, stats
 
 
+def _own_negatives(queries, hard_negatives, negative_mask, in_batch_negatives):
+    """(the normalised hard negatives [b, k, d], their mask [b, k] (all valid when None), and
+    cos(query_i, own negative j) [b, k]): the classification variant's loss, so with gradients
+    there; statistics only in the in-batch variant."""
+    if negative_mask is None:
+        negative_mask = torch.ones(hard_negatives.shape[:2], dtype=torch.bool, device=hard_negatives.device)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not in_batch_negatives):
+        own_negative_cosines = torch.einsum("bd,bkd->bk", queries, hard_negatives)  # [b, k]
+    return hard_negatives, negative_mask, own_negative_cosines
+
+
+def _own_negative_logits(queries, positives, own_negative_cosines, negative_mask):
+    """The classification variant's logits [b, 1 + k] (own positive, own valid negatives) and labels [b]."""
+    positive_logits = (queries * positives).sum(-1, keepdim=True)  # [b, 1]
+    negative_logits = own_negative_cosines.masked_fill(~negative_mask, float("-inf"))
+    logits = torch.cat([positive_logits, negative_logits], dim=1)  # [b, 1 + k]
+    return logits, torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
+
+
 def _in_batch_logits(queries, positives, raw_positives, hard_negatives, raw_negatives, negative_mask,
-                     positive_keys, negative_keys, gather_group, normalized):
+                     positive_keys, negative_keys, gather, normalized):
     """The in-batch variant's logits [b, N (+ N*k)] against the (gathered) positives and hard
     negatives, each text counted once where keys are given; with the labels [b] and the global
-    number of anchors. `gather_group` None: the local batch only."""
+    number of anchors. `gather` None: the local batch only."""
     local = queries.shape[0]
-    if gather_group is not None:
-        candidates, sizes = all_gather_with_sizes(raw_positives, gather_group)  # [N, d]
+    if gather is not None:
+        candidates, sizes = gather(raw_positives)  # [N, d]
         candidates = normalized(candidates)
-        offset = sum(sizes[:group_rank(gather_group)])
+        offset = sum(sizes[:gather.rank])
     else:
         candidates, sizes, offset = positives, [local], 0
     labels = offset + torch.arange(local, device=queries.device)
@@ -177,14 +180,13 @@ def _in_batch_logits(queries, positives, raw_positives, hard_negatives, raw_nega
     if positive_keys is not None:
         if positive_keys.shape != (local,):
             raise ValueError(f"positive_keys must be [b] = [{local}], got {tuple(positive_keys.shape)}")
-        candidate_keys = (all_gather_with_grad(positive_keys, gather_group) if gather_group is not None
-                          else positive_keys)  # [N]
+        candidate_keys = gather(positive_keys)[0] if gather is not None else positive_keys  # [N]
     candidate_valid = torch.ones(logits.shape[1], dtype=torch.bool, device=queries.device)  # [N]
     if hard_negatives is not None:
         all_negatives, all_mask = hard_negatives, negative_mask
-        if gather_group is not None:
-            all_negatives = normalized(all_gather_with_grad(raw_negatives, gather_group))  # [N, k, d]
-            all_mask = all_gather_with_grad(negative_mask, gather_group)
+        if gather is not None:
+            all_negatives = normalized(gather(raw_negatives)[0])  # [N, k, d]
+            all_mask = gather(negative_mask)[0]
         negative_logits = queries @ all_negatives.flatten(0, 1).T  # [b, N*k]
         negative_logits = negative_logits.masked_fill(~all_mask.flatten(), float("-inf"))
         logits = torch.cat([logits, negative_logits], dim=1)  # [b, N + N*k]
@@ -192,8 +194,7 @@ def _in_batch_logits(queries, positives, raw_positives, hard_negatives, raw_nega
             if negative_keys.shape != negative_mask.shape:
                 raise ValueError(f"negative_keys must be [b, k] = {tuple(negative_mask.shape)}, "
                                  f"got {tuple(negative_keys.shape)}")
-            all_negative_keys = (all_gather_with_grad(negative_keys, gather_group) if gather_group is not None
-                                 else negative_keys)  # [N, k]
+            all_negative_keys = gather(negative_keys)[0] if gather is not None else negative_keys  # [N, k]
             candidate_keys = torch.cat([candidate_keys, all_negative_keys.flatten()])  # [N + N*k]
             candidate_valid = torch.cat([candidate_valid, all_mask.flatten()])  # [N + N*k]
     if candidate_keys is not None:
@@ -223,3 +224,35 @@ def _statistics(loss, logits, labels, queries, positives, compute_dtype) -> Dict
     scored[torch.arange(local, device=queries.device), labels] = False
     stats["negative_cosine"] = _masked_mean(logits.masked_fill(~scored, 0.0), scored)
     return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class InfoNCELoss:
+    """InfoNCE on embeddings by role: ``queries`` [b, d], ``positives`` [b, d] and, if the batch has
+    them, ``hard_negatives`` [b, k, d]; the targets give the negative mask and the content keys.
+    ``symmetric`` adds the passage -> query direction (each positive against the gathered queries,
+    keyed by ``targets.query_keys``) and returns the mean of the two; its statistics are the
+    query -> passage direction's."""
+
+    temperature: float = 0.02
+    gather: Optional[Gather] = None
+    """What the in-batch candidates are gathered with (None: the local batch only)."""
+    in_batch_negatives: bool = True
+    """False: each query against its own positive and own hard negatives only (classification)."""
+    symmetric: bool = False
+
+    def with_gather(self, gather: Optional[Gather]) -> "InfoNCELoss":
+        """This loss gathering with `gather` (Matryoshka hands it a SharedGather)."""
+        return dataclasses.replace(self, gather=gather)
+
+    def __call__(self, embeddings: Mapping[str, torch.Tensor], targets: LossTargets
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        queries, positives = embeddings["queries"], embeddings["positives"]
+        loss, stats = infonce_loss(queries, positives, embeddings.get("hard_negatives"), self.temperature,
+                                   self.gather, self.in_batch_negatives, targets.negative_mask,
+                                   targets.positive_keys, targets.negative_keys)
+        if self.symmetric:
+            reverse, _ = infonce_loss(positives, queries, temperature=self.temperature, gather=self.gather,
+                                      positive_keys=targets.query_keys)
+            loss = (loss + reverse) / 2
+        return loss, stats

@@ -1,35 +1,29 @@
 """Matryoshka representation loss: the same loss on truncated, re-normalised embedding prefixes.
 
-    total = sum_{m in dims, m <= width} w_m * loss_fn(normalise(e[..., :m]) for every role e)
+    total = sum_{m in dims, m <= width} w_m * loss(normalise(e[..., :m]) for every role e)
 
 Dims wider than the embedding are dropped and the full width is always included, so a narrow test
 model (or a model wider than the largest dim) trains on its whole embedding too.
 
-The per-dim losses run in one ``shared_gathers()`` scope (losses/gather.py): a loss that gathers
-candidates over the data-parallel group gathers them once, at full width, and each dim's prefix is
-sliced from that gather; the gradients of every dim meet in one backward collective.
+:class:`MatryoshkaLoss` wraps a loss (sentence-transformers' ``MatryoshkaLoss(model, loss, dims)``
+shape). Its per-dim calls share one :class:`~megatron_conan.losses.gather.SharedGather` over the
+inner loss's own gather, handed to it with ``with_gather``: a loss that gathers candidates over the
+data-parallel group gathers them once, at full width, and each dim's prefix is sliced from that
+gather; the gradients of every dim meet in one backward collective.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
+import dataclasses
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from megatron_conan.losses.gather import shared_gathers
+from megatron_conan.losses.gather import Gather, SharedGather
+from megatron_conan.losses.targets import EmbeddingLoss, LossTargets
 
 DEFAULT_DIMS = (256, 512, 1024, 1536, 2048, 3072, 3584)
-
-
-class MatryoshkaLoss(NamedTuple):
-    total: torch.Tensor
-    """Weighted sum of the per-dim losses."""
-    per_dim: Dict[int, torch.Tensor]
-    """Loss at each truncation (unweighted), by dim, ascending."""
-    stats: Dict[int, Dict[str, torch.Tensor]]
-    """The stats dict loss_fn returned at each dim (empty dicts when it returns a bare tensor)."""
 
 
 def matryoshka_dims(width: int, dims: Sequence[int] = DEFAULT_DIMS) -> list:
@@ -39,40 +33,54 @@ def matryoshka_dims(width: int, dims: Sequence[int] = DEFAULT_DIMS) -> list:
     return sorted({dim for dim in dims if dim <= width} | {width})
 
 
-def matryoshka_loss(
-    loss_fn: Callable[..., object],
-    embeddings_by_role: Mapping[str, Optional[torch.Tensor]],
-    dims: Sequence[int] = DEFAULT_DIMS,
-    weights: Optional[Mapping[int, float]] = None,
-) -> MatryoshkaLoss:
-    """Call ``loss_fn(**{role: prefix})`` at every truncation and sum the weighted losses.
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """The re-normalised first `dim` features of each row (row-wise: it commutes with a gather along
+    dim 0)."""
 
-    embeddings_by_role: keyword arguments of loss_fn holding embeddings [..., width] (all the same
-    width; None values pass through untouched, e.g. ``hard_negatives=None``). Bind any other
-    argument with functools.partial. loss_fn returns a loss tensor or a ``(loss, stats)`` pair
-    (as infonce_loss does). weights: {dim: weight}; a dim not listed weighs 1.0.
+    dim: int
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return F.normalize(tensor[..., :self.dim], dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatryoshkaLoss:
+    """`loss` summed over the Matryoshka truncations of every role's embeddings (module docstring).
+
+    Returns ``(total, stats)``: the weighted sum, the inner loss's statistics at the full width, and
+    ``loss_dim_<m>`` (unweighted, detached) for every dim. weights: {dim: weight}; a dim not listed
+    weighs 1.0.
     """
-    widths = {role: tensor.shape[-1] for role, tensor in embeddings_by_role.items()
-              if tensor is not None}
-    if not widths:
-        raise ValueError("matryoshka_loss needs at least one embedding tensor")
-    if len(set(widths.values())) != 1:
-        raise ValueError(f"all embeddings must have the same width, got {widths}")
-    width = next(iter(widths.values()))
-    per_dim, stats = {}, {}
-    total = None
-    with shared_gathers() as scope:
-        for dim in matryoshka_dims(width, dims):
-            truncated = {role: None if tensor is None else scope.derive(tensor, functools.partial(_prefix, dim=dim))
-                         for role, tensor in embeddings_by_role.items()}
-            result = loss_fn(**truncated)
-            loss, stats[dim] = result if isinstance(result, tuple) else (result, {})
-            per_dim[dim] = loss
-            weighted = loss * (1.0 if weights is None else weights.get(dim, 1.0))
+
+    loss: EmbeddingLoss
+    dims: Sequence[int] = DEFAULT_DIMS
+    weights: Optional[Mapping[int, float]] = None
+
+    @property
+    def gather(self) -> Optional[Gather]:
+        return self.loss.gather
+
+    def with_gather(self, gather: Optional[Gather]) -> "MatryoshkaLoss":
+        return dataclasses.replace(self, loss=self.loss.with_gather(gather))
+
+    def __call__(self, embeddings: Mapping[str, torch.Tensor], targets: LossTargets
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        widths = {role: tensor.shape[-1] for role, tensor in embeddings.items()}
+        if not widths:
+            raise ValueError("a Matryoshka loss needs at least one embedding tensor")
+        if len(set(widths.values())) != 1:
+            raise ValueError(f"all embeddings must have the same width, got {widths}")
+        shared = SharedGather(self.loss.gather)
+        inner = self.loss.with_gather(shared)
+        total, stats, per_dim = None, {}, {}
+        # the weighted sum grows dim by dim, as each dim's loss is built: the backward then visits
+        # the graph in the order it always has (the goldens hold its float sums bit for bit)
+        for dim in matryoshka_dims(next(iter(widths.values())), self.dims):
+            truncated = {role: shared.derive(tensor, Prefix(dim)) for role, tensor in embeddings.items()}
+            per_dim[dim], stats = inner(truncated, targets)
+            weighted = per_dim[dim] * (1.0 if self.weights is None else self.weights.get(dim, 1.0))
             total = weighted if total is None else total + weighted
-    return MatryoshkaLoss(total, per_dim, stats)
-
-
-def _prefix(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """The re-normalised first `dim` features (row-wise: it commutes with a gather along dim 0)."""
-    return F.normalize(tensor[..., :dim], dim=-1)
+        stats = dict(stats)  # the full width's: the last dim
+        stats.update({f"loss_dim_{dim}": loss.detach() for dim, loss in per_dim.items()})
+        return total, stats

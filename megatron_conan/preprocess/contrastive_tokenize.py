@@ -1,56 +1,29 @@
 """Contrastive JSONL -> the tokenized contrastive store (what tools/tokenize_contrastive.py runs).
 
-The store's layout is described in `megatron_conan.data.contrastive` (which reads it) and in
-data/README.md; its format constants live here, with the writer, so that reading imports writing
-and not the other way round: this module builds on `jsonl_to_indexed.run_to_indexed` and, like the
-rest of the preprocessing path, imports neither torch nor megatron-core.
+The store's format (layout, row dtype, meta fields) is `megatron_conan.data.contrastive_format`,
+which the reader (`megatron_conan.data.contrastive`) shares; records are checked by the task table
+(`megatron_conan.tasks`, through `encoders.parse_contrastive_record`). This module builds on
+`jsonl_to_indexed.run_to_indexed` and, like the rest of the preprocessing path, imports neither
+torch nor megatron-core.
 """
 
 import dataclasses
-from collections import Counter
 from typing import Any, Dict, List
 
 import numpy
 
+from megatron_conan.data.contrastive_format import (
+    EXAMPLE_DTYPE,
+    EXAMPLES_SUFFIX,
+    TASK_CODES,
+    prompt_token_count,
+    store_meta,
+)
 from megatron_conan.data.provenance import META_SUFFIX, tokenizer_record
 from megatron_conan.data.tokenizer import ConanTokenizer
-from megatron_conan.preprocess.encoders import (
-    CONTRASTIVE_TASKS,
-    INSTRUCTION_TEMPLATE,
-    check_instructions,
-    format_instruction,
-)
 from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig, PreprocessResult, run_to_indexed
 from megatron_conan.preprocess.parallel_encode import EncodedBatch
-
-STORE_FORMAT = "megatron_conan.contrastive"
-STORE_VERSION = 3
-"""Version 3: rows record their prompt's token count (`prompt_length`), so pooling can leave the
-instruction out. Version 2 (still read): instructed queries tokenized as one string with their
-instruction (version 1 stored the instruction apart and concatenated ids, which differ); rows
-locate their input line."""
-READABLE_STORE_VERSIONS = (2, 3)
-EXAMPLES_SUFFIX = ".examples.npy"
-TASK_CODES = {task: code for code, task in enumerate(CONTRASTIVE_TASKS)}
-EXAMPLE_DTYPE = numpy.dtype([
-    ("first_sequence", "<i8"),   # index of the example's anchor sequence in the indexed dataset
-    ("task", "u1"),              # code into CONTRASTIVE_TASKS
-    ("instructed", "u1"),        # 1 when the anchor (sts: both texts) has its instruction
-    ("num_negatives", "<u2"),    # negatives (classification: negative labels)
-    ("num_candidates", "<u2"),   # ranked DHNM candidate pool beyond the negatives
-    ("language", "<i2"),         # code into meta["languages"], -1 when absent
-    ("score", "<f4"),            # STS gold score, NaN for other tasks
-    ("input", "<u4"),            # index into meta["inputs"] of the example's input file
-    ("line", "<u8"),             # 1-based line of the example in that file
-    ("prompt_length", "<u2"),    # tokens of the instruction prompt alone (0: not instructed)
-])
-
-
-def prompt_token_count(tokenizer, instruction: str) -> int:
-    """Tokens of the prompt `format_instruction(instruction)` tokenized alone: the leading tokens
-    of an instructed anchor that pooling may leave out. This is how sentence-transformers counts a
-    prompt (`include_prompt=False`), so training and the export exclude the same tokens."""
-    return len(tokenizer.encode(format_instruction(instruction)))
+from megatron_conan.tasks import check_instructions
 
 
 def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
@@ -97,17 +70,7 @@ def tokenize_contrastive(config: PreprocessConfig) -> PreprocessResult:
                     else numpy.zeros(0, dtype=EXAMPLE_DTYPE))
         with open(writer.tmp_path(EXAMPLES_SUFFIX), "wb") as stream:
             numpy.save(stream, examples)
-        counts = Counter(int(code) for code in examples["task"])
-        return {
-            "format": STORE_FORMAT, "version": STORE_VERSION,
-            "tasks": list(CONTRASTIVE_TASKS),
-            "languages": sorted(languages, key=languages.get),
-            "num_examples": int(len(examples)), "num_sequences": writer.num_sequences,
-            "examples_per_task": {task: counts.get(code, 0) for task, code in TASK_CODES.items()},
-            "instruction_template": INSTRUCTION_TEMPLATE,
-            "instructions": dict(config.instructions),
-            # what ContrastiveLoader checks; the record's "tokenizer" holds it too
-            "tokenizer_sha256": tokenizer_record(config.tokenizer_model)["sha256"],
-        }
+        return store_meta(examples, writer.num_sequences, sorted(languages, key=languages.get),
+                          config.instructions, tokenizer_record(config.tokenizer_model)["sha256"])
 
     return run_to_indexed(config, (EXAMPLES_SUFFIX, META_SUFFIX), collect, write_examples)

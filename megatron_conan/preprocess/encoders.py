@@ -16,8 +16,8 @@ from megatron_conan.data.jsonl import (
     require_text,
     require_text_list,
 )
-from megatron_conan.errors import ConfigError
 from megatron_conan.preprocess.parallel_encode import LineEncoder
+from megatron_conan.tasks import BY_NAME, TASK_NAMES, Task, check_instructions, format_query
 
 # -- pretraining ------------------------------------------------------------------------------
 
@@ -82,47 +82,6 @@ class SFTExampleEncoder(LineEncoder):
 
 # -- contrastive ------------------------------------------------------------------------------
 
-CONTRASTIVE_TASKS = ("pair", "retrieval", "clr", "classification", "sts")
-"""Task names, in the order of their codes in the examples index."""
-INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
-"""The prompt written in front of an instructed query (docs/DESIGN.md section 5); exported as the
-sentence-transformers prompt, so prompt + text is what the model sees at inference."""
-
-# Per task: the two leading text fields, then the list fields (negatives, candidates) if any.
-_TASK_FIELDS: Dict[str, Tuple[Tuple[str, str], Tuple[str, ...]]] = {
-    "pair": (("query", "positive"), ()),
-    "retrieval": (("query", "positive"), ("negatives", "candidates")),
-    "clr": (("query", "positive"), ("negatives", "candidates")),
-    "classification": (("text", "label"), ("negative_labels",)),
-    "sts": (("text1", "text2"), ()),
-}
-
-
-def format_instruction(instruction: str) -> str:
-    """The prompt string of `instruction` (what sentence-transformers prepends to the text)."""
-    return INSTRUCTION_TEMPLATE.format(instruction=instruction)
-
-
-def format_query(instruction: str, text: str) -> str:
-    """`Instruct: {instruction}\nQuery: {text}`: tokenized as this one string, never as prompt
-    and text apart (SentencePiece attaches the space before the text to the next word)."""
-    return format_instruction(instruction) + text
-
-
-def check_instructions(instructions: Optional[Dict[str, str]]) -> Dict[str, str]:
-    """Per-task default instructions, validated: known task names, non-empty strings."""
-    checked: Dict[str, str] = {}
-    for task, instruction in (instructions or {}).items():
-        if task not in CONTRASTIVE_TASKS:
-            raise ConfigError(f"instructions: unknown task {task!r}; tasks are "
-                              f"{', '.join(CONTRASTIVE_TASKS)}")
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ConfigError(f"instructions: the instruction of task {task!r} must be a "
-                              f"non-empty string")
-        checked[task] = instruction
-    return checked
-
-
 def parse_contrastive_record(record: dict, instructions: Optional[Dict[str, str]] = None
                              ) -> Tuple[List[str], Dict[str, Any]]:
     """Validates one contrastive record. Returns its texts in stored order (anchor, positive,
@@ -132,53 +91,58 @@ def parse_contrastive_record(record: dict, instructions: Optional[Dict[str, str]
     The instruction is the record's own `instruction`, else `instructions[task]`; when there is
     one, the anchor (sts: both texts) is the one formatted string `format_query(instruction,
     text)`, so its ids are exactly what a sentence-transformers prompt gives at inference."""
-    task = record.get("task")
-    if task is None:
+    name = record.get("task")
+    if name is None:
         raise BadLineError(BadLineKind.MISSING_FIELD, "field 'task' missing")
-    if not isinstance(task, str):
+    if not isinstance(name, str):
         raise BadLineError(BadLineKind.NON_STRING_FIELD, "field 'task' is not a string")
-    if task not in _TASK_FIELDS:
-        raise BadLineError(BadLineKind.INVALID_VALUE,
-                           f"unknown task {task!r}; expected one of {CONTRASTIVE_TASKS}")
-    (first, second), list_fields = _TASK_FIELDS[task]
-    texts = [require_text(record, first), require_text(record, second)]
-    negatives: List[str] = []
-    candidates: List[str] = []
-    if task in ("retrieval", "clr"):
-        negatives = require_text_list(record, "negatives")
-        candidates = require_text_list(record, "candidates")
-    elif task == "classification":
-        negatives = require_text_list(record, "negative_labels", required=True)
-        if not negatives:
-            raise BadLineError(BadLineKind.EMPTY_TEXT, "field 'negative_labels' is empty")
-    score = float("nan")
-    if task == "sts":
-        value = record.get("score")
-        if value is None:
-            raise BadLineError(BadLineKind.MISSING_FIELD, "field 'score' missing")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BadLineError(BadLineKind.NON_STRING_FIELD,
-                               f"field 'score' is a {type(value).__name__}, not a number")
-        score = float(value)
-        if not math.isfinite(score):  # json reads NaN, Infinity and -Infinity
-            raise BadLineError(BadLineKind.INVALID_VALUE, f"field 'score' is {value!r}, not finite")
+    task = BY_NAME.get(name)
+    if task is None:
+        raise BadLineError(BadLineKind.INVALID_VALUE, f"unknown task {name!r}; expected one of {TASK_NAMES}")
+    texts = [require_text(record, task.anchor), require_text(record, task.positive)]
+    negatives = _negatives(record, task)
+    candidates = require_text_list(record, task.candidates_field) if task.candidates_field else []
+    score = _score(record, task.score_field) if task.score_field else float("nan")
     language = record.get("language")
     if language is not None and not isinstance(language, str):
         raise BadLineError(BadLineKind.NON_STRING_FIELD, "field 'language' is not a string")
     instruction = (require_text(record, "instruction") if record.get("instruction") is not None
-                   else (instructions or {}).get(task))
+                   else (instructions or {}).get(name))
     if instruction is not None:
         texts[0] = format_query(instruction, texts[0])
-        if task == "sts":  # symmetric: both texts are queries
+        if task.symmetric:  # both texts are queries
             texts[1] = format_query(instruction, texts[1])
     texts += negatives + candidates
     for position, text in enumerate(texts):
         check_encodable(text, f"text #{position}")
     if len(negatives) > 65535 or len(candidates) > 65535:
         raise BadLineError(BadLineKind.INVALID_VALUE, "more than 65535 negatives or candidates")
-    return texts, {"task": task, "num_negatives": len(negatives),
+    return texts, {"task": name, "num_negatives": len(negatives),
                    "num_candidates": len(candidates), "instructed": instruction is not None,
                    "instruction": instruction, "score": score, "language": language}
+
+
+def _negatives(record: dict, task: Task) -> List[str]:
+    """The texts of the task's negatives field (none without one)."""
+    if task.negatives_field is None:
+        return []
+    negatives = require_text_list(record, task.negatives_field, required=task.negatives_required)
+    if task.negatives_required and not negatives:
+        raise BadLineError(BadLineKind.EMPTY_TEXT, f"field {task.negatives_field!r} is empty")
+    return negatives
+
+
+def _score(record: dict, field: str) -> float:
+    """The record's finite gold score."""
+    value = record.get(field)
+    if value is None:
+        raise BadLineError(BadLineKind.MISSING_FIELD, f"field {field!r} missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadLineError(BadLineKind.NON_STRING_FIELD, f"field {field!r} is a {type(value).__name__}, not a number")
+    score = float(value)
+    if not math.isfinite(score):  # json reads NaN, Infinity and -Infinity
+        raise BadLineError(BadLineKind.INVALID_VALUE, f"field {field!r} is {value!r}, not finite")
+    return score
 
 
 class ContrastiveExampleEncoder(LineEncoder):

@@ -1,41 +1,46 @@
-"""Forward and backward of one contrastive batch, plain or with GradCache.
+"""Forward and backward of one contrastive batch, plain or with GradCache: the two outermost loss
+wrappers, which turn a loss over embeddings into a step over token sequences.
 
 The loss of a contrastive batch couples every sequence in it (in-batch negatives are gathered over
 the data-parallel group), so it cannot be cut into independent micro-batches the way a language-model
 loss is. Two ways to run it:
 
-* plain (``mini_batch_size=0``): embed each role (queries, positives, negatives, ...) in one forward
-  with activations kept, compute the loss, back-propagate;
-* GradCache (Gao et al. 2021; sentence-transformers' ``CachedMultipleNegativesRankingLoss``): embed
-  every role in chunks of ``mini_batch_size`` sequences *without* activations, compute the loss on the
-  cached embeddings and its gradient with respect to them (the gathers and their backward run here,
-  once), then replay each chunk with activations and back-propagate its slice of the cached gradient.
-  The RNG state is captured before each chunk's first pass and restored for its replay, so dropout
-  (if any) draws the same masks. Peak activation memory is one chunk's; the batch is limited by the
-  embeddings only. The parameter gradients equal the plain step's (tested to 1e-6 in fp32). Each
-  role is cut in length order (`by_length`); the loss sees the batch's own order.
+* :class:`FullBatch` (``embedding.mini_batch_size=0``): embed each role (queries, positives,
+  negatives, ...) in one forward with activations kept, compute the loss, back-propagate;
+* :class:`GradCache` (Gao et al. 2021; sentence-transformers' ``CachedMultipleNegativesRankingLoss``):
+  embed every role in chunks of ``mini_batch_size`` sequences *without* activations, compute the
+  loss on the cached embeddings and its gradient with respect to them (the gathers and their
+  backward run here, once), then replay each chunk with activations and back-propagate its slice of
+  the cached gradient. The RNG state is captured before each chunk's first pass and restored for its
+  replay, so dropout (if any) draws the same masks. Peak activation memory is one chunk's; the batch
+  is limited by the embeddings only. The parameter gradients equal the plain step's (tested to 1e-6
+  in fp32). Each role is cut in length order (`by_length`); the loss sees the batch's own order.
 
-Roles are embedded separately (a query batch and a passage batch have different lengths); each chunk
-is cut to its own longest sequence, or packed (``Chunking.max_tokens_per_row``: texts back to back in
-rows, no padding between them, ``models/packing.py``). GradCache chunks hold ``mini_batch_size``
-sequences and, with ``mini_batch_tokens``, no more true tokens than that (at least one text). Every rank must call this once per step with the same roles,
-because the loss gathers over the DP group; a rank may hold zero sequences of a role.
+Both wrap an embedding loss (``losses/``: ``loss(embeddings, targets) -> (loss, stats)``) and run
+``forward_backward(embedder, roles, targets)``. Roles are embedded separately (a query batch and a
+passage batch have different lengths) by a :class:`RoleEmbedder`; each chunk is cut to its own
+longest sequence, or packed (``max_tokens_per_row``: texts back to back in rows, no padding between
+them, ``models/packing.py``). GradCache chunks hold ``mini_batch_size`` sequences and, with
+``mini_batch_tokens``, no more true tokens than that (at least one text). A role with
+``per_example`` K reaches the loss as [n / K, K, h] (hard negatives: K per query). Every rank must run
+the step once per step with the same roles, because the loss gathers over the DP group; a rank may
+hold zero sequences of a role.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy
 import torch
 from megatron.core import tensor_parallel
 
+from megatron_conan.losses.targets import EmbeddingLoss, LossTargets, Stats
 from megatron_conan.models.embedder import embed
 
-LossFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
-"""embeddings by role ([n, h] each) -> (loss to back-propagate, detached statistics)."""
+Chunks = List[Tuple[int, int]]
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Sequences:
     ids: torch.Tensor
     lengths: torch.Tensor
     starts: Optional[torch.Tensor] = None
+    per_example: int = 0
+    """K > 0: the sequences are K per example (example-major) and the loss sees [n / K, K, h]."""
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -53,30 +60,31 @@ class Sequences:
     def select(self, index: torch.Tensor) -> "Sequences":
         """The sequences at `index` [m] (long), in that order."""
         starts = None if self.starts is None else self.starts[index]
-        return Sequences(self.ids[index], self.lengths[index], starts)
+        return Sequences(self.ids[index], self.lengths[index], starts, self.per_example)
 
     def rows(self, start: int, stop: int) -> "Sequences":
         """Rows [start, stop), cut to their longest sequence."""
         lengths = self.lengths[start:stop]
         width = max(int(lengths.max()), 1) if len(lengths) else 1
         starts = None if self.starts is None else self.starts[start:stop]
-        return Sequences(self.ids[start:stop, :width], lengths, starts)
+        return Sequences(self.ids[start:stop, :width], lengths, starts, self.per_example)
 
 
 @dataclass(frozen=True)
-class Chunking:
-    """How a role is cut and laid out for the forward."""
+class RoleEmbedder:
+    """Embeds the sequences of a role: the model without its output layer, pooled over true lengths
+    (``models/embedder.py``), right-padded or packed."""
 
-    mini_batch_size: int = 0
-    """Sequences per GradCache chunk (0: the whole role in one forward, with activations)."""
-    mini_batch_tokens: int = 0
-    """GradCache chunks also end before their true tokens pass this (0: by count only)."""
+    model: Any
+    pooling: str
+    width: int
+    """Hidden size: the width of a role with no sequence on this rank."""
     max_tokens_per_row: int = 0
     """> 0: packed rows of this many tokens; 0: right-padded."""
 
-    @property
-    def cached(self) -> bool:
-        return self.mini_batch_size > 0 or self.mini_batch_tokens > 0
+    def __call__(self, chunk: Sequences) -> torch.Tensor:
+        return embed(self.model, chunk.ids, chunk.lengths, self.pooling, starts=chunk.starts,
+                     max_tokens_per_row=self.max_tokens_per_row)  # [c, h]
 
 
 def _chunks(lengths: torch.Tensor, size: int, tokens: int = 0) -> List[Tuple[int, int]]:
@@ -112,11 +120,6 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _embed_chunk(model, chunk: Sequences, pooling: str, chunking: Chunking) -> torch.Tensor:
-    return embed(model, chunk.ids, chunk.lengths, pooling, starts=chunk.starts,
-                 max_tokens_per_row=chunking.max_tokens_per_row)  # [c, h]
-
-
 def by_length(sequences: Sequences) -> torch.Tensor:
     """[n] long: the order in which GradCache embeds a role, longest first (ties in batch order).
     Any partition into chunks gives the same gradients; this one gives chunks of texts of like length,
@@ -124,64 +127,82 @@ def by_length(sequences: Sequences) -> torch.Tensor:
     return torch.sort(sequences.lengths, descending=True, stable=True).indices
 
 
-def _role_chunks(sequences: Sequences, chunking: Chunking) -> List[Tuple[int, int]]:
-    return _chunks(sequences.lengths, chunking.mini_batch_size, chunking.mini_batch_tokens)
-
-
-def _embed_role(model, sequences: Sequences, pooling: str, width: int, chunking: Chunking,
+def _embed_role(embedder: RoleEmbedder, sequences: Sequences, chunks: Chunks,
                 rng_states: Optional[List[dict]] = None) -> torch.Tensor:
     """Embeddings [n, h] of `sequences`, chunk by chunk (recording each chunk's RNG state if asked)."""
     if len(sequences) == 0:
         # still a leaf of the graph: the loss's gathers run their backward collectives on every rank
-        return torch.zeros(0, width, device=sequences.ids.device, requires_grad=torch.is_grad_enabled())
+        return torch.zeros(0, embedder.width, device=sequences.ids.device, requires_grad=torch.is_grad_enabled())
     pieces = []
-    for start, stop in _role_chunks(sequences, chunking):
+    for start, stop in chunks:
         if rng_states is not None:
             rng_states.append(_capture_rng())
-        pieces.append(_embed_chunk(model, sequences.rows(start, stop), pooling, chunking))  # [c, h]
+        pieces.append(embedder(sequences.rows(start, stop)))  # [c, h]
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def contrastive_forward_backward(model, roles: Dict[str, Sequences], loss_fn: LossFn, pooling: str,
-                                 hidden_size: int, mini_batch_size: int = 0,
-                                 grad_scale_func: Optional[Callable] = None,
-                                 chunking: Optional[Chunking] = None
-                                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Embed `roles`, compute ``loss_fn``, back-propagate into the model's gradients.
+def as_loss_input(roles: Dict[str, Sequences], embeddings: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The embeddings by role as the loss takes them: a role of K texts per example as [n / K, K, h]."""
+    return {role: tensor.view(-1, roles[role].per_example, tensor.shape[-1]) if roles[role].per_example else tensor
+            for role, tensor in embeddings.items()}
 
-    Returns the (unscaled, detached) loss and the statistics. ``grad_scale_func`` is the optimizer's
-    loss scaler (fp16); gradients are left un-reduced over DP (the caller runs finalize_model_grads).
-    `chunking` (GradCache by count and tokens, packing) replaces `mini_batch_size` when given.
-    """
-    scale = grad_scale_func or (lambda loss: loss)
-    chunking = chunking or Chunking(mini_batch_size=mini_batch_size)
-    if not chunking.cached:
-        embeddings = {role: _embed_role(model, sequences, pooling, hidden_size, chunking)
+
+def _scaled_backward(loss: torch.Tensor, grad_scale: Optional[Callable]) -> None:
+    if loss.requires_grad:  # a rank with no sequences and a loss without gathers has nothing to do
+        (grad_scale(loss) if grad_scale is not None else loss).backward()
+
+
+@dataclass(frozen=True)
+class FullBatch:
+    """The plain step: each role in one forward with activations, then the loss and its backward."""
+
+    loss: EmbeddingLoss
+
+    def forward_backward(self, embedder: RoleEmbedder, roles: Dict[str, Sequences], targets: LossTargets,
+                         grad_scale: Optional[Callable] = None) -> Tuple[torch.Tensor, Stats]:
+        """Embed `roles`, compute the loss, back-propagate into the model's gradients. Returns the
+        (unscaled, detached) loss and the statistics; ``grad_scale`` is the optimizer's loss scaler
+        (fp16); gradients are left un-reduced over DP (the caller runs finalize_model_grads)."""
+        embeddings = {role: _embed_role(embedder, sequences, _chunks(sequences.lengths, 0))
                       for role, sequences in roles.items()}
-        loss, stats = loss_fn(embeddings)
-        if loss.requires_grad:  # a rank with no sequences and a loss without gathers has nothing to do
-            scale(loss).backward()
+        loss, stats = self.loss(as_loss_input(roles, embeddings), targets)
+        _scaled_backward(loss, grad_scale)
         return loss.detach(), stats
 
-    order = {role: by_length(sequences) for role, sequences in roles.items()}  # sorted position -> batch index
-    roles = {role: sequences.select(order[role]) for role, sequences in roles.items()}
-    rng_states: Dict[str, List[dict]] = {role: [] for role in roles}
-    with torch.no_grad():
-        cached = {role: _embed_role(model, sequences, pooling, hidden_size, chunking, rng_states[role])
-                  for role, sequences in roles.items()}
-        cached = {role: torch.empty_like(tensor).index_copy_(0, order[role], tensor)  # back in batch order
-                  for role, tensor in cached.items()}
-    cached = {role: tensor.requires_grad_(True) for role, tensor in cached.items()}
-    loss, stats = loss_fn(cached)
-    if loss.requires_grad:
-        scale(loss).backward()  # d(loss)/d(embeddings), through the gathers, for every role at once
-    for role, sequences in roles.items():
-        gradient = cached[role].grad
-        if gradient is None or len(sequences) == 0:
-            continue
-        gradient = gradient[order[role]]  # sorted order, as the chunks run
-        for (start, stop), state in zip(_role_chunks(sequences, chunking), rng_states[role]):
-            _restore_rng(state)
-            replayed = _embed_chunk(model, sequences.rows(start, stop), pooling, chunking)  # [c, h], with activations
-            replayed.backward(gradient[start:stop])
-    return loss.detach(), stats
+
+@dataclass(frozen=True)
+class GradCache:
+    """GradCache over `loss` (module docstring): chunks of `mini_batch_size` sequences (0: no limit)
+    and, with `mini_batch_tokens`, at most that many true tokens."""
+
+    loss: EmbeddingLoss
+    mini_batch_size: int = 0
+    mini_batch_tokens: int = 0
+
+    def chunks(self, sequences: Sequences) -> Chunks:
+        return _chunks(sequences.lengths, self.mini_batch_size, self.mini_batch_tokens)
+
+    def forward_backward(self, embedder: RoleEmbedder, roles: Dict[str, Sequences], targets: LossTargets,
+                         grad_scale: Optional[Callable] = None) -> Tuple[torch.Tensor, Stats]:
+        """As :meth:`FullBatch.forward_backward`, with the same gradients and one chunk's activations."""
+        order = {role: by_length(sequences) for role, sequences in roles.items()}  # sorted position -> batch index
+        roles = {role: sequences.select(order[role]) for role, sequences in roles.items()}
+        rng_states: Dict[str, List[dict]] = {role: [] for role in roles}
+        with torch.no_grad():
+            cached = {role: _embed_role(embedder, sequences, self.chunks(sequences), rng_states[role])
+                      for role, sequences in roles.items()}
+            cached = {role: torch.empty_like(tensor).index_copy_(0, order[role], tensor)  # back in batch order
+                      for role, tensor in cached.items()}
+        cached = {role: tensor.requires_grad_(True) for role, tensor in cached.items()}
+        loss, stats = self.loss(as_loss_input(roles, cached), targets)
+        _scaled_backward(loss, grad_scale)  # d(loss)/d(embeddings), through the gathers, for every role at once
+        for role, sequences in roles.items():
+            gradient = cached[role].grad
+            if gradient is None or len(sequences) == 0:
+                continue
+            gradient = gradient[order[role]]  # sorted order, as the chunks run
+            for (start, stop), state in zip(self.chunks(sequences), rng_states[role]):
+                _restore_rng(state)
+                replayed = embedder(sequences.rows(start, stop))  # [c, h], with activations
+                replayed.backward(gradient[start:stop])
+        return loss.detach(), stats

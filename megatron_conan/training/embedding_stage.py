@@ -1,9 +1,10 @@
 """The embedding stages (3 embed-weak, 4 embed-sup) as plug-ins of the shared loop.
 
 Both train the decoder as an embedder (``models/embedder.py``: no output layer, pooled, L2-normalised)
-on batches of a contrastive store (``data/contrastive.py``) with InfoNCE over candidates gathered
-across the data-parallel group (``losses/infonce.py``), plain or with GradCache
-(``training/contrastive_step.py``).
+on batches of a contrastive store (``data/contrastive.py``), one task per batch; the step's loss is
+composed from the task table and the config (``training/embedding_loss.py``: the task's loss, e.g.
+InfoNCE over candidates gathered across the data-parallel group, the Matryoshka wrapper, and
+GradCache or the plain step, ``training/contrastive_step.py``).
 
 Stage 3 (weakly supervised, ``pair`` data): attention moves from causal to bidirectional with the soft
 mask; a(t) follows the step (``model.soft_mask``; its ``total_steps`` defaults to the stage's steps
@@ -20,10 +21,7 @@ whole batch, which a pipeline schedule's independent per-micro-batch losses cann
 
 from __future__ import annotations
 
-import abc
-import hashlib
 import logging
-from functools import partial
 from typing import Any, Dict, Optional
 
 import torch
@@ -33,29 +31,21 @@ from megatron_conan.data.contrastive import ContrastiveLoader
 from megatron_conan.data.dhnm import DHNMState
 from megatron_conan.data.provenance import check_tokenizer
 from megatron_conan.errors import ConfigError
-from megatron_conan.losses.cosent import cosent_loss
-from megatron_conan.losses.infonce import infonce_loss
-from megatron_conan.losses.matryoshka import matryoshka_loss
+from megatron_conan.losses.gather import GroupGather
+from megatron_conan.losses.targets import LossTargets
 from megatron_conan.ops.soft_mask_attention.core_attention import (
     set_soft_mask_step,
     soft_mask_a,
     soft_mask_core_attention_spec,
 )
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
-from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
+from megatron_conan.tasks import BY_NAME, NEGATIVES_MINED, Task, stage_tasks
+from megatron_conan.training.contrastive_step import RoleEmbedder, Sequences
+from megatron_conan.training.embedding_loss import compose_loss, loss_keys
 from megatron_conan.training.preflight import load_checked_tokenizer
 from megatron_conan.training.stage import BatchPlan, Stage, StageContext, StageStepOutput
 
 logger = logging.getLogger(__name__)
-
-
-def content_keys(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """int64 [n]: a key per sequence, equal for equal token ids (the same on every rank and run)."""
-    keys = []
-    for row, length in zip(ids.tolist(), lengths.tolist()):
-        digest = hashlib.blake2b(repr(row[:length]).encode(), digest_size=8).digest()
-        keys.append(int.from_bytes(digest, "little", signed=True))
-    return torch.tensor(keys, dtype=torch.int64)
 
 
 class EmbeddingStage(Stage):
@@ -174,33 +164,28 @@ class EmbeddingStage(Stage):
     def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
         return self.step_on_batch(ctx, step, self._next_batch())
 
-    @abc.abstractmethod
     def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
-        """Forward, loss and backward of one (CPU) ContrastiveBatch of this rank."""
+        """Forward, loss and backward of one (CPU) ContrastiveBatch of this rank (every rank: the
+        same task); tests feed batches here."""
+        set_soft_mask_step(ctx.chunks, step)  # a(t) of this step
+        task = BY_NAME[batch.task]
+        keys = loss_keys(task, batch, ctx.cfg.embedding)  # hashed on the CPU
+        batch, keys = ctx.placement.to_device((batch, keys))
+        roles = self.roles(ctx, batch)
+        targets = LossTargets(negative_mask=batch.negative_mask, scores=batch.scores, **keys)
+        loss = compose_loss(task, ctx.cfg.embedding, GroupGather(ctx.data_parallel_group))
+        loss_value, stats = self.run_contrastive(ctx, roles, loss, targets)
+        finalize_model_grads(ctx.chunks)  # DP all-reduce (DDP averages), SP norms over TP
+        tokens = sum(int(sequences.lengths.sum()) for sequences in roles.values())
+        reduced = self.reduce_step_stats(ctx, loss_value, stats, batch.size, tokens)
+        global_loss, samples, tokens = reduced.pop("loss"), reduced.pop("samples"), reduced.pop("tokens")
+        return StageStepOutput(loss=global_loss, samples=samples, tokens=tokens,
+                               metrics=self.step_metrics(ctx, task, batch, global_loss, reduced, stats))
 
-    def pair_loss(self, ctx: StageContext, positive_keys, query_keys, queries, positives):
-        """InfoNCE of queries against the gathered positives (and, symmetric, the reverse)."""
-        embedding = ctx.cfg.embedding
-        loss, stats = infonce_loss(queries, positives, temperature=embedding.temperature,
-                                   gather_group=ctx.data_parallel_group, positive_keys=positive_keys)
-        if embedding.symmetric:
-            reverse, _ = infonce_loss(positives, queries, temperature=embedding.temperature,
-                                      gather_group=ctx.data_parallel_group, positive_keys=query_keys)
-            loss = (loss + reverse) / 2
-        return loss, stats
-
-    def with_matryoshka(self, ctx: StageContext, loss_fn, embeddings: Dict[str, torch.Tensor]):
-        """The loss over the configured Matryoshka dims (just the full width when none are set);
-        statistics are those of the full width."""
-        embedding = ctx.cfg.embedding
-        if not embedding.matryoshka_dims:
-            return loss_fn(**embeddings)
-        result = matryoshka_loss(loss_fn, embeddings, embedding.matryoshka_dims,
-                                 {int(dim): float(w) for dim, w in embedding.matryoshka_weights.items()} or None)
-        stats = dict(result.stats[max(result.stats)])
-        for dim, value in result.per_dim.items():
-            stats[f"loss_dim_{dim}"] = value.detach()
-        return result.total, stats
+    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, Any],
+                     stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """The step's metrics beyond its loss, samples and tokens (`reduced`: the other global numbers)."""
+        return reduced
 
     def reduce_step_stats(self, ctx: StageContext, loss: torch.Tensor, stats: Dict[str, torch.Tensor],
                           samples: int, tokens: int) -> Dict[str, float]:
@@ -226,48 +211,36 @@ class EmbeddingStage(Stage):
         return reduced
 
     @staticmethod
-    def query_positive_roles(ctx: StageContext, batch) -> Dict[str, Sequences]:
-        """The batch's queries and positives, with their instruction prompts left out of the
-        pooling unless `embedding.pool_prompt`."""
+    def roles(ctx: StageContext, batch) -> Dict[str, Sequences]:
+        """The batch's queries and positives, with their instruction prompts left out of the pooling
+        unless `embedding.pool_prompt`, and its hard negatives (K per query) if it has them."""
         def starts(lengths):
             return None if ctx.cfg.embedding.pool_prompt else lengths
-        return {"queries": Sequences(batch.query_ids, batch.query_lengths, starts(batch.query_prompt_lengths)),
-                "positives": Sequences(batch.positive_ids, batch.positive_lengths,
-                                       starts(batch.positive_prompt_lengths))}
+        roles = {"queries": Sequences(batch.query_ids, batch.query_lengths, starts(batch.query_prompt_lengths)),
+                 "positives": Sequences(batch.positive_ids, batch.positive_lengths,
+                                        starts(batch.positive_prompt_lengths))}
+        if batch.negative_ids is not None:
+            roles["hard_negatives"] = Sequences(batch.negative_ids, batch.negative_lengths,
+                                                per_example=batch.negative_mask.shape[1])
+        return roles
 
-    def run_contrastive(self, ctx: StageContext, roles: Dict[str, Sequences], loss_fn):
-        model = ctx.chunks[0]
+    def run_contrastive(self, ctx: StageContext, roles: Dict[str, Sequences], loss, targets: LossTargets):
+        """`loss` (FullBatch or GradCache) over `roles`: forward, loss and backward."""
         section = ctx.cfg.embedding
-        chunking = Chunking(mini_batch_size=section.mini_batch_size, mini_batch_tokens=section.mini_batch_tokens,
-                            max_tokens_per_row=section.max_tokens_per_row if section.packing else 0)
-        return contrastive_forward_backward(
-            model, roles, loss_fn, section.pooling, ctx.model_config.hidden_size,
-            grad_scale_func=ctx.transformer_config.grad_scale_func, chunking=chunking)
+        embedder = RoleEmbedder(ctx.chunks[0], section.pooling, ctx.model_config.hidden_size,
+                                max_tokens_per_row=section.max_tokens_per_row if section.packing else 0)
+        return loss.forward_backward(embedder, roles, targets, grad_scale=ctx.transformer_config.grad_scale_func)
 
 
 class WeaklySupervisedStage(EmbeddingStage):
     """Stage 3: (query, positive) pairs, in-batch negatives gathered over DP, the soft mask moving."""
 
     name = "embed-weak"
-    tasks = ("pair",)
+    tasks = stage_tasks(3)
 
-    def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
-        """The step on a given (CPU) ContrastiveBatch of this rank: tests feed batches here."""
-        set_soft_mask_step(ctx.chunks, step)  # a(t) of this step
-        embedding = ctx.cfg.embedding
-        keys = {}
-        if embedding.mask_duplicate_positives:
-            keys = {"positive_keys": content_keys(batch.positive_ids, batch.positive_lengths),
-                    "query_keys": content_keys(batch.query_ids, batch.query_lengths)}
-        batch, keys = ctx.placement.to_device((batch, keys))
-        roles = self.query_positive_roles(ctx, batch)
-        pair_loss = partial(self.pair_loss, ctx, keys.get("positive_keys"), keys.get("query_keys"))
-        loss, stats = self.run_contrastive(ctx, roles, lambda embeddings: self.with_matryoshka(ctx, pair_loss, embeddings))
-        finalize_model_grads(ctx.chunks)  # DP all-reduce (DDP averages), SP norms over TP
-        tokens = int(batch.query_lengths.sum()) + int(batch.positive_lengths.sum())
-        reduced = self.reduce_step_stats(ctx, loss, stats, batch.size, tokens)
-        return StageStepOutput(loss=reduced.pop("loss"), samples=reduced.pop("samples"), tokens=reduced.pop("tokens"),
-                               metrics={"soft_mask_a": soft_mask_a(ctx.chunks), **reduced})
+    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, Any],
+                     stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        return {"soft_mask_a": soft_mask_a(ctx.chunks), **reduced}
 
 
 class SupervisedStage(EmbeddingStage):
@@ -284,7 +257,7 @@ class SupervisedStage(EmbeddingStage):
 
     name = "embed-sup"
     default_soft_mask = {"fixed_a": 1.0}  # bidirectional unless model.soft_mask says otherwise
-    tasks = ("retrieval", "clr", "classification", "sts")
+    tasks = stage_tasks(4)
 
     def __init__(self):
         super().__init__()
@@ -296,7 +269,7 @@ class SupervisedStage(EmbeddingStage):
                               ("task_batch_sizes", cfg.embedding.task_batch_sizes)):
             unknown = sorted(set(mapping) - set(self.tasks))
             if unknown:
-                hint = " (pair is stage 3's task)" if "pair" in unknown else ""
+                hint = "".join(f" ({name} is stage {BY_NAME[name].stage}'s task)" for name in unknown if name in BY_NAME)
                 raise ConfigError(f"embedding.{what}: unknown task(s) {unknown}{hint}; the stage-4 tasks are "
                                   f"{list(self.tasks)}")
 
@@ -336,55 +309,12 @@ class SupervisedStage(EmbeddingStage):
         if self.dhnm is not None:
             self.dhnm.load(directory)
 
-    # -- the step --
-    def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
-        """The step on a given (CPU) ContrastiveBatch of this rank (all ranks: the same task)."""
-        set_soft_mask_step(ctx.chunks, step)
-        embedding = ctx.cfg.embedding
-        task = batch.task
-        keys = {}
-        if embedding.mask_duplicate_positives and task in ("retrieval", "clr"):
-            keys["positive_keys"] = content_keys(batch.positive_ids, batch.positive_lengths)
-            if batch.negative_ids is not None:
-                keys["negative_keys"] = content_keys(batch.negative_ids, batch.negative_lengths).view(
-                    batch.negative_mask.shape)
-        batch, keys = ctx.placement.to_device((batch, keys))
-        roles = self.query_positive_roles(ctx, batch)
-        if batch.negative_ids is not None:
-            roles["hard_negatives"] = Sequences(batch.negative_ids, batch.negative_lengths)
-        loss_fn = self._task_loss(ctx, batch, keys)
-        loss, stats = self.run_contrastive(ctx, roles, lambda embeddings: self.with_matryoshka(
-            ctx, loss_fn, self._shaped(batch, embeddings)))
-        finalize_model_grads(ctx.chunks)
-        tokens = sum(int(sequences.lengths.sum()) for sequences in roles.values())
-        reduced = self.reduce_step_stats(ctx, loss, stats, batch.size, tokens)
-        metrics = {"task": task, f"loss_{task}": reduced["loss"], **{
-            name: value for name, value in reduced.items() if name not in ("loss", "samples", "tokens")}}
-        if self.dhnm is not None and task in ("retrieval", "clr"):
+    # -- the step's metrics, and DHNM's observation of the cosines the loss computed --
+    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, Any],
+                     stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        metrics = {"task": task.name, f"loss_{task.name}": loss, **reduced}
+        if self.dhnm is not None and task.negatives == NEGATIVES_MINED:
             observed = self.dhnm.observe(batch.example_ids, batch.negative_pool_positions,
                                          stats["hard_negative_cosines"], batch.negative_mask)
             metrics.update(observed.metrics())
-        return StageStepOutput(loss=reduced["loss"], samples=reduced["samples"], tokens=reduced["tokens"],
-                               metrics=metrics)
-
-    @staticmethod
-    def _shaped(batch, embeddings: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Hard negatives back to [b, k, h] (they are embedded as b*k sequences)."""
-        if "hard_negatives" not in embeddings:
-            return embeddings
-        negatives = embeddings["hard_negatives"]
-        return {**embeddings, "hard_negatives": negatives.view(*batch.negative_mask.shape, negatives.shape[-1])}
-
-    def _task_loss(self, ctx: StageContext, batch, keys):
-        """loss_fn(queries, positives[, hard_negatives]) -> (loss, stats) for the batch's task."""
-        embedding, group = ctx.cfg.embedding, ctx.data_parallel_group
-        if batch.task == "sts":
-            def sts_loss(queries, positives):
-                loss = cosent_loss(queries, positives, batch.scores, scale=embedding.cosent_scale)
-                return loss, {"num_anchors": torch.tensor(len(queries))}
-            return sts_loss
-        if batch.task == "classification":
-            return partial(infonce_loss, temperature=embedding.temperature, gather_group=group,
-                           in_batch_negatives=False, negative_mask=batch.negative_mask)
-        return partial(infonce_loss, temperature=embedding.temperature, gather_group=group,
-                       negative_mask=batch.negative_mask, **keys)
+        return metrics

@@ -7,7 +7,7 @@ import pytest
 from megatron_conan.conversion.tokenizer_export import export_tokenizer
 from megatron_conan.data.tokenizer import EOS_ID, ConanTokenizer
 from megatron_conan.errors import InputError
-from megatron_conan.preprocess.encoders import format_instruction
+from megatron_conan.tasks import format_instruction
 from megatron_conan.testing.tiny_models import pydoc_texts
 
 MULTILINGUAL = [

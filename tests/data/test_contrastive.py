@@ -13,7 +13,7 @@ from megatron_conan.data.tokenizer import ConanTokenizer, TokenizerTrainingConfi
 from megatron_conan.datagen import synthetic
 from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError
 from megatron_conan.preprocess.contrastive_tokenize import tokenize_contrastive
-from megatron_conan.preprocess.encoders import CONTRASTIVE_TASKS, format_instruction, format_query
+from megatron_conan.tasks import TASK_NAMES, format_instruction, format_query
 from megatron_conan.preprocess.jsonl_to_indexed import PreprocessConfig
 
 PER_TASK = 11
@@ -43,7 +43,7 @@ def test_round_trip_for_every_task(jsonl_path, store_prefix, tokenizer):
     store = ContrastiveStore(store_prefix)
     rows = _rows(jsonl_path)
     assert len(store) == len(rows)
-    assert store.meta["examples_per_task"] == {task: PER_TASK for task in CONTRASTIVE_TASKS}
+    assert store.meta["examples_per_task"] == {task: PER_TASK for task in TASK_NAMES}
     enc = tokenizer.encode
     for example_id, row in enumerate(rows):
         example = store.example(example_id)
@@ -180,7 +180,7 @@ def test_bad_task_weights_are_named(store_prefix, tokenizer):
         _loader(store_prefix, tokenizer, task_weights=None)  # pair is not in the paper mix
     with pytest.raises(ConfigError, match="finite"):
         _loader(store_prefix, tokenizer, task_weights={task: float("nan") for task in
-                                                       CONTRASTIVE_TASKS})
+                                                       TASK_NAMES})
     with pytest.raises(ConfigError, match="batch sizes give no value for tasks \\['sts'\\]"):
         _loader(store_prefix, tokenizer, batch_size={"pair": 1, "retrieval": 1, "clr": 1,
                                                      "classification": 1})
@@ -192,7 +192,7 @@ def test_resume_continues_with_the_same_next_batch(store_prefix, tokenizer):
     for _ in range(23):  # several task epochs in, mid-epoch for most tasks
         next(stream)
     state = reference.state_dict()
-    assert state["step"] == 23 and set(state["tasks"]) == set(CONTRASTIVE_TASKS)
+    assert state["step"] == 23 and set(state["tasks"]) == set(TASK_NAMES)
     expected = [next(stream) for _ in range(6)]
     resumed = _loader(store_prefix, tokenizer, 1, 2)
     resumed.load_state_dict(state)
@@ -212,7 +212,7 @@ def test_resume_continues_with_the_same_next_batch(store_prefix, tokenizer):
         _loader(store_prefix, tokenizer, 0, 3).load_state_dict(state)
     with pytest.raises(CheckpointMismatchError, match="task probabilities"):
         _loader(store_prefix, tokenizer, 1, 2, task_weights={
-            task: position + 1 for position, task in enumerate(CONTRASTIVE_TASKS)}
+            task: position + 1 for position, task in enumerate(TASK_NAMES)}
         ).load_state_dict(state)
     with pytest.raises(CheckpointMismatchError, match="older loader"):
         _loader(store_prefix, tokenizer, 1, 2).load_state_dict(

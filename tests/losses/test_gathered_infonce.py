@@ -9,8 +9,6 @@ are equal and unequal (one rank empty), over the whole world and over strided su
 inside a TP x DP world, so group rank != global rank). One spawn per world size.
 """
 
-import functools
-
 import pytest
 import torch
 
@@ -42,8 +40,10 @@ def _global_batch(total, seed):
 
 def _loss_and_grads(batch, case, group):
     """Loss and gradients of one rank (or of the single process when group is None)."""
-    from megatron_conan.losses.infonce import infonce_loss
-    from megatron_conan.losses.matryoshka import matryoshka_loss
+    from megatron_conan.losses.gather import GroupGather
+    from megatron_conan.losses.infonce import InfoNCELoss
+    from megatron_conan.losses.matryoshka import MatryoshkaLoss
+    from megatron_conan.losses.targets import LossTargets
 
     torch.manual_seed(0)
     encoder = torch.nn.Linear(IN_FEATURES, WIDTH, dtype=torch.float64)
@@ -53,14 +53,11 @@ def _loss_and_grads(batch, case, group):
         embeddings["hard_negatives"] = encoder(batch["negatives"])  # [b, k, WIDTH]
     for embedding in embeddings.values():
         embedding.retain_grad()
-    loss_fn = functools.partial(
-        infonce_loss, temperature=TEMPERATURE, gather_group=group,
-        in_batch_negatives=case != "classification",
-        negative_mask=batch["mask"] if with_negatives else None)
+    loss_fn = InfoNCELoss(temperature=TEMPERATURE, gather=None if group is None else GroupGather(group),
+                          in_batch_negatives=case != "classification")
     if case == "matryoshka":
-        loss = matryoshka_loss(loss_fn, embeddings, dims=(4, 6)).total
-    else:
-        loss, _ = loss_fn(**embeddings)
+        loss_fn = MatryoshkaLoss(loss_fn, dims=(4, 6))
+    loss, _ = loss_fn(embeddings, LossTargets(negative_mask=batch["mask"] if with_negatives else None))
     loss.backward()
     result = {"loss": loss.detach(), "weight": encoder.weight.grad, "bias": encoder.bias.grad}
     result.update({role: embedding.grad for role, embedding in embeddings.items()})
@@ -75,7 +72,7 @@ def _shard(batch, sizes, group_rank):
 def _data_parallel_body(rank, world_size):
     import torch.distributed as dist
 
-    from megatron_conan.losses.gather import all_gather_with_grad
+    from megatron_conan.losses.gather import GroupGather
 
     results = {}
     for layout, (groups, sizes) in LAYOUTS[world_size].items():
@@ -86,7 +83,7 @@ def _data_parallel_body(rank, world_size):
             results[layout, case] = _loss_and_grads(batch, case, handles[index])
     if world_size == 2:
         try:
-            all_gather_with_grad(torch.zeros(2, 3 + rank))
+            GroupGather()(torch.zeros(2, 3 + rank))
         except ValueError as error:
             results["mismatch"] = str(error)
     return results

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_conan.losses.gather import all_gather_with_grad
+from megatron_conan.losses.gather import GroupGather
 from megatron_conan.losses.infonce import infonce_loss
 
 
@@ -110,7 +110,8 @@ def test_accuracy_counts_anchors_whose_positive_wins():
 
 def test_gather_without_distributed_is_identity():
     tensor = torch.randn(3, 2, requires_grad=True)
-    assert all_gather_with_grad(tensor) is tensor
+    gathered, sizes = GroupGather()(tensor)
+    assert gathered is tensor and sizes == [3]
 
 
 @pytest.mark.parametrize("kwargs, message", [

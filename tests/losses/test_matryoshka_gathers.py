@@ -2,8 +2,6 @@
 shows one gather (and one backward reduce-scatter) where separate per-dim calls make one per dim,
 with the same loss and gradients."""
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +30,10 @@ def _recording(counts):
 
 def _step(rank, shared):
     """Loss and encoder gradients of Matryoshka InfoNCE (with hard negatives and duplicate keys)."""
-    from megatron_conan.losses.infonce import infonce_loss
-    from megatron_conan.losses.matryoshka import matryoshka_loss
+    from megatron_conan.losses.gather import GroupGather
+    from megatron_conan.losses.infonce import InfoNCELoss
+    from megatron_conan.losses.matryoshka import MatryoshkaLoss
+    from megatron_conan.losses.targets import LossTargets
 
     g = torch.Generator().manual_seed(rank)
     torch.manual_seed(0)
@@ -42,14 +42,13 @@ def _step(rank, shared):
               "positives": torch.randn(3, 6, generator=g, dtype=torch.float64),
               "hard_negatives": torch.randn(3, 2, 6, generator=g, dtype=torch.float64)}
     embeddings = {role: encoder(x) for role, x in inputs.items()}
-    keys = torch.tensor([1, 2, 1]) + 10 * rank
-    loss_fn = functools.partial(infonce_loss, temperature=0.05, gather_group=None if rank < 0 else
-                                torch.distributed.group.WORLD, positive_keys=keys,
-                                negative_mask=torch.tensor([[True, False], [True, True], [True, True]]))
+    targets = LossTargets(positive_keys=torch.tensor([1, 2, 1]) + 10 * rank,
+                          negative_mask=torch.tensor([[True, False], [True, True], [True, True]]))
+    loss_fn = InfoNCELoss(temperature=0.05, gather=GroupGather(torch.distributed.group.WORLD))
     if shared:
-        loss = matryoshka_loss(loss_fn, embeddings, dims=DIMS).total
-    else:  # the former code: one loss call, so one set of gathers, per dim
-        loss = sum(loss_fn(**{role: F.normalize(e[..., :dim], dim=-1) for role, e in embeddings.items()})[0]
+        loss, _ = MatryoshkaLoss(loss_fn, dims=DIMS)(embeddings, targets)
+    else:  # one loss call, so one set of gathers, per dim
+        loss = sum(loss_fn({role: F.normalize(e[..., :dim], dim=-1) for role, e in embeddings.items()}, targets)[0]
                    for dim in DIMS)
     loss.backward()
     return float(loss), encoder.weight.grad.clone()

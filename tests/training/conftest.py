@@ -1,16 +1,12 @@
 """Shared fixtures of the embedding-stage tests: a tokenizer and contrastive stores (seconds, offline)."""
 
+import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_VOCAB = 512  # the tiny model's vocabulary: no override needed
 
 
 def read_metrics(run_dir):
@@ -57,62 +53,54 @@ def communicate_or_kill(process, timeout):
         raise
 
 
-def tokenize_contrastive(jsonl, prefix, tokenizer_model):
-    subprocess.run([sys.executable, "-m", "megatron_conan.cli.tokenize_contrastive", "--input", str(jsonl),
-                    "--output-prefix", str(prefix), "--tokenizer-model", tokenizer_model, "--no-progress"],
-                   check=True, capture_output=True)
-
-
 @pytest.fixture(scope="session")
 def embedding_data(tmp_path_factory):
-    """A 512-piece tokenizer and a store of `pair` examples (synthetic multilingual text)."""
-    from megatron_conan.data.tokenizer import TokenizerTrainingConfig, train_tokenizer
-    from megatron_conan.datagen import synthetic
+    """A 512-piece tokenizer and a store of `pair` examples (synthetic multilingual text); the
+    golden runs' recipe (tests/golden/goldens.py), so their losses hold on these files."""
+    from tests.golden import goldens
 
     directory = tmp_path_factory.mktemp("embedding_data")
-    synthetic.write_pretraining_jsonl(str(directory / "text.jsonl"), num_docs=300, seed=3)
-    train_tokenizer([str(directory / "text.jsonl")], str(directory / "tokenizer"),
-                    TokenizerTrainingConfig(vocab_size=TINY_VOCAB, num_threads=1, character_coverage=0.98))
-    tokenizer = str(directory / "tokenizer.model")
-    synthetic.write_contrastive_jsonl(str(directory / "pairs.jsonl"), examples_per_task=96, tasks=("pair",), seed=4)
-    tokenize_contrastive(directory / "pairs.jsonl", directory / "pairs", tokenizer)
-    return {"dir": directory, "tokenizer": tokenizer, "pairs": str(directory / "pairs")}
+    tokenizer = goldens.build_tokenizer(directory)
+    return {"dir": directory, "tokenizer": tokenizer, "pairs": goldens.build_pairs(directory, tokenizer)}
 
 
 @pytest.fixture(scope="session")
 def supervised_store(embedding_data):
     """A store of the four stage-4 tasks (retrieval / clr with negatives and candidate pools,
     classification, sts), with the embedding_data tokenizer."""
-    from megatron_conan.datagen import synthetic
+    from tests.golden import goldens
 
-    directory = embedding_data["dir"]
-    synthetic.write_contrastive_jsonl(str(directory / "supervised.jsonl"), examples_per_task=48,
-                                      tasks=("retrieval", "clr", "classification", "sts"), seed=6)
-    tokenize_contrastive(directory / "supervised.jsonl", directory / "supervised", embedding_data["tokenizer"])
-    return str(directory / "supervised")
+    return goldens.build_supervised(embedding_data["dir"], embedding_data["tokenizer"])
+
+
+class Recorded:
+    """An embedding loss that records, in `captured`, the embeddings by role it was handed, the loss
+    and the stats it returned (all detached), then returns them."""
+
+    def __init__(self, loss, captured):
+        self.loss, self.captured = loss, captured
+
+    def __call__(self, embeddings, targets):
+        loss, stats = self.loss(embeddings, targets)
+        self.captured.append({
+            "embeddings": {role: value.detach().clone() for role, value in embeddings.items()},
+            "loss": float(loss),
+            "stats": {name: value.detach().clone() if torch.is_tensor(value) else value
+                      for name, value in stats.items()}})
+        return loss, stats
 
 
 class CapturingStage:
     """Mixin for an embedding stage: records what each step's loss saw, so a test can recompute
     the loss independently of losses/. `captured[-1]` holds the embeddings by role handed to the
-    loss (the cached ones under GradCache) and the (loss, stats) it returned, all detached."""
+    loss (the cached ones under GradCache; hard negatives as [b, k, h]) and the (loss, stats) it
+    returned, all detached."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.captured = []
 
-    def capturing(self, loss_fn):
-        """`loss_fn` that records its inputs and outputs in `captured`."""
-        def recorded(embeddings):
-            loss, stats = loss_fn(embeddings)
-            self.captured.append({
-                "embeddings": {role: value.detach().clone() for role, value in embeddings.items()},
-                "loss": float(loss),
-                "stats": {name: value.detach().clone() if torch.is_tensor(value) else value
-                          for name, value in stats.items()}})
-            return loss, stats
-
-        return recorded
-
-    def run_contrastive(self, ctx, roles, loss_fn):
-        return super().run_contrastive(ctx, roles, self.capturing(loss_fn))
+    def run_contrastive(self, ctx, roles, loss, targets):
+        # the step's wrapper (plain or GradCache) around a recording of the loss it wraps
+        recorded = dataclasses.replace(loss, loss=Recorded(loss.loss, self.captured))
+        return super().run_contrastive(ctx, roles, recorded, targets)

@@ -46,17 +46,19 @@ class ChunkedForwardStage(FedStage):
     same dropout masks, so this gradient is what GradCache must give when its replay restores the
     RNG state of each chunk."""
 
-    def run_contrastive(self, ctx, roles, loss_fn):
-        from megatron_conan.training.contrastive_step import Chunking, _embed_role, by_length
+    def run_contrastive(self, ctx, roles, loss, targets):
+        from megatron_conan.training.contrastive_step import (GradCache, RoleEmbedder, _embed_role, as_loss_input,
+                                                              by_length)
+        from tests.training.conftest import Recorded
 
-        chunking = Chunking(mini_batch_size=ctx.cfg.embedding.mini_batch_size)
+        chunking = GradCache(loss.loss, mini_batch_size=ctx.cfg.embedding.mini_batch_size)
+        embedder = RoleEmbedder(ctx.chunks[0], ctx.cfg.embedding.pooling, ctx.model_config.hidden_size)
         embeddings = {}
         for role, sequences in roles.items():
             order = by_length(sequences)  # GradCache's chunks, in its order
-            in_order = _embed_role(ctx.chunks[0], sequences.select(order), ctx.cfg.embedding.pooling,
-                                   ctx.model_config.hidden_size, chunking)
+            in_order = _embed_role(embedder, sequences.select(order), chunking.chunks(sequences.select(order)))
             embeddings[role] = torch.zeros_like(in_order).index_copy(0, order, in_order)
-        loss, stats = self.capturing(loss_fn)(embeddings)
+        loss, stats = Recorded(loss.loss, self.captured)(as_loss_input(roles, embeddings), targets)
         loss.backward()
         return loss.detach(), stats
 

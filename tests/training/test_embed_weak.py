@@ -141,8 +141,9 @@ def test_gradcache_cuts_each_role_in_length_order(monkeypatch):
     """GradCache chunks hold texts of like length (each chunk is cut to its longest text), and the loss
     still sees the batch's order: same gradient as the plain step. A stand-in embedder records the
     width of every forward."""
+    from megatron_conan.losses.targets import LossTargets
     from megatron_conan.training import contrastive_step
-    from megatron_conan.training.contrastive_step import Chunking, Sequences, contrastive_forward_backward
+    from megatron_conan.training.contrastive_step import FullBatch, GradCache, RoleEmbedder, Sequences
 
     weight = torch.nn.Parameter(torch.tensor([[0.3, -0.2]]))
     widths = []
@@ -157,17 +158,18 @@ def test_gradcache_cuts_each_role_in_length_order(monkeypatch):
     roles = {"query": Sequences(ids, lengths)}
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 3.0]])  # a loss that sees the order
 
-    def loss_fn(embeddings):
+    def loss_fn(embeddings, targets):
         return ((embeddings["query"] - target) ** 2).sum(), {}
 
     grads = {}
-    for chunking in (Chunking(), Chunking(mini_batch_size=2)):
+    for name, step in (("plain", FullBatch(loss_fn)), ("chunks of 2", GradCache(loss_fn, mini_batch_size=2))):
         widths.clear()
-        loss, _ = contrastive_forward_backward(None, roles, loss_fn, "mean", 2, chunking=chunking)
-        grads[chunking.mini_batch_size] = (loss, weight.grad.clone(), list(widths))
+        loss, _ = step.forward_backward(RoleEmbedder(None, "mean", 2), roles, LossTargets())
+        grads[name] = (loss, weight.grad.clone(), list(widths))
         weight.grad = None
-    assert grads[2][2] == [12, 3, 1] * 2  # lengths 12 11 | 3 2 | 1, cached pass then replay
-    assert torch.allclose(grads[2][0], grads[0][0]) and torch.allclose(grads[2][1], grads[0][1])
+    assert grads["chunks of 2"][2] == [12, 3, 1] * 2  # lengths 12 11 | 3 2 | 1, cached pass then replay
+    assert torch.allclose(grads["chunks of 2"][0], grads["plain"][0])
+    assert torch.allclose(grads["chunks of 2"][1], grads["plain"][1])
 
 
 def test_two_process_layouts_equal_single_process(single_process, tmp_path):
