@@ -39,7 +39,7 @@ scale-bench: $(STAMP)
 	$(PYTHON) -m benchmarks.scale --out-dir $(SCALE_OUT)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900 --durations=40 -n $(TEST_WORKERS) --dist loadfile tests
 
 install: $(STAMP)
 

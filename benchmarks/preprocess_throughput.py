@@ -132,7 +132,8 @@ def candidates(args, corpus: str, one_pass: str, model: str, workdir: str) -> di
             [python, me, "--baseline", "threads", corpus, model, f"{workdir}/threads"], None,
             f"{workdir}/threads", "loop"),
     }
-    common = ["--tokenizer-model", model, "--workers", str(args.workers), "--no-progress"]
+    # --overwrite: every round writes the same outputs in the benchmark's own work directory
+    common = ["--tokenizer-model", model, "--workers", str(args.workers), "--no-progress", "--overwrite"]
     out[f"preprocess_data --workers {args.workers}"] = (
         [python, tool, "--input", corpus, "--output-prefix", f"{workdir}/tool", *common], None,
         f"{workdir}/tool", "loop")
@@ -181,7 +182,7 @@ def startup(args, model: str, workdir: str) -> dict:
                                                                  "preprocess_data.py"),
                                     "--input", document, "--output-prefix",
                                     f"{workdir}/startup", "--tokenizer-model", model,
-                                    "--workers", str(args.workers), "--no-progress"]}
+                                    "--workers", str(args.workers), "--no-progress", "--overwrite"]}
     env = None
     if args.megatron_lm:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -241,7 +242,7 @@ def memory(args, corpus: str, model: str, workdir: str) -> dict:
     """Peak resident memory of the tool on the corpus, and on never-repeating words with two
     cache bounds: the workers' peak follows --cache-mb, not the input size."""
     tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
-            "--tokenizer-model", model, "--workers", str(args.workers), "--no-progress"]
+            "--tokenizer-model", model, "--workers", str(args.workers), "--no-progress", "--overwrite"]
     unique = os.path.join(workdir, "unique_words.jsonl")
     write_unique_words(unique, args.stress_mb)
     figures = {"corpus, --cache-mb 256": peak_rss(

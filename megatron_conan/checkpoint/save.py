@@ -52,6 +52,7 @@ from megatron_conan.checkpoint.metadata import checkpoint_owner, common_state, w
 from megatron_conan.checkpoint.rng import rng_state
 from megatron_conan.checkpoint.sharded_state import sharded_state
 from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.distributed.device import current_placement
 from megatron_conan.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _from_rank_zero(prepared: Optional[Tuple[Optional[str], Optional[str]]]) -> 
     """Every rank gets rank 0's run id, or the same error when rank 0 refused the save (the
     broadcast is the barrier before the shards: no rank hangs waiting for a rank that stopped)."""
     shared = [prepared]
-    dist.broadcast_object_list(shared, src=0)
+    current_placement().broadcast_object_list(shared, src=0)
     run_id, problem = shared[0]
     if problem is not None:
         raise InputError(problem)

@@ -349,8 +349,12 @@ def test_a_follows_the_schedule_and_the_loss_falls(uninterrupted, embedding_data
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+@pytest.mark.parametrize("how", ["sigkill"])
 def test_interrupted_run_resumes_exactly(how, embedding_data, uninterrupted, tmp_path):
+    """Killed mid-run, the restart resumes from the last periodic checkpoint to the same losses and
+    a(t). The signal path (save on SIGTERM / USR1, exit 0, resume) of this stage runs in the cluster
+    test under SLURM (`make cluster-test`: time limit and preemption, identical steps); the shared
+    loop's own SIGTERM save is tests/training/test_loop.py's. "sigterm" still works here by hand."""
     process = _launch(tmp_path, embedding_data, *RUN)
     try:
         _wait_for_step(tmp_path, 10, process)
