@@ -81,6 +81,8 @@ def test_every_tool_ends_hostile_input_in_one_line_within_bounded_memory(hostile
         assert result["peak_rss_bytes"] < MEMORY_LIMIT, (prog, name, result["peak_rss_bytes"])
         if prog in ("conan-preprocess", "conan-tokenize-contrastive") and name in LOCATED:
             assert f"{hostile[name]}:1: {LOCATED[name]}" in result["stdout"], where  # the located bad line
+    peak = max(results, key=lambda result: result["peak_rss_bytes"])
+    print(f"hostile inputs: {len(results)} runs, largest peak RSS {peak['peak_rss_bytes'] / 2**20:.0f} MiB")
     assert os.listdir(tmp_path) and not [entry for entry in os.listdir(tmp_path)
                                          if entry.startswith(("pre_", "store_", "tok_", "mined_", "merged_"))]
 
