@@ -1,4 +1,6 @@
-"""What happens around a training step, as callbacks of the Trainer (``training/trainer.py``).
+"""What happens around a training step, as callbacks of the Trainer (``training/trainer.py``; the
+interface, :class:`Callback`, :class:`StepRecord` and what a callback sees of the trainer, is
+``training/hooks.py``).
 
 A callback sees the run at three points and is closed at the end, whatever happened:
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch.distributed as dist
 from tqdm import tqdm
@@ -32,28 +34,10 @@ from tqdm import tqdm
 from megatron_conan import stop_signals
 from megatron_conan.config.loader import to_dict
 from megatron_conan.distributed.device import current_placement
+from megatron_conan.training.hooks import Callback
 from megatron_conan.training.metrics import TrainingLogger
 
-if TYPE_CHECKING:  # the Trainer imports this module
-    from megatron_conan.training.trainer import StepRecord, Trainer
-
 logger = logging.getLogger(__name__)
-
-
-class Callback:
-    """A hook into :meth:`Trainer.fit`; every method is optional."""
-
-    def on_fit_start(self, trainer: "Trainer") -> None:
-        pass
-
-    def on_step_end(self, trainer: "Trainer", step: "StepRecord") -> None:
-        pass
-
-    def on_fit_end(self, trainer: "Trainer") -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class ProgressBar(Callback):

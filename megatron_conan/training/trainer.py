@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -45,27 +45,13 @@ from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
 from megatron_conan.training.callbacks import Callback, default_callbacks
 from megatron_conan.training.dry_run import model_flops_per_token
+from megatron_conan.training.hooks import StepRecord
 from megatron_conan.training.megatron_step import build_optimizer, optimizer_step, wrap_model, zero_grads
 from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, memory_metrics
 from megatron_conan.training.stage import Stage, StageContext
 from megatron_conan.training.stage_registry import build_stage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepRecord:
-    """What one optimizer step reports to the callbacks (identical on every rank)."""
-
-    step: int
-    """Steps done, this one included (1-based)."""
-    loss: float
-    skipped: bool
-    """The loss was not finite: no update was applied."""
-    grad_norm: Optional[float]
-    """Before clipping; None on a skipped step."""
-    record: Dict[str, Any] = field(default_factory=dict)
-    """The metrics record of the step (one line of ``metrics.jsonl``; fields in training/README.md)."""
 
 
 @dataclass

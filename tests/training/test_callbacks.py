@@ -13,8 +13,9 @@ from megatron_conan.errors import ConfigError
 
 from megatron_conan.training.callbacks import (Checkpointing, ConsoleLog, Evaluation, MetricsFile, Preemption,
                                                ProgressBar, ScalarSink, default_callbacks)
+from megatron_conan.training.hooks import StepRecord
 from megatron_conan.training.stage_registry import STAGES, build_stage
-from megatron_conan.training.trainer import StepRecord, train
+from megatron_conan.training.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
