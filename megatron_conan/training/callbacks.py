@@ -2,11 +2,14 @@
 interface, :class:`Callback`, :class:`StepRecord` and what a callback sees of the trainer, is
 ``training/hooks.py``).
 
-A callback sees the run at three points and is closed at the end, whatever happened:
+A callback sees the run at three points, or at the error that ended it, and is closed at the end,
+whatever happened:
 
     on_fit_start(trainer)         after resume, before the first step of this process
     on_step_end(trainer, record)  after each optimizer step, in list order
     on_fit_end(trainer)           the loop ended without an error (last step or preemption)
+    on_error(trainer, error)      the resume, a step or a hook raised on this rank: every callback's,
+                                  in list order, then the error propagates (no collectives in it)
     close()                       always, last (files, writers, progress bars)
 
 :func:`default_callbacks` gives every run's list, in this order (it matters: evaluation logs through
@@ -64,7 +67,9 @@ class ProgressBar(Callback):
 
 class MetricsFile(Callback):
     """Appends each step's record to `path` as one JSON line (rank 0). A resumed run appends again
-    from the step after its checkpoint: the last line of a step wins."""
+    from the step after its checkpoint: the last line of a step wins. Each line is handed to the OS
+    when its step ends; a run that fails also syncs the file to disk, so the steps before the failure
+    outlive the host."""
 
     def __init__(self, path: str):
         self.path = path
@@ -73,6 +78,12 @@ class MetricsFile(Callback):
         if dist.get_rank() == 0:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(step.record) + "\n")
+
+    def on_error(self, trainer, error):
+        if dist.get_rank() == 0 and os.path.exists(self.path):
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
 class ScalarSink(Callback):

@@ -56,5 +56,9 @@ class Callback:
     def on_fit_end(self, trainer: TrainerView) -> None:
         pass
 
+    def on_error(self, trainer: TrainerView, error: BaseException) -> None:
+        """The resume, a step or a hook raised `error` on this rank; called before it propagates (and
+        before :meth:`close`). Rank-local: no collectives here, the other ranks may not have failed."""
+
     def close(self) -> None:
         pass

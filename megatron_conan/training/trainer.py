@@ -6,7 +6,8 @@ the stage's core attention) -> DDP -> megatron optimizer + LR schedule -> the st
     resume()  the run's own ``latest`` checkpoint (everything), else the weights of checkpoint.load_dir
     step()    one optimizer step: the stage's forward/backward (``Stage.train_step``), the
               non-finite guard, the update; returns the step's metrics record
-    fit()     resume, then step until the last step or a stop request, the callbacks after each step
+    fit()     resume, then step until the last step or a stop request, the callbacks after each step;
+              on an error, every callback's ``on_error`` before it propagates
 
 What happens around the step is a callback (``training/callbacks.py``): the metric sinks
 (``metrics.jsonl``, TensorBoard / W&B, console, progress bar), in-loop evaluation, preemption and
@@ -164,12 +165,24 @@ class Trainer:
                     callback.on_step_end(self, record)
             for callback in self.callbacks:
                 callback.on_fit_end(self)
+        except BaseException as error:
+            self._report_error(error)
+            raise
         finally:
             for callback in self.callbacks:
                 callback.close()
             self.stage.close()
         return RunResult(steps_done=self.step_count, losses=self.losses, preempted=self.preempted,
                          skipped_steps=self.guard.total_skipped)
+
+    def _report_error(self, error: BaseException) -> None:
+        """Every callback's ``on_error``; one that fails is logged, so that it neither hides `error`
+        nor keeps the callbacks after it from theirs."""
+        for callback in self.callbacks:
+            try:
+                callback.on_error(self, error)
+            except Exception:
+                logger.exception("%s.on_error failed while the run failed with %r", type(callback).__name__, error)
 
 
 def _build(cfg: RunConfig, stage: Stage):
