@@ -165,7 +165,7 @@ def part_train_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
     else:
         argv = ["--recipe", "conan_1p4b", "--num-layers", "4", "--seq-length", "4096", "--micro-batch-sizes", "1",
                 "--precision", "bf16"]
-    from megatron_conan.models.conan import transformer_engine_available
+    from megatron_conan.ops.engines import transformer_engine_available
 
     # with Transformer Engine where installed, and without it (megatron-core's local layers) always
     engines = ["on", "off"] if transformer_engine_available() else ["off"]

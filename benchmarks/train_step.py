@@ -47,7 +47,7 @@ def _measure(recipe: str, seq_length: int, micro_batch: int, precision: str, rec
     tokens_per_s = sum(r["tokens_per_s"] for r in records) / len(records)
     mfu = sum(r["mfu"] for r in records) / len(records)
     memory = (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else records[-1].get("memory/rss_gib")
-    from megatron_conan.models.conan import transformer_engine_available
+    from megatron_conan.ops.engines import transformer_engine_available
 
     used = transformer_engine_available() if transformer_engine == "auto" else transformer_engine == "on"
     return {"recipe": recipe, "num_layers": num_layers or None, "transformer_engine": used,

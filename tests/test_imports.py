@@ -1,17 +1,28 @@
-"""Import structure of the package: library code never imports ``megatron_conan.testing`` (testing
-may import the library), the modules of ``megatron_conan/data/``, ``preprocess/`` and ``datagen/``
+"""Import structure of the package: the layer order of docs/DESIGN.md section 13 holds (no module
+imports a higher layer) and no modules import each other in a circle; library code never imports
+``megatron_conan.testing`` (testing may import the library), the modules of ``megatron_conan/data/``, ``preprocess/`` and ``datagen/``
 import each other without cycles and data/ does not import preprocess/, ``megatron_conan.checkpoint`` sits below training, conversion and
 eval (and conversion does not import training), only ``megatron_conan.atomic_write`` renames
 files, and the preprocessing tool starts without torch or megatron-core. Imports inside functions
-count in the graph tests: a lazy import is still a dependency."""
+and under ``if TYPE_CHECKING:`` count in the graph tests: a lazy or type-only import is still a
+dependency."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
-PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_conan")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.join(ROOT, "megatron_conan")
+DESIGN = os.path.join(ROOT, "docs/DESIGN.md")
+LAYERS_HEADING = "## 13. Package layers"
+
+# Imports against the layer order that another piece of issue 32 removes, each as
+# (importing module, imported module): why, and which piece. Keep it short; an entry whose import is
+# gone fails the test, so the list cannot go stale.
+LAYER_EXCEPTIONS: Dict[Tuple[str, str], str] = {}
 
 
 def _module_name(path: str) -> str:
@@ -33,9 +44,16 @@ def _imports(path: str, module: str) -> Set[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            # `from a import b` imports the module a.b where there is one, else a name of a: only
+            # then is it an import of a (a.b's parent package is imported either way, as by any import)
+            found.update(f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base
+                         for alias in node.names)
     return {name for name in found if name == "megatron_conan" or name.startswith("megatron_conan.")}
+
+
+def _is_module(name: str) -> bool:
+    path = os.path.join(os.path.dirname(PACKAGE_DIR), *name.split("."))
+    return os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py"))
 
 
 def _graph() -> Dict[str, Set[str]]:
@@ -81,14 +99,75 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     return components
 
 
+def _package(module: str) -> str:
+    """The top-level package or module of `module` below megatron_conan ("megatron_conan" for the root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _layers() -> Dict[str, int]:
+    """{package: layer} from the numbered list under docs/DESIGN.md's layer heading."""
+    with open(DESIGN, encoding="utf-8") as handle:
+        text = handle.read()
+    assert LAYERS_HEADING in text, f"docs/DESIGN.md has no section {LAYERS_HEADING!r}"
+    section = text.split(LAYERS_HEADING, 1)[1].split("\n## ", 1)[0]
+    layers = {}
+    for number, names in re.findall(r"^ +(\d+)\. (.+)$", section, flags=re.MULTILINE):
+        for name in names.split(","):
+            assert name.strip() not in layers, f"{name.strip()} is in two layers of docs/DESIGN.md"
+            layers[name.strip()] = int(number)
+    return layers
+
+
+def _upward(graph: Dict[str, Set[str]], layers: Dict[str, int]) -> List[Tuple[str, str]]:
+    """Every (importer, imported) pair where the imported module sits in a higher layer."""
+    rank = dict(layers, megatron_conan=0)  # the root package holds only the version
+    return sorted((module, target) for module, targets in graph.items() for target in targets
+                  if rank[_package(target)] > rank[_package(module)])
+
+
 def test_the_walk_sees_the_package():
     graph = _graph()
     assert "megatron_conan.distributed.parallel" in graph
     assert "megatron_conan.distributed.cpu_compat" in graph["megatron_conan.distributed.parallel"]
     assert "megatron_conan.distributed.spawn" in graph["megatron_conan.testing.distributed"]
     assert "megatron_conan.distributed.ports" in graph["megatron_conan.testing.ports"]
-    # imports inside functions count too
+    # imports inside functions count too, and type-only ones
     assert "megatron_conan.distributed.cpu_compat" in graph["megatron_conan.distributed.spawn"]
+    assert "megatron_conan.training.dry_run" in graph["megatron_conan.training.stage_main"]
+    # `from package import submodule` is an import of the submodule, not of the package's __init__
+    assert "megatron_conan.ops.soft_mask_attention" not in graph["megatron_conan.ops.soft_mask_attention.function"]
+
+
+def test_every_package_has_a_layer_and_no_import_goes_up():
+    """docs/DESIGN.md section 13's order, lowest first: a module imports its own layer or lower ones."""
+    layers, graph = _layers(), _graph()
+    assert len(layers) > 20 and layers["errors"] < layers["config"] < layers["training"] < layers["cli"], layers
+    unplaced = sorted({_package(module) for module in graph} - set(layers) - {"megatron_conan"})
+    assert not unplaced, f"give these a layer in docs/DESIGN.md section 13: {unplaced}"
+    upward = _upward(graph, layers)
+    offenders = [f"{module} (layer {layers[_package(module)]}) imports {target} (layer {layers[_package(target)]})"
+                 for module, target in upward if (module, target) not in LAYER_EXCEPTIONS]
+    assert not offenders, offenders
+    stale = sorted(set(LAYER_EXCEPTIONS) - set(upward))
+    assert not stale, f"these exceptions no longer import upward; remove them: {stale}"
+
+
+def test_the_layer_check_finds_upward_imports():
+    graph = {"megatron_conan.config.run": {"megatron_conan.models.conan", "megatron_conan.errors"},
+             "megatron_conan.models.conan": {"megatron_conan.config.model"}}
+    layers = {"errors": 1, "config": 2, "models": 3}
+    assert _upward(graph, layers) == [("megatron_conan.config.run", "megatron_conan.models.conan")]
+
+
+def test_no_modules_or_packages_import_each_other_in_a_circle():
+    graph = _graph()
+    assert not _cycles(graph), _cycles(graph)
+    packages: Dict[str, Set[str]] = {}
+    for module, targets in graph.items():
+        packages.setdefault(_package(module), set()).update(
+            _package(target) for target in targets if _package(target) != _package(module))
+    assert not _cycles(packages), _cycles(packages)
 
 
 def test_library_code_does_not_import_testing():

@@ -15,6 +15,10 @@ from typing import Optional
 
 from megatron_conan.errors import ConfigError
 
+POOLING_MODES = ("mean", "last", "first")
+"""How an embedder pools a text's hidden states (``models/pooling.py``); ``embedding.pooling`` and the
+export take one of these."""
+
 
 @dataclass
 class ConanModelConfig:

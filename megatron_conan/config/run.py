@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_conan.config.data import DATA_KINDS, ContrastiveData, LanguageModelData, SyntheticData, data_kind
 from megatron_conan.config.loader import apply_overrides, from_dict, read_recipe, to_dict
-from megatron_conan.config.model import ConanModelConfig, ParallelConfig, model_recipe
+from megatron_conan.config.model import POOLING_MODES, ConanModelConfig, ParallelConfig, model_recipe
 from megatron_conan.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ class ModelSection:
             checked = from_dict(SoftMaskConfig, self.soft_mask, "model.soft_mask")
             self.soft_mask = {key: getattr(checked, key) for key in self.soft_mask}  # the keys set, typed
         if self.transformer_engine:
-            from megatron_conan.models.conan import transformer_engine_available
+            from megatron_conan.ops.engines import transformer_engine_available
 
             if not transformer_engine_available():
                 raise ConfigError("model.transformer_engine=true: Transformer Engine is not installed "
@@ -266,8 +266,6 @@ class EmbeddingSection:
     """Dynamic hard-negative mining of the retrieval and clr tasks (stage 4)."""
 
     def __post_init__(self):
-        from megatron_conan.models.pooling import POOLING_MODES
-
         if self.pooling not in POOLING_MODES:
             raise ConfigError(f"embedding.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
         if self.temperature <= 0:

@@ -22,7 +22,7 @@ import torch
 
 from megatron_conan.checkpoint.metadata import CheckpointInfo, read_checkpoint_info
 from megatron_conan.checkpoint.standalone import read_full_state_dict, write_checkpoint_at_layout
-from megatron_conan.config.model import ConanModelConfig, ParallelConfig
+from megatron_conan.config.model import POOLING_MODES, ConanModelConfig, ParallelConfig
 from megatron_conan.conversion import hf_io, keymap
 from megatron_conan.conversion.attention import (
     CheckpointAttention,
@@ -44,7 +44,6 @@ from megatron_conan.conversion.tokenizer_export import export_tokenizer, write_t
 from megatron_conan.data.tokenizer import ConanTokenizer
 from megatron_conan.errors import InputError
 from megatron_conan.losses.matryoshka import DEFAULT_DIMS, matryoshka_dims as usable_dims
-from megatron_conan.models.pooling import POOLING_MODES
 from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig
 from megatron_conan.outputs import atomic_output_dir, check_output_dir
 from megatron_conan.tasks import format_instruction

@@ -432,14 +432,6 @@ def build_clr(config: CLRConfig, translator: Translator) -> CLRReport:
             failures.append((row.index, f"{row.where} ({row.target}): {entry['reason']}"))
         bar.update(1)
 
-    def work(row: _Row) -> dict:
-        try:
-            query = translator(row.query, row.source, row.target)
-            return {"key": row.key, "status": "ok", "query": query, "language": row.target,
-                    "source": row.query}
-        except TranslationError as error:
-            return {"key": row.key, "status": "failed", "reason": str(error)}
-
     executor = concurrent.futures.ThreadPoolExecutor(max(1, translator.concurrency))
     pending: Dict[concurrent.futures.Future, _Row] = {}
     try:
@@ -447,9 +439,7 @@ def build_clr(config: CLRConfig, translator: Translator) -> CLRReport:
             try:
                 for row, _ in _rows(config, report):
                     earlier = done.get(row.key)
-                    if (earlier is not None and earlier["status"] == "ok"
-                            and earlier.get("source") == row.query
-                            and earlier.get("language") == row.target):  # same row, same draw
+                    if _same_draw(earlier, row):
                         record_result(row, earlier, None)
                         report.resumed += 1
                     elif row.target == row.source:
@@ -457,17 +447,12 @@ def build_clr(config: CLRConfig, translator: Translator) -> CLRReport:
                                             "language": row.target, "source": row.query}, progress)
                         report.kept_original += 1
                     else:
-                        pending[executor.submit(work, row)] = row
+                        pending[executor.submit(_translate, translator, row)] = row
                         if len(pending) >= 4 * translator.concurrency:
                             _drain(pending, record_result, progress, report, wait_all=False)
                 _drain(pending, record_result, progress, report, wait_all=True)
-            finally:  # stopped: keep what finished, so that the next run need not redo it
-                for future, row in pending.items():
-                    if future.done() and not future.cancelled() and future.exception() is None:
-                        report.translated += future.result()["status"] == "ok"
-                        record_result(row, future.result(), progress)
-                    future.cancel()
-                pending.clear()
+            finally:
+                _keep_finished(pending, record_result, progress, report)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -478,6 +463,32 @@ def build_clr(config: CLRConfig, translator: Translator) -> CLRReport:
         os.remove(config.progress_path)
     logger.info("%s", report.format())
     return report
+
+
+def _same_draw(earlier: Optional[dict], row: _Row) -> bool:
+    """Whether an earlier run's entry translated this very row into this very language."""
+    return (earlier is not None and earlier["status"] == "ok" and earlier.get("source") == row.query
+            and earlier.get("language") == row.target)
+
+
+def _translate(translator: Translator, row: _Row) -> dict:
+    """One row's progress entry: its translation, or why it failed."""
+    try:
+        query = translator(row.query, row.source, row.target)
+        return {"key": row.key, "status": "ok", "query": query, "language": row.target, "source": row.query}
+    except TranslationError as error:
+        return {"key": row.key, "status": "failed", "reason": str(error)}
+
+
+def _keep_finished(pending, record_result, progress, report: CLRReport) -> None:
+    """A stopped run: record the translations that finished, so that the next run need not redo
+    them, and cancel the rest."""
+    for future, row in pending.items():
+        if future.done() and not future.cancelled() and future.exception() is None:
+            report.translated += future.result()["status"] == "ok"
+            record_result(row, future.result(), progress)
+        future.cancel()
+    pending.clear()
 
 
 def _drain(pending, record_result, progress, report: CLRReport, wait_all: bool) -> None:

@@ -159,47 +159,10 @@ def run_distributed(
             process.start()
     values: Dict[int, Any] = {}
     errors: Dict[int, str] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(values) + len(errors) < world_size:
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(world_size)) - set(values) - set(errors))
-                for rank in missing:
-                    errors[rank] = f"timed out after {timeout_s:.0f} s (hung or deadlocked)"
-                break
-            try:
-                rank, status, payload = results.get(timeout=_POLL_S)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(processes)
-                        if p.exitcode not in (None, 0) and r not in values and r not in errors]
-                for rank in dead:
-                    errors[rank] = f"process died with exit code {processes[rank].exitcode}"
-                continue
-            (values if status == "ok" else errors)[rank] = payload
-            if errors:
-                # One rank failed: the others are likely blocked in a collective with it.
-                time.sleep(1.0)
-                while True:
-                    try:
-                        rank, status, payload = results.get_nowait()
-                    except queue.Empty:
-                        break
-                    (values if status == "ok" else errors)[rank] = payload
-                break
+        _collect(results, processes, values, errors, timeout_s)
     finally:
-        if not errors and len(values) == world_size:
-            # Ranks that returned are exiting: let them run their exit handlers, which stop helper
-            # processes they started (dist_checkpointing's writer Manager); SIGTERM would orphan them.
-            for process in processes:
-                process.join(timeout=30)
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        _stop(processes, returned=not errors and len(values) == world_size)
     if errors:
         report = "\n".join(f"----- rank {rank} -----\n{text}" for rank, text in sorted(errors.items()))
         raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{report}")
@@ -207,3 +170,52 @@ def run_distributed(
 
     return [torch.load(io.BytesIO(values[rank]), weights_only=False) for rank in range(world_size)]
 
+
+def _collect(results: "mp.Queue", processes: List[mp.process.BaseProcess], values: Dict[int, Any],
+             errors: Dict[int, str], timeout_s: float) -> None:
+    """Fill `values` and `errors` (by rank) from the ranks' reports until every rank has reported, a
+    rank failed (then what the others report within a second), or `timeout_s` passed."""
+    world_size = len(processes)
+    deadline = time.monotonic() + timeout_s
+    while len(values) + len(errors) < world_size:
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(world_size)) - set(values) - set(errors))
+            for rank in missing:
+                errors[rank] = f"timed out after {timeout_s:.0f} s (hung or deadlocked)"
+            return
+        try:
+            rank, status, payload = results.get(timeout=_POLL_S)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(processes)
+                    if p.exitcode not in (None, 0) and r not in values and r not in errors]
+            for rank in dead:
+                errors[rank] = f"process died with exit code {processes[rank].exitcode}"
+            continue
+        (values if status == "ok" else errors)[rank] = payload
+        if errors:
+            # One rank failed: the others are likely blocked in a collective with it.
+            time.sleep(1.0)
+            while True:
+                try:
+                    rank, status, payload = results.get_nowait()
+                except queue.Empty:
+                    break
+                (values if status == "ok" else errors)[rank] = payload
+            return
+
+
+def _stop(processes: List[mp.process.BaseProcess], returned: bool) -> None:
+    """End the world's processes: those of a world whose every rank `returned` are given time to exit."""
+    if returned:
+        # Ranks that returned are exiting: let them run their exit handlers, which stop helper
+        # processes they started (dist_checkpointing's writer Manager); SIGTERM would orphan them.
+        for process in processes:
+            process.join(timeout=30)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()

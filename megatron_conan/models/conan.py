@@ -31,19 +31,10 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_conan.config.model import ConanModelConfig
 from megatron_conan.models.local_layers import ConanColumnParallelLinear, ConanMLP, ConanRowParallelLinear
+from megatron_conan.ops.engines import transformer_engine_available
 from megatron_conan.ops.norms import ConanRMSNorm
 
 CoreAttention = Union[type, ModuleSpec]
-
-
-def transformer_engine_available() -> bool:
-    """Whether Transformer Engine (and megatron-core's wrappers of it) can be imported."""
-    try:
-        import transformer_engine  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _  # noqa: F401
-    except Exception:  # TE raises more than ImportError when CUDA is missing
-        return False
-    return True
 
 
 def _layer_spec(norm, linear_qkv, core_attention: CoreAttention, linear_proj, mlp: Union[type, ModuleSpec]) -> ModuleSpec:

@@ -34,8 +34,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_conan.config.model import POOLING_MODES
 from megatron_conan.models.packing import pack_batch
-from megatron_conan.models.pooling import POOLING_MODES, pool
+from megatron_conan.models.pooling import pool
 from megatron_conan.models.sharding import unwrap
 
 

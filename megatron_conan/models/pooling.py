@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-POOLING_MODES = ("mean", "last", "first")
+from megatron_conan.config.model import POOLING_MODES
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, mode: str = "mean",

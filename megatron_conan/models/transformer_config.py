@@ -29,10 +29,17 @@ def build_transformer_config(
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     parallel.validate_for_model(model)
     on_gpu = torch.cuda.is_available()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if use_cpu_initialization is None:
         use_cpu_initialization = not on_gpu
-    kwargs: Dict[str, Any] = dict(
+    kwargs: Dict[str, Any] = {**_architecture(model),
+                              **_layout_and_precision(parallel, precision, use_cpu_initialization, on_gpu)}
+    kwargs.update(_checked_overrides(transformer_overrides))
+    return TransformerConfig(**kwargs)
+
+
+def _architecture(model: ConanModelConfig) -> Dict[str, Any]:
+    """The network of docs/DESIGN.md section 2: GQA, SwiGLU, RMSNorm, no biases, no dropout."""
+    return dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -49,6 +56,14 @@ def build_transformer_config(
         activation_func=torch.nn.functional.silu,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+    )
+
+
+def _layout_and_precision(parallel: ParallelConfig, precision: str, use_cpu_initialization: bool,
+                          on_gpu: bool) -> Dict[str, Any]:
+    """The split over processes, the dtypes, and the fusions and communication of this machine."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dict(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
@@ -70,9 +85,12 @@ def build_transformer_config(
         batch_p2p_sync=on_gpu,  # the sync is a torch.cuda.synchronize()
         deallocate_pipeline_outputs=on_gpu,
     )
+
+
+def _checked_overrides(transformer_overrides: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``model.transformer_overrides`` (and the stage's), refused when a field is not TransformerConfig's."""
     overrides = dict(transformer_overrides or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TransformerConfig)}
     if unknown:
         raise ConfigError(f"model.transformer_overrides has unknown TransformerConfig fields: {sorted(unknown)}")
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return overrides

@@ -1,10 +1,15 @@
-"""What happens around a training step, as callbacks of the Trainer (``training/trainer.py``).
+"""What happens around a training step, as callbacks of the Trainer (``training/trainer.py``; the
+interface, :class:`Callback`, :class:`StepRecord` and what a callback sees of the trainer, is
+``training/hooks.py``).
 
-A callback sees the run at three points and is closed at the end, whatever happened:
+A callback sees the run at three points, or at the error that ended it, and is closed at the end,
+whatever happened:
 
     on_fit_start(trainer)         after resume, before the first step of this process
     on_step_end(trainer, record)  after each optimizer step, in list order
     on_fit_end(trainer)           the loop ended without an error (last step or preemption)
+    on_error(trainer, error)      the resume, a step or a hook raised on this rank: every callback's,
+                                  in list order, then the error propagates (no collectives in it)
     close()                       always, last (files, writers, progress bars)
 
 :func:`default_callbacks` gives every run's list, in this order (it matters: evaluation logs through
@@ -24,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch.distributed as dist
 from tqdm import tqdm
@@ -32,28 +37,10 @@ from tqdm import tqdm
 from megatron_conan import stop_signals
 from megatron_conan.config.loader import to_dict
 from megatron_conan.distributed.device import current_placement
+from megatron_conan.training.hooks import Callback
 from megatron_conan.training.metrics import TrainingLogger
 
-if TYPE_CHECKING:  # the Trainer imports this module
-    from megatron_conan.training.trainer import StepRecord, Trainer
-
 logger = logging.getLogger(__name__)
-
-
-class Callback:
-    """A hook into :meth:`Trainer.fit`; every method is optional."""
-
-    def on_fit_start(self, trainer: "Trainer") -> None:
-        pass
-
-    def on_step_end(self, trainer: "Trainer", step: "StepRecord") -> None:
-        pass
-
-    def on_fit_end(self, trainer: "Trainer") -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class ProgressBar(Callback):
@@ -80,7 +67,9 @@ class ProgressBar(Callback):
 
 class MetricsFile(Callback):
     """Appends each step's record to `path` as one JSON line (rank 0). A resumed run appends again
-    from the step after its checkpoint: the last line of a step wins."""
+    from the step after its checkpoint: the last line of a step wins. Each line is handed to the OS
+    when its step ends; a run that fails also syncs the file to disk, so the steps before the failure
+    outlive the host."""
 
     def __init__(self, path: str):
         self.path = path
@@ -89,6 +78,12 @@ class MetricsFile(Callback):
         if dist.get_rank() == 0:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(step.record) + "\n")
+
+    def on_error(self, trainer, error):
+        if dist.get_rank() == 0 and os.path.exists(self.path):
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
 class ScalarSink(Callback):

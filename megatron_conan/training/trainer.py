@@ -6,7 +6,8 @@ the stage's core attention) -> DDP -> megatron optimizer + LR schedule -> the st
     resume()  the run's own ``latest`` checkpoint (everything), else the weights of checkpoint.load_dir
     step()    one optimizer step: the stage's forward/backward (``Stage.train_step``), the
               non-finite guard, the update; returns the step's metrics record
-    fit()     resume, then step until the last step or a stop request, the callbacks after each step
+    fit()     resume, then step until the last step or a stop request, the callbacks after each step;
+              on an error, every callback's ``on_error`` before it propagates
 
 What happens around the step is a callback (``training/callbacks.py``): the metric sinks
 (``metrics.jsonl``, TensorBoard / W&B, console, progress bar), in-loop evaluation, preemption and
@@ -24,8 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -45,27 +46,13 @@ from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
 from megatron_conan.training.callbacks import Callback, default_callbacks
 from megatron_conan.training.dry_run import model_flops_per_token
+from megatron_conan.training.hooks import StepRecord
 from megatron_conan.training.megatron_step import build_optimizer, optimizer_step, wrap_model, zero_grads
 from megatron_conan.training.metrics import NonFiniteGuard, ThroughputMeter, memory_metrics
 from megatron_conan.training.stage import Stage, StageContext
 from megatron_conan.training.stage_registry import build_stage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepRecord:
-    """What one optimizer step reports to the callbacks (identical on every rank)."""
-
-    step: int
-    """Steps done, this one included (1-based)."""
-    loss: float
-    skipped: bool
-    """The loss was not finite: no update was applied."""
-    grad_norm: Optional[float]
-    """Before clipping; None on a skipped step."""
-    record: Dict[str, Any] = field(default_factory=dict)
-    """The metrics record of the step (one line of ``metrics.jsonl``; fields in training/README.md)."""
 
 
 @dataclass
@@ -178,12 +165,24 @@ class Trainer:
                     callback.on_step_end(self, record)
             for callback in self.callbacks:
                 callback.on_fit_end(self)
+        except BaseException as error:
+            self._report_error(error)
+            raise
         finally:
             for callback in self.callbacks:
                 callback.close()
             self.stage.close()
         return RunResult(steps_done=self.step_count, losses=self.losses, preempted=self.preempted,
                          skipped_steps=self.guard.total_skipped)
+
+    def _report_error(self, error: BaseException) -> None:
+        """Every callback's ``on_error``; one that fails is logged, so that it neither hides `error`
+        nor keeps the callbacks after it from theirs."""
+        for callback in self.callbacks:
+            try:
+                callback.on_error(self, error)
+            except Exception:
+                logger.exception("%s.on_error failed while the run failed with %r", type(callback).__name__, error)
 
 
 def _build(cfg: RunConfig, stage: Stage):

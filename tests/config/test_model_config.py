@@ -88,7 +88,7 @@ def test_forcing_transformer_engine_without_it_is_one_clear_error():
 
     from megatron_conan.config.loader import from_dict
     from megatron_conan.errors import ConfigError
-    from megatron_conan.models.conan import transformer_engine_available
+    from megatron_conan.ops.engines import transformer_engine_available
     from megatron_conan.config.run import LanguageModelConfig
 
     if transformer_engine_available():

@@ -1,20 +1,23 @@
-"""The Trainer's callbacks on their own (no model): when checkpoints are saved, the default order, and
-that every stage id of the registry is an entry point's."""
+"""The Trainer's callbacks: when checkpoints are saved, the default order, that every stage id of the
+registry is an entry point's (no model), and what a run whose step raises tells them (a tiny run)."""
 
 import ast
+import json
 import os
 from types import SimpleNamespace
 
 import pytest
 
-from megatron_conan.config.loader import from_dict
+from megatron_conan.config.loader import apply_overrides, from_dict, to_dict
 from megatron_conan.config.run import STAGE_CONFIGS, LanguageModelConfig
 from megatron_conan.errors import ConfigError
 
 from megatron_conan.training.callbacks import (Checkpointing, ConsoleLog, Evaluation, MetricsFile, Preemption,
                                                ProgressBar, ScalarSink, default_callbacks)
+from megatron_conan.training.hooks import StepRecord
 from megatron_conan.training.stage_registry import STAGES, build_stage
-from megatron_conan.training.trainer import StepRecord, train
+from megatron_conan.testing.distributed import run_distributed
+from megatron_conan.training.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,3 +93,65 @@ def test_every_entry_point_runs_a_registered_stage_and_every_stage_has_one():
 def test_a_stage_refuses_another_stages_config(tmp_path):
     with pytest.raises(ConfigError, match="the embed-weak stage takes its config as EmbeddingConfig, not LanguageModelConfig"):
         train(from_dict(LanguageModelConfig, {"run_dir": str(tmp_path)}), stage="embed-weak")
+
+
+class _StepFailed(RuntimeError):
+    pass
+
+
+def _failing_run(rank, world_size, cfg_dict):
+    """A tiny pretrain run whose third step raises; every default callback's on_error is counted."""
+    from megatron_conan.training.lm_stage import LanguageModelStage
+    from megatron_conan.training.trainer import Trainer
+
+    class FailingStage(LanguageModelStage):
+        def train_step(self, ctx, step):
+            if step == 2:
+                raise _StepFailed("step 3 failed")
+            return super().train_step(ctx, step)
+
+    cfg = from_dict(LanguageModelConfig, cfg_dict)
+    calls = []
+    callbacks = default_callbacks(cfg)
+    for callback in callbacks:
+        def on_error(trainer, error, callback=callback, own=callback.on_error):
+            calls.append((type(callback).__name__, type(error).__name__, trainer.step_count))
+            own(trainer, error)
+        callback.on_error = on_error
+    try:
+        Trainer(cfg, FailingStage(), callbacks=callbacks).fit()
+    except _StepFailed as error:
+        return {"raised": str(error), "calls": calls}
+    return {"raised": None, "calls": calls}
+
+
+def test_a_failing_step_reaches_every_callbacks_on_error_once_and_still_propagates(tmp_path):
+    import yaml
+
+    with open(os.path.join(REPO, "examples", "tiny", "pretrain.yaml")) as handle:
+        values = yaml.safe_load(handle)
+    values["run_dir"] = str(tmp_path)
+    apply_overrides(values, ["train.train_steps=4", "train.eval_interval=0", "train.global_batch_size=2",
+                             "train.micro_batch_size=2", "train.seq_length=16", "checkpoint.save_interval=0",
+                             "train.progress_bar=true"])
+    cfg_dict = to_dict(from_dict(LanguageModelConfig, values))
+    result = run_distributed(_failing_run, 1, args=(cfg_dict,))[0]
+    assert result["raised"] == "step 3 failed"
+    names = ["ProgressBar", "MetricsFile", "ScalarSink", "ConsoleLog", "Preemption", "Checkpointing"]
+    assert result["calls"] == [(name, "_StepFailed", 2) for name in names]  # once each, in order, after step 2
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    assert lines[-1] == ""  # every line complete
+    assert [json.loads(line)["step"] for line in lines[:-1]] == [1, 2]
+    assert not os.path.exists(tmp_path / "checkpoints" / "latest")  # a failed step saves nothing
+
+
+def test_the_metrics_file_syncs_to_disk_when_the_run_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.distributed.get_rank", lambda: 0)
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    metrics = MetricsFile(str(tmp_path / "metrics.jsonl"))
+    metrics.on_step_end(None, StepRecord(step=1, loss=1.0, skipped=False, grad_norm=None, record={"step": 1}))
+    assert synced == []
+    metrics.on_error(None, RuntimeError("boom"))
+    assert synced == [str(tmp_path / "metrics.jsonl")]

@@ -78,6 +78,31 @@ class Split:
 
 def split_collection(collection: Collection, config: PydocCorpusConfig) -> Split:
     """Holds out whole families until their documents reach ``config.heldout_documents``."""
+    heldout_families = _heldout_families(collection, config)
+    held = set(heldout_families)
+    training = [entry for entry in collection.entries if entry.family not in held]
+    heldout = [entry for entry in collection.entries if entry.family in held]
+    counts = {"heldout_documents_dropped_near_duplicate": 0, "heldout_queries_dropped_in_training": 0,
+              "heldout_queries_dropped_ambiguous": 0, "heldout_queries_dropped_verbatim": 0}
+    documents = _heldout_corpus(heldout, _training_shingles(training, collection), config.min_body_chars, counts)
+    candidates = _query_candidates(documents, _training_summaries(training, collection), counts)
+    split_of_family = _assign_heldout_families(heldout_families, candidates, config.seed)
+    queries = {}
+    for name in ("validation", "test"):
+        pool = [entry for entry in candidates if split_of_family[entry.family] == name]
+        queries[name] = sorted(_sample(pool, config.max_heldout_queries, f"heldout-queries-{name}", config.seed),
+                               key=lambda entry: entry.qualname)
+    counts.update(heldout_families=len(heldout_families), heldout_docstrings=len(heldout),
+                  heldout_corpus=len(documents), heldout_queries=len(queries["test"]),
+                  heldout_validation_queries=len(queries["validation"]),
+                  heldout_query_candidates=len(candidates), training_docstrings=len(training))
+    return Split(heldout_families, training, heldout, documents, queries["test"], counts,
+                 validation_queries=queries["validation"], split_of_family=split_of_family)
+
+
+def _heldout_families(collection: Collection, config: PydocCorpusConfig) -> List[str]:
+    """Families in a seeded order, taken until their documents that can have a query reach
+    ``config.heldout_documents`` (a family that would overshoot twice the target is passed over)."""
     documents_per_family: Dict[str, int] = {}
     for entry in collection.entries:
         if entry.has_query:  # the documents that can have a query
@@ -92,30 +117,46 @@ def split_collection(collection: Collection, config: PydocCorpusConfig) -> Split
             continue  # one huge family would overshoot the target
         heldout_families.append(family)
         total += documents_per_family[family]
-    held = set(heldout_families)
-    training = [entry for entry in collection.entries if entry.family not in held]
-    heldout = [entry for entry in collection.entries if entry.family in held]
+    return heldout_families
 
-    training_shingles = set()
+
+def _training_shingles(training: List[DocEntry], collection: Collection) -> set:
+    """The word 8-grams of every training text (docstrings and pydoc topics)."""
+    shingles = set()
     for text in [entry.text for entry in training] + list(collection.topics.values()):
-        training_shingles.update(_shingles(text))
-    # A query must not be any training text, nor the opening line or sentence of one.
-    training_summaries = set()
+        shingles.update(_shingles(text))
+    return shingles
+
+
+def _training_summaries(training: List[DocEntry], collection: Collection) -> set:
+    """What a query must not be: any training text, nor the opening line or sentence of one."""
+    summaries = set()
     for text in [entry.text for entry in training] + [section.text for section in collection.sections]:
         first = " ".join(re.split(r"\n[ \t]*\n", text, maxsplit=1)[0].split())
         cut = _first_sentence_end(first)
-        training_summaries.update(_normalise(part) for part in (text, first, first[:cut] if cut > 0 else first))
-    counts = {"heldout_documents_dropped_near_duplicate": 0, "heldout_queries_dropped_in_training": 0,
-              "heldout_queries_dropped_ambiguous": 0, "heldout_queries_dropped_verbatim": 0}
+        summaries.update(_normalise(part) for part in (text, first, first[:cut] if cut > 0 else first))
+    return summaries
+
+
+def _heldout_corpus(heldout: List[DocEntry], training_shingles: set, min_body_chars: int,
+                    counts: Dict[str, int]) -> List[DocEntry]:
+    """The held-out documents of at least `min_body_chars`, less the near-duplicates of training text
+    (half or more of their 8-grams in it), counted in `counts`."""
     documents = []
     for entry in heldout:
-        if len(entry.document) < config.min_body_chars:
+        if len(entry.document) < min_body_chars:
             continue
         shingles = _shingles(entry.document)
         if shingles and 2 * sum(s in training_shingles for s in shingles) >= len(shingles):
             counts["heldout_documents_dropped_near_duplicate"] += 1
             continue
         documents.append(entry)
+    return documents
+
+
+def _query_candidates(documents: List[DocEntry], training_summaries: set, counts: Dict[str, int]) -> List[DocEntry]:
+    """The documents whose summary makes a fair query: not training text, not ambiguous, not verbatim
+    in its own document; each drop counted in `counts`."""
     all_documents = "\x00".join(_normalise(entry.document) for entry in documents)
     summary_uses: Dict[str, int] = {}
     for entry in documents:
@@ -138,18 +179,7 @@ def split_collection(collection: Collection, config: PydocCorpusConfig) -> Split
                 counts["heldout_queries_dropped_ambiguous"] += 1
         else:
             candidates.append(entry)
-    split_of_family = _assign_heldout_families(heldout_families, candidates, config.seed)
-    queries = {}
-    for name in ("validation", "test"):
-        pool = [entry for entry in candidates if split_of_family[entry.family] == name]
-        queries[name] = sorted(_sample(pool, config.max_heldout_queries, f"heldout-queries-{name}", config.seed),
-                               key=lambda entry: entry.qualname)
-    counts.update(heldout_families=len(heldout_families), heldout_docstrings=len(heldout),
-                  heldout_corpus=len(documents), heldout_queries=len(queries["test"]),
-                  heldout_validation_queries=len(queries["validation"]),
-                  heldout_query_candidates=len(candidates), training_docstrings=len(training))
-    return Split(heldout_families, training, heldout, documents, queries["test"], counts,
-                 validation_queries=queries["validation"], split_of_family=split_of_family)
+    return candidates
 
 
 def _assign_heldout_families(families: List[str], candidates: List[DocEntry], seed: int) -> Dict[str, str]:
