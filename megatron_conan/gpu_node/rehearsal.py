@@ -184,12 +184,32 @@ def cuda_build_in_clone(clone: str, venv_python: str, say: Callable[[str], None]
     built = cuda_build.build(arch, torch_version, seconds_left=1200, repo=clone, python=venv_python)
     if built.reason:
         return [f"the CUDA extension: {built.reason}"]
-    loaded = subprocess.run([venv_python, "-c", "from megatron_conan.ops.soft_mask_attention import cuda_binding as b; "
-                             "print(b.compiled_archs(), 'runs on sm_90:', b.runs_on((9, 0), b.compiled_archs()))"],
-                            cwd=clone, capture_output=True, text=True)
+    loaded = subprocess.run([venv_python, "-c", LOAD_CHECK], cwd=clone, capture_output=True, text=True)
+    problems, said = judge_load(loaded.returncode, loaded.stdout, loaded.stderr)
     say(f"rehearsal: CUDA extension built for sm_{arch} in {built.seconds:.0f} s on {os.cpu_count()} cores "
-        f"(torch {torch_version}); it loads: {loaded.stdout.strip() or loaded.stderr.strip()[-300:]}")
-    return [] if "runs on sm_90: True" in loaded.stdout else ["the built CUDA extension does not load"]
+        f"(torch {torch_version}); {said}")
+    return problems
+
+
+LOAD_CHECK = ("import torch, importlib\n"  # torch first: its libraries (libc10.so ...) are what the module links to
+              "from megatron_conan.ops.soft_mask_attention import cuda_binding as b\n"
+              "importlib.import_module(b.EXTENSION_NAME)  # load_extension() would hide the import error\n"
+              "print(b.compiled_archs(), 'runs on sm_90:', b.runs_on((9, 0), b.compiled_archs()))\n")
+"""Loads the built extension as the binding does (torch imported first), raising its import error."""
+NO_DRIVER = "libcuda.so"
+
+
+def judge_load(returncode: int, stdout: str, stderr: str):
+    """(problems, what to say) of LOAD_CHECK's run: it loads and runs on sm_90; or it cannot load
+    on this machine for lack of the GPU driver (libcuda.so.1), a skip for "no CUDA", not a failure;
+    any other load error, or a build that would not run on sm_90, is a problem."""
+    error = (stderr.strip().splitlines() or [""])[-1]
+    if returncode == 0 and "runs on sm_90: True" in stdout:
+        return [], f"it loads: {stdout.strip()}"
+    if returncode != 0 and NO_DRIVER in error:
+        return [], f"it is not loaded: {NO_CUDA} here ({error})"
+    why = error if returncode != 0 else stdout.strip()
+    return [f"the built CUDA extension does not load: {why}"], f"it does not load: {why}"
 
 
 def inventory_versions(inventory: NodeInventory) -> Dict[str, str]:

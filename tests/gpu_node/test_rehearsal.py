@@ -3,6 +3,7 @@ lack of a GPU only, the bundle used, the node's versions), its work directory, a
 bad input as one line. The rehearsal itself (a venv of the node's versions, several GiB) runs by
 `make gpu-rehearsal`; docs/GPU.md records its last run."""
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import pytest
 
 from megatron_conan.cli import gpu_bundle, gpu_rehearsal
 from megatron_conan.errors import InputError
-from megatron_conan.gpu_node.rehearsal import check_report, claim_workdir
+from megatron_conan.gpu_node.rehearsal import LOAD_CHECK, check_report, claim_workdir, judge_load
+from megatron_conan.ops.soft_mask_attention.cuda_binding import EXTENSION_NAME
 
 PINS = {"torch": "==2.11.0+cu130", "triton": "==3.6.0", "sentence-transformers": "==6.0.1"}
 
@@ -44,6 +46,38 @@ def test_an_unused_bundle_or_another_torch_is_a_problem():
                                     torch="2.13.0+cpu"), PINS)
     assert problems == ["the check did not use the bundle: every module the check loads is installed",
                         "the check ran torch 2.13.0+cpu, the node has 2.11.0"]
+
+
+STAND_IN = """import sys
+if "torch" not in sys.modules:  # as the built module: it links to torch's libraries
+    raise ImportError("libc10.so: cannot open shared object file: No such file or directory")
+if {driver!r}:
+    raise ImportError("libcuda.so.1: cannot open shared object file: No such file or directory")
+compiled_archs = "sm90a"
+"""
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_the_load_check_imports_torch_first_and_a_missing_driver_is_no_cuda(tmp_path, driver):
+    """The rehearsal's load of the built extension (a stand-in module here) imports torch before it;
+    on a machine without the GPU driver the module cannot load, which is "no CUDA", not a failure."""
+    (tmp_path / f"{EXTENSION_NAME}.py").write_text(STAND_IN.format(driver=driver))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    loaded = subprocess.run([sys.executable, "-c", LOAD_CHECK], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), repo])})
+    problems, said = judge_load(loaded.returncode, loaded.stdout, loaded.stderr)
+    assert problems == [], loaded.stderr
+    assert said.startswith("it is not loaded: no CUDA here (ImportError: libcuda.so.1" if driver
+                           else "it loads: ('90a',) runs on sm_90: True"), said
+
+
+@pytest.mark.parametrize("returncode,stdout,stderr,problem", [
+    (1, "", "Traceback ...\nImportError: libc10.so: cannot open shared object file",
+     "the built CUDA extension does not load: ImportError: libc10.so: cannot open shared object file"),
+    (0, "('80',) runs on sm_90: False", "", "the built CUDA extension does not load: ('80',) runs on sm_90: False"),
+])
+def test_any_other_load_error_is_a_problem(returncode, stdout, stderr, problem):
+    assert judge_load(returncode, stdout, stderr)[0] == [problem]
 
 
 def test_a_work_directory_of_someone_else_is_refused(tmp_path):
