@@ -6,6 +6,7 @@ bad input as one line. The rehearsal itself (a venv of the node's versions, seve
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,52 @@ def test_the_make_targets_call_the_tools():
                    f"{sys.executable} -m megatron_conan.cli.gpu_rehearsal --workdir /tmp/r --python python3.12 "
                    "--budget-s 300 --suite",
                    f"{sys.executable} -m megatron_conan.cli.gpu_check --budget-s 510 --out-dir . --bundle /tmp/b"]
+
+
+def _clone(path):
+    """A stand-in clone: a git checkout holding the extension's sources."""
+    (path / "csrc").mkdir(parents=True)
+    (path / "csrc" / "kernel.cu").write_text("// kernel\n")
+    (path / "setup.py").write_text("# setup\n")
+    binding = path / "megatron_conan" / "ops" / "soft_mask_attention"
+    binding.mkdir(parents=True)
+    (binding / "cuda_binding.py").write_text("# binding\n")
+    subprocess.run(["git", "-C", str(path), "init", "-q"], check=True, capture_output=True)
+    _commit(str(path))
+    return str(path)
+
+
+def _commit(clone):
+    for command in (["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sources"]):
+        subprocess.run(["git", "-C", clone, *command], check=True, capture_output=True)
+
+
+def test_a_cuda_build_is_kept_between_rehearsals_of_the_same_sources(tmp_path, monkeypatch):
+    """The rehearsal's clone is fresh each run; its CUDA build (minutes on 2 cores) is kept in the
+    work directory, keyed by the extension's sources and torch, and put into the next clone."""
+    from megatron_conan.gpu_node import rehearsal
+    from megatron_conan.ops.soft_mask_attention import cuda_build
+
+    builds = []
+
+    def build(arch, torch_version, seconds_left, repo, python):
+        builds.append(repo)
+        (Path(repo) / f"{EXTENSION_NAME}.cpython-312-x86_64-linux-gnu.so").write_text("module")
+        return cuda_build.BuildResult(42.0, "")
+
+    monkeypatch.setattr(rehearsal.shutil, "which", lambda name: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(cuda_build, "build", build)
+    monkeypatch.setattr(rehearsal, "load_in_clone", lambda clone, python: (0, "('90a',) runs on sm_90: True", ""))
+    said = []
+    first, second = _clone(tmp_path / "one"), _clone(tmp_path / "two")
+    work = str(tmp_path / "work")
+    assert rehearsal.cuda_build_in_clone(first, sys.executable, said.append, work) == []
+    assert rehearsal.cuda_build_in_clone(second, sys.executable, said.append, work) == []
+    assert builds == [first]
+    assert os.listdir(second).count(f"{EXTENSION_NAME}.cpython-312-x86_64-linux-gnu.so") == 1
+    assert "built for sm_90a in 42 s" in said[0]
+    assert "kept from an earlier rehearsal of the same sources (built in 42 s)" in said[1], said
+    (tmp_path / "two" / "csrc" / "kernel.cu").write_text("// changed\n")
+    _commit(second)
+    assert rehearsal.cuda_build_in_clone(second, sys.executable, said.append, work) == []
+    assert builds == [first, second]  # other sources: built again
