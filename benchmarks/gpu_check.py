@@ -19,8 +19,8 @@ PYTHONPATH (megatron_conan/gpu_node/bundle.py); the report says so.
 Each part gets its weight's share of the time left (unused time passes on; on a GPU its `share`, on
 CPU its measured `cpu_s`), or what it needs where that is more and the time left still holds it (the
 order is the priority); it is skipped, with the reason, when the time left is below what it needs; a
-part still running at the end of its share is stopped ("partial", with the figures it wrote so far). Results: gpu_check.json and gpu_check.md (a table for
-docs/PERFORMANCE.md). The entry point is conan-gpu-check (megatron_conan/cli/gpu_check.py).
+part still running at the end of its share is stopped ("partial", with the figures it wrote so far).
+Results: gpu_check.json and gpu_check.md (a table for docs/PERFORMANCE.md). The entry point is conan-gpu-check (megatron_conan/cli/gpu_check.py).
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ class Rehearsal:
         clone = self.step("fresh clone", lambda: fresh_clone(self.source, os.path.join(self.workdir, "clone"), self.say))
         self.step("bundle", lambda: self.say("\n".join(build_in_clone(clone, venv_python))))
         self.step("import check", lambda: import_check(clone, venv_python, self.say))
-        problems = self.step("cuda build", lambda: cuda_build_in_clone(clone, venv_python, self.say, self.workdir)) \
-            if self.cuda_build else []
+        problems = self.step("cuda build", lambda: cuda_build_in_clone(
+            clone, venv_python, self.say, self.workdir)) if self.cuda_build else []
         problems += self.step("gpu check", lambda: self.gpu_check(clone, venv_python))
         for problem in problems:
             self.say(f"rehearsal: FAILED: {problem}")

@@ -102,8 +102,9 @@ def test_bad_input_is_one_line_before_any_download(tmp_path, capsys):
 def test_the_make_targets_call_the_tools():
     # --no-print-directory: under `make test` the parent make's MAKELEVEL makes a child print
     # "Entering directory" lines around its recipes
-    dry = subprocess.run(["make", "-n", "--no-print-directory", "gpu-bundle", "gpu-rehearsal", "gpu-check", "GPU_BUNDLE=/tmp/b",
-                          "REHEARSAL_DIR=/tmp/r", "REHEARSAL_SUITE=1", "REHEARSAL_NO_CUDA_BUILD=1", f"CHECK_PYTHON={sys.executable}"],
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "gpu-bundle", "gpu-rehearsal", "gpu-check",
+                          "GPU_BUNDLE=/tmp/b", "REHEARSAL_DIR=/tmp/r", "REHEARSAL_SUITE=1", "REHEARSAL_NO_CUDA_BUILD=1",
+                          f"CHECK_PYTHON={sys.executable}"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert dry == [f"{sys.executable} -m megatron_conan.cli.gpu_bundle --out /tmp/b",
                    f"{sys.executable} -m megatron_conan.cli.gpu_rehearsal --workdir /tmp/r --python python3.12 "
