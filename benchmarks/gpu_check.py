@@ -168,11 +168,14 @@ def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float]
     now: the caller's start-up counts too), with the offline bundle in `bundle_dir` where a module is
     missing; write gpu_check.json and gpu_check.md to `out_dir`."""
     started = time.monotonic() if started is None else started
-    reserve_s = min(10.0, 0.05 * budget_s)  # for writing the results
+    # for what follows the last part (the scratch's removal, the results): at least 3 s, since a
+    # loaded machine takes that long, so that the wall time stays within the budget
+    reserve_s = min(10.0, max(3.0, 0.05 * budget_s))
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
         bundle = use_bundle(bundle_dir, os.path.join(scratch, "bundle"))
         path = [bundle["target"]] if bundle["used"] else []
+        env = environment(cpu, path)  # before the parts: nothing but the results after the last
         print(f"gpu-check bundle: {_bundle_line(bundle)}", flush=True)  # user-facing
         for index, part in enumerate(PARTS):
             seconds = share_of(index, budget_s - reserve_s - (time.monotonic() - started), cpu)
@@ -184,7 +187,6 @@ def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float]
             print(f"gpu-check {part.name}: {result['status']}"  # user-facing: one line per part
                   + (f" ({result['reason']})" if result.get("reason") else "") + f", {result['wall_s']:.0f} s",
                   flush=True)
-        env = environment(cpu, path)
     report = {"date": datetime.date.today().isoformat(), "mode": "cpu" if cpu else "gpu", "budget_s": budget_s,
               "wall_s": round(time.monotonic() - started, 1), "environment": env, "bundle": bundle, "parts": results}
     write_results(report, out_dir)
