@@ -19,6 +19,7 @@ def _check(tmp_path, *argv, timeout=600):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
+@pytest.mark.slow  # its 35 s budget
 def test_cpu_check_reports_every_part_within_its_budget(tmp_path):
     """A budget that holds the first parts' CPU shapes and not the last ones': every part is reported,
     ran (with figures), stopped (partial) or skipped, with its reason, whatever the machine's load;
