@@ -18,7 +18,8 @@ CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
 GPU_BUNDLE ?= gpu-bundle
 # The rehearsal's work directory (a venv of the node's packages, several GiB, and a fresh clone):
 # outside the repository. REHEARSAL_PYTHON: an interpreter of the node's Python version (on a pyenv
-# machine: PYENV_VERSION=3.12.1). REHEARSAL_SUITE=1 also runs the full test suite there (20+ min).
+# machine: PYENV_VERSION=3.12.1). REHEARSAL_SUITE=1 also runs the full test suite there (20+ min);
+# REHEARSAL_NO_CUDA_BUILD=1 leaves out the CUDA extension's build (kept between rehearsals once made).
 REHEARSAL_DIR ?= $(HOME)/.cache/megatron_conan/gpu-rehearsal
 REHEARSAL_PYTHON ?= python3.12
 REHEARSAL_BUDGET_S ?= 300
@@ -60,7 +61,7 @@ gpu-bundle:
 	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_bundle --out $(GPU_BUNDLE)
 
 gpu-rehearsal:
-	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_rehearsal --workdir $(REHEARSAL_DIR) --python $(REHEARSAL_PYTHON) --budget-s $(REHEARSAL_BUDGET_S) $(if $(REHEARSAL_SUITE),--suite)
+	$(CHECK_PYTHON) -m megatron_conan.cli.gpu_rehearsal --workdir $(REHEARSAL_DIR) --python $(REHEARSAL_PYTHON) --budget-s $(REHEARSAL_BUDGET_S) $(if $(REHEARSAL_SUITE),--suite) $(if $(REHEARSAL_NO_CUDA_BUILD),--no-cuda-build)
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)

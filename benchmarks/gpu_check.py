@@ -16,10 +16,11 @@ Where a module the check loads is missing (a GPU node without megatron-core or p
 offline bundle of `make gpu-bundle` is installed into a temporary directory that leads the parts'
 PYTHONPATH (megatron_conan/gpu_node/bundle.py); the report says so.
 
-Each part gets a share of the time left (unused time passes on) and is skipped, with the reason,
-when that share is below what it needs; a part still running at the end of its share is stopped
-("partial", with the figures it wrote so far). Results: gpu_check.json and gpu_check.md (a table for
-docs/PERFORMANCE.md). The entry point is conan-gpu-check (megatron_conan/cli/gpu_check.py).
+Each part gets its weight's share of the time left (unused time passes on; on a GPU its `share`, on
+CPU its measured `cpu_s`), or what it needs where that is more and the time left still holds it (the
+order is the priority); it is skipped, with the reason, when the time left is below what it needs; a
+part still running at the end of its share is stopped ("partial", with the figures it wrote so far).
+Results: gpu_check.json and gpu_check.md (a table for docs/PERFORMANCE.md). The entry point is conan-gpu-check (megatron_conan/cli/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -45,33 +46,40 @@ DEFAULT_BUNDLE = os.path.join(REPO, "gpu-bundle")
 class Part:
     name: str
     share: float
-    """Weight of this part in the time left (renormalised over the parts still to run)."""
+    """Weight of this part in the time left on a GPU (renormalised over the parts still to run)."""
     min_s: float
-    """Below this much time (GPU; CPU mode scales it) the part is skipped."""
+    """Below this much time on a GPU the part is skipped."""
     needs: tuple = ()
     """Modules the part imports; a missing one skips it with its name."""
-    cpu_min_s: Optional[float] = None
-    """`min_s` in CPU mode, where it differs from CPU_MIN_SCALE * min_s."""
+    cpu_s: float = 0.0
+    """Seconds of its CPU shapes on 2 quiet cores (docs/GPU.md, measured): in --cpu mode both its
+    weight in the time left and the least it is started with (a part given less would only be stopped)."""
     expected_s: float = 0.0
     """Estimated seconds on one H100 (docs/GPU.md): not measured, no GPU was lent to this work; the
     CPU rehearsal and the CUDA build measured there are what they rest on."""
+
+    def weight(self, cpu: bool) -> float:
+        return self.cpu_s if cpu else self.share
+
+    def need_s(self, cpu: bool) -> float:
+        return self.cpu_s if cpu else self.min_s
 
 
 PARTS = (
     # what only a GPU can tell comes first: kernel correctness (its share holds the CUDA extension's
     # build when it is not built yet: cuda_build.py), kernel speed, the 1.4B step's MFU, stage-3 and
     # encoding throughput; the stages, which the CPU suite already runs end to end, come last with
-    # what is left. On 2 CPU cores the stages part spawns a world per stage (about 210 s, measured),
-    # so a CPU budget too small for it skips it instead of stopping it half-way.
-    Part("kernels", 0.30, 30, ("triton",), expected_s=130),  # sm_90a build ~100 s, then 24 checks
-    Part("kernel_speed", 0.10, 30, expected_s=40),
-    Part("train_step", 0.15, 60, ("megatron.core", "pydantic"), expected_s=60),
-    Part("embed_step", 0.18, 60, ("megatron.core", "pydantic", "sentence_transformers"), expected_s=90),
-    Part("encode", 0.10, 45, ("megatron.core", "pydantic", "sentence_transformers"), expected_s=45),
+    # what is left. On CPU every part runs its own tiny shapes (benchmarks/gpu_check_parts.py); its
+    # cpu_s is what they took on 2 quiet cores with the node's versions (docs/GPU.md, the rehearsal),
+    # mostly imports and process start-up (the stages part spawns a world per stage).
+    Part("kernels", 0.30, 30, ("triton",), cpu_s=5, expected_s=130),  # sm_90a build ~100 s, then 24 checks
+    Part("kernel_speed", 0.10, 30, cpu_s=5, expected_s=40),
+    Part("train_step", 0.15, 60, ("megatron.core", "pydantic"), cpu_s=13, expected_s=60),
+    Part("embed_step", 0.18, 60, ("megatron.core", "pydantic", "sentence_transformers"), cpu_s=20, expected_s=90),
+    Part("encode", 0.10, 45, ("megatron.core", "pydantic", "sentence_transformers"), cpu_s=18, expected_s=45),
     Part("stages", 0.17, 90, ("megatron.core", "pydantic", "sentencepiece", "sentence_transformers", "pytrec_eval",
-                              "bm25s"), cpu_min_s=180, expected_s=110),
+                              "bm25s"), cpu_s=75, expected_s=110),
 )
-CPU_MIN_SCALE = 0.5  # tiny shapes need less than the GPU shapes' compile and warm-up
 
 
 def _missing(modules, path: Sequence[str] = ()) -> List[str]:
@@ -160,14 +168,17 @@ def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float]
     now: the caller's start-up counts too), with the offline bundle in `bundle_dir` where a module is
     missing; write gpu_check.json and gpu_check.md to `out_dir`."""
     started = time.monotonic() if started is None else started
-    reserve_s = min(10.0, 0.05 * budget_s)  # for writing the results
+    # for what follows the last part (the scratch's removal, the results): at least 3 s, since a
+    # loaded machine takes that long, so that the wall time stays within the budget
+    reserve_s = min(10.0, max(3.0, 0.05 * budget_s))
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
         bundle = use_bundle(bundle_dir, os.path.join(scratch, "bundle"))
         path = [bundle["target"]] if bundle["used"] else []
+        env = environment(cpu, path)  # before the parts: nothing but the results after the last
         print(f"gpu-check bundle: {_bundle_line(bundle)}", flush=True)  # user-facing
         for index, part in enumerate(PARTS):
-            seconds = share_of(index, budget_s - reserve_s - (time.monotonic() - started))
+            seconds = share_of(index, budget_s - reserve_s - (time.monotonic() - started), cpu)
             part_started = time.monotonic()
             result = _run_part(part, cpu, seconds, scratch, path)
             result.update(part=part.name, share_s=round(max(seconds, 0.0), 1),
@@ -176,16 +187,21 @@ def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float]
             print(f"gpu-check {part.name}: {result['status']}"  # user-facing: one line per part
                   + (f" ({result['reason']})" if result.get("reason") else "") + f", {result['wall_s']:.0f} s",
                   flush=True)
-        env = environment(cpu, path)
     report = {"date": datetime.date.today().isoformat(), "mode": "cpu" if cpu else "gpu", "budget_s": budget_s,
               "wall_s": round(time.monotonic() - started, 1), "environment": env, "bundle": bundle, "parts": results}
     write_results(report, out_dir)
     return report
 
 
-def share_of(index: int, left_s: float) -> float:
-    """The seconds part `index` gets of the `left_s` still left at its turn."""
-    return left_s * PARTS[index].share / sum(part.share for part in PARTS[index:])
+def share_of(index: int, left_s: float, cpu: bool = False) -> float:
+    """The seconds part `index` gets of the `left_s` still left at its turn: its weight's share of
+    them, or, where that is below what it needs and `left_s` still holds that, what it needs: the
+    order is the priority, so a short budget runs the first parts whole and skips the last ones
+    rather than stopping every part half-way."""
+    part = PARTS[index]
+    proportional = left_s * part.weight(cpu) / sum(later.weight(cpu) for later in PARTS[index:])
+    need = part.need_s(cpu)
+    return need if proportional < need <= left_s else proportional
 
 
 def _bundle_line(bundle: Dict) -> str:
@@ -196,7 +212,7 @@ def _bundle_line(bundle: Dict) -> str:
 
 
 def _run_part(part: Part, cpu: bool, seconds: float, scratch: str, path: Sequence[str]) -> Dict:
-    need = (part.cpu_min_s or part.min_s * CPU_MIN_SCALE) if cpu else part.min_s
+    need = part.need_s(cpu)
     missing = _missing(part.needs, path)
     if missing:
         return {"status": "skipped", "reason": f"not installed: {', '.join(missing)} (make gpu-bundle, docs/GPU.md)"}

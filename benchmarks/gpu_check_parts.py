@@ -189,16 +189,17 @@ def part_embed_step(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
 
     # 20-token queries beside 64-512-token passages, padded and packed, against MNRL / CachedMNRL
     # (GradCache chunked by count, and by tokens on both sides: as many as a chunk of 16 can hold)
+    # on CPU one batch, one untimed and one timed step per side: its figures are start-up, not speed
     if cpu:
         argv = ["--recipe", "tiny", "--batch", "8", "--query-length", "8", "--min-passage-length", "8",
                 "--passage-length", "32", "--max-tokens-per-row", "64", "--mini-batch-size", "4",
-                "--mini-batch-tokens", "128", "--precision", "fp32"]
+                "--mini-batch-tokens", "128", "--precision", "fp32", "--batches", "1", "--steps", "1"]
     else:
         argv = ["--recipe", "conan_1p4b", "--batch", "32", "--query-length", "20", "--min-passage-length", "64",
                 "--passage-length", "512", "--max-tokens-per-row", "1024", "--mini-batch-size", "16",
-                "--mini-batch-tokens", "8192", "--precision", "bf16"]
-    rows = _benchmark_rows(embed_step, argv + ["--data", "synthetic", "--packing", "--batches", "2",
-                                               "--rounds", "1", "--steps", "2", "--warmup", "1"], scratch)
+                "--mini-batch-tokens", "8192", "--precision", "bf16", "--batches", "2", "--steps", "2"]
+    rows = _benchmark_rows(embed_step, argv + ["--data", "synthetic", "--packing", "--rounds", "1", "--warmup", "1"],
+                           scratch)
     figures = {}
     for row in rows:
         theirs = embed_step.theirs_name(row)
@@ -215,8 +216,8 @@ def part_encode(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
 
     # conan-encode's embedder (padded and packed) against SentenceTransformer.encode, same precision
     if cpu:
-        argv = ["--shape", "tiny", "--texts", "64", "--chunk", "64", "--batch-size", "16", "--max-length", "64",
-                "--max-tokens-per-row", "128", "--rounds", "1"]
+        argv = ["--shape", "tiny", "--texts", "32", "--chunk", "32", "--batch-size", "16", "--max-length", "48",
+                "--max-tokens-per-row", "96", "--rounds", "1"]
     else:
         argv = ["--shape", "small", "--texts", "2048", "--chunk", "1024", "--batch-size", "128",
                 "--max-length", "256", "--max-tokens-per-row", "1024", "--rounds", "3", "--device", "cuda",

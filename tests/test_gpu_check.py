@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["kernels", "kernel_speed", "train_step", "embed_step", "encode", "stages"]
 
 
@@ -18,9 +19,12 @@ def _check(tmp_path, *argv, timeout=600):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # its 35 s budget
 def test_cpu_check_reports_every_part_within_its_budget(tmp_path):
-    budget = 150
+    """A budget that holds the first parts' CPU shapes and not the last ones': every part is reported,
+    ran (with figures), stopped (partial) or skipped, with its reason, whatever the machine's load;
+    the scheduler keeps the whole within the budget (wall_s counts from the command's start)."""
+    budget = 35
     result = _check(tmp_path, "--cpu", "--budget-s", str(budget), "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -32,9 +36,37 @@ def test_cpu_check_reports_every_part_within_its_budget(tmp_path):
             assert part["reason"], part
         if part["status"] == "ran":
             assert part["figures"], part
-    assert any(part["status"] == "ran" for part in report["parts"])
+    assert report["parts"][-1]["status"] == "skipped"  # the stages' CPU seconds alone exceed the budget
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| part | status | figure | value |" in table and all(f"| {name} |" in table for name in PARTS)
+
+
+def test_a_part_runs_on_cpu_with_its_figures(tmp_path):
+    """What the budgeted check cannot promise on a loaded machine, without a budget: the kernels part
+    runs its CPU shapes, Triton's fp32 rows within their bounds, CUDA's skipped for no CUDA."""
+    out = tmp_path / "kernels.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check_parts", "kernels", "--cpu", "--out", str(out),
+                             "--scratch", str(tmp_path / "scratch")], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["status"] == "ran" and report["skipped"]["cuda"] == "no CUDA", report
+    assert report["figures"]["triton float32 a=0.3 error/bound"] <= 1
+
+
+def test_a_short_budget_runs_the_first_parts_whole_and_skips_the_last():
+    """The order is the priority: a part whose weighted share is below what it needs gets what it
+    needs while the time left holds it; on CPU the weights and needs are the measured CPU seconds."""
+    from megatron_conan.cli.gpu_check import load_check
+
+    check = load_check()
+    need = [part.cpu_s for part in check.PARTS]
+    assert check.share_of(0, 30, cpu=True) == need[0]  # 30 s weighted over all: less than its need
+    assert check.share_of(len(PARTS) - 1, need[-1] - 1, cpu=True) == need[-1] - 1  # too little: _run_part skips
+    roomy = 2 * sum(need)
+    assert [round(check.share_of(i, roomy - 2 * sum(need[:i]), cpu=True), 6) for i in range(len(PARTS))] == \
+        [2 * n for n in need]  # room for all: each its weight's share, twice its need here
+    assert check.share_of(0, 400) == pytest.approx(400 * 0.30)  # on a GPU the declared shares
 
 
 def test_a_tiny_budget_skips_every_part_with_its_reason(tmp_path):

@@ -20,6 +20,8 @@ The work directory holds nothing the repository needs and lives outside it.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ from megatron_conan.errors import InputError
 from megatron_conan.gpu_node import bundle
 from megatron_conan.gpu_node.imports import check_imports, run_import_check
 from megatron_conan.gpu_node.inventory import REPO, NodeInventory, project_requirements, read_inventory
-from megatron_conan.ops.soft_mask_attention import cuda_build
+from megatron_conan.ops.soft_mask_attention import cuda_binding, cuda_build
 
 MARKER = ".megatron_conan-rehearsal"
 """In the work directory: it is this tool's, so its venv and clone may be replaced."""
@@ -68,8 +70,8 @@ class Rehearsal:
         clone = self.step("fresh clone", lambda: fresh_clone(self.source, os.path.join(self.workdir, "clone"), self.say))
         self.step("bundle", lambda: self.say("\n".join(build_in_clone(clone, venv_python))))
         self.step("import check", lambda: import_check(clone, venv_python, self.say))
-        problems = self.step("cuda build", lambda: cuda_build_in_clone(clone, venv_python, self.say)) \
-            if self.cuda_build else []
+        problems = self.step("cuda build", lambda: cuda_build_in_clone(
+            clone, venv_python, self.say, self.workdir)) if self.cuda_build else []
         problems += self.step("gpu check", lambda: self.gpu_check(clone, venv_python))
         for problem in problems:
             self.say(f"rehearsal: FAILED: {problem}")
@@ -174,22 +176,81 @@ def import_check(clone: str, venv_python: str, say: Callable[[str], None]) -> No
         f"({', '.join(modules.top_level)}); optional: {', '.join(modules.optional)}")
 
 
-def cuda_build_in_clone(clone: str, venv_python: str, say: Callable[[str], None], arch: str = "90a") -> List[str]:
-    """Build the extension for `arch` in the clone as the check does; problems, [] where it built and
-    loads (or where there is no nvcc to try)."""
+def cuda_build_in_clone(clone: str, venv_python: str, say: Callable[[str], None], workdir: str,
+                        arch: str = "90a") -> List[str]:
+    """Build the extension for `arch` in the clone as the check does, or put in the one an earlier
+    rehearsal built from the same sources against the same torch (kept in `workdir`: minutes on 2
+    cores); problems, [] where it loads (or where there is no nvcc to try)."""
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         say("rehearsal: no nvcc here: the CUDA extension's build is not rehearsed")
         return []
     torch_version = _run([venv_python, "-c", "import torch; print(torch.__version__)"]).stdout.strip()
-    built = cuda_build.build(arch, torch_version, seconds_left=1200, repo=clone, python=venv_python)
-    if built.reason:
-        return [f"the CUDA extension: {built.reason}"]
-    loaded = subprocess.run([venv_python, "-c", "from megatron_conan.ops.soft_mask_attention import cuda_binding as b; "
-                             "print(b.compiled_archs(), 'runs on sm_90:', b.runs_on((9, 0), b.compiled_archs()))"],
-                            cwd=clone, capture_output=True, text=True)
-    say(f"rehearsal: CUDA extension built for sm_{arch} in {built.seconds:.0f} s on {os.cpu_count()} cores "
-        f"(torch {torch_version}); it loads: {loaded.stdout.strip() or loaded.stderr.strip()[-300:]}")
-    return [] if "runs on sm_90: True" in loaded.stdout else ["the built CUDA extension does not load"]
+    kept = kept_build_dir(workdir, clone, arch, torch_version)
+    how = _built_from(kept, clone)
+    if how is None:
+        built = cuda_build.build(arch, torch_version, seconds_left=1200, repo=clone, python=venv_python)
+        if built.reason:
+            return [f"the CUDA extension: {built.reason}"]
+        _keep_build(clone, kept, built.seconds)
+        how = f"built for sm_{arch} in {built.seconds:.0f} s on {os.cpu_count()} cores"
+    problems, said = judge_load(*load_in_clone(clone, venv_python))
+    say(f"rehearsal: CUDA extension {how} (torch {torch_version}); {said}")
+    return problems
+
+
+def kept_build_dir(workdir: str, clone: str, arch: str, torch_version: str) -> str:
+    """Where a build of the clone's extension sources (csrc/, setup.py and the binding it reads) for
+    `arch` against `torch_version` is kept between rehearsals."""
+    sources = _run(["git", "-C", clone, "rev-parse", "HEAD:csrc", "HEAD:setup.py",
+                    "HEAD:megatron_conan/ops/soft_mask_attention/cuda_binding.py"]).stdout.split()
+    key = hashlib.sha256(" ".join([*sources, arch, torch_version]).encode()).hexdigest()[:16]
+    return os.path.join(workdir, "cuda-builds", key)
+
+
+def _built_from(kept: str, clone: str):
+    """Copy a kept build into the clone; how it was made, or None where none is kept."""
+    modules = glob.glob(os.path.join(kept, cuda_binding.EXTENSION_NAME + "*.so"))
+    if not modules:
+        return None
+    for module in modules:
+        shutil.copy2(module, clone)
+    with open(os.path.join(kept, "build.json"), encoding="utf-8") as handle:
+        seconds = json.load(handle)["seconds"]
+    return f"kept from an earlier rehearsal of the same sources (built in {seconds:.0f} s)"
+
+
+def _keep_build(clone: str, kept: str, seconds: float) -> None:
+    os.makedirs(kept, exist_ok=True)
+    for module in glob.glob(os.path.join(clone, cuda_binding.EXTENSION_NAME + "*.so")):
+        shutil.copy2(module, kept)
+    atomic_write.text(os.path.join(kept, "build.json"), json.dumps({"seconds": round(seconds, 1)}))
+
+
+def load_in_clone(clone: str, venv_python: str):
+    """(exit status, stdout, stderr) of LOAD_CHECK in the clone on the node venv."""
+    loaded = subprocess.run([venv_python, "-c", LOAD_CHECK], cwd=clone, capture_output=True, text=True)
+    return loaded.returncode, loaded.stdout, loaded.stderr
+
+
+LOAD_CHECK = ("import torch, importlib\n"  # torch first: its libraries (libc10.so ...) are what the module links to
+              "from megatron_conan.ops.soft_mask_attention import cuda_binding as b\n"
+              "importlib.import_module(b.EXTENSION_NAME)  # load_extension() would hide the import error\n"
+              "print(b.compiled_archs(), 'runs on sm_90:', b.runs_on((9, 0), b.compiled_archs()))\n")
+"""Loads the built extension as the binding does (torch imported first), raising its import error."""
+NO_DRIVER = "libcuda.so"
+
+
+def judge_load(returncode: int, stdout: str, stderr: str):
+    """(problems, what to say) of LOAD_CHECK's run: it loads and runs on sm_90; or it cannot load
+    on this machine for lack of the GPU driver (libcuda.so.1), a skip for "no CUDA", not a failure;
+    any other load error, or a build that would not run on sm_90, is a problem."""
+    error = (stderr.strip().splitlines() or [""])[-1]
+    if returncode == 0 and "runs on sm_90: True" in stdout:
+        return [], f"it loads: {stdout.strip()}"
+    if returncode != 0 and NO_DRIVER in error:
+        return [], f"it is not loaded: {NO_CUDA} here ({error})"
+    why = error if returncode != 0 else stdout.strip()
+    return [f"the built CUDA extension does not load: {why}"], f"it does not load: {why}"
 
 
 def inventory_versions(inventory: NodeInventory) -> Dict[str, str]:
