@@ -29,10 +29,11 @@ import importlib
 import os
 import pickle
 import re
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import torch
 
+from megatron_conan.environment import environment
 from megatron_conan.errors import InputError
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -128,19 +129,9 @@ def check_dist_metadata(shards_dir: str) -> None:
             raise InputError(f"{path} is not distributed-checkpoint metadata ({type(error).__name__})") from None
 
 
-@contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
+def weights_only_loads():
     """Every ``torch.load`` inside the block is weights-only, whatever its caller asked for."""
-    saved: Dict[str, Any] = {name: os.environ.pop(name, None) for name in (FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment({FORCE_WEIGHTS_ONLY: "1", _FORCE_NO_WEIGHTS_ONLY: None})
 
 
 def load_dist_checkpoint(sharded_state_dict: Dict[str, Any], shards_dir: str) -> Dict[str, Any]:

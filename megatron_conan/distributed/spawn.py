@@ -33,6 +33,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from megatron_conan.console import configure_logging
+from megatron_conan.environment import environment
 from megatron_conan.distributed.ports import LOOPBACK, keep_gloo_on_loopback, loopback_store
 from megatron_conan.warning_filters import silence_known_warnings
 
@@ -83,17 +84,8 @@ def _children_environment(backend: str) -> Iterator[None]:
     # The ranks' OpenMP threads (threads_per_rank) sleep while they wait instead of spinning: when the
     # cores are shared (other worlds, a test worker beside) spinning threads stall each other, 6-8x
     # slower on a loaded 2-core machine. Read when a child loads OpenMP, so set before it starts.
-    changes = {"CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    saved = {name: os.environ.get(name) for name in changes}
-    os.environ.update(changes)
-    try:
+    with environment({"CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
