@@ -167,13 +167,15 @@ def run_check(budget_s: float, cpu: bool, out_dir: str, started: Optional[float]
     """Run the parts in order within `budget_s` counted from `started` (a time.monotonic(), default
     now: the caller's start-up counts too), with the offline bundle in `bundle_dir` where a module is
     missing; write gpu_check.json and gpu_check.md to `out_dir`."""
+    from megatron_conan.gpu_node.bundle import site_dir
+
     started = time.monotonic() if started is None else started
     # for what follows the last part (the scratch's removal, the results): at least 3 s, since a
     # loaded machine takes that long, so that the wall time stays within the budget
     reserve_s = min(10.0, max(3.0, 0.05 * budget_s))
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        bundle = use_bundle(bundle_dir, os.path.join(scratch, "bundle"))
+        bundle = use_bundle(bundle_dir, site_dir(os.path.join(scratch, "bundle")))
         path = [bundle["target"]] if bundle["used"] else []
         env = environment(cpu, path)  # before the parts: nothing but the results after the last
         print(f"gpu-check bundle: {_bundle_line(bundle)}", flush=True)  # user-facing

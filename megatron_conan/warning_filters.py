@@ -7,6 +7,7 @@ Entry points and tools (through `errors.run_main`) and spawned ranks call
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 KNOWN_WARNINGS = (
@@ -28,7 +29,29 @@ KNOWN_WARNINGS = (
 )
 
 
+# Log records (logger name, message start) known to be harmless. megatron-core imports
+# torch.utils.cpp_extension (its NCCL allocator), which logs this on any machine with a CUDA build of
+# torch and a CUDA toolkit but no GPU: a SLURM login node running `--dry-run`, the GPU rehearsal. Our
+# own CUDA build (csrc/) reports its own errors where it needs the runtime.
+KNOWN_LOG_RECORDS = (
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+)
+
+
+class _DropKnownRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def silence_known_warnings() -> None:
-    """Install the filters of `KNOWN_WARNINGS` (idempotent)."""
+    """Install the filters of `KNOWN_WARNINGS` and `KNOWN_LOG_RECORDS` (idempotent)."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefix in KNOWN_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(known, _DropKnownRecords) and known.prefix == prefix for known in logger.filters):
+            logger.addFilter(_DropKnownRecords(prefix))

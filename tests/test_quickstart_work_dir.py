@@ -17,7 +17,7 @@ def test_a_users_file_in_the_work_dir_stops_the_run_with_one_line(tmp_path):
     work = tmp_path / "runs"
     work.mkdir()
     (work / "thesis.tex").write_text("years of work")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("RANK", None)
     result = subprocess.run([sys.executable, "-m", "megatron_conan.quickstart", "--work-dir", str(work),
                              "--plan", "quick"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -261,6 +261,14 @@ def read_manifest(bundle_dir: str) -> Dict:
     return manifest
 
 
+def site_dir(parent: str) -> str:
+    """Where wheels are installed under `parent`: a directory named site-packages. dill (which
+    `datasets` fingerprints every Dataset with) pickles by value any module whose file path holds
+    neither a sys prefix nor "site-packages", and dies on pyarrow's Cython types; a `--target`
+    overlay named otherwise breaks `Dataset.from_dict` (seen in the rehearsal's suite run)."""
+    return os.path.join(parent, "site-packages")
+
+
 def install_bundle(bundle_dir: str, target: str, python: str = sys.executable) -> List[str]:
     """Install the manifest's wheels into `target` exactly as on the node: no index, no dependencies,
     nothing system-wide. The wheel files installed."""

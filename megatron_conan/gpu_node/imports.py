@@ -148,7 +148,10 @@ def run_import_check(modules: CheckImports, python: str = sys.executable, path: 
         if only is not None:
             _link_distributions(set(only), site)
             path, flags = [*path, site], ["-S"]  # -S: no site-packages but the links
-        child_env["PYTHONPATH"] = os.pathsep.join([*path, cwd, *filter(None, [child_env.get("PYTHONPATH")])])
+        # a simulated machine sees no inherited PYTHONPATH either (an overlay such as the
+        # rehearsal's suite dependencies would otherwise show it what it lacks)
+        inherited = [child_env.get("PYTHONPATH")] if only is None else []
+        child_env["PYTHONPATH"] = os.pathsep.join([*path, cwd, *filter(None, inherited)])
         result = subprocess.run([python, *flags, "-c", _CHILD, payload], cwd=cwd, env=child_env,
                                 capture_output=True, text=True, timeout=900)
     if result.returncode != 0:

@@ -165,7 +165,8 @@ def build_in_clone(clone: str, venv_python: str) -> List[str]:
 
 def import_check(clone: str, venv_python: str, say: Callable[[str], None]) -> None:
     """Every module the check's code imports imports on the node venv with the bundle beside it."""
-    with tempfile.TemporaryDirectory(prefix="gpu_bundle_target_") as target:
+    with tempfile.TemporaryDirectory(prefix="gpu_bundle_target_") as scratch:
+        target = bundle.site_dir(scratch)
         bundle.install_bundle(os.path.join(clone, "gpu-bundle"), target, python=venv_python)
         modules = check_imports(clone)
         failed = run_import_check(modules, python=venv_python, path=[target], cwd=clone, env=offline_env())
@@ -283,11 +284,12 @@ def run_suite(inventory: NodeInventory, clone: str, venv_python: str, workdir: s
               say: Callable[[str], None]) -> List[str]:
     """The full suite on the node venv plus the rest of the project's requirements, installed offline."""
     install_requires, extras = project_requirements(os.path.join(clone, "setup.py"))
-    wheels, deps = os.path.join(workdir, "suite-wheels"), os.path.join(workdir, "suite-deps")
+    wheels, deps_parent = os.path.join(workdir, "suite-wheels"), os.path.join(workdir, "suite-deps")
+    deps = bundle.site_dir(deps_parent)
     manifest = bundle.build_bundle(wheels, inventory, install_requires + extras["dev"], None,
                                    python=venv_python, limit_mib=None)
     say(f"rehearsal: suite requirements: {len(manifest['wheels'])} wheels, {manifest['total_bytes'] / 2**20:.0f} MiB")
-    shutil.rmtree(deps, ignore_errors=True)  # inside this tool's work directory
+    shutil.rmtree(deps_parent, ignore_errors=True)  # inside this tool's work directory
     bundle.install_bundle(wheels, deps, python=venv_python)
     log = os.path.join(workdir, "suite.log")
     started = time.monotonic()

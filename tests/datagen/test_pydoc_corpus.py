@@ -111,13 +111,16 @@ def test_manifest_matches_files(corpus):
 def test_modules_counted_and_side_effects_denied(corpus):
     modules = _manifest(corpus)["modules"]
     skipped = modules["skipped_reasons"]
-    for name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "unittest.test"):
+    denied = ("antigravity", "this", "idlelib", "tkinter", "turtle")
+    if sys.version_info < (3, 12):  # Python 3.12 moved unittest's own tests to test.test_unittest
+        denied += ("unittest.test",)
+    for name in denied:
         assert skipped[name].startswith("denied: "), name
         assert name not in modules["imported_names"]
     assert not any(part in ("__main__", "test", "tests") for name in modules["imported_names"]
                    for part in name.split("."))
     assert {"json", "os", "collections.abc", "email.mime.text"} <= set(modules["imported_names"])
-    assert modules["imported"] == len(modules["imported_names"]) > 400
+    assert modules["imported"] == len(modules["imported_names"]) > 300  # 3.11: 400+, 3.12: 355
     assert modules["skipped"] == len(skipped)
     assert all(reason.startswith(("denied: ", "import failed: ")) for reason in skipped.values())
 

@@ -30,7 +30,8 @@ destroy_parallel()
 def test_a_world_of_one_restarts_while_its_old_port_is_taken():
     env = {key: value for key, value in os.environ.items()
            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
-                            capture_output=True, text=True, timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("world of 1")

@@ -8,7 +8,11 @@ import torch.nn.functional as F
 from megatron_conan.testing.distributed import run_distributed
 
 DIMS = (4, 8, 12)
-RECORDED = ("all_gather", "all_reduce", "reduce_scatter_single")
+# torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single; the device seam calls whichever
+# this torch has (torch >= 2.11 is supported)
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") \
+    else "reduce_scatter_tensor"
+RECORDED = ("all_gather", "all_reduce", REDUCE_SCATTER)
 
 
 def _recording(counts):
@@ -78,6 +82,6 @@ def test_one_gather_per_step_instead_of_one_per_dim():
         # per gathered tensor (positives, hard negatives, keys, mask): a size exchange and the data
         assert separate_counts["all_gather"] == len(DIMS) * shared_counts["all_gather"] == len(DIMS) * 8
         # backward: one reduce-scatter per gathered float tensor, no all-reduce
-        assert shared_counts.get("reduce_scatter_single") == 2
-        assert separate_counts.get("reduce_scatter_single") == 2 * len(DIMS)
+        assert shared_counts.get(REDUCE_SCATTER) == 2
+        assert separate_counts.get(REDUCE_SCATTER) == 2 * len(DIMS)
         assert "all_reduce" not in shared_counts and "all_reduce" not in separate_counts
