@@ -29,6 +29,10 @@ JOB_LIMIT_S = 300.0
 REQUEUE_TIME_LIMIT_MIN = 10
 """The time limit a requeued time-limit job gets while pending: its restart must not be warned again
 within the test, as a real job's next warning is a whole --time away."""
+RESUME_LEAD_S = 3.0
+"""How long before slurmctld's next time-limit test a suspended time-limit job is resumed: the test
+then finds it training (a run has about 10 s of steps left) and slurmctld's loop is late by a second
+at most."""
 PG_TIMEOUT_S = 20
 """parallel.timeout_s of the lost-node run: how long the surviving rank waits in a collective."""
 LOST_NODE_BOUND_S = PG_TIMEOUT_S + 30 + 30 + 20
@@ -239,45 +243,31 @@ class Checks:
         for line in compare_runs(job.run_dir, self.stages.run_dir(reference)):
             self.log(f"  {line} (against the uninterrupted {reference} run)")
 
-    def time_limit(self, stage: str, attempts: int = 4) -> None:
+    def time_limit(self, stage: str) -> None:
         """SLURM's time-limit warning (--signal=B:USR1@30) mid-run: the trainer saves, exits 0, the
         wrapper requeues, the restart completes with identical metrics.
 
-        slurmctld tests time limits every 30 s, and warns at the first test within 30 + 30 s of the
-        end. So that the test falls on a training step, not on start-up (a 30-s window is longer than
-        these runs), the job is submitted held with a 10-minute limit, released so that its steps
-        straddle the next test, and its limit shortened just before that test, to the minutes that
-        put the end 30-60 s ahead. When the start-up took so long that the test would miss the steps,
-        that attempt is cancelled and another released for the start-up it took."""
-        startup = self.startup_s[stage]
-        for attempt in range(1, attempts + 1):
-            name = f"{stage}-time-limit" + (f"-{attempt}" if attempt > 1 else "")
-            job = self.stages.submit(self.cluster, stage, name=name, options=["--hold", "--time=10", "--signal=B:USR1@30"])
-            check = next_time_limit_check(self.cluster)
-            release_at = check - startup - 0.5 * self.training_s[stage]
-            while release_at < time.time() + 1:
-                release_at, check = release_at + 30, check + 30
-            time.sleep(release_at - time.time())
-            self.cluster.run("scontrol", "release", job.id)
-            wait_steps(job.run_dir, 1)
-            first_step = time.time()
-            start = epoch(self.cluster.show(job)["StartTime"])
-            check = next_time_limit_check(self.cluster)
-            if time.time() < check - 1.5 and check < first_step + 0.75 * self.training_s[stage]:
-                break
-            startup = first_step - start
-            self.log(f"{stage} time limit, attempt {attempt}: job {job.id}'s first step came {startup:.1f} s after its "
-                     "start, and the next time-limit test would miss its steps: cancelled, the next attempt is "
-                     "released for that start-up")
-            self.cluster.run("scancel", job.id)
-            self.cluster.wait_end(job, JOB_LIMIT_S)
-        else:
-            raise CheckFailed(f"{stage}: no attempt had a time-limit test fall on its steps")
-        time.sleep(max(0.0, check - 1.5 - time.time()))
-        minutes = int((check - start) // 60) + 1  # end 30-60 s after the test: within its warning window
-        self.cluster.run("scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}")
-        self.log(f"{stage} with --signal=B:USR1@30: job {job.id}, steps from {first_step - start:.1f} s after its start; "
-                 f"its time limit set to {minutes} min {check - time.time():.1f} s before slurmctld's next test")
+        slurmctld tests time limits every 30 s and warns at the first test that finds the job's end
+        within --signal's 30 s plus that period; these runs train for about 10 s. So that the test
+        falls on a training step whatever the start-up took (8-23 s on a busy machine), the job is
+        suspended at its first step (`scontrol suspend`: SIGSTOP to its processes, a suspended job's
+        time not counted), resumed a few seconds before slurmctld's next test, and its limit shortened
+        so that this test finds its end 0-60 s ahead."""
+        job = self.stages.submit(self.cluster, stage, name=f"{stage}-time-limit",
+                                 options=[f"--time={REQUEUE_TIME_LIMIT_MIN}", "--signal=B:USR1@30"])
+        wait_steps(job.run_dir, 1)
+        self.cluster.run("scontrol", "suspend", job.id)
+        suspended_s = time.time() - epoch(self.cluster.show(job)["StartTime"])
+        suspended_at = max(read_metrics(job.run_dir))
+        check = next_time_limit_check(self.cluster)
+        while check < time.time() + RESUME_LEAD_S + 2:
+            check += 30
+        time.sleep(check - RESUME_LEAD_S - time.time())
+        self.cluster.run("scontrol", "resume", job.id)
+        end = self._end_just_after(job, check)
+        self.log(f"{stage} with --signal=B:USR1@30: job {job.id} suspended at step {suspended_at}, "
+                 f"{suspended_s:.1f} s after its start; resumed {RESUME_LEAD_S:.0f} s before slurmctld's "
+                 f"next time-limit test with its limit cut to end {end - check:.0f} s after that test")
         wait_for(lambda: "REQUEUED" in self.cluster.states(job), JOB_LIMIT_S, f"job {job.id} to be requeued")
         self.cluster.run("scontrol", "update", f"JobId={job.id}", f"TimeLimit={REQUEUE_TIME_LIMIT_MIN}")
         first = segments(self.cluster.log_text(job))[0]
@@ -291,6 +281,20 @@ class Checks:
                  f"({re.search(r'requeue_on_signal.sh: (.*)', first).group(1)}); limit back to "
                  f"{REQUEUE_TIME_LIMIT_MIN} min while it waits")
         self._requeued_run(job, stage, ["REQUEUED", "COMPLETED"])
+
+    def _end_just_after(self, job: Job, check: float) -> float:
+        """Cut the running job's limit so that its end (EndTime, as slurmctld computes it, suspended
+        time excluded) falls 0-60 s after the time-limit test at `check`: the warning window of
+        --signal=B:USR1@30. The end, read back."""
+        info = self.cluster.show(job)
+        base = epoch(info["EndTime"]) - limit_seconds(info["TimeLimit"])
+        minutes = int((check - base) // 60) + 1
+        self.cluster.run("scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}")
+        end = epoch(self.cluster.show(job)["EndTime"])
+        if not check < end <= check + 60:
+            raise CheckFailed(f"job {job.id}: its limit of {minutes} min ends it {end - check:.0f} s after the "
+                              "next time-limit test, outside the warning window")
+        return end
 
     def stages_total_steps(self, stage: str) -> int:
         return max(read_metrics(self.stages.run_dir(stage)))
@@ -387,6 +391,15 @@ class Checks:
             raise CheckFailed(f"job {job.id}: expected one save and no requeue after scancel ({job.log_path})")
         self.log(f"embed-weak: job {job.id} scancelled at step {step}: saved once at step {saves[0]} (latest, complete), "
                  f"sacct {' -> '.join(states)}, not requeued")
+
+
+def limit_seconds(text: str) -> int:
+    """A SLURM time limit as `scontrol show job` prints it ([D-]HH:MM:SS or MM:SS) in seconds."""
+    days, _, clock = text.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds + 86400 * int(days or 0)
 
 
 def next_time_limit_check(cluster: Cluster) -> float:
