@@ -40,38 +40,6 @@ VARIANTS: Dict[str, Dict[str, Dict[str, object]]] = {
     "instruction in mean": {"embed-weak": {"embedding.pool_prompt": True}, "embed-sup": {"embedding.pool_prompt": True}},
 }
 STAGE4_ONLY = ("DHNM off", "Matryoshka off")
-MINED = ("retrieval_mined.jsonl", "supervised.")
-"""Names of the main job's mining outputs (corpus/retrieval_mined.jsonl*, indexed/supervised.*)."""
-
-
-def _link_entries(source: str, target: str) -> None:
-    """`target`/ as a real directory whose entries link to `source`'s: what a variant writes there
-    (mined negatives, its supervised store) stays its own."""
-    os.makedirs(target, exist_ok=True)
-    for entry in os.listdir(source):
-        if entry.startswith(MINED):
-            continue  # what mining makes: each variant (or the default it re-uses) has its own
-        if not os.path.lexists(os.path.join(target, entry)):
-            os.symlink(os.path.join(source, entry), os.path.join(target, entry))
-
-
-def _pipeline(args, directory: str, seed: int, overrides: dict):
-    """A Pipeline over `directory` sharing the main job's data and SFT checkpoint."""
-    from megatron_conan.data.tokenizer import ConanTokenizer
-    from megatron_conan.quickstart import PLANS, Pipeline
-
-    work = os.path.abspath(args.work_dir)
-    for shared in ("corpus", "indexed"):
-        _link_entries(os.path.join(work, shared), os.path.join(directory, shared))
-    for shared in ("tokenizer", "sft"):
-        if not os.path.lexists(os.path.join(directory, shared)):
-            os.symlink(os.path.join(work, shared), os.path.join(directory, shared))
-    pipeline = Pipeline(directory, PLANS[args.plan], seed, overrides)
-    with open(os.path.join(work, "corpus", "manifest.json"), encoding="utf-8") as handle:
-        pipeline.manifest = json.load(handle)
-    pipeline.paths["tokenizer"] = os.path.join(work, "tokenizer", "pydoc.model")
-    pipeline.vocab_size = ConanTokenizer(pipeline.paths["tokenizer"]).vocab_size
-    return pipeline
 
 
 def _validation(pipeline, stages: List[str]) -> Dict[str, float]:
@@ -86,11 +54,14 @@ def _validation(pipeline, stages: List[str]) -> Dict[str, float]:
 
 
 def run_variant(args, name: str, seed: int) -> Dict[str, float]:
+    from megatron_conan.jobs.plan import PLANS
+    from megatron_conan.jobs.study import study_pipeline
+
     output = os.path.abspath(args.output_dir)
     directory = os.path.join(output, f"{name.replace(' ', '_')}-seed{seed}")
     if os.path.exists(directory):
         raise SystemExit(f"ablations: {directory} exists (a run of an earlier call): choose another --output-dir")
-    pipeline = _pipeline(args, directory, seed, VARIANTS[name])
+    pipeline = study_pipeline(args.work_dir, directory, PLANS[args.plan], seed, VARIANTS[name])
     if name in STAGE4_ONLY:
         # the default's stage 3 and the negatives it mined, for this seed
         default = os.path.join(output, f"default-seed{seed}")
@@ -110,7 +81,7 @@ def run_variant(args, name: str, seed: int) -> Dict[str, float]:
 
 
 def format_table(results: Dict[str, List[Dict[str, float]]], args) -> str:
-    from megatron_conan.quickstart import mean_std
+    from megatron_conan.jobs.study import mean_std
 
     lines = [f"Validation nDCG@10, mean +- std over seeds {list(args.seeds)} (plan {args.plan}).", "",
              "| variant | stage 3 (embed-weak) | stage 4 (embed-sup) |", "|---|---|---|"]
@@ -121,7 +92,7 @@ def format_table(results: Dict[str, List[Dict[str, float]]], args) -> str:
 
 
 def main(argv=None) -> int:
-    from megatron_conan.quickstart import add_study_arguments, start_study
+    from megatron_conan.jobs.study import add_study_arguments, start_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(parser, "ablations")

@@ -103,7 +103,7 @@ def quickstart_workload(args) -> Workload:
     from megatron_conan.data.contrastive import ContrastiveLoader
     from megatron_conan.data.tokenizer import ConanTokenizer
     from megatron_conan.config.run import load_run_config
-    from megatron_conan.quickstart import stage_dir
+    from megatron_conan.jobs.workspace import stage_dir
 
     config_path = os.path.join(stage_dir(args.work_dir, "embed-weak"), "config.yaml")
     if not os.path.isfile(config_path):

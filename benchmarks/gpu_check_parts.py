@@ -28,12 +28,14 @@ def _device(cpu: bool):
 # -- part 0: every stage on one device ------------------------------------------------------------
 
 def part_stages(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
-    """The quickstart's pipeline at a plan smaller than its quick one, on one rank (NCCL on a GPU).
+    """The main job's pipeline (megatron_conan.jobs) at a plan smaller than its quick one, on one rank (NCCL on a GPU).
     The figures so far are written after every step: a part stopped at its share keeps them."""
     import dataclasses
 
     from megatron_conan.eval.stages import score
-    from megatron_conan.quickstart import PLANS, STEPS, Pipeline, claim_work_dir
+    from megatron_conan.jobs.pipeline import STEPS, Pipeline
+    from megatron_conan.jobs.plan import PLANS
+    from megatron_conan.jobs.workspace import claim_work_dir
 
     plan = dataclasses.replace(PLANS["quick"], pretrain_steps=3, sft_steps=2, weak_steps=2, sup_steps=2)
     problem = claim_work_dir(scratch)
@@ -41,7 +43,6 @@ def part_stages(cpu: bool, scratch: str, out: str, seconds: float) -> Dict:
         raise RuntimeError(problem)
     pipeline = Pipeline(scratch, plan)
     pipeline.gpus = 1  # one device: a single rank, whatever the plan's layout
-    pipeline.say = lambda text: None  # the check prints its own lines
     figures = {}
     for name in STEPS[:-1]:  # all but the report's plots
         started = time.perf_counter()

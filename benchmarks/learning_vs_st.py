@@ -213,7 +213,7 @@ def run(args) -> Dict[str, List[dict]]:
 def format_results(results: Dict[str, List[dict]], args) -> str:
     """The quality table, then the time table: end to end (launch to saved model: process start,
     model build, weight loading, steps, save) and the steps alone, with pairs per second of each."""
-    from megatron_conan.quickstart import mean_std
+    from megatron_conan.jobs.study import mean_std
 
     lines = [f"Stage 3 from the same SFT weights and pairs: {args.steps} steps, batch {args.batch}, lr {args.lr}, "
              f"temperature {args.temperature}, clip {args.clip_grad}, GradCache chunks "
@@ -238,7 +238,8 @@ def format_results(results: Dict[str, List[dict]], args) -> str:
 
 
 def main(argv=None) -> int:
-    from megatron_conan.quickstart import PLANS, add_study_arguments, start_study
+    from megatron_conan.jobs.plan import PLANS
+    from megatron_conan.jobs.study import add_study_arguments, start_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(parser, "learning_vs_st")

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from megatron_conan.console import configure_logging, set_offline_switches
     from megatron_conan.eval.beir import load_beir
-    from megatron_conan.quickstart import stage_dir
+    from megatron_conan.jobs.workspace import stage_dir
     from megatron_conan.warning_filters import silence_known_warnings
 
     set_offline_switches()

@@ -53,20 +53,18 @@ def trained_tokens(run_dir: str) -> int:
 
 def _budget_pipeline(args, multiplier: float):
     """A Pipeline for this budget: the main job's own (1x) or a new directory sharing its data."""
-    from benchmarks.ablations import _pipeline
-    from megatron_conan.quickstart import PLANS
+    from megatron_conan.jobs.plan import PLANS
+    from megatron_conan.jobs.study import study_pipeline
 
     base = PLANS[args.plan]
     if multiplier == 1.0:
-        args_base = argparse.Namespace(work_dir=args.work_dir, plan=args.plan)
-        pipeline = _pipeline(args_base, os.path.abspath(args.work_dir), args.seed, {})
-        return pipeline, False
+        return study_pipeline(args.work_dir, os.path.abspath(args.work_dir), base, args.seed, {}), False
     directory = os.path.join(os.path.abspath(args.output_dir), f"x{multiplier:g}")
     finished = os.path.isfile(os.path.join(directory, "embed-sup", "checkpoints", "latest"))
     if os.path.exists(directory) and not finished:
         raise SystemExit(f"quality_vs_compute: {directory} holds an unfinished budget: remove it or choose "
                          "another --output-dir")
-    pipeline = _pipeline(args, directory, args.seed, {})
+    pipeline = study_pipeline(args.work_dir, directory, base, args.seed, {})
     pipeline.plan = dataclasses.replace(base, weak_steps=max(1, round(base.weak_steps * multiplier)),
                                         sup_steps=max(1, round(base.sup_steps * multiplier)))
     if finished:
@@ -168,7 +166,7 @@ def _save(args, budgets: List[dict], test, table) -> None:
 
 
 def main(argv=None) -> int:
-    from megatron_conan.quickstart import add_study_arguments, start_study
+    from megatron_conan.jobs.study import add_study_arguments, start_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(parser, "quality_vs_compute")

@@ -8,7 +8,7 @@
 
 From a finished main job (its tokenizer and SFT checkpoint), each variant rebuilds the corpus with
 the plan's corpus options (pairs may change; the held-out split and the tokenizer's text do not),
-re-tokenizes, trains stage 3 with the plan's settings and any `plan` overrides (quickstart.Plan
+re-tokenizes, trains stage 3 with the plan's settings and any `plan` overrides (jobs.plan.Plan
 fields; a `model` override is merged into the plan's model fields), and scores it on the
 validation split with the query prompt. `"init": "random"` starts stage 3 from the untrained
 weights (made with the variant's model fields) instead of SFT. The test split is not touched. A seed, as the
@@ -30,9 +30,9 @@ logger = logging.getLogger("stage3_variants")
 
 
 def run_variant(args, name: str, variant: dict, seed: int) -> float:
-    from megatron_conan.data.tokenizer import ConanTokenizer
     from megatron_conan.eval.stages import ModelUnderTest, evaluate_models, score
-    from megatron_conan.quickstart import PLANS, Pipeline
+    from megatron_conan.jobs.pipeline import Pipeline
+    from megatron_conan.jobs.plan import PLANS
 
     work = os.path.abspath(args.work_dir)
     directory = os.path.join(os.path.abspath(args.output_dir), f"{name}-seed{seed}")
@@ -45,8 +45,7 @@ def run_variant(args, name: str, variant: dict, seed: int) -> float:
     os.makedirs(directory)
     pipeline.corpus()
     shutil.copytree(os.path.join(work, "tokenizer"), pipeline.path("tokenizer"))  # the SFT model's tokenizer
-    pipeline.paths["tokenizer"] = pipeline.path("tokenizer", "pydoc.model")
-    pipeline.vocab_size = ConanTokenizer(pipeline.paths["tokenizer"]).vocab_size
+    pipeline.use_tokenizer(pipeline.path("tokenizer", "pydoc.model"))
     pipeline.preprocess()
     if variant.get("init") == "random":
         pipeline.random_init()
@@ -64,7 +63,7 @@ def run_variant(args, name: str, variant: dict, seed: int) -> float:
 
 
 def main(argv=None) -> int:
-    from megatron_conan.quickstart import add_study_arguments, mean_std, start_study
+    from megatron_conan.jobs.study import add_study_arguments, mean_std, start_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(parser, "stage3_variants")

@@ -40,3 +40,33 @@ def test_the_scan_counts_methods_nested_functions_and_docstrings():
     fits = 'class C:\n    def fits(self):\n        """Doc."""\n' + body("        ", 58)  # 60 lines
     nested = 'def outer():\n    def inner():\n        """One\n        two."""\n' + body("        ", 58) + "    return inner\n"
     assert _long_functions(fits + nested, "m.py") == ["m.py:62 outer (63 lines)", "m.py:63 inner (61 lines)"]
+
+
+MAX_CLASS_LINES = 250
+QUICKSTART_MAX_LINES = 300
+CLASS_EXCEPTIONS = {
+    "megatron_conan/data/contrastive.py ContrastiveLoader": "issue 32 piece D shrinks it (the trainer-owned loader)",
+    "megatron_conan/data/dhnm.py DHNMState": "issue 32 piece D shrinks it (the exchange in a step hook)",
+}
+"""Classes still over the limit, each with the piece of work that brings it under; an entry whose
+class fits fails the test, so the list cannot go stale."""
+
+
+def _long_classes(source: str, where: str):
+    return {f"{where} {node.name}": node.end_lineno - node.lineno + 1
+            for node in ast.walk(ast.parse(source, filename=where))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES}
+
+
+def test_no_class_is_over_250_lines_and_the_main_job_fits_under_300():
+    """Issue 32: a class over 250 lines is several concerns (the main job's Pipeline is split into its
+    data, training and evaluation steps); the job itself (quickstart.py) is its options and its steps
+    in order, the reusable pieces live in megatron_conan/jobs/."""
+    long = {}
+    for path in _python_files("megatron_conan"):
+        with open(path, encoding="utf-8") as handle:
+            long.update(_long_classes(handle.read(), os.path.relpath(path, REPO)))
+    assert set(long) <= set(CLASS_EXCEPTIONS), {name: lines for name, lines in long.items() if name not in CLASS_EXCEPTIONS}
+    assert set(CLASS_EXCEPTIONS) <= set(long), f"no longer over the limit, drop: {set(CLASS_EXCEPTIONS) - set(long)}"
+    with open(os.path.join(REPO, "megatron_conan", "quickstart.py"), encoding="utf-8") as handle:
+        assert len(handle.read().splitlines()) < QUICKSTART_MAX_LINES

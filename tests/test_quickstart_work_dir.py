@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_conan.quickstart import WORK_DIR_MARKER, claim_work_dir, layout_for_host, stage_dir
+from megatron_conan.jobs.training_steps import layout_for_host
+from megatron_conan.jobs.workspace import WORK_DIR_MARKER, claim_work_dir, stage_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_a_plan_is_fitted_to_the_gpus_present():
 
 
 def test_plan_settings_change_fields_and_merge_model_and_corpus():
-    from megatron_conan.quickstart import PLANS, plan_with
+    from megatron_conan.jobs.plan import PLANS, plan_with
 
     plan = plan_with(PLANS["full"], ["weak_steps=360", "model.embedding_init_method_std=0.02", "temperature=0.02"])
     assert (plan.weak_steps, plan.temperature) == (360, 0.02)

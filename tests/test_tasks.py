@@ -12,8 +12,8 @@ from megatron_conan.data.jsonl import BadLineError
 from megatron_conan.preprocess.encoders import parse_contrastive_record
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_conan")
-PRODUCERS = ("datagen", "quickstart.py")
-"""Code that writes records of named tasks (data generators, the demo job's recipe)."""
+PRODUCERS = ("datagen", "jobs")
+"""Code that writes records of named tasks (data generators, the demo job's plans and steps)."""
 
 
 def test_codes_of_written_stores_stay_put():

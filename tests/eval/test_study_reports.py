@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks import learning_vs_st, quality_vs_compute
-from megatron_conan.quickstart import PLANS
+from megatron_conan.jobs.plan import PLANS
 
 
 def _metrics(path, steps):
