@@ -37,39 +37,73 @@ STAGES = ("embed-weak", "embed-sup")
 
 
 def trained_tokens(run_dir: str) -> int:
-    """Tokens a run trained, from its per-step ``metrics.jsonl`` (tokens/s times the step's seconds)."""
-    total = 0.0
-    previous = 0
+    """Tokens a run trained, from its per-step ``metrics.jsonl`` (tokens/s times the step's seconds).
+    A resumed run appends again from the step after its checkpoint: the last line of a step wins."""
+    by_step = {}
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
         for line in handle:
             record = json.loads(line)
-            if "tokens_per_s" not in record:
-                continue
-            samples = record["consumed_samples"] - previous
-            previous = record["consumed_samples"]
-            total += record["tokens_per_s"] * samples / record["samples_per_s"]
+            if "tokens_per_s" in record:
+                by_step[record["step"]] = record
+    total = 0.0
+    previous = 0
+    for step in sorted(by_step):
+        record = by_step[step]
+        samples = record["consumed_samples"] - previous
+        previous = record["consumed_samples"]
+        total += record["tokens_per_s"] * samples / record["samples_per_s"]
     return int(round(total))
 
 
+SAVE_INTERVAL = 250
+"""Steps between the checkpoints of a budget's stages: a budget stopped part-way (hours at 16x on a
+CPU) continues from its last one when the study is run again, and resumes exactly."""
+
+
+def _trained_steps(run_dir: str) -> int:
+    """The step of the run's ``latest`` checkpoint (0 when it has none)."""
+    from megatron_conan.checkpoint.layout import ITER_RE, read_latest
+
+    latest = read_latest(os.path.join(run_dir, "checkpoints"))
+    match = ITER_RE.match(os.path.basename(latest)) if latest else None
+    return int(match.group(1)) if match else 0
+
+
 def _budget_pipeline(args, multiplier: float):
-    """A Pipeline for this budget: the main job's own (1x) or a new directory sharing its data."""
+    """A Pipeline for this budget: the main job's own (1x) or a directory of its own sharing the main
+    job's data, whose stages save every SAVE_INTERVAL steps and continue where a stopped run left off."""
     from megatron_conan.jobs.plan import PLANS
     from megatron_conan.jobs.study import study_pipeline
 
     base = PLANS[args.plan]
     if multiplier == 1.0:
-        return study_pipeline(args.work_dir, os.path.abspath(args.work_dir), base, args.seed, {}), False
+        return study_pipeline(args.work_dir, os.path.abspath(args.work_dir), base, args.seed, {})
     directory = os.path.join(os.path.abspath(args.output_dir), f"x{multiplier:g}")
-    finished = os.path.isfile(os.path.join(directory, "embed-sup", "checkpoints", "latest"))
-    if os.path.exists(directory) and not finished:
-        raise SystemExit(f"quality_vs_compute: {directory} holds an unfinished budget: remove it or choose "
-                         "another --output-dir")
-    pipeline = study_pipeline(args.work_dir, directory, base, args.seed, {})
+    saving = {"checkpoint.save_interval": SAVE_INTERVAL}
+    pipeline = study_pipeline(args.work_dir, directory, base, args.seed, {"embed-weak": saving, "embed-sup": saving})
     pipeline.plan = dataclasses.replace(base, weak_steps=max(1, round(base.weak_steps * multiplier)),
                                         sup_steps=max(1, round(base.sup_steps * multiplier)))
-    if finished:
-        logger.info("x%g: scoring the finished budget in %s (not re-trained)", multiplier, directory)
-    return pipeline, not finished
+    # a spawned world is ended as hung after this long: scale the 1x limit with the steps
+    pipeline.stage_timeout_s = max(pipeline.stage_timeout_s, pipeline.stage_timeout_s * multiplier)
+    return pipeline
+
+
+def _train_budget(pipeline, multiplier: float) -> None:
+    """Train what this budget still lacks: stage 3 to its steps, then (after mining with the finished
+    stage-3 model, unless the stage-4 run has started on its mined store) stage 4 to its steps."""
+    plan = pipeline.plan
+    weak, sup = _trained_steps(pipeline.path("embed-weak")), _trained_steps(pipeline.path("embed-sup"))
+    if (weak, sup) == (plan.weak_steps, plan.sup_steps):
+        logger.info("x%g: scoring the finished budget in %s (not re-trained)", multiplier, pipeline.work_dir)
+        return
+    if weak or sup:
+        logger.info("x%g: continuing from stage 3 step %d of %d, stage 4 step %d of %d", multiplier, weak,
+                    plan.weak_steps, sup, plan.sup_steps)
+    if weak < plan.weak_steps:
+        pipeline.embed_weak()
+    if not sup:
+        pipeline.mine()
+    pipeline.embed_sup()
 
 
 def _models(pipeline):
@@ -86,11 +120,9 @@ def run_budget(args, multiplier: float) -> dict:
     from megatron_conan.eval.stages import evaluate_models, score
     from megatron_conan.training.dry_run import model_flops_per_token
 
-    pipeline, train = _budget_pipeline(args, multiplier)
-    if train:
-        pipeline.embed_weak()
-        pipeline.mine()
-        pipeline.embed_sup()
+    pipeline = _budget_pipeline(args, multiplier)
+    if multiplier != 1.0:
+        _train_budget(pipeline, multiplier)
     models = _models(pipeline)
     result = evaluate_models(pipeline.path("corpus", "heldout"), list(models.values()), baselines=("bm25",),
                              splits=("validation",))

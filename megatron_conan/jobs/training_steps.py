@@ -47,6 +47,10 @@ def _train_stage(rank: int, world_size: int, stage: str, values: dict) -> dict:
 class TrainingSteps(Workspace):
     """Each stage step trains from the previous stage's checkpoint and returns its one-line summary."""
 
+    stage_timeout_s: float = 3600.0
+    """How long one training stage may run before its world is ended as hung (studies that train
+    many times the plan's steps raise it)."""
+
     def _run_config(self, stage: str, **sections) -> dict:
         plan = self.plan
         values = {
@@ -74,7 +78,7 @@ class TrainingSteps(Workspace):
 
     def _train(self, stage: str, world_size: int, values: dict) -> dict:
         planned = world_size
-        world_size, result = self._spawn(stage, world_size, values, timeout_s=3600)
+        world_size, result = self._spawn(stage, world_size, values, timeout_s=self.stage_timeout_s)
         adapted = world_size != planned
         losses = result["losses"]
         self.results["stages"][stage] = {"run_dir": values["run_dir"], "first_loss": losses[min(losses)],
