@@ -27,30 +27,36 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import torch
+from torch.distributed import ProcessGroup
 
+from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.config.run import RunConfig
 from megatron_conan.distributed.device import Placement
+
+if TYPE_CHECKING:  # megatron-core's transformer package is heavy to import and only a type here
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 @dataclass
 class StageContext:
     """What the loop hands a stage: the run, the model and where tensors go."""
 
-    cfg: Any
-    """The RunConfig of the run."""
-    model_config: Any
-    """The ConanModelConfig (vocab size, shape)."""
-    transformer_config: Any
-    """megatron-core's TransformerConfig of the built model."""
+    cfg: RunConfig
+    """The run's config (the stage's subclass of RunConfig)."""
+    model_config: ConanModelConfig
+    """Vocabulary size and shape of the model."""
+    transformer_config: TransformerConfig
+    """megatron-core's config of the built model."""
     chunks: List[torch.nn.Module]
     """The DDP-wrapped model chunks of this rank (one unless interleaving)."""
     placement: Placement
     """Device of the batches and collective buffers."""
     data_parallel_rank: int
     data_parallel_size: int
-    data_parallel_group: Any
+    data_parallel_group: Optional[ProcessGroup]
     """The process group of the data-parallel replicas (gathers of contrastive candidates)."""
     total_steps: int
     """Optimizer steps of the whole run."""
@@ -67,7 +73,7 @@ class StageStepOutput:
     tokens: int
     """Tokens the model processed for the global batch (for tokens/s and MFU)."""
     metrics: Dict[str, float] = field(default_factory=dict)
-    """Anything else to log (accuracy, a(t), DHNM activity, ...)."""
+    """Other numbers to log (accuracy, a(t), DHNM activity, ...)."""
 
 
 @dataclass
@@ -98,7 +104,7 @@ class Stage(abc.ABC):
         """The model's core-attention spec (None: the builder's default attention)."""
         return None
 
-    def transformer_overrides(self) -> Dict[str, Any]:
+    def transformer_overrides(self) -> Dict[str, object]:
         """megatron-core TransformerConfig fields this stage sets."""
         return {}
 
@@ -120,11 +126,11 @@ class Stage(abc.ABC):
         return BatchPlan(micro_batch_size=cfg.train.micro_batch_size)
 
     @abc.abstractmethod
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> Dict[str, object]:
         """The stage's resumable state (rank-0 copy; identical on every rank unless stated)."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict` output before the first step of a resumed run."""
 
     def write_checkpoint_files(self, directory: str) -> None:
