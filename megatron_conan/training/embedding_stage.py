@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_conan.data.contrastive import ContrastiveLoader
+from megatron_conan.data.contrastive import ContrastiveBatch, ContrastiveLoader
 from megatron_conan.data.dhnm import DHNMState
 from megatron_conan.data.provenance import check_tokenizer
 from megatron_conan.errors import ConfigError
@@ -162,7 +162,14 @@ class EmbeddingStage(Stage):
 
     # -- the step --
     def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
-        return self.step_on_batch(ctx, step, self._next_batch())
+        batch = self._next_batch()
+        if batch.negatives_pending:
+            self.fill_negatives(batch)
+        return self.step_on_batch(ctx, step, batch)
+
+    def fill_negatives(self, batch: ContrastiveBatch) -> None:
+        """The hard-negative slots of a batch the loader left them to (the first K of each pool)."""
+        self.loader.builder.add_negatives(batch)
 
     def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
         """Forward, loss and backward of one (CPU) ContrastiveBatch of this rank (every rank: the
@@ -178,6 +185,7 @@ class EmbeddingStage(Stage):
         finalize_model_grads(ctx.chunks)  # DP all-reduce (DDP averages), SP norms over TP
         tokens = sum(int(sequences.lengths.sum()) for sequences in roles.values())
         reduced = self.reduce_step_stats(ctx, loss_value, stats, batch.size, tokens)
+        reduced["dropped_tail_examples"] = batch.dropped_examples
         global_loss, samples, tokens = reduced.pop("loss"), reduced.pop("samples"), reduced.pop("tokens")
         return StageStepOutput(loss=global_loss, samples=samples, tokens=tokens,
                                metrics=self.step_metrics(ctx, task, batch, global_loss, reduced, stats))
@@ -207,7 +215,6 @@ class EmbeddingStage(Stage):
         first_dim = 4 + len(names)
         reduced.update({name: float(values[first_dim + i]) / ctx.data_parallel_size
                         for i, name in enumerate(dim_losses)})
-        reduced["dropped_tail_examples"] = self.loader.dropped_examples if self.loader is not None else 0
         return reduced
 
     @staticmethod
@@ -293,7 +300,17 @@ class SupervisedStage(EmbeddingStage):
             self.dhnm = DHNMState(self.loader.store.pool_sizes(), embedding.num_negatives, embedding.dhnm,
                                   dp_rank=ctx.data_parallel_rank, dp_size=ctx.data_parallel_size,
                                   group=ctx.data_parallel_group, placement=ctx.placement)
-            self.loader.negative_picker = self.dhnm
+            self.loader.defer_mined_negatives = True  # the step exchanges, then fills them
+
+    def fill_negatives(self, batch: ContrastiveBatch) -> None:
+        """DHNM's slots: the positions of the whole global batch from their owner ranks (the
+        exchange, a collective every rank makes with the same global batch, after the previous
+        step's observe), then this rank's slice filled with them."""
+        if self.dhnm is None:
+            super().fill_negatives(batch)
+            return
+        self.dhnm.exchange(batch.global_example_ids)
+        self.loader.builder.add_negatives(batch, self.dhnm)
 
     # -- state: the loader position (task sequence) here, the DHNM shards as checkpoint files --
     def write_checkpoint_files(self, directory: str) -> None:
