@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 started = time.perf_counter()
                 for _ in range(steps):
                     zero_grads(ctx.chunks, trainer.optimizer)
-                    metrics = stage.train_step(ctx, step).metrics
+                    metrics = stage.train_step(ctx, step, next(trainer.loader)).metrics
                     optimizer_step(trainer.optimizer)
                     for name in activity:
                         activity[name] += int(metrics.get(f"dhnm_{name}", 0))
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
                 for mode in ("on", "off"):
                     use_dhnm(mode == "on")
                     rates[mode].append(run(args.steps))
+            trainer.loader.close()  # the read-ahead thread
     finally:
         destroy_parallel()
     overheads = [1.0 - on / off for on, off in zip(rates["on"], rates["off"])]
