@@ -1,8 +1,8 @@
 """Stage-4 throughput with dynamic hard-negative mining on and off (issue: overhead under 2%).
 
 One embed-sup trainer (tiny shape on CPU) on a synthetic retrieval store with hard-negative pools;
-rounds alternate DHNM on (the loader's picker is the DHNM state, which prepares every global batch
-and observes every step's scores) and off (the first K of each pool, no state), so machine load hits
+rounds alternate DHNM on (the step exchanges every global batch's slots with the DHNM state, picks
+with it and observes every step's scores) and off (the first K of each pool, no state), so machine load hits
 both alike. Reported: samples/s of each and the per-round overhead, 1 - on / off (median), and
 DHNM's activity over the steps it was on (replacements, exhausted events, valid slots scored), so a
 run with forced thresholds shows that the timed DHNM really decided (`--min-first-score 2`: every
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 started = time.perf_counter()
                 for _ in range(steps):
                     zero_grads(ctx.chunks, trainer.optimizer)
-                    metrics = stage.train_step(ctx, step).metrics
+                    metrics = stage.train_step(ctx, step, next(trainer.loader)).metrics
                     optimizer_step(trainer.optimizer)
                     for name in activity:
                         activity[name] += int(metrics.get(f"dhnm_{name}", 0))
@@ -99,14 +99,14 @@ def main(argv=None) -> int:
                 return steps * args.batch / (time.perf_counter() - started)
 
             def use_dhnm(on: bool) -> None:
-                stage.dhnm = dhnm if on else None
-                stage.loader.negative_picker = dhnm if on else None
+                stage.dhnm = dhnm if on else None  # off: the loader's first K of each pool
 
             run(3)  # warm-up
             for _ in range(args.rounds):
                 for mode in ("on", "off"):
                     use_dhnm(mode == "on")
                     rates[mode].append(run(args.steps))
+            trainer.loader.close()  # the read-ahead thread
     finally:
         destroy_parallel()
     overheads = [1.0 - on / off for on, off in zip(rates["on"], rates["off"])]

@@ -21,8 +21,14 @@ Data (``--data``):
               tokenizer, truncation and model shape from ``embed-weak/config.yaml``)
 Each run prints the share of padding tokens of each layout and the collectives each step calls.
 
+``--prefetch`` (with ``--data quickstart``) times instead the Trainer's whole stage-3 step as the main
+job runs it: its config (model shape, batch, packing, lengths), the batch read from its store by the
+Trainer's loader, the update; rounds alternate the read-ahead thread (``train.prefetch``) on and
+off in one trainer, and the ratio on / off per round and its median are reported.
+
     python benchmarks/embed_step.py                                  # CPU: tiny shape, fixed batch
     python benchmarks/embed_step.py --data quickstart --work-dir runs/quickstart --packing
+    python benchmarks/embed_step.py --data quickstart --work-dir runs/quickstart --prefetch
     python benchmarks/embed_step.py --data synthetic --packing --batch 32 --mini-batch-size 8
     python benchmarks/embed_step.py --recipe conan_1p4b --data synthetic --packing --batch 64 \\
         --mini-batch-size 16 --precision bf16              # on a GPU (docs/GPU.md, part `embed_step`)
@@ -309,8 +315,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefetch", action="store_true",
+                        help="time the main job's stage-3 step with its loader read ahead and not (--data quickstart)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
+    if args.prefetch and args.data != "quickstart":
+        parser.error("--prefetch reads the main job's store: give --data quickstart")
     if args.query_length is None:
         args.query_length = 20 if args.data == "synthetic" else (256 if on_gpu else 32)
     if args.passage_length is None:
@@ -318,10 +328,86 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _prefetch_trainer(args, scratch: str):
+    """A stage-3 Trainer of the main job's config (fresh weights, a scratch run_dir), its loader bare."""
+    from megatron_conan.config.run import load_run_config
+    from megatron_conan.quickstart import stage_dir
+    from megatron_conan.training.embedding_stage import WeaklySupervisedStage
+    from megatron_conan.training.trainer import Trainer
+
+    config_path = os.path.join(stage_dir(args.work_dir, "embed-weak"), "config.yaml")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"embed_step: error: no {config_path}: run the main job first "
+                         f"(python -m megatron_conan.quickstart) or pass its --work-dir")
+    cfg = load_run_config("embed-weak", config_path, [f"run_dir={scratch}", "checkpoint.load_dir=null",
+                                                      "train.progress_bar=false", "train.prefetch=false",
+                                                      f"train.seed={args.seed}"])
+    return Trainer(cfg, WeaklySupervisedStage()), cfg
+
+
+def prefetch_rounds(args) -> Dict:
+    """Pairs/s of the main job's stage-3 Trainer step with the read-ahead thread on and off, rounds
+    interleaved in one trainer (the same model, store and batches in sequence)."""
+    from megatron_conan.data.prefetch import Prefetcher
+
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer, cfg = _prefetch_trainer(args, scratch)
+        loader = trainer.loader
+
+        def rate(prefetch: bool, steps: int) -> float:
+            trainer.loader = Prefetcher(loader) if prefetch else loader
+            started = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            seconds = time.perf_counter() - started
+            if prefetch:
+                trainer.loader.close()  # the bare loader goes on from the last batch a step took
+            return steps * cfg.train.global_batch_size / seconds
+
+        for prefetch in (True, False):
+            rate(prefetch, args.warmup)
+        rates = {"on": [], "off": []}
+        for _ in range(args.rounds):
+            for name in rates:
+                rates[name].append(rate(name == "on", args.steps))
+    ratios = [on / off for on, off in zip(rates["on"], rates["off"])]
+    return {"pairs_per_step": cfg.train.global_batch_size, "store": cfg.data.contrastive_prefix,
+            "packing": cfg.embedding.packing, "on_pairs_per_s": statistics.median(rates["on"]),
+            "off_pairs_per_s": statistics.median(rates["off"]), "ratio_median": statistics.median(ratios),
+            "ratios": ratios}
+
+
+def report_prefetch(args, row: Dict) -> None:
+    import torch
+
+    print(f"stage-3 Trainer step of the main job ({args.work_dir}): {row['pairs_per_step']} pairs a step from "  # user-facing
+          f"{row['store']}, packing {row['packing']}, {args.steps} steps x {args.rounds} rounds, "
+          f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"prefetch on  {row['on_pairs_per_s']:8.1f} pairs/s")  # user-facing
+    print(f"prefetch off {row['off_pairs_per_s']:8.1f} pairs/s")  # user-facing
+    print(f"on / off {row['ratio_median']:.3f}x (median of rounds: "  # user-facing
+          + " ".join(f"{ratio:.3f}" for ratio in row["ratios"]) + ")")
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump(row, handle, indent=2)
+
+
 def main(argv=None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.prefetch:
+        from megatron_conan.console import configure_logging
+        from megatron_conan.distributed.parallel import destroy_parallel, init_process_group_from_env
+
+        configure_logging(logging.WARNING)
+        init_process_group_from_env()
+        try:
+            row = prefetch_rounds(args)
+        finally:
+            destroy_parallel()
+        report_prefetch(args, row)
+        return 0
     on_gpu = torch.cuda.is_available()
     from megatron_conan.console import configure_logging
 

@@ -123,6 +123,9 @@ class TrainSection:
     """Stop (after a checkpoint) once this step is reached: for tests and time-sliced jobs."""
     progress_bar: bool = False
     """Show a progress bar of the steps on rank 0 (interactive runs; the quickstart)."""
+    prefetch: bool = True
+    """Build the next batch in a background thread while the step runs (stages whose Trainer holds
+    a loader: the embedding stages); false builds it in the step (benchmarks compare the two)."""
     wandb_project: Optional[str] = None
     """Also log to this W&B project when the `wandb` package is installed (TensorBoard always)."""
 

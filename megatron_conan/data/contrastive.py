@@ -15,27 +15,26 @@ import json
 import logging
 import math
 import os
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy
 import torch
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron_conan.data.contrastive_format import (
-    EXAMPLES_SUFFIX,
-    STORE_SUFFIXES,
-    TASK_CODES,
-    check_store_meta,
-    prompt_token_count,
-)
+from megatron_conan.data.contrastive_batches import BatchBuilder, ContrastiveBatch, NegativePicker, pad_sequences
+from megatron_conan.data.contrastive_format import EXAMPLES_SUFFIX, STORE_SUFFIXES, check_store_meta, prompt_token_count
+from megatron_conan.data.contrastive_plan import LOADER_STATE_VERSION, GlobalBatchPlan
 from megatron_conan.data.provenance import META_SUFFIX
-from megatron_conan.errors import CheckpointMismatchError, ConfigError, DataError
-from megatron_conan.tasks import BY_NAME, NEGATIVES_LABELS, NEGATIVES_MINED, TASK_NAMES, check_instructions, paper_task_weights
+from megatron_conan.errors import ConfigError, DataError
+from megatron_conan.tasks import BY_NAME, NEGATIVES_MINED, TASK_NAMES, check_instructions, paper_task_weights
+
+__all__ = ["LOADER_STATE_VERSION", "PAPER_TASK_WEIGHTS", "ContrastiveBatch", "ContrastiveExample", "ContrastiveLoader",
+           "ContrastiveStore", "NegativePicker", "PoolReport", "pad_sequences", "pool_report"]
+"""The batch type, padding and picker live in contrastive_batches.py, the plan in contrastive_plan.py;
+they are named here too, as the loader's interface."""
 
 logger = logging.getLogger(__name__)
 
-LOADER_STATE_VERSION = 2
-"""Version 2: a step counter and each task's (epoch, cursor) (version 1 had one epoch plan)."""
 PAPER_TASK_WEIGHTS = paper_task_weights()
 """The paper's stage-4 mix in millions of examples (docs/DESIGN.md section 5): default task weights."""
 
@@ -162,69 +161,6 @@ class ContrastiveStore:
 # -- loading ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class ContrastiveBatch:
-    """One single-task batch of one data-parallel rank. Sequences are right-padded with the pad
-    id; `*_lengths` are the true lengths (the attention mask). B can be 0 on some ranks for the
-    last, partial global batch of a task's epoch when `drop_last=False`."""
-
-    task: str
-    example_ids: torch.Tensor
-    """[B] int64: global example indices in the store (the DHNM state key)."""
-    query_ids: torch.Tensor
-    """[B, Lq] int64: the query (classification: text; sts: text1), instructed as one string."""
-    query_lengths: torch.Tensor
-    """[B] int64."""
-    positive_ids: torch.Tensor
-    """[B, Lp] int64: positive passage (classification: label text; sts: text2)."""
-    positive_lengths: torch.Tensor
-    """[B] int64."""
-    query_prompt_lengths: Optional[torch.Tensor] = None
-    """[B] int64: tokens of the instruction prompt at the start of each query (0: none); pooling
-    leaves them out unless `embedding.pool_prompt`."""
-    positive_prompt_lengths: Optional[torch.Tensor] = None
-    """[B] int64: the same for the positives (only sts positives are instructed; else zeros)."""
-    negative_ids: Optional[torch.Tensor] = None
-    """[B * K, Ln] int64, example-major (rows k*... of example b are b*K .. b*K+K-1); None for pair
-    and sts. K is the loader's num_negatives (retrieval/clr) or the most negative labels in the
-    batch (classification)."""
-    negative_lengths: Optional[torch.Tensor] = None
-    """[B * K] int64."""
-    negative_mask: Optional[torch.Tensor] = None
-    """[B, K] bool: False marks a padding slot (the example had fewer negatives)."""
-    negative_pool_positions: Optional[torch.Tensor] = None
-    """[B, K] int64: which entry of the example's pool fills each slot, -1 for padding."""
-    scores: Optional[torch.Tensor] = None
-    """[B] float32 STS gold scores (sts only)."""
-    languages: List[Optional[str]] = dataclasses.field(default_factory=list)
-    """Per example: the `language` field (clr), else None."""
-    epoch: int = 0
-    """The task's epoch (pass over its examples) this batch was drawn from."""
-    step: int = 0
-    """The loader step (global batch number, counted over all tasks) of this batch."""
-
-    @property
-    def size(self) -> int:
-        return int(self.example_ids.numel())
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int):
-    """([n, L] int64 right-padded ids, [n] int64 lengths), L the longest length (at least 1)."""
-    lengths = torch.tensor([len(sequence) for sequence in sequences], dtype=torch.int64)
-    width = max(int(lengths.max()) if len(sequences) else 0, 1)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.int64)
-    for row, sequence in enumerate(sequences):
-        ids[row, :len(sequence)] = torch.as_tensor(numpy.asarray(sequence, dtype=numpy.int64))
-    return ids, lengths
-
-
-NegativePicker = Callable[[int, int], Sequence[int]]
-"""(example_id, pool_size) -> pool positions to use as this example's negatives, best first,
-distinct. A picker may also have `prepare(global_example_ids)`: the loader calls it on every rank
-with the whole global batch (the same array everywhere) before it builds a retrieval/clr batch, so
-a picker whose state is sharded over ranks (DHNM) can fetch it in one collective."""
-
-
-@dataclasses.dataclass
 class PoolReport:
     """Retrieval/clr examples with fewer hard negatives than the loader's K (counted, located)."""
 
@@ -261,26 +197,6 @@ def pool_report(store: ContrastiveStore, tasks: Sequence[str], num_negatives: in
     return report
 
 
-class _TaskDraw:
-    """The task of every loader step: drawn from (seed, step) alone, so every rank (and every DP
-    size) draws the same sequence and a resumed run continues it."""
-
-    _STREAM = 0x7A5C  # separates the draws' random stream from the permutations'
-
-    def __init__(self, probabilities: Mapping[str, float], seed: int):
-        self.tasks = list(probabilities)
-        self.cumulative = numpy.cumsum([probabilities[task] for task in self.tasks])
-        self.cumulative /= self.cumulative[-1]
-        self.seed = seed
-
-    def __call__(self, step: int) -> str:
-        if len(self.tasks) == 1:
-            return self.tasks[0]
-        uniform = numpy.random.default_rng([self.seed, self._STREAM, step]).random()
-        index = int(numpy.searchsorted(self.cumulative, uniform, side="right"))
-        return self.tasks[min(index, len(self.tasks) - 1)]
-
-
 class ContrastiveLoader:
     """Single-task batches from a contrastive store for one data-parallel rank.
 
@@ -300,8 +216,15 @@ class ContrastiveLoader:
     sentence-transformers prompt tokenizes): `instructions` here only checks that the store was
     tokenized with them. With `append_eod`, EOD ends every sequence (after truncation to the max
     lengths). Retrieval/clr negatives fill `num_negatives` slots from the example's pool
-    (negatives, then candidates), missing ones masked; `negative_picker` (DHNM) chooses the pool
-    positions per example.
+    (negatives, then candidates), missing ones masked; `negative_picker` chooses the pool
+    positions per example. With `defer_mined_negatives` (DHNM, whose slot positions live on their
+    owner ranks) retrieval/clr batches come with `negatives_pending` and the step fills them
+    (`builder.add_negatives`) after its exchange: the loader itself never communicates, so
+    batches can be prepared ahead of the step (`data/prefetch.py`).
+
+    The loader is a stateful iterator: `next()` yields the batch its `state_dict()` names and
+    moves past it; the plan of global batches is `GlobalBatchPlan` (`contrastive_plan.py`), the
+    tensors `BatchBuilder` (`contrastive_batches.py`).
     """
 
     def __init__(self, path_prefix: str, tokenizer, batch_size: Union[int, Mapping[str, int]],
@@ -310,7 +233,8 @@ class ContrastiveLoader:
                  max_passage_length: int = 512, num_negatives: int = 7,
                  tasks: Optional[Sequence[str]] = None, drop_last: bool = False,
                  append_eod: bool = True, negative_picker: Optional[NegativePicker] = None,
-                 task_weights: Union[None, str, Mapping[str, float]] = None):
+                 task_weights: Union[None, str, Mapping[str, float]] = None,
+                 defer_mined_negatives: bool = False):
         if not 0 <= dp_rank < dp_world_size:
             raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
         if max_query_length < 2 or max_passage_length < 2:
@@ -322,14 +246,12 @@ class ContrastiveLoader:
         self._check_instructions(instructions)
         if self.store.meta.get("version") == 2:
             self.store.use_task_prompt_lengths(tokenizer)
-        self.pad_id = tokenizer.pad_id
-        self.eod_id = tokenizer.eod_id
+        self.builder = BatchBuilder(self.store, tokenizer.pad_id, tokenizer.eod_id, max_query_length,
+                                    max_passage_length, num_negatives, append_eod)
         self.dp_rank, self.dp_world_size, self.seed = dp_rank, dp_world_size, seed
-        self.max_query_length, self.max_passage_length = max_query_length, max_passage_length
-        self.num_negatives = num_negatives
-        self.drop_last = drop_last
-        self.append_eod = append_eod
+        self.num_negatives, self.drop_last = num_negatives, drop_last
         self.negative_picker = negative_picker
+        self.defer_mined_negatives = defer_mined_negatives
         unknown = set(tasks or ()) - set(TASK_NAMES)
         if unknown:
             raise ConfigError(f"unknown tasks {sorted(unknown)}; expected {TASK_NAMES}")
@@ -348,16 +270,12 @@ class ContrastiveLoader:
             if too_small:
                 raise ConfigError(f"drop_last: tasks {too_small} have fewer examples than one "
                                   f"global batch, so no batch of them could be drawn")
-        self._draw = _TaskDraw(self.task_probabilities, seed)
+        self.plan = GlobalBatchPlan(self._task_ids, {task: self._global_batch(task) for task in self.tasks},
+                                    self.task_probabilities, seed, drop_last, len(self.store))
         self.pool_report = pool_report(self.store, self.tasks, num_negatives)
         if self.pool_report.empty or self.pool_report.short:
             level = logging.WARNING if self.pool_report.empty else logging.INFO
             logger.log(level, "%s: %s", path_prefix, self.pool_report.format())
-        self.step = 0
-        self.dropped_examples = 0
-        """Examples skipped so far as the partial last global batch of a task epoch (drop_last)."""
-        self._positions: Dict[str, List[int]] = {task: [0, 0] for task in self.tasks}
-        self._orders: Dict[str, Tuple[int, numpy.ndarray]] = {}
 
     def _check_tokenizer(self, tokenizer) -> None:
         identifiers = getattr(tokenizer, "unique_identifiers", None) or {}
@@ -428,158 +346,51 @@ class ContrastiveLoader:
             raise ConfigError(f"task weights are all 0 for the tasks present ({self.tasks})")
         return {task: weight / total for task, weight in weights.items() if weight > 0}
 
-    # -- the plan --
     def _global_batch(self, task: str) -> int:
         return self.batch_sizes[task] * self.dp_world_size
 
     def batches_per_epoch(self, task: str) -> int:
         """Global batches in one pass over the task's examples."""
-        count, size = len(self._task_ids[task]), self._global_batch(task)
-        return count // size if self.drop_last else -(-count // size)
+        return self.plan.batches_per_epoch(task)
 
-    def _order(self, task: str, epoch: int) -> numpy.ndarray:
-        cached = self._orders.get(task)
-        if cached is None or cached[0] != epoch:
-            rng = numpy.random.default_rng([self.seed, epoch, 1 + TASK_CODES[task]])
-            cached = (epoch, rng.permutation(self._task_ids[task]))
-            self._orders[task] = cached
-        return cached[1]
+    @property
+    def step(self) -> int:
+        """The loader step of the next batch."""
+        return self.plan.step
 
-    def _advance(self) -> Tuple[str, int, int, numpy.ndarray]:
-        """(task, task epoch, step, global example ids) of the next global batch; moves on."""
-        step = self.step
-        task = self._draw(step)
-        epoch, cursor = self._positions[task]
-        order = self._order(task, epoch)
-        size = self._global_batch(task)
-        global_ids = order[cursor:cursor + size].astype(numpy.int64)  # the order may be int32
-        cursor += len(global_ids)
-        if cursor >= len(order) or (self.drop_last and cursor + size > len(order)):
-            self.dropped_examples += len(order) - cursor  # the skipped tail of the epoch
-            self._positions[task] = [epoch + 1, 0]
-        else:
-            self._positions[task] = [epoch, cursor]
-        self.step = step + 1
-        return task, epoch, step, global_ids
+    @property
+    def dropped_examples(self) -> int:
+        """Examples skipped so far as the partial last global batch of a task epoch (drop_last)."""
+        return self.plan.dropped_examples
 
     def rank_slice(self, global_ids: numpy.ndarray) -> numpy.ndarray:
         """This rank's part of a global batch."""
         return numpy.array_split(global_ids, self.dp_world_size)[self.dp_rank]
 
-    # -- batches --
-    def _finish(self, ids: Sequence[int], max_length: int) -> List[int]:
-        ids = [int(token) for token in ids]
-        if self.append_eod:
-            return ids[:max_length - 1] + [self.eod_id]
-        return ids[:max_length]
-
-    def _pick_negatives(self, example_id: int, pool_size: int, slots: int) -> List[int]:
-        if self.negative_picker is None:
-            return list(range(min(slots, pool_size)))
-        positions = [int(position) for position in self.negative_picker(example_id, pool_size)]
-        if any(not 0 <= position < pool_size for position in positions):
-            raise ValueError(f"negative_picker gave positions {positions} outside the pool of "
-                             f"{pool_size} of example {example_id}")
-        positions = positions[:slots]
-        if len(set(positions)) != len(positions):
-            raise ValueError(f"negative_picker gave duplicate positions {positions} for example "
-                             f"{example_id}: a duplicate negative would count twice in the loss")
-        return positions
-
     def make_batch(self, task: str, example_ids: numpy.ndarray, epoch: int = 0,
                    step: int = 0) -> ContrastiveBatch:
-        """The batch of these examples (all of `task`)."""
-        queries, positives, languages, scores = [], [], [], []
-        negative_pools, prompt_lengths = [], []
-        spec = BY_NAME[task]
-        max_positive = self.max_query_length if spec.symmetric else self.max_passage_length
-        for example_id in example_ids:
-            example = self.store.example(int(example_id))
-            queries.append(self._finish(example.anchor, self.max_query_length))
-            positives.append(self._finish(example.positive, max_positive))
-            languages.append(example.language)
-            scores.append(example.score)
-            negative_pools.append(example.negatives + example.candidates)
-            prompt_lengths.append(example.prompt_length)
-        query_ids, query_lengths = pad_sequences(queries, self.pad_id)
-        positive_ids, positive_lengths = pad_sequences(positives, self.pad_id)
-        query_prompt_lengths = torch.tensor(prompt_lengths, dtype=torch.int64)
-        batch = ContrastiveBatch(task, torch.as_tensor(numpy.asarray(example_ids, dtype=numpy.int64)),
-                                 query_ids, query_lengths, positive_ids, positive_lengths,
-                                 query_prompt_lengths=query_prompt_lengths,
-                                 positive_prompt_lengths=(query_prompt_lengths.clone() if spec.symmetric
-                                                          else torch.zeros_like(query_prompt_lengths)),
-                                 languages=languages, epoch=epoch, step=step)
-        if spec.score_field:
-            batch.scores = torch.tensor(scores, dtype=torch.float32)
-        if spec.negatives in (NEGATIVES_MINED, NEGATIVES_LABELS):
-            self._add_negatives(batch, task, example_ids, negative_pools)
-        return batch
-
-    def _add_negatives(self, batch: ContrastiveBatch, task: str, example_ids,
-                       pools: List[List[numpy.ndarray]]) -> None:
-        if BY_NAME[task].negatives == NEGATIVES_LABELS:
-            # every negative label is used; the pool is only the negative labels
-            slots = max((len(pool) for pool in pools), default=0)
-            chosen = [list(range(len(pool))) for pool in pools]
-        else:
-            slots = self.num_negatives
-            chosen = [self._pick_negatives(int(example_id), len(pool), slots)
-                      for example_id, pool in zip(example_ids, pools)]
-        sequences, positions = [], torch.full((len(pools), slots), -1, dtype=torch.int64)
-        for row, (pool, picked) in enumerate(zip(pools, chosen)):
-            for slot in range(slots):
-                if slot < len(picked):
-                    positions[row, slot] = picked[slot]
-                    sequences.append(self._finish(pool[picked[slot]], self.max_passage_length))
-                else:
-                    sequences.append([self.eod_id])  # padding slot, masked out (never a duplicate)
-        batch.negative_ids, batch.negative_lengths = pad_sequences(sequences, self.pad_id)
-        batch.negative_mask = positions >= 0
-        batch.negative_pool_positions = positions
+        """The batch of these examples (all of `task`), negatives filled by `negative_picker`."""
+        return self.builder.make_batch(task, example_ids, epoch, step, picker=self.negative_picker)
 
     def __iter__(self) -> Iterator[ContrastiveBatch]:
-        """Batches from the current position on, without end. The position advances before a
-        batch is yielded, so state_dict() always names the next batch."""
-        while True:
-            task, epoch, step, global_ids = self._advance()
-            prepare = getattr(self.negative_picker, "prepare", None)
-            if prepare is not None and BY_NAME[task].negatives == NEGATIVES_MINED and self.num_negatives > 0:
-                prepare(global_ids)  # every rank, the same global batch: collectives line up
-            yield self.make_batch(task, self.rank_slice(global_ids), epoch, step)
+        return self
+
+    def __next__(self) -> ContrastiveBatch:
+        """This rank's slice of the next global batch, without end. The position moves past it
+        before it is returned, so state_dict() always names the next batch."""
+        planned = self.plan.next()
+        batch = self.builder.make_batch(planned.task, self.rank_slice(planned.global_ids), planned.epoch,
+                                        planned.step, picker=self.negative_picker,
+                                        negatives=not self.defer_mined_negatives)
+        batch.global_example_ids = torch.from_numpy(planned.global_ids)
+        batch.dropped_examples = self.plan.dropped_examples
+        return batch
 
     # -- resume --
     def state_dict(self) -> Dict[str, object]:
-        """The position of the next batch (the step and each task's epoch and cursor), plus what
-        the sequence of global batches depends on (checked on load)."""
-        return {"version": LOADER_STATE_VERSION, "step": self.step, "seed": self.seed,
-                "tasks": {task: {"epoch": epoch, "cursor": cursor}
-                          for task, (epoch, cursor) in self._positions.items()},
-                "num_examples": len(self.store), "drop_last": self.drop_last,
-                "dropped_examples": self.dropped_examples,
-                "global_batch_sizes": {task: self._global_batch(task) for task in self.tasks},
-                "task_probabilities": dict(self.task_probabilities)}
+        """The position of the next batch (`GlobalBatchPlan.state_dict`)."""
+        return self.plan.state_dict()
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Continue from `state`; the DP size may differ if the global batch sizes are equal."""
-        if state.get("version") != LOADER_STATE_VERSION:
-            raise CheckpointMismatchError(
-                "cannot resume the contrastive loader: its state was written by an older loader "
-                "(epoch-plan format); start the data position afresh")
-        mine = self.state_dict()
-        for key in ("seed", "num_examples", "drop_last", "global_batch_sizes"):
-            if state.get(key) != mine[key]:
-                raise CheckpointMismatchError(
-                    f"cannot resume the contrastive loader: {key} was {state.get(key)}, now "
-                    f"{mine[key]} (the sequence of global batches depends on it)")
-        saved = state.get("task_probabilities") or {}
-        if set(saved) != set(self.task_probabilities) or any(
-                not math.isclose(saved[task], self.task_probabilities[task], rel_tol=1e-9)
-                for task in saved):
-            raise CheckpointMismatchError(
-                f"cannot resume the contrastive loader: task probabilities were {saved}, now "
-                f"{self.task_probabilities} (the task sequence depends on them)")
-        self.step = int(state["step"])
-        self.dropped_examples = int(state.get("dropped_examples", 0))  # absent before it was counted
-        self._positions = {task: [int(position["epoch"]), int(position["cursor"])]
-                           for task, position in state["tasks"].items()}
+        self.plan.load_state_dict(state)

@@ -16,46 +16,44 @@ the thresholds are rounded to float32 (S_0 == float32(0.4) is not below 0.4).
 Ownership: the state of example e lives on data-parallel rank `e % dp_size` (memory is split over
 the DP group). A step needs two tiny collectives over that group:
 
-- `prepare(global_example_ids)` (the loader calls it on every rank with the whole global batch
-  before it builds a retrieval/clr batch): the owners contribute the slot positions of their
-  examples, one all-reduce gives every rank all of them, and the loader then calls the state as
-  its picker, `state(example_id, pool_size)`, for each example of its slice.
+- `exchange(global_example_ids)` (the embed-sup step calls it on every rank with the whole global
+  batch, `ContrastiveBatch.global_example_ids`, before it fills the batch's hard-negative slots):
+  the owners contribute the slot positions of their examples, one all-reduce gives every rank all
+  of them, and the step then calls the state as its picker, `state(example_id, pool_size)`, for
+  each example of its slice (`BatchBuilder.add_negatives`).
 - `observe(example_ids, positions, scores, mask)` after the loss, with the rank's own batch:
   an all-gather of the observations, then each owner applies eq. 6 to its examples; one
   all-reduce sums the activity counts, so every rank returns the same `DHNMStepStats`.
 
-A step must be observed before the next one is prepared (no prefetching of batches across an
-observe): a replacement is used the next time the example is drawn, and that may be the next step.
+A step must be observed before the next one is exchanged: a replacement is used the next time the
+example is drawn, and that may be the next step. So the loader never picks DHNM's negatives (it
+may build batches ahead of the step, `data/prefetch.py`): it leaves them pending, and the step
+exchanges and fills them, in order with its own observe. The collectives are `DPGroup`'s.
 
 Checkpoints: `state_dict()` / `load_state_dict()` are this rank's shard (same layout only);
 `save(directory)` writes `directory/dhnm/shard_<rank>_of_<dp_size>.npz` (format in
 data/README.md), and `load(directory)` reads every shard and keeps the rows this rank owns, so a
-checkpoint resumes under another DP size.
+checkpoint resumes under another DP size (the files are `data/dhnm_files.py`'s).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import math
-import os
-import re
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import numpy
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
-from megatron_conan import atomic_write
 from megatron_conan.config.run import DHNMConfig
+from megatron_conan.data import dhnm_files
 from megatron_conan.distributed.device import Placement, current_placement
 from megatron_conan.errors import CheckpointMismatchError, ConfigError
 
 STATE_FORMAT = "megatron_conan.dhnm"
 STATE_VERSION = 1
-SHARD_DIRECTORY = "dhnm"
-_SHARD_NAME = re.compile(r"shard_(\d{5})_of_(\d{5})\.npz$")
 
 
 @dataclasses.dataclass
@@ -93,6 +91,38 @@ def _as_numpy(value, dtype) -> numpy.ndarray:
     return numpy.asarray(value, dtype=dtype)
 
 
+class DPGroup:
+    """The collectives of the DHNM state over the data-parallel group (none with one rank):
+    `group` None is the default group; `placement` where the tensors live (default: the current
+    process group's, i.e. CUDA under NCCL and CPU under gloo)."""
+
+    def __init__(self, size: int, group: Optional[ProcessGroup] = None, placement: Optional[Placement] = None):
+        self.size, self.group, self._placement = size, group, placement
+
+    def placement(self) -> Placement:
+        return self._placement or current_placement()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            self.placement().all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's [b_r, w] rows, concatenated in rank order -> [sum b_r, w]."""
+        if self.size == 1:
+            return rows
+        placement = self.placement()
+        sizes = [placement.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        placement.all_gather(sizes, placement.tensor([rows.shape[0]], dtype=torch.int64),
+                             group=self.group)
+        counts = [int(size.item()) for size in sizes]
+        padded = placement.zeros(max(max(counts), 1), rows.shape[1], dtype=rows.dtype)
+        padded[:rows.shape[0]] = rows
+        pieces = [torch.empty_like(padded) for _ in counts]
+        placement.all_gather(pieces, padded, group=self.group)
+        return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
+
+
 class DHNMState:
     """This DP rank's share of the DHNM state; also the loader's negative picker (module doc).
 
@@ -114,11 +144,10 @@ class DHNMState:
             raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         self.num_negatives = int(num_negatives)
         self.config = config or DHNMConfig()
-        self.dp_rank, self.dp_size, self.group = dp_rank, dp_size, group
-        if placement is None or isinstance(placement, Placement):
-            self._placement = placement
-        else:
-            self._placement = Placement(torch.device(placement))
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        if placement is not None and not isinstance(placement, Placement):
+            placement = Placement(torch.device(placement))
+        self.collectives = DPGroup(dp_size, group, placement)
         pool_sizes = numpy.asarray(pool_sizes, dtype=numpy.int64)
         self.num_examples = int(len(pool_sizes))
         self._pool = pool_sizes[dp_rank::dp_size].copy()  # [n] rows this rank owns: e // dp_size
@@ -148,55 +177,31 @@ class DHNMState:
             raise ValueError(f"example ids outside [0, {self.num_examples})")
         return example_ids // self.dp_size
 
-    # -- collectives --
     def placement(self) -> Placement:
-        return self._placement or current_placement()
+        return self.collectives.placement()
 
-    def _distributed(self) -> bool:
-        return self.dp_size > 1
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._distributed():
-            self.placement().all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor
-
-    def _all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every rank's [b_r, w] rows, concatenated in rank order -> [sum b_r, w]."""
-        if not self._distributed():
-            return rows
-        placement = self.placement()
-        sizes = [placement.zeros(1, dtype=torch.int64) for _ in range(self.dp_size)]
-        placement.all_gather(sizes, placement.tensor([rows.shape[0]], dtype=torch.int64),
-                             group=self.group)
-        counts = [int(size.item()) for size in sizes]
-        padded = placement.zeros(max(max(counts), 1), rows.shape[1], dtype=rows.dtype)
-        padded[:rows.shape[0]] = rows
-        pieces = [torch.empty_like(padded) for _ in counts]
-        placement.all_gather(pieces, padded, group=self.group)
-        return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
-
-    # -- the loader's picker --
-    def prepare(self, global_example_ids) -> None:
-        """Fetches the slot positions of a whole global batch from their owners (all ranks, the
-        same ids)."""
+    # -- the step's picker --
+    def exchange(self, global_example_ids) -> None:
+        """Fetches the slot positions of a whole global batch from their owners (collective: all
+        ranks, the same ids, after the observe of the previous step)."""
         ids = _as_numpy(global_example_ids, numpy.int64)  # [G]
         table = self.placement().zeros(len(ids), self.num_negatives, dtype=torch.int64)  # [G, K]
         mine = numpy.flatnonzero(ids % self.dp_size == self.dp_rank)
         if len(mine):
             table[torch.as_tensor(mine)] = torch.as_tensor(
                 self.positions[self._rows(ids[mine])], dtype=torch.int64).to(table.device)
-        positions = self._all_reduce(table).cpu().numpy()  # the owners' rows, zeros elsewhere
+        positions = self.collectives.all_reduce(table).cpu().numpy()  # the owners' rows, zeros elsewhere
         self._prepared = dict(zip(ids.tolist(), positions))
 
     def __call__(self, example_id: int, pool_size: int) -> list:
-        """The pool positions of the example's slots (after `prepare`; a single process may skip
+        """The pool positions of the example's slots (after `exchange`; a single process may skip
         it)."""
         example_id = int(example_id)
         positions = self._prepared.get(example_id)
         if positions is None:
             if self.dp_size > 1:
-                raise RuntimeError(f"DHNM: example {example_id} is not in the prepared global "
-                                   f"batch (the loader calls prepare() before each batch)")
+                raise RuntimeError(f"DHNM: example {example_id} is not in the exchanged global "
+                                   f"batch (the step calls exchange() before it fills the negatives)")
             positions = self.positions[self._rows(numpy.array([example_id]))[0]]
         return [int(position) for position in positions if position >= 0]
 
@@ -213,7 +218,7 @@ class DHNMState:
         local[:, 1:1 + k] = _as_numpy(positions, numpy.int64).reshape(len(ids), k)
         local[:, 1 + k:1 + 2 * k] = _as_numpy(scores, numpy.float32).reshape(len(ids), k)
         local[:, 1 + 2 * k:] = _as_numpy(mask, bool).reshape(len(ids), k)
-        rows = self._all_gather_rows(self.placement().tensor(local, dtype=torch.float64))
+        rows = self.collectives.all_gather_rows(self.placement().tensor(local, dtype=torch.float64))
         gathered = rows.cpu().numpy()  # [N, 1 + 3K], float64 holds every field exactly
         all_ids = gathered[:, 0].astype(numpy.int64)
         all_positions = gathered[:, 1:1 + k].astype(numpy.int64)
@@ -228,7 +233,7 @@ class DHNMState:
                                               all_scores[mine], all_mask[mine])
         counts = torch.tensor([replaced, exhausted_now, int(self.seen.sum()),
                                int(self.exhausted.sum())], dtype=torch.int64)
-        counts = self._all_reduce(self.placement().to_device(counts)).cpu().tolist()
+        counts = self.collectives.all_reduce(self.placement().to_device(counts)).cpu().tolist()
         valid = all_scores[all_mask]
         return DHNMStepStats(
             replacements=counts[0], exhausted_now=counts[1], scored_slots=int(valid.size),
@@ -318,8 +323,7 @@ class DHNMState:
         self._prepared = {}
 
     def shard_path(self, directory: str) -> str:
-        return os.path.join(directory, SHARD_DIRECTORY,
-                            f"shard_{self.dp_rank:05d}_of_{self.dp_size:05d}.npz")
+        return dhnm_files.shard_path(directory, self.dp_rank, self.dp_size)
 
     def save(self, directory: str, writer: bool = True) -> Optional[str]:
         """Writes this rank's shard into `directory/dhnm/` atomically; returns its path.
@@ -327,36 +331,15 @@ class DHNMState:
         rank > 0 of the same DP index)."""
         if not writer:
             return None
-        state = self.state_dict()
         path = self.shard_path(directory)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_write.file(path) as temporary, open(temporary, "wb") as stream:
-            numpy.savez(stream, meta=numpy.array(json.dumps(state.pop("meta"))), **state)
+        dhnm_files.write_shard(path, self.state_dict())
         return path
 
     def load(self, directory: str) -> None:
         """Restores the state from every shard in `directory/dhnm/` (written under any DP size),
         keeping the rows this rank owns."""
-        folder = os.path.join(directory, SHARD_DIRECTORY)
-        shards = {}
-        for path in sorted(glob.glob(os.path.join(folder, "shard_*_of_*.npz"))):
-            match = _SHARD_NAME.search(os.path.basename(path))
-            if match:
-                shards[(int(match.group(1)), int(match.group(2)))] = path
-        sizes = {size for _, size in shards}
-        if len(sizes) != 1:
-            raise CheckpointMismatchError(
-                f"{folder}: expected the DHNM shards of one DP size, found "
-                f"{sorted(os.path.basename(p) for p in shards.values()) or 'none'}")
-        size = sizes.pop()
-        missing = [rank for rank in range(size) if (rank, size) not in shards]
-        if missing:
-            raise CheckpointMismatchError(f"{folder}: DHNM shards of DP ranks {missing} of {size} "
-                                          f"are missing")
         self.reset()
-        for rank in range(size):
-            with numpy.load(shards[rank, size], allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                self._check_meta(meta, shards[rank, size])
-                self._load_rows({key: data[key] for key in data.files if key != "meta"})
+        for path, meta, arrays in dhnm_files.read_shards(directory):
+            self._check_meta(meta, path)
+            self._load_rows(arrays)
         self._prepared = {}

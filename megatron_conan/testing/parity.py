@@ -15,7 +15,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_conan.config.model import ConanModelConfig, ParallelConfig, tiny
-from megatron_conan.config.run import OptimizerSection
+from megatron_conan.config.run import LanguageModelConfig, OptimizerSection
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import initialize_model_parallel
 from megatron_conan.models.conan import build_model_chunks
@@ -109,7 +109,9 @@ def one_step(layout: Layout, full_weights: Optional[Dict[str, torch.Tensor]], se
     stage = LanguageModelStage("pretrain")
     stage.use_data(samples, None, global_batch=GLOBAL_BATCH, micro_batch=micro_batch, seq_length=SEQ_LENGTH,
                    data_parallel_size=parallel_state.get_data_parallel_world_size())
-    ctx = StageContext(cfg=None, model_config=model_config, transformer_config=transformer_config, chunks=wrapped,
+    # the stage reads no config here (use_data gave it its batches): the defaults stand in
+    ctx = StageContext(cfg=LanguageModelConfig(), model_config=model_config, transformer_config=transformer_config,
+                       chunks=wrapped,
                        placement=current_placement(), data_parallel_rank=parallel_state.get_data_parallel_rank(),
                        data_parallel_size=parallel_state.get_data_parallel_world_size(),
                        data_parallel_group=parallel_state.get_data_parallel_group(), total_steps=1)

@@ -22,12 +22,12 @@ whole batch, which a pipeline schedule's independent per-micro-batch losses cann
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_conan.data.contrastive import ContrastiveLoader
+from megatron_conan.data.contrastive import BatchBuilder, ContrastiveBatch, ContrastiveLoader
 from megatron_conan.data.dhnm import DHNMState
 from megatron_conan.data.provenance import check_tokenizer
 from megatron_conan.errors import ConfigError
@@ -52,14 +52,15 @@ class EmbeddingStage(Stage):
     """What stages 3 and 4 share: config checks, soft-mask attention, the loader, the step."""
 
     name = "embedding"
-    default_soft_mask: Dict[str, Any] = {}
+    default_soft_mask: Dict[str, object] = {}
     tasks: Optional[tuple] = None
 
     def __init__(self):
-        self.loader = None
         self.tokenizer = None
-        self._iterator = None
-        self._loader_state: Optional[Dict[str, Any]] = None
+        self.builder: Optional[BatchBuilder] = None
+        """The loader's batch builder: the step fills pending hard negatives with it."""
+        self._loader: Optional[ContrastiveLoader] = None
+        """Built by setup, until build_loader hands it to the Trainer."""
 
     # -- configuration --
     def check_config(self, cfg) -> None:
@@ -91,7 +92,7 @@ class EmbeddingStage(Stage):
         # embedding needs key-padding masks, which only the soft-mask attention takes with any a
         return soft_mask_core_attention_spec(self.soft_mask_config(cfg))
 
-    def transformer_overrides(self) -> Dict[str, Any]:
+    def transformer_overrides(self) -> Dict[str, object]:
         # a mean over anchors; DDP averages over DP ranks (losses/gather.py states the contract)
         return {"calculate_per_token_loss": False}
 
@@ -124,45 +125,53 @@ class EmbeddingStage(Stage):
         return self.per_rank_batch_size(ctx)
 
     def setup(self, ctx: StageContext) -> None:
+        """The run's contrastive loader, for :meth:`build_loader` (a harness that feeds the step its
+        own batches overrides this: then the Trainer holds no loader)."""
+        self._loader = self.make_loader(ctx)
+
+    def build_loader(self, ctx: StageContext) -> Optional[ContrastiveLoader]:
+        """The loader :meth:`setup` built, handed to the Trainer, which holds it (and reads it ahead)."""
+        loader, self._loader = self._loader, None
+        return loader
+
+    def make_loader(self, ctx: StageContext) -> ContrastiveLoader:
         cfg, embedding = ctx.cfg, ctx.cfg.embedding
-        self.loader = ContrastiveLoader(
+        loader = ContrastiveLoader(
             cfg.data.contrastive_prefix, self.tokenizer, self.loader_batch_size(ctx),
             dp_rank=ctx.data_parallel_rank, dp_world_size=ctx.data_parallel_size, seed=cfg.train.seed,
             max_query_length=embedding.max_query_length, max_passage_length=embedding.max_passage_length,
             num_negatives=embedding.num_negatives, tasks=self.tasks, drop_last=embedding.drop_last,
             **self.loader_options(ctx))
-        for task in self.loader.tasks:
-            size = self.loader.batch_sizes[task] * ctx.data_parallel_size
-            tail = len(self.loader.store.example_ids_of_task(task)) % size
+        for task in loader.tasks:
+            size = loader.batch_sizes[task] * ctx.data_parallel_size
+            tail = len(loader.store.example_ids_of_task(task)) % size
             if tail:
                 logger.info("%s: %s epochs end in a partial global batch of %d of %d examples: %s",
                             self.name, task, tail, size, "skipped (embedding.drop_last)" if embedding.drop_last
                             else "trained as a small batch")
+        self.builder = loader.builder
+        return loader
 
-    def loader_options(self, ctx: StageContext) -> Dict[str, Any]:
+    def loader_options(self, ctx: StageContext) -> Dict[str, object]:
         """Further ContrastiveLoader arguments of this stage."""
         return {}
 
-    def _next_batch(self):
-        if self._iterator is None:
-            if self._loader_state is not None:
-                self.loader.load_state_dict(self._loader_state)
-            self._iterator = iter(self.loader)
-        return next(self._iterator)
+    def state_dict(self) -> Dict[str, object]:
+        """Nothing: the data position is the loader's (the Trainer saves it), DHNM's state is files."""
+        return {}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if "loader" not in state:
-            raise ConfigError(f"the checkpoint was not written by an embedding stage (its stage state is "
-                              f"{sorted(state)}): start the {self.name} stage from it with checkpoint.load_dir")
-        self._loader_state = state["loader"]
-        self._iterator = None
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        pass
 
     # -- the step --
-    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
-        return self.step_on_batch(ctx, step, self._next_batch())
+    def train_step(self, ctx: StageContext, step: int, batch: Optional[ContrastiveBatch] = None) -> StageStepOutput:
+        if batch.negatives_pending:
+            self.fill_negatives(batch)
+        return self.step_on_batch(ctx, step, batch)
+
+    def fill_negatives(self, batch: ContrastiveBatch) -> None:
+        """The hard-negative slots of a batch the loader left them to (the first K of each pool)."""
+        self.builder.add_negatives(batch)
 
     def step_on_batch(self, ctx: StageContext, step: int, batch) -> StageStepOutput:
         """Forward, loss and backward of one (CPU) ContrastiveBatch of this rank (every rank: the
@@ -178,12 +187,13 @@ class EmbeddingStage(Stage):
         finalize_model_grads(ctx.chunks)  # DP all-reduce (DDP averages), SP norms over TP
         tokens = sum(int(sequences.lengths.sum()) for sequences in roles.values())
         reduced = self.reduce_step_stats(ctx, loss_value, stats, batch.size, tokens)
+        reduced["dropped_tail_examples"] = batch.dropped_examples
         global_loss, samples, tokens = reduced.pop("loss"), reduced.pop("samples"), reduced.pop("tokens")
         return StageStepOutput(loss=global_loss, samples=samples, tokens=tokens,
                                metrics=self.step_metrics(ctx, task, batch, global_loss, reduced, stats))
 
-    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, Any],
-                     stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, object],
+                     stats: Dict[str, torch.Tensor]) -> Dict[str, object]:
         """The step's metrics beyond its loss, samples and tokens (`reduced`: the other global numbers)."""
         return reduced
 
@@ -207,7 +217,6 @@ class EmbeddingStage(Stage):
         first_dim = 4 + len(names)
         reduced.update({name: float(values[first_dim + i]) / ctx.data_parallel_size
                         for i, name in enumerate(dim_losses)})
-        reduced["dropped_tail_examples"] = self.loader.dropped_examples if self.loader is not None else 0
         return reduced
 
     @staticmethod
@@ -238,8 +247,8 @@ class WeaklySupervisedStage(EmbeddingStage):
     name = "embed-weak"
     tasks = stage_tasks(3)
 
-    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, Any],
-                     stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, object],
+                     stats: Dict[str, torch.Tensor]) -> Dict[str, object]:
         return {"soft_mask_a": soft_mask_a(ctx.chunks), **reduced}
 
 
@@ -283,19 +292,30 @@ class SupervisedStage(EmbeddingStage):
         default = self.per_rank_batch_size(ctx)
         return {task: int(ctx.cfg.embedding.task_batch_sizes.get(task, default)) for task in self.tasks}
 
-    def loader_options(self, ctx: StageContext) -> Dict[str, Any]:
+    def loader_options(self, ctx: StageContext) -> Dict[str, object]:
         return {"task_weights": dict(ctx.cfg.embedding.task_weights) or None}
 
-    def setup(self, ctx: StageContext) -> None:
-        super().setup(ctx)
+    def make_loader(self, ctx: StageContext) -> ContrastiveLoader:
+        loader = super().make_loader(ctx)
         embedding = ctx.cfg.embedding
         if embedding.dhnm.enabled and embedding.num_negatives > 0:
-            self.dhnm = DHNMState(self.loader.store.pool_sizes(), embedding.num_negatives, embedding.dhnm,
+            self.dhnm = DHNMState(loader.store.pool_sizes(), embedding.num_negatives, embedding.dhnm,
                                   dp_rank=ctx.data_parallel_rank, dp_size=ctx.data_parallel_size,
                                   group=ctx.data_parallel_group, placement=ctx.placement)
-            self.loader.negative_picker = self.dhnm
+            loader.defer_mined_negatives = True  # the step exchanges, then fills them
+        return loader
 
-    # -- state: the loader position (task sequence) here, the DHNM shards as checkpoint files --
+    def fill_negatives(self, batch: ContrastiveBatch) -> None:
+        """DHNM's slots: the positions of the whole global batch from their owner ranks (the
+        exchange, a collective every rank makes with the same global batch, after the previous
+        step's observe), then this rank's slice filled with them."""
+        if self.dhnm is None:
+            super().fill_negatives(batch)
+            return
+        self.dhnm.exchange(batch.global_example_ids)
+        self.builder.add_negatives(batch, self.dhnm)
+
+    # -- state: the DHNM shards as checkpoint files (the loader's position is the Trainer's) --
     def write_checkpoint_files(self, directory: str) -> None:
         if self.dhnm is not None:
             from megatron.core import parallel_state
@@ -310,8 +330,8 @@ class SupervisedStage(EmbeddingStage):
             self.dhnm.load(directory)
 
     # -- the step's metrics, and DHNM's observation of the cosines the loss computed --
-    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, Any],
-                     stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    def step_metrics(self, ctx: StageContext, task: Task, batch, loss: float, reduced: Dict[str, object],
+                     stats: Dict[str, torch.Tensor]) -> Dict[str, object]:
         metrics = {"task": task.name, f"loss_{task.name}": loss, **reduced}
         if self.dhnm is not None and task.negatives == NEGATIVES_MINED:
             observed = self.dhnm.observe(batch.example_ids, batch.negative_pool_positions,

@@ -85,7 +85,8 @@ class LanguageModelStage(Stage):
                                     ctx.data_parallel_rank, ctx.data_parallel_size)
         return [ctx.placement.to_device(batch) for batch in batches]
 
-    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
+    def train_step(self, ctx: StageContext, step: int, batch: Optional[object] = None) -> StageStepOutput:
+        # no loader (build_loader): the batches are read here, from consumed_samples
         microbatches = self._microbatches(ctx, self.train_ds, self.consumed_samples)
         attach_loss_normalizer(microbatches, ctx.placement)
         reported = reduce_reports(run_schedule(

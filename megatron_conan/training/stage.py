@@ -8,12 +8,15 @@ non-finite guard, metrics and the device placement. A stage plugs in what differ
     check_inputs(cfg, model) check the tokenizer and data files against the model and each other
     core_attention(cfg)      the attention kernel slot of the model (soft mask for embedding stages)
     transformer_overrides()  megatron-core TransformerConfig fields the stage needs
-    setup(ctx)               build its data from the run config, once the model exists
-    train_step(ctx, step)    this step's forward + loss + backward over the global batch; gradients
+    setup(ctx)               build what it needs from the run config, once the model exists
+    build_loader(ctx)        its data loader (None: the stage reads its own data), which the Trainer
+                             holds, reads ahead (``train.prefetch``) and checkpoints
+    train_step(ctx, step, batch)  this step's forward + loss + backward over the global batch (its
+                             rank's part: the loader's next batch, None without a loader); gradients
                              reduced over DP (finalize_model_grads), no optimizer update
     evaluate(ctx, step)      optional held-out numbers (a stage that has them sets `evaluates`)
     describe_batch(cfg, n)   its batch for the --dry-run report, planned for n GPUs
-    state_dict()             its position and extra state (data cursor, DHNM, ...), checkpointed
+    state_dict()             its own position and extra state (an LM stage's data cursor), checkpointed
     load_state_dict(state)   the same, restored before the first step of a resumed run
     write_checkpoint_files / read_checkpoint_files   optional per-rank files inside a checkpoint
 
@@ -27,30 +30,37 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import torch
+from torch.distributed import ProcessGroup
 
+from megatron_conan.config.model import ConanModelConfig
+from megatron_conan.config.run import RunConfig
+from megatron_conan.data.prefetch import StatefulLoader
 from megatron_conan.distributed.device import Placement
+
+if TYPE_CHECKING:  # megatron-core's transformer package is heavy to import and only a type here
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 @dataclass
 class StageContext:
     """What the loop hands a stage: the run, the model and where tensors go."""
 
-    cfg: Any
-    """The RunConfig of the run."""
-    model_config: Any
-    """The ConanModelConfig (vocab size, shape)."""
-    transformer_config: Any
-    """megatron-core's TransformerConfig of the built model."""
+    cfg: RunConfig
+    """The run's config (the stage's subclass of RunConfig)."""
+    model_config: ConanModelConfig
+    """Vocabulary size and shape of the model."""
+    transformer_config: TransformerConfig
+    """megatron-core's config of the built model."""
     chunks: List[torch.nn.Module]
     """The DDP-wrapped model chunks of this rank (one unless interleaving)."""
     placement: Placement
     """Device of the batches and collective buffers."""
     data_parallel_rank: int
     data_parallel_size: int
-    data_parallel_group: Any
+    data_parallel_group: Optional[ProcessGroup]
     """The process group of the data-parallel replicas (gathers of contrastive candidates)."""
     total_steps: int
     """Optimizer steps of the whole run."""
@@ -67,7 +77,7 @@ class StageStepOutput:
     tokens: int
     """Tokens the model processed for the global batch (for tokens/s and MFU)."""
     metrics: Dict[str, float] = field(default_factory=dict)
-    """Anything else to log (accuracy, a(t), DHNM activity, ...)."""
+    """Other numbers to log (accuracy, a(t), DHNM activity, ...)."""
 
 
 @dataclass
@@ -98,18 +108,27 @@ class Stage(abc.ABC):
         """The model's core-attention spec (None: the builder's default attention)."""
         return None
 
-    def transformer_overrides(self) -> Dict[str, Any]:
+    def transformer_overrides(self) -> Dict[str, object]:
         """megatron-core TransformerConfig fields this stage sets."""
         return {}
 
     @abc.abstractmethod
     def setup(self, ctx: StageContext) -> None:
-        """Build the stage's data (and anything else) once the model exists."""
+        """Build what the stage needs (its data, unless :meth:`build_loader` gives it) once the
+        model exists."""
+
+    def build_loader(self, ctx: StageContext) -> Optional[StatefulLoader]:
+        """The stage's data loader (called after :meth:`setup`): an iterator of this rank's batches
+        that never communicates, with ``state_dict`` / ``load_state_dict``. The Trainer holds it,
+        hands its next batch to :meth:`train_step`, and saves and restores its position with the
+        checkpoint. None: the stage reads its own data (:meth:`train_step` gets None)."""
+        return None
 
     @abc.abstractmethod
-    def train_step(self, ctx: StageContext, step: int) -> StageStepOutput:
-        """Forward, loss and backward of step `step` (0-based) over the global batch; gradients are
-        reduced over DP when this returns; the loop applies the optimizer update."""
+    def train_step(self, ctx: StageContext, step: int, batch: Optional[object] = None) -> StageStepOutput:
+        """Forward, loss and backward of step `step` (0-based) over the global batch (`batch`: this
+        rank's part, from :meth:`build_loader`'s loader); gradients are reduced over DP when this
+        returns; the loop applies the optimizer update."""
 
     def evaluate(self, ctx: StageContext, step: int) -> Dict[str, float]:
         """Held-out metrics after step `step`; the default stage has none."""
@@ -120,11 +139,12 @@ class Stage(abc.ABC):
         return BatchPlan(micro_batch_size=cfg.train.micro_batch_size)
 
     @abc.abstractmethod
-    def state_dict(self) -> Dict[str, Any]:
-        """The stage's resumable state (rank-0 copy; identical on every rank unless stated)."""
+    def state_dict(self) -> Dict[str, object]:
+        """The stage's resumable state (rank-0 copy; identical on every rank unless stated); the
+        loader's position is the Trainer's to save, not part of it."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict` output before the first step of a resumed run."""
 
     def write_checkpoint_files(self, directory: str) -> None:

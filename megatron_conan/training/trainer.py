@@ -1,11 +1,13 @@
 """The Trainer every stage runs in: build, ``resume()``, ``step()``, ``fit()``.
 
 ``Trainer(cfg, stage)`` builds the run (collective): process groups -> model chunks (our spec, with
-the stage's core attention) -> DDP -> megatron optimizer + LR schedule -> the stage's data. Then
+the stage's core attention) -> DDP -> megatron optimizer + LR schedule -> the stage's data, and holds
+the stage's loader (``Stage.build_loader``), read ahead by a background thread unless
+``train.prefetch`` is false (``data/prefetch.py``). Then
 
     resume()  the run's own ``latest`` checkpoint (everything), else the weights of checkpoint.load_dir
-    step()    one optimizer step: the stage's forward/backward (``Stage.train_step``), the
-              non-finite guard, the update; returns the step's metrics record
+    step()    one optimizer step: the loader's next batch, the stage's forward/backward
+              (``Stage.train_step``), the non-finite guard, the update; returns the step's record
     fit()     resume, then step until the last step or a stop request, the callbacks after each step;
               on an error, every callback's ``on_error`` before it propagates
 
@@ -16,8 +18,9 @@ this file never looks at a batch.
 
 SIGTERM / SIGUSR1 (SLURM preemption) trigger a checkpoint at the end of the current step and a clean
 exit; a killed run resumes from ``latest`` and reproduces the losses of an uninterrupted run exactly:
-model, optimizer, LR schedule, RNG states, the soft-mask schedule and the stage's own state (its data
-position and anything else it keeps) are all in the checkpoint.
+model, optimizer, LR schedule, RNG states, the soft-mask schedule, the loader's position (the next
+batch the step takes, ``extra["loader"]``) and the stage's own state and files are all in the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from megatron_conan.checkpoint.load import load_checkpoint
 from megatron_conan.checkpoint.save import save_checkpoint
 from megatron_conan.config.loader import dump_config, to_dict
 from megatron_conan.config.run import STAGE_CONFIGS, OptimizerSection, RunConfig
+from megatron_conan.data.prefetch import Prefetcher, StatefulLoader
 from megatron_conan.distributed.device import current_placement
 from megatron_conan.distributed.parallel import describe_layout, initialize_model_parallel
-from megatron_conan.errors import ConfigError
+from megatron_conan.errors import CheckpointMismatchError, ConfigError
 from megatron_conan.models.conan import build_model_chunks
 from megatron_conan.models.transformer_config import build_transformer_config
 from megatron_conan.ops.soft_mask_attention.core_attention import get_soft_mask_state, load_soft_mask_state
@@ -72,6 +76,9 @@ class Trainer:
         """Build the run (collective); `callbacks` replace :func:`default_callbacks` of `cfg`."""
         self.cfg, self.stage = cfg, stage
         self.ctx, self.optimizer, self.scheduler = _build(cfg, stage)
+        loader = stage.build_loader(self.ctx)
+        self.loader: Optional[StatefulLoader] = Prefetcher(loader) if loader is not None and cfg.train.prefetch else loader
+        """The stage's batches (None: the stage reads its own data); its position is checkpointed."""
         self.callbacks: List[Callback] = list(default_callbacks(cfg) if callbacks is None else callbacks)
         self.guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
         self.meter = ThroughputMeter(model_flops_per_token(self.ctx.model_config, cfg.train.seq_length),
@@ -102,12 +109,23 @@ class Trainer:
         extra = common.get("extra", {})
         # checkpoints written before the stage seam kept only the LM data position
         self.stage.load_state_dict(extra.get("stage", {"consumed_samples": self.consumed_samples}))
+        self._load_loader_state(latest, extra.get("loader"))
         self.stage.read_checkpoint_files(latest)
         if "nonfinite" in extra:
             self.guard.load_state_dict(extra["nonfinite"])
         if extra.get("soft_mask") is not None:
             load_soft_mask_state(ctx.chunks, extra["soft_mask"])  # refuses a changed schedule
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, self.step_count, self.consumed_samples)
+
+    def _load_loader_state(self, checkpoint: str, state: Optional[Dict[str, object]]) -> None:
+        if self.loader is None:
+            return
+        if state is None:
+            raise CheckpointMismatchError(
+                f"{checkpoint} has no data-loader position (written by another stage, or before the Trainer "
+                f"held the loader): start the {self.stage.name} stage from it with checkpoint.load_dir, in a "
+                f"new run_dir")
+        self.loader.load_state_dict(state)
 
     def save(self) -> None:
         """Checkpoint the run at the current step (collective): what :meth:`resume` restores. Stop
@@ -120,6 +138,7 @@ class Trainer:
                             extra_state={"nonfinite": self.guard.state_dict(),
                                          "soft_mask": get_soft_mask_state(ctx.chunks),
                                          "stage": self.stage.state_dict(),
+                                         "loader": None if self.loader is None else self.loader.state_dict(),
                                          "stage_name": self.stage.name,
                                          "run_config": to_dict(self.cfg)},
                             keep_last=self.cfg.checkpoint.keep_last,
@@ -129,7 +148,8 @@ class Trainer:
         """One optimizer step over the stage's next global batch (collective)."""
         started = time.perf_counter()
         zero_grads(self.ctx.chunks, self.optimizer)
-        output = self.stage.train_step(self.ctx, self.step_count)
+        batch = None if self.loader is None else next(self.loader)
+        output = self.stage.train_step(self.ctx, self.step_count, batch)
         self.step_count += 1
         step = self.step_count
         skipped = self.guard.update(output.loss, step)  # raises after too many in a row: no checkpoint then
@@ -171,6 +191,8 @@ class Trainer:
         finally:
             for callback in self.callbacks:
                 callback.close()
+            if isinstance(self.loader, Prefetcher):
+                self.loader.close()  # its thread stops (a failed step leaves no reader behind)
             self.stage.close()
         return RunResult(steps_done=self.step_count, losses=self.losses, preempted=self.preempted,
                          skipped_steps=self.guard.total_skipped)

@@ -86,7 +86,7 @@ def _loader(prefix, tokenizer, rank=0, world=1, **options):
 
 def _draws(loader, steps):
     """(task, task epoch, global example ids) of the next `steps` global batches (no tokens)."""
-    return [loader._advance() for _ in range(steps)]
+    return [loader.plan.next() for _ in range(steps)]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -368,30 +368,43 @@ def test_picker_positions_and_duplicates(store_prefix, tokenizer):
         next(iter(duplicating))
 
 
-def test_picker_prepare_sees_the_global_batch(store_prefix, tokenizer):
+def test_deferred_negatives_are_filled_by_the_step_with_the_global_batch_known(store_prefix, tokenizer):
+    """With defer_mined_negatives the loader picks no mined negatives (DHNM's picker needs a
+    collective first): retrieval/clr batches come pending, carrying the whole global batch, and
+    add_negatives fills them as the loader would have."""
     class Recorder:
         def __init__(self):
-            self.prepared = []
+            self.exchanged = []
 
-        def prepare(self, global_ids):
-            self.prepared.append(list(global_ids))
+        def exchange(self, global_ids):
+            self.exchanged.append(global_ids.tolist())
 
         def __call__(self, example_id, pool_size):
-            assert example_id in self.prepared[-1]
+            assert example_id in self.exchanged[-1]
             return range(min(pool_size, 2))
 
     pickers = [Recorder(), Recorder()]
-    loaders = [_loader(store_prefix, tokenizer, rank, 2, num_negatives=2, negative_picker=picker)
-               for rank, picker in enumerate(pickers)]
-    streams = [iter(loader) for loader in loaders]
-    retrieval_steps = 0
+    loaders = [_loader(store_prefix, tokenizer, rank, 2, num_negatives=2, defer_mined_negatives=True)
+               for rank in range(2)]
+    eager = [_loader(store_prefix, tokenizer, rank, 2, num_negatives=2) for rank in range(2)]
+    mined_steps = 0
     for _ in range(12):
-        batches = [next(stream) for stream in streams]
-        if batches[0].task in ("retrieval", "clr"):
-            retrieval_steps += 1
-            global_batch = torch.cat([batch.example_ids for batch in batches]).tolist()
-            assert pickers[0].prepared[-1] == pickers[1].prepared[-1] == global_batch
-    assert len(pickers[0].prepared) == len(pickers[1].prepared) == retrieval_steps > 0
+        batches = [next(loader) for loader in loaders]
+        wanted = [next(loader) for loader in eager]
+        global_batch = torch.cat([batch.example_ids for batch in batches]).tolist()
+        assert all(batch.global_example_ids.tolist() == global_batch for batch in batches)
+        if batches[0].task not in ("retrieval", "clr"):
+            assert not any(batch.negatives_pending for batch in batches)
+            continue
+        mined_steps += 1
+        for loader, picker, batch, want in zip(loaders, pickers, batches, wanted):
+            assert batch.negatives_pending and batch.negative_ids is None
+            picker.exchange(batch.global_example_ids)
+            loader.builder.add_negatives(batch, picker)
+            assert not batch.negatives_pending
+            for name in ("negative_ids", "negative_lengths", "negative_mask", "negative_pool_positions"):
+                assert torch.equal(getattr(batch, name), getattr(want, name)), name
+    assert len(pickers[0].exchanged) == len(pickers[1].exchanged) == mined_steps > 0
 
 
 def test_empty_pools_are_counted_and_located(tokenizer_model, tokenizer, tmp_path, caplog):

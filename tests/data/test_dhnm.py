@@ -178,7 +178,7 @@ def _observation_steps(num_examples=40, k=3, steps=12, global_batch=7, seed=0):
 def _run_steps(state, plan, rank, world):
     stats = []
     for ids, scores, masks in plan:
-        state.prepare(ids)
+        state.exchange(ids)
         mine = numpy.array_split(numpy.arange(len(ids)), world)[rank]
         positions = numpy.full((len(mine), state.num_negatives), -1, dtype=numpy.int64)
         for row, index in enumerate(mine):

@@ -105,10 +105,10 @@ def _failing_run(rank, world_size, cfg_dict):
     from megatron_conan.training.trainer import Trainer
 
     class FailingStage(LanguageModelStage):
-        def train_step(self, ctx, step):
+        def train_step(self, ctx, step, batch=None):
             if step == 2:
                 raise _StepFailed("step 3 failed")
-            return super().train_step(ctx, step)
+            return super().train_step(ctx, step, batch)
 
     cfg = from_dict(LanguageModelConfig, cfg_dict)
     calls = []

@@ -50,3 +50,31 @@ def test_dhnm_overhead_benchmark_times_a_dhnm_that_decides(tmp_path):
     assert every["dhnm"]["replacements"] > 0
     assert every["dhnm"]["replacements"] + every["dhnm"]["exhausted_now"] == every["dhnm"]["scored_slots"]
     assert never["dhnm"]["replacements"] == 0 and never["dhnm"]["exhausted_now"] == 0
+
+
+def test_embed_step_benchmark_times_prefetch_on_a_main_jobs_stage_3(embedding_data, tmp_path):
+    """--prefetch reads a main job's embed-weak/config.yaml (here the tiny recipe's, on the session's
+    pairs) and times its Trainer step with the read-ahead thread on and off."""
+    from megatron_conan.config.loader import dump_config
+    from megatron_conan.config.run import load_run_config
+
+    work = tmp_path / "work"
+    (work / "embed-weak").mkdir(parents=True)
+    cfg = load_run_config("embed-weak", str(REPO / "examples" / "tiny" / "embed_weak.yaml"),
+                          [f"data.tokenizer={embedding_data['tokenizer']}",
+                           f"data.contrastive_prefix={embedding_data['pairs']}"])
+    dump_config(cfg, str(work / "embed-weak" / "config.yaml"))
+    out = tmp_path / "prefetch.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/embed_step.py", "--data", "quickstart", "--work-dir", str(work), "--prefetch",
+         "--steps", "2", "--rounds", "1", "--warmup", "1", "--output-json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "prefetch on" in result.stdout and "prefetch off" in result.stdout
+    row = json.loads(out.read_text())
+    assert row["on_pairs_per_s"] > 0 and row["off_pairs_per_s"] > 0 and len(row["ratios"]) == 1
+    assert row["pairs_per_step"] == 8 and row["packing"] is True
+    refused = subprocess.run([sys.executable, "benchmarks/embed_step.py", "--prefetch"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--data quickstart" in refused.stderr

@@ -327,7 +327,8 @@ def _before_and_after_body(rank, world_size, arguments, trained_checkpoint):
     stage = WeaklySupervisedStage()
     trainer = Trainer(cfg, stage)  # the run's config and seed: its initial weights
     ctx, last = trainer.ctx, cfg.train.steps() - 1
-    first_batch = next(iter(stage.loader))
+    first_batch = next(trainer.loader)
+    trainer.loader.close()
     result = {"initial_at_first_step": stage.step_on_batch(ctx, 0, first_batch).loss,
               "initial": stage.step_on_batch(ctx, last, first_batch).loss}
     load_full_state_dict(ctx.chunks, trained, ctx.model_config)
