@@ -331,7 +331,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _prefetch_trainer(args, scratch: str):
     """A stage-3 Trainer of the main job's config (fresh weights, a scratch run_dir), its loader bare."""
     from megatron_conan.config.run import load_run_config
-    from megatron_conan.quickstart import stage_dir
+    from megatron_conan.jobs.workspace import stage_dir
     from megatron_conan.training.embedding_stage import WeaklySupervisedStage
     from megatron_conan.training.trainer import Trainer
 
