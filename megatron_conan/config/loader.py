@@ -107,7 +107,8 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, str) else repr(value)
 
 
-# pydantic's error types -> the reason after the dotted field: {got} is the value, the other names are
+# pydantic's error types -> the reason after the dotted field: {got} is the value and its type, {value}
+# the value alone, the other names are
 # pydantic's `ctx` of the error; a reason starting with "." names a key below the field
 _REASONS = {
     **dict.fromkeys(("int_parsing", "int_type", "int_from_float"), "must be an integer, got {got}"),
@@ -122,7 +123,7 @@ _REASONS = {
     "union_tag_invalid": ".kind must be one of {expected_tags}, got {tag!r}",
     "too_long": "must have {max_length} items, got {actual_length}",
     "too_short": "must have at least {min_length} items, got {actual_length}",
-    **dict.fromkeys(("greater_than", "greater_than_equal", "less_than", "less_than_equal"), "must be {range}, got {got}"),
+    **dict.fromkeys(("greater_than", "greater_than_equal", "less_than", "less_than_equal"), "must be {range}, got {value}"),
 }
 _BOUNDS = {"gt": ("(", "> {}"), "ge": ("[", ">= {}"), "lt": (")", "< {}"), "le": ("]", "<= {}")}
 
@@ -135,9 +136,9 @@ def _range(owner, name, ctx: Dict[str, Any]) -> str:
               if hasattr(item, key)} or {key: ctx[key] for key in _BOUNDS if key in ctx}
     if len(bounds) == 2:
         (low, low_value), (high, high_value) = sorted(bounds.items(), key=lambda item: item[0] in ("lt", "le"))
-        return f"in {_BOUNDS[low][0]}{low_value}, {high_value}{_BOUNDS[high][0]}"
+        return f"in {_BOUNDS[low][0]}{low_value:g}, {high_value:g}{_BOUNDS[high][0]}"
     (key, value), = bounds.items()
-    return _BOUNDS[key][1].format(value)
+    return _BOUNDS[key][1].format(f"{value:g}")
 
 
 def _walk(cls, loc: Tuple) -> Tuple[Tuple, Optional[type], Optional[type]]:
@@ -213,7 +214,7 @@ def _error_line(error: Dict[str, Any], cls, path: str) -> str:
     reason = _REASONS.get(kind, "{msg}")
     if "{range}" in reason:
         reason = reason.replace("{range}", _range(owner, loc[-1] if loc else None, error.get("ctx", {})))
-    reason = reason.format(**error.get("ctx", {}), got=_describe(value), msg=error["msg"])
+    reason = reason.format(**error.get("ctx", {}), got=_describe(value), value=value, msg=error["msg"])
     return f"{where}{reason}" if reason.startswith(".") else f"{where} {reason}"
 
 
@@ -232,22 +233,45 @@ def _adapter(annotation) -> pydantic.TypeAdapter:
     return pydantic.TypeAdapter(Tuple[annotation], config=_PYDANTIC_CONFIG)
 
 
-def _refuse_bool_numbers(raw: Any, built: Any, where: str) -> None:
-    """pydantic's lax mode takes ``true`` as 1 and ``1.0`` as true: refuse both, walking the input
-    beside what it became."""
+def config_dataclass(section: str = ""):
+    """Decorator of a config section: a pydantic dataclass, so that its declared constraints
+    (``Annotated[int, Field(ge=1)]``, ``Literal``) and its ``model_validator`` checks run whenever it
+    is built, from a recipe or in code. Built in code, a bad value is the same one ConfigError line,
+    its fields named under `section` (``parallel``, ``embedding.dhnm``)."""
+    def decorate(cls: Type[T]) -> Type[T]:
+        built = pydantic.dataclasses.dataclass(cls, config=_PYDANTIC_CONFIG)
+        validate = built.__init__  # a recipe's sections are built by pydantic's validator, not by __init__
+
+        @functools.wraps(validate)
+        def __init__(self, *args, **kwargs):
+            try:
+                validate(self, *args, **kwargs)
+            except pydantic.ValidationError as error:
+                raise ConfigError(error_line(error.errors(), built, section)) from None
+
+        built.__init__ = __init__
+        return built
+
+    return decorate
+
+
+def _bool_number_problem(raw: Any, built: Any, where: str) -> Optional[str]:
+    """pydantic's lax mode takes ``true`` as 1 and ``1.0`` as true: why `raw` (the input, walked beside
+    what it became) is refused, or None."""
     if isinstance(raw, bool) and isinstance(built, (int, float)) and not isinstance(built, bool):
-        raise ConfigError(f"{where} must be {'an integer' if isinstance(built, int) else 'a number'}, got {raw!r}")
+        return f"{where} must be {'an integer' if isinstance(built, int) else 'a number'}, got {raw!r}"
     if isinstance(raw, float) and isinstance(built, bool):
-        raise ConfigError(f"{where} must be true or false, got {_describe(raw)}")
+        return f"{where} must be true or false, got {_describe(raw)}"
+    pairs: List[Tuple[Any, Any, str]] = []
     if isinstance(raw, dict):
         for key, item in raw.items():
             if dataclasses.is_dataclass(built) and hasattr(built, str(key)):
-                _refuse_bool_numbers(item, getattr(built, str(key)), _join(where, str(key)))
+                pairs.append((item, getattr(built, str(key)), _join(where, str(key))))
             elif isinstance(built, dict) and key in built:
-                _refuse_bool_numbers(item, built[key], _join(where, str(key)))
+                pairs.append((item, built[key], _join(where, str(key))))
     elif isinstance(raw, (list, tuple)) and isinstance(built, (list, tuple)) and len(raw) == len(built):
-        for index, (item, made) in enumerate(zip(raw, built)):
-            _refuse_bool_numbers(item, made, f"{where}[{index}]")
+        pairs = [(item, made, f"{where}[{index}]") for index, (item, made) in enumerate(zip(raw, built))]
+    return next((problem for problem in (_bool_number_problem(*pair) for pair in pairs) if problem), None)
 
 
 def convert(value: Any, annotation: Any, path: str) -> Any:
@@ -259,7 +283,9 @@ def convert(value: Any, annotation: Any, path: str) -> Any:
         cls = annotation if dataclasses.is_dataclass(annotation) else None
         errors = [{**item, "loc": item["loc"][1:]} for item in error.errors()]  # past the adapter's tuple
         raise ConfigError(error_line(errors, cls, path)) from None
-    _refuse_bool_numbers(value, built, path)
+    problem = _bool_number_problem(value, built, path)
+    if problem:
+        raise ConfigError(problem)
     return built
 
 
