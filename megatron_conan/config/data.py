@@ -143,12 +143,8 @@ class ContrastiveData:
     """Contrastive store prefix (required)."""
 
 
-DATA_KINDS = {variant.kind: variant for variant in (BlendedData, SFTData, SyntheticData, ContrastiveData)}
-"""Each data section class by the ``kind`` it is named by."""
-
-
 def data_kind(value: Any) -> Optional[str]:
-    """The variant a data section names; a section that names none is synthetic, as before the union."""
+    """The variant a data section names; a section that names none is synthetic (the section's default)."""
     return value.get("kind", "synthetic") if isinstance(value, dict) else getattr(value, "kind", None)
 
 

@@ -2,14 +2,17 @@
 
     cfg = load_config(RunConfig, "examples/tiny/pretrain.yaml", ["optimizer.lr=3e-4", "parallel.tensor_parallel=2"])
 
-The config classes are plain dataclasses (their fields carry the docs; their ``__post_init__`` the
-value checks). pydantic v2 validates a nested mapping against them in lax mode: ``1e6`` or ``3.0``
+The config sections are pydantic dataclasses (:func:`config_dataclass`): their fields carry the
+docs and declare the constraints (``Annotated[int, Field(ge=1)]``, ``Literal[...]``), their model
+validators the rules across fields, whose messages name fields as the section does
+(``min_lr must be in [0, lr]``; the line names them in full). Plain dataclasses load too. pydantic
+v2 validates a nested mapping against them in lax mode: ``1e6`` or ``3.0``
 for an int (not ``1.5``), ints for floats, ``yes`` / ``off`` / ``0`` / ``1`` for bools, numbers
 for strings (``run_dir: 2024``), ``Optional``, ``Literal``, ``List``, ``Tuple``, ``Dict`` (keys too)
 and nested sections. On top of pydantic's rules: unknown keys are refused (with the closest valid key
 of the whole config suggested), NaN and infinity are refused for floats, and a YAML bool is not taken
-as a number (nor a float as a bool). Every error is one :class:`ConfigError` line naming the dotted
-field: ``train.train_steps must be an integer, got 'abc'``.
+as a number (nor a float as a bool). Every error is one :class:`ConfigError` line, the dotted field
+then the reason, made by :func:`error_line`: ``train.train_steps must be an integer, got 'abc'``.
 
 YAML is read as YAML 1.2 reads numbers: ``3e12`` and ``1e-4`` are floats (PyYAML's YAML 1.1 reads
 them as strings).
