@@ -152,7 +152,11 @@ class ParallelConfig:
         return None
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = typing.get_args(Precision)
+Recompute = Literal["none", "selective", "full"]
+"""Activation recomputation: none, the attention core, every layer."""
+RECOMPUTE_MODES = typing.get_args(Recompute)
 
 
 def conan_1p4b() -> ConanModelConfig:

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from megatron_conan.config.data import ContrastiveData, LanguageModelData, SyntheticData
 from megatron_conan.config.loader import apply_overrides, config_dataclass, from_dict, read_recipe, to_dict
 from megatron_conan.config.model import (ConanModelConfig, ModelRecipe, ParallelConfig, Pooling, Positive,
-                                         model_recipe)
+                                         Precision, Recompute, model_recipe)
 from megatron_conan.errors import ConfigError
 
 AtLeast0 = Annotated[int, Field(ge=0)]
@@ -108,9 +108,9 @@ class TrainSection:
     """Sequences per forward pass per DP rank."""
     seq_length: Annotated[int, Field(ge=2)] = 64
     """Tokens per sequence."""
-    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    precision: Precision = "fp32"
     """`bf16`, `fp16` or `fp32`."""
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Recompute = "none"
     """Activation recomputation: `none`, `selective` (attention core) or `full` (every layer)."""
     seed: int = 1234
     log_interval: Positive = 1

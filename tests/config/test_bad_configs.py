@@ -36,7 +36,7 @@ CASES = [
     # one field's range or set of values
     ("pretrain", ["optimizer.warmup_fraction=1.5"], "optimizer.warmup_fraction must be in [0, 1), got 1.5"),
     ("pretrain", ["optimizer.lr=0"], "optimizer.lr must be > 0, got 0"),
-    ("pretrain", ["train.precision=fp8"], "train.precision must be one of 'bf16', 'fp16' or 'fp32', got 'fp8'"),
+    ("pretrain", ["train.precision=fp8"], "train.precision must be one of 'fp32', 'bf16' or 'fp16', got 'fp8'"),
     ("pretrain", ["model.recipe=conan_7b"], "model.recipe must be one of 'conan_1p4b' or 'tiny', got 'conan_7b'"),
     ("pretrain", ["parallel.timeout_s=0"], "parallel.timeout_s must be > 0, got 0"),
     ("pretrain", ["checkpoint.keep_last=-1"], "checkpoint.keep_last must be >= 0, got -1"),

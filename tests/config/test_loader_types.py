@@ -85,7 +85,7 @@ def test_strings_optionals_lists_dicts_and_sections():
     assert all(type(v) is float for v in cfg.embedding.matryoshka_weights.values())
     assert cfg.embedding.task_batch_sizes == {"sts": 3}
     assert _refused("run_dir=no") == "run_dir must be a string, got False (bool)"
-    assert _refused("train.precision=no") == "train.precision must be one of 'bf16', 'fp16' or 'fp32', got False (bool)"
+    assert _refused("train.precision=no") == "train.precision must be one of 'fp32', 'bf16' or 'fp16', got False (bool)"
     assert _refused("train.seq_length=null") == "train.seq_length must be set, got null"
     assert _refused("embedding.matryoshka_dims=64").startswith("embedding.matryoshka_dims must be a list")
     assert _refused("embedding.matryoshka_dims=[64, x]").startswith("embedding.matryoshka_dims[1] must be an integer")
