@@ -115,7 +115,7 @@ def quickstart_workload(args) -> Workload:
     if not os.path.isfile(config_path):
         raise SystemExit(f"embed_step: error: no {config_path}: run the main job first "
                          f"(python -m megatron_conan.quickstart) or pass its --work-dir")
-    run = load_run_config("embed-weak", config_path)  # a run's config.yaml, of any version
+    run = load_run_config("embed-weak", config_path)  # a run's config.yaml
     embedding = run.embedding
     loader = ContrastiveLoader(run.data.contrastive_prefix, ConanTokenizer(run.data.tokenizer), args.batch,
                                seed=args.seed, max_query_length=embedding.max_query_length,

@@ -53,47 +53,43 @@ def bad_recipes(tmp_path_factory):
 
 
 DRY_RUN_CASES = {
-    # name: (arguments after --dry-run, fragments of the one error line)
-    "missing recipe file": (["--config", "/nonexistent.yaml"], ["no such file or directory: /nonexistent.yaml"]),
-    "recipe is a directory": (["--config", "{recipes}"], ["is a directory: {recipes}"]),
-    "malformed YAML": (["--config", "{recipes}/malformed.yaml"], ["malformed YAML in {recipes}/malformed.yaml line "]),
-    "recipe is not a mapping": (["--config", "{recipes}/list.yaml"], ["a recipe is a YAML mapping of sections"]),
-    "wrong type": (["train.train_steps=abc"], ["train.train_steps must be an integer, got 'abc'"]),
-    "non-integral float for an int": (["train.seq_length=64.5"], ["train.seq_length must be an integer, got 64.5"]),
-    "bad bool": (["parallel.sequence_parallel=maybe"], ["parallel.sequence_parallel must be true or false"]),
-    "unknown key": (["train.lr=3e-4"], ["unknown config key train.lr; did you mean optimizer.lr?"]),
-    "unknown model field": (["model.overrides={hiden_size: 128}"],
-                            ["unknown config key model.overrides.hiden_size; did you mean model.overrides.hidden_size?"]),
-    "value out of range": (["optimizer.warmup_fraction=1.5"], ["optimizer.warmup_fraction must be in [0, 1)"]),
-    "bad enum value": (["train.precision=fp8"], ["train.precision must be bf16, fp16 or fp32, got 'fp8'"]),
-    "unknown model recipe": (["model.recipe=conan_7b"], ["unknown model recipe 'conan_7b'"]),
-    "TP not dividing the heads": (["--world-size", "3", "parallel.tensor_parallel=3"],
-                                  ["model.num_attention_heads (8) is not divisible by parallel.tensor_parallel (3)"]),
-    "world size not divisible by the layout": (["--world-size", "6", "parallel.tensor_parallel=4"],
+    # name: (stage, arguments after --dry-run, fragments of the one error line); the config's own
+    # refusals are tried in-process, thirty of them, by tests/config/test_bad_configs.py: these few
+    # show the same line and status end to end, from a fresh interpreter
+    "missing recipe file": ("pretrain", ["--config", "/nonexistent.yaml"], ["no such file or directory: /nonexistent.yaml"]),
+    "recipe is a directory": ("pretrain", ["--config", "{recipes}"], ["is a directory: {recipes}"]),
+    "malformed YAML": ("pretrain", ["--config", "{recipes}/malformed.yaml"], ["malformed YAML in {recipes}/malformed.yaml line "]),
+    "recipe is not a mapping": ("pretrain", ["--config", "{recipes}/list.yaml"], ["a recipe is a YAML mapping of sections"]),
+    "wrong type": ("pretrain", ["train.train_steps=abc"], ["train.train_steps must be an integer, got 'abc'"]),
+    "unknown key": ("pretrain", ["train.lr=3e-4"], ["unknown config key train.lr; did you mean optimizer.lr?"]),
+    "world size not divisible by the layout": ("pretrain", ["--world-size", "6", "parallel.tensor_parallel=4"],
                                                ["world size 6 is not divisible by parallel.tensor_parallel"]),
-    "malformed override": (["train.train_steps"], ["override 'train.train_steps' must look like key.path=value"]),
-    "malformed blend": (["data.kind=blended", "data.blend={sources: [{prefix: web, wieght: 2}]}"],
-                        ["unknown config key data.blend.sources[0].wieght; did you mean data.blend.sources[0].weight?"]),
+    "embedding value out of range": ("embed_sup", ["embedding.task_batch_sizes={sts: 0}"],
+                                     ["embedding.task_batch_sizes.sts must be >= 1, got 0"]),
 }
+STAGE_RECIPES = {"pretrain": TINY, "embed_sup": os.path.join(REPO, "examples", "tiny", "embed_sup.yaml")}
 
 
 @pytest.fixture(scope="module")
 def dry_runs(bad_recipes):
     """Every dry-run case, run concurrently (each is a fresh interpreter: most of its time is imports)."""
-    def command(arguments):
+    def command(stage, arguments):
         arguments = [argument.replace("{recipes}", str(bad_recipes)) for argument in arguments]
-        return PRETRAIN + ["--dry-run"] + (["--config", TINY] if "--config" not in arguments else []) + arguments
+        recipe = ["--config", STAGE_RECIPES[stage]] if "--config" not in arguments else []
+        return [sys.executable, "-m", f"megatron_conan.training.{stage}", "--dry-run"] + recipe + arguments
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(_run, command(arguments)) for name, (arguments, _) in DRY_RUN_CASES.items()}
+        futures = {name: pool.submit(_run, command(stage, arguments))
+                   for name, (stage, arguments, _) in DRY_RUN_CASES.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
 @pytest.mark.parametrize("name", sorted(DRY_RUN_CASES))
 def test_bad_configuration_is_one_line_and_exit_2(name, dry_runs, bad_recipes):
     code, stdout, stderr = dry_runs[name]
-    fragments = [fragment.replace("{recipes}", str(bad_recipes)) for fragment in DRY_RUN_CASES[name][1]]
-    _assert_one_line_error(code, stderr, "conan-pretrain", *fragments)
+    stage, _, fragments = DRY_RUN_CASES[name]
+    fragments = [fragment.replace("{recipes}", str(bad_recipes)) for fragment in fragments]
+    _assert_one_line_error(code, stderr, f"conan-{stage.replace('_', '-')}", *fragments)
     assert stdout == "", stdout  # no half report
 
 

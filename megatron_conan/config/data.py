@@ -15,40 +15,34 @@ stages take ``ContrastiveData``. ``BlendedDataConfig`` is the blend of ``kind: b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import Discriminator, Tag
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from megatron_conan.config.loader import from_dict, read_recipe, to_dict
-from megatron_conan.errors import ConfigError
+from megatron_conan.config.loader import config_dataclass, from_dict, read_recipe, to_dict
 
 
-@dataclass
+@config_dataclass("sources[]")
 class DataSource:
     """One source of the blend."""
 
-    prefix: str
+    prefix: Annotated[str, Field(min_length=1)]
     """Indexed dataset path prefix (without .bin/.idx)."""
-    weight: float = 1.0
+    weight: Annotated[float, Field(gt=0)] = 1.0
     """Relative sampling weight; weights are normalised over the sources."""
     name: Optional[str] = None
     """Label for logs (news, qa, web, multilingual...); defaults to the prefix."""
 
     def __post_init__(self) -> None:
-        if not self.prefix:
-            raise ConfigError("sources[].prefix must be set")
-        if not self.weight > 0:
-            raise ConfigError(f"sources[].weight must be positive, got {self.weight} for {self.prefix}")
         if self.name is None:
             self.name = self.prefix
 
 
-@dataclass
+@config_dataclass()
 class BlendedDataConfig:
     """The pretraining data blend."""
 
-    sources: List[DataSource]
+    sources: Annotated[List[DataSource], Field(min_length=1)]
     """Sources and their weights."""
     split: str = "98,1,1"
     """Train/valid/test proportions of each source's documents."""
@@ -68,18 +62,15 @@ class BlendedDataConfig:
     num_dataset_builder_threads: int = 1
     """Threads megatron-core uses to build the per-source datasets."""
 
-    def __post_init__(self) -> None:
-        self.sources = [source if isinstance(source, DataSource) else from_dict(DataSource, source, "sources[]")
-                        for source in self.sources]
-        if not self.sources:
-            raise ConfigError("sources: at least one source is needed")
-        parts = self.split.replace("/", ",").split(",")
+    @model_validator(mode="after")
+    def _split_is_three_numbers(self) -> "BlendedDataConfig":
         try:
-            values = [float(part) for part in parts]
+            values = [float(part) for part in self.split.replace("/", ",").split(",")]
         except ValueError:
-            raise ConfigError(f"split must be like '98,1,1', got {self.split!r}") from None
+            values = []
         if len(values) != 3 or any(value < 0 for value in values) or sum(values) <= 0:
-            raise ConfigError(f"split must be three non-negative numbers, got {self.split!r}")
+            raise ValueError(f"split must be three non-negative numbers like '98,1,1', got {self.split!r}")
+        return self
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], path: str = "") -> "BlendedDataConfig":
@@ -102,7 +93,7 @@ class BlendedDataConfig:
         return [source.prefix for source in self.sources], [source.weight for source in self.sources]
 
 
-@dataclass
+@config_dataclass("data")
 class BlendedData:
     """Pretraining data: indexed datasets blended by weight."""
 
@@ -112,12 +103,14 @@ class BlendedData:
     blend: Optional[BlendedDataConfig] = None
     """The sources and their weights, split, cache and seed (required)."""
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _has_a_blend(self) -> "BlendedData":
         if self.blend is None:
-            raise ConfigError("data.blend is required for data.kind=blended")
+            raise ValueError("blend is required for kind=blended")
+        return self
 
 
-@dataclass
+@config_dataclass("data")
 class SFTData:
     """SFT data: one indexed dataset of prompt/response documents with their loss masks."""
 
@@ -130,7 +123,7 @@ class SFTData:
     """train,valid,test split of the documents."""
 
 
-@dataclass
+@config_dataclass("data")
 class SyntheticData:
     """Random tokens, no files (smoke runs, benchmarks)."""
 
@@ -139,7 +132,7 @@ class SyntheticData:
     """Not read by synthetic data (a recipe can switch kinds with one override)."""
 
 
-@dataclass
+@config_dataclass("data")
 class ContrastiveData:
     """The embedding stages' data: a contrastive store (conan-tokenize-contrastive)."""
 
@@ -150,12 +143,8 @@ class ContrastiveData:
     """Contrastive store prefix (required)."""
 
 
-DATA_KINDS = {variant.kind: variant for variant in (BlendedData, SFTData, SyntheticData, ContrastiveData)}
-"""Each data section class by the ``kind`` it is named by."""
-
-
 def data_kind(value: Any) -> Optional[str]:
-    """The variant a data section names; a section that names none is synthetic, as before the union."""
+    """The variant a data section names; a section that names none is synthetic (the section's default)."""
     return value.get("kind", "synthetic") if isinstance(value, dict) else getattr(value, "kind", None)
 
 

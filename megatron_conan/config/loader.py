@@ -2,14 +2,17 @@
 
     cfg = load_config(RunConfig, "examples/tiny/pretrain.yaml", ["optimizer.lr=3e-4", "parallel.tensor_parallel=2"])
 
-The config classes are plain dataclasses (their fields carry the docs; their ``__post_init__`` the
-value checks). pydantic v2 validates a nested mapping against them in lax mode: ``1e6`` or ``3.0``
+The config sections are pydantic dataclasses (:func:`config_dataclass`): their fields carry the
+docs and declare the constraints (``Annotated[int, Field(ge=1)]``, ``Literal[...]``), their model
+validators the rules across fields, whose messages name fields as the section does
+(``min_lr must be in [0, lr]``; the line names them in full). Plain dataclasses load too. pydantic
+v2 validates a nested mapping against them in lax mode: ``1e6`` or ``3.0``
 for an int (not ``1.5``), ints for floats, ``yes`` / ``off`` / ``0`` / ``1`` for bools, numbers
 for strings (``run_dir: 2024``), ``Optional``, ``Literal``, ``List``, ``Tuple``, ``Dict`` (keys too)
 and nested sections. On top of pydantic's rules: unknown keys are refused (with the closest valid key
 of the whole config suggested), NaN and infinity are refused for floats, and a YAML bool is not taken
-as a number (nor a float as a bool). Every error is one :class:`ConfigError` line naming the dotted
-field: ``train.train_steps must be an integer, got 'abc'``.
+as a number (nor a float as a bool). Every error is one :class:`ConfigError` line, the dotted field
+then the reason, made by :func:`error_line`: ``train.train_steps must be an integer, got 'abc'``.
 
 YAML is read as YAML 1.2 reads numbers: ``3e12`` and ``1e-4`` are floats (PyYAML's YAML 1.1 reads
 them as strings).
@@ -107,19 +110,44 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, str) else repr(value)
 
 
-# pydantic error types -> what the field must be
-_MUST_BE = {
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
-    "bool_parsing": "true or false", "bool_type": "true or false",
-    "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "iterable_type": "a list",
-    "dict_type": "a mapping", "dataclass_type": "a mapping", "dataclass_args_type": "a mapping",
+# pydantic's error types -> the reason after the dotted field: {got} is the value and its type, {value}
+# the value alone, the other names are
+# pydantic's `ctx` of the error; a reason starting with "." names a key below the field
+_REASONS = {
+    **dict.fromkeys(("int_parsing", "int_type", "int_from_float"), "must be an integer, got {got}"),
+    **dict.fromkeys(("float_parsing", "float_type"), "must be a number, got {got}"),
+    "finite_number": "must be a finite number, got {got}",
+    **dict.fromkeys(("bool_parsing", "bool_type"), "must be true or false, got {got}"),
+    "string_type": "must be a string, got {got}", "string_too_short": "must not be empty",
+    **dict.fromkeys(("list_type", "tuple_type", "iterable_type"), "must be a list, got {got}"),
+    **dict.fromkeys(("dict_type", "dataclass_type", "dataclass_args_type"), "must be a mapping, got {got}"),
+    **dict.fromkeys(("missing_argument", "missing"), "is required"),
+    "literal_error": "must be one of {expected}, got {got}",
+    "union_tag_invalid": ".kind must be one of {expected_tags}, got {tag!r}",
+    "too_long": "must have {max_length} items, got {actual_length}",
+    "too_short": "must have at least {min_length} items, got {actual_length}",
+    **dict.fromkeys(("greater_than", "greater_than_equal", "less_than", "less_than_equal"), "must be {range}, got {value}"),
 }
+_BOUNDS = {"gt": ("(", "> {}"), "ge": ("[", ">= {}"), "lt": (")", "< {}"), "le": ("]", "<= {}")}
 
 
-def _walk(cls, loc: Tuple) -> Tuple[Tuple, Optional[type]]:
+def _range(owner, name, ctx: Dict[str, Any]) -> str:
+    """A number field's allowed range as the field declares it (``in [0, 1)``, ``> 0``); the bound the
+    error names when the field's declaration is out of reach (a list item, a dict value)."""
+    declared = getattr(owner, "__pydantic_fields__", {}).get(name)
+    bounds = {key: getattr(item, key) for item in (declared.metadata if declared else ()) for key in _BOUNDS
+              if hasattr(item, key)} or {key: ctx[key] for key in _BOUNDS if key in ctx}
+    if len(bounds) == 2:
+        (low, low_value), (high, high_value) = sorted(bounds.items(), key=lambda item: item[0] in ("lt", "le"))
+        return f"in {_BOUNDS[low][0]}{low_value:g}, {high_value:g}{_BOUNDS[high][0]}"
+    (key, value), = bounds.items()
+    return _BOUNDS[key][1].format(f"{value:g}")
+
+
+def _walk(cls, loc: Tuple) -> Tuple[Tuple, Optional[type], Optional[type]]:
     """pydantic's location without the variant tags of a discriminated union (``("data", "blended",
-    "x")`` -> ``("data", "x")``), and the dataclass that holds its last part (None when unknown)."""
+    "x")`` -> ``("data", "x")``), the dataclass that holds its last part, and the dataclass it names
+    (a section's validator errors are placed there; None when unknown)."""
     variants, clean, owner = ([cls] if cls is not None else []), [], None
     for part in loc:
         if len(variants) > 1 and isinstance(part, str):
@@ -129,20 +157,17 @@ def _walk(cls, loc: Tuple) -> Tuple[Tuple, Optional[type]]:
                 continue
         clean.append(part)
         owner = variants[0] if len(variants) == 1 else None
-        if owner is not None and part in _field_names(owner):
+        if owner is not None and part in _field_names(owner):  # past a list index or dict key: the same class
             variants = _dataclasses_in(typing.get_type_hints(owner)[part]) or variants
-    return tuple(clean), owner
+    return tuple(clean), owner, (variants[0] if len(variants) == 1 else None)
 
 
 def _dotted(path: str, loc: Tuple) -> str:
     """A clean location -> ``section.field[0].key``; a dict key's own error -> the dict's field."""
-    if "[key]" in loc:  # (..., field, the key, "[key]"): the error is the key's, named by _error_line
+    if "[key]" in loc:  # (..., field, the key, "[key]"): the error is the key's
         loc = loc[:loc.index("[key]") - 1]
     for part in loc:
-        if isinstance(part, int):
-            path = f"{path}[{part}]"
-        else:
-            path = _join(path, str(part))
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
     return path
 
 
@@ -155,47 +180,55 @@ def _union_members(errors: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return members if len(members) > 1 else []
 
 
-def _message(errors: List[Dict[str, Any]], cls, path: str) -> str:
-    """pydantic's errors as the one line users see: the first error, or every member of a Union the
-    value fits none of."""
+def error_line(errors: List[Dict[str, Any]], cls, path: str) -> str:
+    """pydantic's errors (locations relative to dataclass `cls`, which sits at `path`) as the one line
+    users see: the first error, or every member of a Union the value fits none of."""
     members = _union_members(errors)
     if not members:
         return _error_line(errors[0], cls, path)
     lines = [_error_line({**error, "loc": error["loc"][:-1]}, cls, path) for error in members]
-    return f"{_dotted(path, _walk(cls, members[0]['loc'][1:-1])[0])} does not fit any of its types: " + "; ".join(lines)
+    return f"{_dotted(path, _walk(cls, members[0]['loc'][:-1])[0])} does not fit any of its types: " + "; ".join(lines)
+
+
+def _name_fields(message: str, section, where: str) -> str:
+    """A validator's message, which names fields as its section does (``hidden_size``), with every
+    field of the section named in full (``model.overrides.hidden_size``)."""
+    names = _field_names(section) if section is not None and where else []
+    if not names:
+        return f"{where}: {message}" if where else message
+    pattern = r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")\b"
+    named = re.sub(pattern, lambda found: _join(where, found.group(1)), message)
+    return named if named != message else f"{where}: {message}"
 
 
 def _error_line(error: Dict[str, Any], cls, path: str) -> str:
-    """One pydantic error as one line naming the dotted field."""
-    loc, owner = _walk(cls, error["loc"][1:])  # [1:]: past the adapter's tuple index
-    kind, value = error["type"], error.get("input")
-    where = _dotted(path, loc)
-    if kind == "value_error":  # a __post_init__ check, or a nested from_dict: already a full message
-        raised = error["ctx"]["error"]
-        return str(raised) if isinstance(raised, ConfigError) else f"{where}: {raised}"
+    """One pydantic error as one line: the dotted field, then the reason."""
+    loc, owner, here = _walk(cls, error["loc"])
+    kind, value, where = error["type"], error.get("input"), _dotted(path, loc)
+    if kind in ("value_error", "assertion_error"):  # a validator's own message
+        raised = error["ctx"]["error"]  # a nested build's ConfigError is a whole line already
+        return str(raised) if isinstance(raised, ConfigError) else _name_fields(str(raised), here, where)
     if kind == "unexpected_keyword_argument":
-        parent = where.rsplit(".", 1)[0] if "." in where else ""
-        siblings = [_join(parent, name) for name in _field_names(owner)] if owner is not None else []
-        suggestion = suggest_key(where, config_keys(cls, path), siblings)
-        if suggestion == where and owner is not None and hasattr(owner, "kind"):  # a key of another variant
-            return f"unknown config key {where} for {parent}.kind={owner.kind}"
-        return f"unknown config key {where}" + (f"; did you mean {suggestion}?" if suggestion else "")
-    if kind in ("missing_argument", "missing"):
-        return f"{where} is required"
+        return _unknown_key(where, owner, cls, path)
     if "[key]" in loc:
         where = f"{where} key {loc[loc.index('[key]') - 1]!r}"
-    if value is None:
+    if value is None and kind not in ("missing", "missing_argument"):
         return f"{where} must be set, got null"
-    if kind == "union_tag_invalid":
-        return f"{where}.kind must be one of {error['ctx']['expected_tags']}, got {_describe(error['ctx']['tag'])}"
-    if kind == "literal_error":
-        return f"{where} must be one of {error['ctx']['expected']}, got {_describe(value)}"
-    if kind in ("too_long", "too_short"):
-        return f"{where} must have {error['ctx'].get('max_length', error['ctx'].get('min_length'))} items, " \
-               f"got {error['ctx']['actual_length']}"
-    if kind in _MUST_BE:
-        return f"{where} must be {_MUST_BE[kind]}, got {_describe(value)}"
-    return f"{where}: {error['msg']}"
+    reason = _REASONS.get(kind, "{msg}")
+    if "{range}" in reason:
+        reason = reason.replace("{range}", _range(owner, loc[-1] if loc else None, error.get("ctx", {})))
+    reason = reason.format(**error.get("ctx", {}), got=_describe(value), value=value, msg=error["msg"])
+    return f"{where}{reason}" if reason.startswith(".") else f"{where} {reason}"
+
+
+def _unknown_key(where: str, owner, cls, path: str) -> str:
+    """An unknown key's line, with the closest valid key of the whole config."""
+    parent = where.rsplit(".", 1)[0] if "." in where else ""
+    siblings = [_join(parent, name) for name in _field_names(owner)] if owner is not None else []
+    suggestion = suggest_key(where, config_keys(cls, path), siblings)
+    if suggestion == where and owner is not None and hasattr(owner, "kind"):  # a key of another variant
+        return f"unknown config key {where} for {parent}.kind={owner.kind}"
+    return f"unknown config key {where}" + (f"; did you mean {suggestion}?" if suggestion else "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,22 +236,45 @@ def _adapter(annotation) -> pydantic.TypeAdapter:
     return pydantic.TypeAdapter(Tuple[annotation], config=_PYDANTIC_CONFIG)
 
 
-def _refuse_bool_numbers(raw: Any, built: Any, where: str) -> None:
-    """pydantic's lax mode takes ``true`` as 1 and ``1.0`` as true: refuse both, walking the input
-    beside what it became."""
+def config_dataclass(section: str = ""):
+    """Decorator of a config section: a pydantic dataclass, so that its declared constraints
+    (``Annotated[int, Field(ge=1)]``, ``Literal``) and its ``model_validator`` checks run whenever it
+    is built, from a recipe or in code. Built in code, a bad value is the same one ConfigError line,
+    its fields named under `section` (``parallel``, ``embedding.dhnm``)."""
+    def decorate(cls: Type[T]) -> Type[T]:
+        built = pydantic.dataclasses.dataclass(cls, config=_PYDANTIC_CONFIG)
+        validate = built.__init__  # a recipe's sections are built by pydantic's validator, not by __init__
+
+        @functools.wraps(validate)
+        def __init__(self, *args, **kwargs):
+            try:
+                validate(self, *args, **kwargs)
+            except pydantic.ValidationError as error:
+                raise ConfigError(error_line(error.errors(), built, section)) from None
+
+        built.__init__ = __init__
+        return built
+
+    return decorate
+
+
+def _bool_number_problem(raw: Any, built: Any, where: str) -> Optional[str]:
+    """pydantic's lax mode takes ``true`` as 1 and ``1.0`` as true: why `raw` (the input, walked beside
+    what it became) is refused, or None."""
     if isinstance(raw, bool) and isinstance(built, (int, float)) and not isinstance(built, bool):
-        raise ConfigError(f"{where} must be {'an integer' if isinstance(built, int) else 'a number'}, got {raw!r}")
+        return f"{where} must be {'an integer' if isinstance(built, int) else 'a number'}, got {raw!r}"
     if isinstance(raw, float) and isinstance(built, bool):
-        raise ConfigError(f"{where} must be true or false, got {_describe(raw)}")
+        return f"{where} must be true or false, got {_describe(raw)}"
+    pairs: List[Tuple[Any, Any, str]] = []
     if isinstance(raw, dict):
         for key, item in raw.items():
             if dataclasses.is_dataclass(built) and hasattr(built, str(key)):
-                _refuse_bool_numbers(item, getattr(built, str(key)), _join(where, str(key)))
+                pairs.append((item, getattr(built, str(key)), _join(where, str(key))))
             elif isinstance(built, dict) and key in built:
-                _refuse_bool_numbers(item, built[key], _join(where, str(key)))
+                pairs.append((item, built[key], _join(where, str(key))))
     elif isinstance(raw, (list, tuple)) and isinstance(built, (list, tuple)) and len(raw) == len(built):
-        for index, (item, made) in enumerate(zip(raw, built)):
-            _refuse_bool_numbers(item, made, f"{where}[{index}]")
+        pairs = [(item, made, f"{where}[{index}]") for index, (item, made) in enumerate(zip(raw, built))]
+    return next((problem for problem in (_bool_number_problem(*pair) for pair in pairs) if problem), None)
 
 
 def convert(value: Any, annotation: Any, path: str) -> Any:
@@ -228,8 +284,11 @@ def convert(value: Any, annotation: Any, path: str) -> Any:
         built = _adapter(annotation).validate_python((value,))[0]
     except pydantic.ValidationError as error:
         cls = annotation if dataclasses.is_dataclass(annotation) else None
-        raise ConfigError(_message(error.errors(), cls, path)) from None
-    _refuse_bool_numbers(value, built, path)
+        errors = [{**item, "loc": item["loc"][1:]} for item in error.errors()]  # past the adapter's tuple
+        raise ConfigError(error_line(errors, cls, path)) from None
+    problem = _bool_number_problem(value, built, path)
+    if problem:
+        raise ConfigError(problem)
     return built
 
 

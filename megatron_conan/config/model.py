@@ -10,33 +10,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Optional
+import typing
+from typing import Annotated, Literal, Optional
 
+from pydantic import Field, model_validator
+
+from megatron_conan.config.loader import config_dataclass
 from megatron_conan.errors import ConfigError
 
-POOLING_MODES = ("mean", "last", "first")
+Positive = Annotated[int, Field(ge=1)]
+"""A count or size that must be at least 1."""
+
+Pooling = Literal["mean", "last", "first"]
+POOLING_MODES = typing.get_args(Pooling)
 """How an embedder pools a text's hidden states (``models/pooling.py``); ``embedding.pooling`` and the
 export take one of these."""
 
 
-@dataclass
+@config_dataclass("model")
 class ConanModelConfig:
     """Architecture of a Conan decoder (GQA, SwiGLU, RMSNorm, RoPE, no biases, tied embeddings)."""
 
-    num_layers: int
+    num_layers: Positive
     """Transformer layers."""
-    hidden_size: int
+    hidden_size: Positive
     """Model width."""
-    num_attention_heads: int
+    num_attention_heads: Positive
     """Query heads."""
-    num_query_groups: int
+    num_query_groups: Positive
     """Key/value heads (GQA groups); equal to num_attention_heads for plain multi-head attention."""
-    ffn_hidden_size: int
+    ffn_hidden_size: Positive
     """Inner width of the SwiGLU feed-forward (each of the gate and up projections)."""
-    vocab_size: int
+    vocab_size: Positive
     """Tokenizer vocabulary; padded up for tensor parallelism by `padded_vocab_size`."""
-    max_sequence_length: int
+    max_sequence_length: Positive
     """Longest context the model is built for (RoPE tables)."""
     head_dim: Optional[int] = None
     """Per-head width; defaults to hidden_size // num_attention_heads."""
@@ -56,22 +63,18 @@ class ConanModelConfig:
     """Vocabulary padding unit (times the tensor-parallel size), as in Megatron-LM."""
 
     def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "vocab_size", "max_sequence_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ConfigError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                f"model.num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.num_attention_heads % self.num_query_groups != 0:
-            raise ConfigError(
-                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                f"model.num_query_groups ({self.num_query_groups})"
-            )
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @model_validator(mode="after")
+    def _heads_split(self) -> "ConanModelConfig":
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_query_groups ({self.num_query_groups})")
+        return self
 
     def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
         """Vocabulary rounded up so that every tensor-parallel shard has the same aligned size."""
@@ -93,13 +96,13 @@ class ConanModelConfig:
         return total
 
 
-@dataclass
+@config_dataclass("parallel")
 class ParallelConfig:
     """How the model and the batch are split over processes."""
 
-    tensor_parallel: int = 1
+    tensor_parallel: Positive = 1
     """Tensor-parallel size (splits heads, KV groups, FFN and vocabulary)."""
-    pipeline_parallel: int = 1
+    pipeline_parallel: Positive = 1
     """Pipeline stages (splits layers)."""
     virtual_pipeline_parallel: Optional[int] = None
     """Model chunks per pipeline stage (interleaved 1F1B); None for plain 1F1B."""
@@ -107,21 +110,18 @@ class ParallelConfig:
     """Split layer norms and dropout along the sequence over the TP group (needs TP > 1)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
-    timeout_s: float = 600.0
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0
     """Seconds the rendezvous and any collective wait for the other ranks before failing, in every
     process group: a lost node then ends the job (``srun --kill-on-bad-exit``) instead of hanging it.
     Raise it when a checkpoint save or load keeps ranks waiting longer."""
 
-    def __post_init__(self):
-        for name in ("tensor_parallel", "pipeline_parallel"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
+    @model_validator(mode="after")
+    def _needs(self) -> "ParallelConfig":
         if self.sequence_parallel and self.tensor_parallel == 1:
-            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+            raise ValueError("sequence_parallel needs tensor_parallel > 1")
         if self.virtual_pipeline_parallel is not None and self.pipeline_parallel < 2:
-            raise ConfigError("parallel.virtual_pipeline_parallel needs parallel.pipeline_parallel > 1")
+            raise ValueError("virtual_pipeline_parallel needs pipeline_parallel > 1")
+        return self
 
     def data_parallel(self, world_size: int) -> int:
         """Data-parallel size for a world size; raises if the layout does not divide it."""
@@ -135,33 +135,28 @@ class ParallelConfig:
 
     def validate_for_model(self, model: ConanModelConfig) -> None:
         """Check that this layout can split `model`; the error names the offending field."""
-        tp, pp = self.tensor_parallel, self.pipeline_parallel
-        if model.num_attention_heads % tp != 0:
-            raise ConfigError(
-                f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by "
-                f"parallel.tensor_parallel ({tp})"
-            )
-        if model.num_query_groups % tp != 0:
-            raise ConfigError(
-                f"model.num_query_groups ({model.num_query_groups}) is not divisible by "
-                f"parallel.tensor_parallel ({tp}): each TP rank must hold whole KV groups"
-            )
-        if model.ffn_hidden_size % tp != 0:
-            raise ConfigError(
-                f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by "
-                f"parallel.tensor_parallel ({tp})"
-            )
-        chunks = pp * (self.virtual_pipeline_parallel or 1)
-        if model.num_layers % chunks != 0:
-            raise ConfigError(
-                f"model.num_layers ({model.num_layers}) is not divisible by "
-                f"parallel.pipeline_parallel ({pp})"
-                + (f" * parallel.virtual_pipeline_parallel ({self.virtual_pipeline_parallel})"
-                   if self.virtual_pipeline_parallel else "")
-            )
+        problem = self.split_problem(model)
+        if problem:
+            raise ConfigError(problem)
+
+    def split_problem(self, model: ConanModelConfig) -> Optional[str]:
+        """Why this layout cannot split `model` (naming the fields in full), or None."""
+        tp, pp, vpp = self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline_parallel
+        for name, why in (("num_attention_heads", ""), ("num_query_groups", ": each TP rank must hold whole KV groups"),
+                          ("ffn_hidden_size", "")):
+            if getattr(model, name) % tp != 0:
+                return f"model.{name} ({getattr(model, name)}) is not divisible by parallel.tensor_parallel ({tp}){why}"
+        if model.num_layers % (pp * (vpp or 1)) != 0:
+            return (f"model.num_layers ({model.num_layers}) is not divisible by parallel.pipeline_parallel ({pp})"
+                    + (f" * parallel.virtual_pipeline_parallel ({vpp})" if vpp else ""))
+        return None
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = typing.get_args(Precision)
+Recompute = Literal["none", "selective", "full"]
+"""Activation recomputation: none, the attention core, every layer."""
+RECOMPUTE_MODES = typing.get_args(Recompute)
 
 
 def conan_1p4b() -> ConanModelConfig:
@@ -187,6 +182,8 @@ def tiny() -> ConanModelConfig:
 
 
 MODEL_RECIPES = {"conan_1p4b": conan_1p4b, "tiny": tiny}
+ModelRecipe = Literal["conan_1p4b", "tiny"]
+"""The names of MODEL_RECIPES, as a config field's type."""
 
 
 def model_recipe(name: str) -> ConanModelConfig:

@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import field
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence
 
-from megatron_conan.config.data import DATA_KINDS, ContrastiveData, LanguageModelData, SyntheticData, data_kind
-from megatron_conan.config.loader import apply_overrides, from_dict, read_recipe, to_dict
-from megatron_conan.config.model import POOLING_MODES, ConanModelConfig, ParallelConfig, model_recipe
+from pydantic import Field, model_validator
+
+from megatron_conan.config.data import ContrastiveData, LanguageModelData, SyntheticData
+from megatron_conan.config.loader import apply_overrides, config_dataclass, from_dict, read_recipe, to_dict
+from megatron_conan.config.model import (ConanModelConfig, ModelRecipe, ParallelConfig, Pooling, Positive,
+                                         Precision, Recompute, model_recipe)
 from megatron_conan.errors import ConfigError
 
+AtLeast0 = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Above0 = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+"""In [0, 1)."""
 
-@dataclass
+
+@config_dataclass("model")
 class ModelSection:
     """Which model: a named recipe plus field overrides."""
 
-    recipe: str = "tiny"
+    recipe: ModelRecipe = "tiny"
     """`conan_1p4b` or `tiny`."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """ConanModelConfig fields to change (e.g. vocab_size to match a tokenizer)."""
@@ -36,8 +45,9 @@ class ModelSection:
     unless set). Pretrain and SFT refuse it. Checked and typed as SoftMaskConfig fields when the
     config loads; it stays the mapping of the keys set, laid over the stage's default."""
 
-    def __post_init__(self):
-        self.build()  # a bad recipe name or override fails when the config loads
+    @model_validator(mode="after")
+    def _checked(self) -> "ModelSection":
+        self.build()  # a bad override fails when the config loads
         if self.soft_mask is not None:
             from megatron_conan.ops.soft_mask_attention.schedule import SoftMaskConfig  # torch: not at config import
 
@@ -47,8 +57,9 @@ class ModelSection:
             from megatron_conan.ops.engines import transformer_engine_available
 
             if not transformer_engine_available():
-                raise ConfigError("model.transformer_engine=true: Transformer Engine is not installed "
-                                  "(pip install transformer-engine, or leave the field unset)")
+                raise ValueError("transformer_engine=true: Transformer Engine is not installed "
+                                 "(pip install transformer-engine, or leave the field unset)")
+        return self
 
     def build(self) -> ConanModelConfig:
         # the recipe's fields, then the overrides, converted and checked like any config value
@@ -56,68 +67,58 @@ class ModelSection:
                          "model.overrides")
 
 
-@dataclass
+@config_dataclass("optimizer")
 class OptimizerSection:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 1e-4
+    lr: Above0 = 1e-4
     """Peak learning rate."""
-    min_lr: float = 0.0
+    min_lr: NonNegative = 0.0
     """Final learning rate of the decay."""
-    weight_decay: float = 0.001
+    weight_decay: NonNegative = 0.001
     """Decoupled weight decay."""
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    adam_beta1: Fraction = 0.9
+    adam_beta2: Fraction = 0.95
+    adam_eps: NonNegative = 1e-8
+    clip_grad: NonNegative = 1.0
     """Global gradient-norm clip."""
-    warmup_fraction: float = 0.05
+    warmup_fraction: Fraction = 0.05
     """Linear warm-up over this fraction of train_steps."""
-    decay_style: str = "cosine"
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """After warm-up: `cosine`, `linear` or `constant`."""
 
-    def __post_init__(self):
-        if self.decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optimizer.decay_style must be cosine, linear or constant, got {self.decay_style!r}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
-        if not 0.0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"optimizer.min_lr must be in [0, optimizer.lr], got {self.min_lr}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("weight_decay", "clip_grad", "adam_eps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> "OptimizerSection":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr} (lr is {self.lr})")
+        return self
 
 
-@dataclass
+@config_dataclass("train")
 class TrainSection:
     """Batching, length, precision and cadence."""
 
-    train_steps: int = 100
+    train_steps: AtLeast0 = 100
     """Optimizer steps (derived from token_budget when that is set)."""
-    token_budget: Optional[float] = None
+    token_budget: Optional[Above0] = None
     """Train for this many tokens instead of train_steps (e.g. 3e12)."""
-    global_batch_size: int = 8
+    global_batch_size: Positive = 8
     """Sequences per optimizer step over all DP ranks."""
-    micro_batch_size: int = 2
+    micro_batch_size: Positive = 2
     """Sequences per forward pass per DP rank."""
-    seq_length: int = 64
+    seq_length: Annotated[int, Field(ge=2)] = 64
     """Tokens per sequence."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """`bf16`, `fp16` or `fp32`."""
-    recompute: str = "none"
+    recompute: Recompute = "none"
     """Activation recomputation: `none`, `selective` (attention core) or `full` (every layer)."""
     seed: int = 1234
-    log_interval: int = 1
-    eval_interval: int = 0
+    log_interval: Positive = 1
+    eval_interval: AtLeast0 = 0
     """Evaluate every N steps (0: never)."""
-    eval_steps: int = 2
+    eval_steps: Positive = 2
     """Global batches per evaluation."""
-    max_consecutive_nonfinite: int = 5
+    max_consecutive_nonfinite: Positive = 5
     """Stop after this many non-finite losses in a row."""
     exit_after_steps: Optional[int] = None
     """Stop (after a checkpoint) once this step is reached: for tests and time-sliced jobs."""
@@ -129,23 +130,12 @@ class TrainSection:
     wandb_project: Optional[str] = None
     """Also log to this W&B project when the `wandb` package is installed (TensorBoard always)."""
 
-    def __post_init__(self):
-        for name, least in (("train_steps", 0), ("global_batch_size", 1), ("micro_batch_size", 1), ("seq_length", 2),
-                            ("log_interval", 1), ("eval_interval", 0), ("eval_steps", 1),
-                            ("max_consecutive_nonfinite", 1)):
-            if getattr(self, name) < least:
-                raise ConfigError(f"train.{name} must be >= {least}, got {getattr(self, name)}")
-        if self.token_budget is not None and self.token_budget <= 0:
-            raise ConfigError(f"train.token_budget must be positive, got {self.token_budget}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {self.precision!r}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ConfigError(f"train.recompute must be none, selective or full, got {self.recompute!r}")
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> "TrainSection":
         if self.global_batch_size % self.micro_batch_size != 0:
-            raise ConfigError(
-                f"train.global_batch_size ({self.global_batch_size}) is not divisible by "
-                f"train.micro_batch_size ({self.micro_batch_size})"
-            )
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) is not divisible by "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        return self
 
     def steps(self) -> int:
         if self.token_budget:
@@ -162,28 +152,24 @@ class TrainSection:
         return self.global_batch_size // per_step
 
 
-@dataclass
+@config_dataclass("checkpoint")
 class CheckpointSection:
     """Where and how often to save; resume is automatic from `<save_dir>/latest`."""
 
     save_dir: Optional[str] = None
     """Checkpoint directory (default: <run_dir>/checkpoints)."""
-    save_interval: int = 0
+    save_interval: AtLeast0 = 0
     """Save every N steps (0: only at the end and on signals)."""
-    keep_last: int = 2
+    keep_last: AtLeast0 = 2
     """Checkpoints kept; older ones are deleted after a newer one completes."""
     load_dir: Optional[str] = None
     """Initialise from this checkpoint (e.g. the pretrained model for SFT) when save_dir has none."""
     load_weights_only: bool = True
     """With load_dir: take only the model weights (new optimizer, schedule and data position)."""
 
-    def __post_init__(self):
-        for name in ("save_interval", "keep_last"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
-@dataclass
+@config_dataclass("embedding.dhnm")
 class DHNMConfig:
     """Dynamic hard-negative mining in stage 4, the paper's eq. 6 (docs/DESIGN.md section 6): the
     ``embedding.dhnm`` section, and what ``data/dhnm.py``'s ``DHNMState`` applies."""
@@ -192,31 +178,25 @@ class DHNMConfig:
     """Replace hard negatives that became easy; off: the first K of each pool stay in use."""
     min_first_score: float = 0.4
     """Replace a negative whose score at first use, S_0, is below this (too easy from the start)."""
-    drop_ratio: float = 1.2
+    drop_ratio: Above0 = 1.2
     """Replace when `drop_ratio * S_i < S_0` (the negative became much easier) ..."""
     max_score: float = 0.7
     """... and `S_i` is below this."""
 
-    def __post_init__(self) -> None:
-        for name in ("min_first_score", "drop_ratio", "max_score"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"embedding.dhnm.{name} must be finite, got {getattr(self, name)}")
-        if self.drop_ratio <= 0:
-            raise ConfigError(f"embedding.dhnm.drop_ratio must be > 0, got {self.drop_ratio}")
 
 
-@dataclass
+@config_dataclass("embedding")
 class EmbeddingSection:
     """Contrastive training of the embedder (stages 3 and 4; docs/DESIGN.md sections 5-6)."""
 
-    pooling: str = "mean"
+    pooling: Pooling = "mean"
     """How token states become one embedding: `mean`, `last` or `first` (over true lengths)."""
     pool_prompt: bool = False
     """Pool an instructed text's instruction prompt with it. False (default, as GritLM and NV-Embed
     do): the prompt conditions the text through attention but the mean covers the text's own
     tokens; otherwise a 31-token prompt is most of every short query's mean. Exported as
     sentence-transformers' Pooling `include_prompt`."""
-    temperature: float = 0.02
+    temperature: Above0 = 0.02
     """InfoNCE temperature (logits are cosines / temperature)."""
     symmetric: bool = False
     """Add the passage -> query term (each positive against every gathered query); the loss is then
@@ -226,11 +206,11 @@ class EmbeddingSection:
     candidate whose text equals a query's own positive is left out of its denominator (a duplicate
     in the global batch is a false negative), and a text that occurs several times among the
     candidates (a hub hard negative, a negative that is another row's positive) counts once."""
-    mini_batch_size: int = 0
+    mini_batch_size: AtLeast0 = 0
     """GradCache: embed the local batch in chunks of this many sequences, without activations, then
     replay each chunk with the cached embedding gradient; the batch is then limited by embedding
     memory, not activation memory. 0: one forward per role with activations."""
-    mini_batch_tokens: int = 0
+    mini_batch_tokens: AtLeast0 = 0
     """GradCache: also close a chunk before its texts' true tokens would pass this many (a chunk
     always holds at least one text), so a chunk of long passages costs what a chunk of short
     queries does (sentence-transformers' `mini_batch_num_tokens`). 0: chunks by count only."""
@@ -238,62 +218,39 @@ class EmbeddingSection:
     """Embed each role (and each GradCache chunk) as packed rows: texts back to back into rows of
     `max_tokens_per_row` tokens, attention block-diagonal per text, instead of padding every text to
     the longest. Same embeddings and gradients (tested to 1e-5 in fp32)."""
-    max_tokens_per_row: int = 512
+    max_tokens_per_row: Positive = 512
     """Packed row width in tokens (widened to the longest text of the batch)."""
     drop_last: bool = True
     """Skip the partial last global batch of every task epoch (counted, logged as
     `dropped_tail_examples`): a batch of a few examples has few in-batch negatives, so its loss and
     gradient norm jump (a 5-example tail step spiked the grad norm to 22 against ~6)."""
-    max_query_length: int = 128
+    max_query_length: Annotated[int, Field(ge=2)] = 128
     """Query tokens (instruction included, EOD included); longer queries are cut."""
-    max_passage_length: int = 256
+    max_passage_length: Annotated[int, Field(ge=2)] = 256
     """Passage tokens (EOD included); longer passages are cut."""
     query_instruction: Optional[str] = None
     """The instruction of retrieval queries at inference, exported as the sentence-transformers
     `query` prompt (training data carries its own instructions)."""
-    matryoshka_dims: List[int] = field(default_factory=list)
+    matryoshka_dims: List[Positive] = field(default_factory=list)
     """Matryoshka truncations summed in the loss (empty: the full width only); dims above the width
     are dropped and the full width is always included."""
     matryoshka_weights: Dict[int, float] = field(default_factory=dict)
     """Per-dim loss weights (a dim not listed weighs 1)."""
-    num_negatives: int = 7
+    num_negatives: AtLeast0 = 7
     """Hard-negative slots per retrieval / cross-lingual query (stage 4)."""
-    task_weights: Dict[str, float] = field(default_factory=dict)
+    task_weights: Dict[str, NonNegative] = field(default_factory=dict)
     """Stage 4: how often each task's batch is drawn (empty: the paper's mix)."""
-    task_batch_sizes: Dict[str, int] = field(default_factory=dict)
+    task_batch_sizes: Dict[str, Positive] = field(default_factory=dict)
     """Stage 4: per-rank batch size per task (paper: retrieval 4, sts 32); a task not listed uses
     train.global_batch_size / data-parallel size."""
-    cosent_scale: float = 20.0
+    cosent_scale: Above0 = 20.0
     """CoSENT scale (1 / tau) for the sts task."""
     dhnm: DHNMConfig = field(default_factory=DHNMConfig)
     """Dynamic hard-negative mining of the retrieval and clr tasks (stage 4)."""
 
-    def __post_init__(self):
-        if self.pooling not in POOLING_MODES:
-            raise ConfigError(f"embedding.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
-        if self.temperature <= 0:
-            raise ConfigError(f"embedding.temperature must be > 0, got {self.temperature}")
-        if self.mini_batch_size < 0:
-            raise ConfigError(f"embedding.mini_batch_size must be >= 0, got {self.mini_batch_size}")
-        if self.mini_batch_tokens < 0:
-            raise ConfigError(f"embedding.mini_batch_tokens must be >= 0, got {self.mini_batch_tokens}")
-        if self.max_tokens_per_row < 1:
-            raise ConfigError(f"embedding.max_tokens_per_row must be >= 1, got {self.max_tokens_per_row}")
-        if self.max_query_length < 2 or self.max_passage_length < 2:
-            raise ConfigError("embedding.max_query_length and embedding.max_passage_length must be >= 2")
-        if any(dim <= 0 for dim in self.matryoshka_dims):
-            raise ConfigError(f"embedding.matryoshka_dims must be positive, got {self.matryoshka_dims}")
-        if self.num_negatives < 0:
-            raise ConfigError(f"embedding.num_negatives must be >= 0, got {self.num_negatives}")
-        if any(size < 1 for size in self.task_batch_sizes.values()):
-            raise ConfigError(f"embedding.task_batch_sizes must be >= 1, got {self.task_batch_sizes}")
-        if any(weight < 0 for weight in self.task_weights.values()):
-            raise ConfigError(f"embedding.task_weights must be >= 0, got {self.task_weights}")
-        if self.cosent_scale <= 0:
-            raise ConfigError(f"embedding.cosent_scale must be > 0, got {self.cosent_scale}")
 
 
-@dataclass
+@config_dataclass()
 class RunConfig:
     """The sections every stage's run has; each stage's config adds its data (and its own sections).
     Written resolved to <run_dir>/config.yaml."""
@@ -306,18 +263,25 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
+    @model_validator(mode="after")
+    def _layout_splits_the_model(self) -> "RunConfig":
+        problem = self.parallel.split_problem(self.model.build())
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def checkpoint_dir(self) -> str:
         return self.checkpoint.save_dir or os.path.join(self.run_dir, "checkpoints")
 
 
-@dataclass
+@config_dataclass()
 class LanguageModelConfig(RunConfig):
     """A pretraining or SFT run: the shared sections and blended, SFT or synthetic data."""
 
     data: LanguageModelData = field(default_factory=SyntheticData)
 
 
-@dataclass
+@config_dataclass()
 class EmbeddingConfig(RunConfig):
     """A contrastive run (embed-weak, embed-sup): the shared sections, a contrastive store and the
     embedding section."""
@@ -338,34 +302,11 @@ def config_class(stage: str) -> type:
     return STAGE_CONFIGS[stage]
 
 
-# What a config.yaml written before the per-stage configs holds beyond its stage's sections: every
-# stage had every data key and the embedding section. They load back when they hold these defaults
-# (written by the old layout, meaning nothing); set to anything else they are refused as unknown keys.
-_EARLIER_DATA_DEFAULTS = {"blend": {}, "sft_prefix": None, "split": "98,2,0", "contrastive_prefix": None}
-
-
-def _drop_earlier_layout_defaults(values: Dict[str, Any], cls: type) -> Dict[str, Any]:
-    values = dict(values)
-    if "embedding" in values and "embedding" not in {f.name for f in fields(cls)}:
-        if values["embedding"] == to_dict(EmbeddingSection()):
-            del values["embedding"]
-    data = values.get("data")
-    if isinstance(data, dict):
-        variant = DATA_KINDS.get(data_kind(data))
-        if variant is not None:
-            own = {f.name for f in fields(variant)}
-            values["data"] = {key: value for key, value in data.items()
-                              if key in own or key not in _EARLIER_DATA_DEFAULTS or value != _EARLIER_DATA_DEFAULTS[key]}
-    return values
-
-
 def load_run_config(stage: str, path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Stage `stage`'s config from a YAML recipe (or a run's written config.yaml, including one
-    written before the per-stage configs) plus dotted overrides."""
+    """Stage `stage`'s config from a YAML recipe (or a run's written config.yaml) plus dotted overrides."""
     return run_config_from_dict(stage, apply_overrides(read_recipe(path), list(overrides)))
 
 
 def run_config_from_dict(stage: str, values: Dict[str, Any]) -> RunConfig:
     """Stage `stage`'s config from a nested mapping (a written run config included)."""
-    cls = config_class(stage)
-    return from_dict(cls, _drop_earlier_layout_defaults(values, cls))
+    return from_dict(config_class(stage), values)

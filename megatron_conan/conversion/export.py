@@ -199,9 +199,7 @@ def embedding_options(info: CheckpointInfo, pooling: Optional[str], query_instru
         dims = usable_dims(info.model_config.hidden_size, dims)
     except ValueError as error:
         raise InputError(f"matryoshka dims: {error}") from None
-    # a run written before `pool_prompt` existed pooled its prompts; a decoder (no embedding section)
-    # follows today's default
-    pool_prompt = settings.get("pool_prompt", bool(settings)) if pool_prompt is None else pool_prompt
+    pool_prompt = settings.get("pool_prompt", False) if pool_prompt is None else pool_prompt
     return {"pooling": pooling, "query_instruction": instruction, "matryoshka_dims": dims,
             "pool_prompt": bool(pool_prompt)}
 

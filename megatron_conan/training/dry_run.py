@@ -20,10 +20,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megatron_conan.config.model import PRECISIONS, ConanModelConfig, ParallelConfig
+from megatron_conan.config.model import PRECISIONS, RECOMPUTE_MODES, ConanModelConfig, ParallelConfig
 from megatron_conan.errors import ConfigError
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 ACTIVATION_LAYERS = ("te", "local")
 """Whose layers the activation estimate counts: Transformer Engine's fused ones, or our local ones."""
 MEGATRON_RANK_ORDER = "tp-cp-ep-dp-pp"
