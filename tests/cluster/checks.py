@@ -105,6 +105,8 @@ def _tool(main, *argv: str) -> None:
 # --- what a job's log shows ---------------------------------------------------------------------
 
 RANK_LINE = re.compile(r"launch_rank\.sh: rank (\d+)/(\d+) on (\S+), rendezvous (\S+):(\d+) \((\S*)\), restart (\d+)")
+EARLY_LINE = re.compile(r"requeue_on_signal\.sh: SIG\w+ before the command started \(restart (\d+)\)")
+"""A run whose batch shell got its stop signal before starting srun: it has no task lines."""
 
 
 def rank_lines(text: str) -> List[tuple]:
@@ -137,12 +139,13 @@ def check_clean_log(cluster: Cluster, job: Job) -> None:
 
 def segments(text: str) -> List[str]:
     """The log split at each run of the job (the first task start of each restart count)."""
+    starts = sorted([(match.start(), match.group(7)) for match in RANK_LINE.finditer(text)]
+                    + [(match.start(), match.group(1)) for match in EARLY_LINE.finditer(text)])
     cuts, seen = [], set()
-    for match in RANK_LINE.finditer(text):
-        restart = match.group(7)
+    for start, restart in starts:
         if restart not in seen:
             seen.add(restart)
-            cuts.append(text.rfind("\n", 0, match.start()) + 1)
+            cuts.append(text.rfind("\n", 0, start) + 1)
     cuts.append(len(text))
     return [text[cuts[i]:cuts[i + 1]] for i in range(len(cuts) - 1)]
 
@@ -156,6 +159,8 @@ def outcome(segment: str) -> str:
         return "stopped before the first step (process group up), nothing saved"
     if "during start-up: exiting before training" in segment:
         return "exited during start-up (before the process group), nothing written"
+    if EARLY_LINE.search(segment):
+        return "the batch shell had it before starting srun: nothing run"
     if "stop signal before the trainer started" in segment:
         return "exited before Python started (launch_rank.sh)"
     return "ran to its end"

@@ -60,16 +60,19 @@ def test_compare_runs_says_identical_and_names_the_first_difference(tmp_path):
         compare_runs(str(tmp_path / "other"), str(tmp_path / "reference"), first_step=3)
 
 
-LOG = """launch_rank.sh: rank 0/2 on n1, rendezvous n1:20005 (10.200.0.11), restart 0
+LOG = """requeue_on_signal.sh: SIGUSR1 before the command started (restart 0): not starting it
+requeue_on_signal.sh: time limit near (status 0): requeueing job 5
+launch_rank.sh: rank 0/2 on n1, rendezvous n1:20005 (10.200.0.11), restart 1
 [rank 0] megatron_conan.stop_signals: SIGUSR1 during start-up: exiting before training; nothing was written
 requeue_on_signal.sh: time limit near (status 0): requeueing job 5
-launch_rank.sh: rank 1/2 on n2, rendezvous n1:20005 (10.200.0.11), restart 1
+launch_rank.sh: rank 1/2 on n2, rendezvous n1:20005 (10.200.0.11), restart 2
 [rank 0] megatron_conan.training.callbacks: preemption signal received: saving at step 7 and exiting
 """
 
 
 def test_a_jobs_log_splits_into_its_runs():
     runs = segments(LOG)
-    assert len(runs) == 2 and runs[1].startswith("launch_rank.sh: rank 1/2 on n2")
-    assert outcome(runs[0]) == "exited during start-up (before the process group), nothing written"
-    assert outcome(runs[1]) == "saved at step 7 and exited"
+    assert len(runs) == 3 and runs[2].startswith("launch_rank.sh: rank 1/2 on n2")
+    assert outcome(runs[0]) == "the batch shell had it before starting srun: nothing run"
+    assert outcome(runs[1]) == "exited during start-up (before the process group), nothing written"
+    assert outcome(runs[2]) == "saved at step 7 and exited"

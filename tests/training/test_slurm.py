@@ -175,13 +175,42 @@ def test_sbatch_runs_the_stage_module_through_the_wrappers(name, module):
     assert directives["signal"] == "B:USR1@300"
     for flag in ("nodes", "cpus-per-task", "time", "requeue", "open-mode"):
         assert flag in directives, flag
-    command = " ".join(line.rstrip("\\").strip() for line in text.splitlines()
-                       if line.strip() and not line.lstrip().startswith("#"))
-    assert command.startswith("exec bash examples/slurm/requeue_on_signal.sh srun ")
+    commands = [line.rstrip("\\").strip() for line in text.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    # the batch shell traps the stop signals before anything else (requeue_on_signal.sh says why)
+    assert commands[:2] == list(EARLY_TRAPS)
+    command = " ".join(commands[2:])
+    assert command.startswith("source examples/slurm/requeue_on_signal.sh srun ")
     assert f"bash examples/slurm/launch_rank.sh {module} --config " in command
     assert command.endswith('"$@"')
     if module in WRITTEN_MODULES:
         assert importlib.util.find_spec(module) is not None, module
+
+
+EARLY_TRAPS = ("trap 'early_signal=USR1' USR1", "trap 'early_signal=TERM' TERM")
+
+# An sbatch file's shape, the stop signal arriving before the wrapper is sourced.
+EARLY_SIGNAL_BATCH = """#!/usr/bin/env bash
+{traps}
+kill -{signal} $$
+source {wrapper} touch {ran}
+"""
+
+
+@pytest.mark.parametrize("signal_name, status, requeued", [("USR1", 0, True), ("TERM", 128 + 15, False)])
+def test_a_signal_before_the_command_starts_skips_it(tmp_path, signal_name, status, requeued):
+    """A signal in the batch shell's first moments (before srun starts): the command is not started,
+    the time-limit warning still requeues the job, and the job does not end FAILED by bash's default
+    action (what a two-node cluster showed with the warning 0.3 s after the batch script started)."""
+    calls = tmp_path / "scontrol_calls"
+    env = _slurm_env(tmp_path, f'echo "$@" >> {calls}', SLURM_JOB_ID=777, SLURM_RESTART_COUNT=2)
+    batch = _executable(tmp_path / "job.sbatch", EARLY_SIGNAL_BATCH.format(
+        traps="\n".join(EARLY_TRAPS), signal=signal_name, wrapper=REQUEUE, ran=tmp_path / "ran"))
+    result = subprocess.run(["bash", str(batch)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == status, result.stderr
+    assert not (tmp_path / "ran").exists()
+    assert f"SIG{signal_name} before the command started (restart 2): not starting it" in result.stderr
+    assert (calls.read_text().strip() if calls.exists() else "") == ("requeue 777" if requeued else "")
 
 
 # Dies of SIGUSR1 (bash's default action), as a task the signal reached before Python started.
