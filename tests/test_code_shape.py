@@ -18,20 +18,21 @@ def _python_files(top):
                 yield os.path.join(directory, name)
 
 
-def _long_functions(source: str, where: str):
-    """'where:line name (n lines)' for every function, method or nested function of `source` over
-    the limit."""
+def _long_nodes(source: str, where: str, kinds, limit: int):
+    """'where:line name (n lines)' for every node of `kinds` in `source` (nested ones too) over `limit`."""
     return [f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for node in ast.walk(ast.parse(source, filename=where))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+            if isinstance(node, kinds) and node.end_lineno - node.lineno + 1 > limit]
+
+
+def _long_functions(source: str, where: str):
+    """Every function, method or nested function of `source` over the limit."""
+    return _long_nodes(source, where, (ast.FunctionDef, ast.AsyncFunctionDef), MAX_FUNCTION_LINES)
 
 
 def _long_classes(source: str, where: str):
-    """'where:line name (n lines)' for every class (nested ones too) of `source` over the limit."""
-    return [f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for node in ast.walk(ast.parse(source, filename=where))
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES]
+    """Every class (nested ones too) of `source` over the limit."""
+    return _long_nodes(source, where, ast.ClassDef, MAX_CLASS_LINES)
 
 
 def test_no_class_of_the_package_is_over_250_lines():
