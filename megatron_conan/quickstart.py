@@ -53,6 +53,7 @@ def run(pipeline: Pipeline) -> None:
     pipeline.results["timings"]["total"] = time.perf_counter() - started
     from megatron_conan.eval.report import format_table
 
+    # user-facing: the job's result table and where its report is
     print("", flush=True)
     print(format_table(pipeline.results["evaluation"]["rows"]), flush=True)
     print(f"\ntotal {pipeline.results['timings']['total'] / 60:.1f} min; report: "
